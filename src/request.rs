@@ -1,0 +1,183 @@
+//! What goes on the wire: the JSON envelope, the `webhook-id`, and the endpoint's extra headers.
+
+/// Longest header name or value accepted from `create_endpoint(headers => …)`.
+pub const MAX_HEADER_LEN: usize = 8192;
+/// Most extra headers one endpoint may carry.
+pub const MAX_HEADERS: usize = 32;
+/// Headers we set ourselves; an endpoint may not override them.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "expect",
+];
+
+/// `webhook-id`: unique per delivery, the same on every retry and after a crash.
+/// `install` is a random tag chosen at CREATE EXTENSION, so ids never repeat across databases
+/// or after the extension is dropped and created again.
+pub fn message_id(install: &str, delivery_id: i64) -> String {
+    format!("msg_{install}_{delivery_id}")
+}
+
+/// The request body: `{"type": …, "timestamp": "<RFC 3339 UTC>", "data": …}`.
+/// `data_json` is the stored payload's text, inserted verbatim so that what was stored is what is signed.
+pub fn envelope(event_type: &str, created_at_unix_micros: i64, data_json: &str) -> String {
+    let ty = serde_json::to_string(event_type).expect("a string always serialises");
+    let ts = rfc3339_utc(created_at_unix_micros);
+    let mut body = String::with_capacity(data_json.len() + ty.len() + 64);
+    body.push_str("{\"type\":");
+    body.push_str(&ty);
+    body.push_str(",\"timestamp\":\"");
+    body.push_str(&ts);
+    body.push_str("\",\"data\":");
+    body.push_str(data_json);
+    body.push('}');
+    body
+}
+
+/// Formats unix microseconds as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+pub fn rfc3339_utc(unix_micros: i64) -> String {
+    let secs = unix_micros.div_euclid(1_000_000);
+    let micros = unix_micros.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeaderError {
+    #[error("headers must be a JSON object of string values")]
+    NotAnObject,
+    #[error("more than {MAX_HEADERS} headers")]
+    TooMany,
+    #[error("header name {0:?} is not a valid HTTP header name")]
+    BadName(String),
+    #[error("header {0:?} is set by webhook_ext and cannot be overridden")]
+    Reserved(String),
+    #[error("the value of header {0:?} must be a string")]
+    NotAString(String),
+    // The value itself is never echoed: headers often carry credentials.
+    #[error("the value of header {0:?} contains a control character (CR, LF or NUL) or is longer than {MAX_HEADER_LEN} bytes")]
+    BadValue(String),
+}
+
+/// Validates an endpoint's extra headers (a JSON object of strings) and returns them as pairs.
+pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, HeaderError> {
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|_| HeaderError::NotAnObject)?;
+    let obj = value.as_object().ok_or(HeaderError::NotAnObject)?;
+    if obj.len() > MAX_HEADERS {
+        return Err(HeaderError::TooMany);
+    }
+    let shown = |name: &str| name.chars().take(64).collect::<String>();
+    obj.iter()
+        .map(|(name, v)| {
+            let valid_name = !name.is_empty()
+                && name.len() <= 256
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !valid_name {
+                return Err(HeaderError::BadName(shown(name)));
+            }
+            if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                return Err(HeaderError::Reserved(shown(name)));
+            }
+            let value = v.as_str().ok_or_else(|| HeaderError::NotAString(shown(name)))?;
+            if value.len() > MAX_HEADER_LEN || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(HeaderError::BadValue(shown(name)));
+            }
+            Ok((name.clone(), value.to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_is_type_timestamp_data_and_valid_json() {
+        let body = envelope("public.users.insert", 1_649_367_553_123_456, r#"{"op": "INSERT", "new": {"id": 1}}"#);
+        assert_eq!(
+            body,
+            r#"{"type":"public.users.insert","timestamp":"2022-04-07T21:39:13.123456Z","data":{"op": "INSERT", "new": {"id": 1}}}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["data"]["new"]["id"], 1);
+    }
+
+    #[test]
+    fn event_types_are_escaped() {
+        let body = envelope("we\"ird\ntype", 0, "null");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["type"], "we\"ird\ntype");
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn rfc3339_handles_leap_years_and_pre_epoch() {
+        assert_eq!(rfc3339_utc(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(rfc3339_utc(-1), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(rfc3339_utc(4_102_444_800_000_000), "2100-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn message_ids_are_stable_and_distinct() {
+        assert_eq!(message_id("a1b2c3", 42), "msg_a1b2c3_42");
+        assert_ne!(message_id("a1b2c3", 42), message_id("a1b2c3", 43));
+        assert_ne!(message_id("a1b2c3", 42), message_id("ffffff", 42));
+    }
+
+    #[test]
+    fn headers_are_validated() {
+        assert_eq!(
+            parse_headers(r#"{"Authorization": "Bearer x", "X-Tenant": "7"}"#).unwrap(),
+            vec![("Authorization".into(), "Bearer x".into()), ("X-Tenant".into(), "7".into())]
+        );
+        assert_eq!(parse_headers("{}").unwrap(), vec![]);
+        assert_eq!(parse_headers("[1]"), Err(HeaderError::NotAnObject));
+        assert_eq!(parse_headers(r#"{"Bad Name": "x"}"#), Err(HeaderError::BadName("Bad Name".into())));
+        assert_eq!(parse_headers(r#"{"X\r\nEvil": "x"}"#), Err(HeaderError::BadName("X\r\nEvil".into())));
+        assert_eq!(parse_headers(r#"{"webhook-signature": "x"}"#), Err(HeaderError::Reserved("webhook-signature".into())));
+        assert_eq!(parse_headers(r#"{"Content-Type": "x"}"#), Err(HeaderError::Reserved("Content-Type".into())));
+        assert_eq!(parse_headers(r#"{"X-N": 5}"#), Err(HeaderError::NotAString("X-N".into())));
+        assert_eq!(parse_headers(r#"{"X-A": "a\r\nInjected: 1"}"#), Err(HeaderError::BadValue("X-A".into())));
+        let huge = format!(r#"{{"X-Big": "{}"}}"#, "a".repeat(MAX_HEADER_LEN + 1));
+        assert_eq!(parse_headers(&huge), Err(HeaderError::BadValue("X-Big".into())));
+        let many: Vec<String> = (0..33).map(|i| format!(r#""X-{i}": "v""#)).collect();
+        assert_eq!(parse_headers(&format!("{{{}}}", many.join(","))), Err(HeaderError::TooMany));
+    }
+
+    #[test]
+    fn header_errors_never_echo_values() {
+        let e = parse_headers(r#"{"Authorization": "Bearer s3cr3t\n"}"#).unwrap_err().to_string();
+        assert!(!e.contains("s3cr3t"));
+    }
+}
