@@ -134,12 +134,14 @@ impl HttpRuntime {
             let done = attempt(&client, &config, job).await;
             shared.finished.lock().unwrap_or_else(|p| p.into_inner()).push(done);
             shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-            if !shared.signalled.swap(true, Ordering::AcqRel) {
-                let byte = 1u8;
-                // SAFETY: writing one byte from a valid buffer to our own non-blocking pipe.
-                unsafe { libc::write(shared.wake_write.as_raw_fd(), (&byte as *const u8).cast(), 1) };
-            }
+            shared.signal();
         });
+    }
+
+    /// Queues a result that needed no request (the attempt was refused before sending).
+    pub fn push_finished(&self, done: Finished) {
+        self.shared.finished.lock().unwrap_or_else(|p| p.into_inner()).push(done);
+        self.shared.signal();
     }
 
     /// Every result that has arrived since the last call.
@@ -155,6 +157,17 @@ impl HttpRuntime {
     /// again (with the same `webhook-id`) when the worker next starts.
     pub fn shutdown(self) {
         self.runtime.shutdown_background();
+    }
+}
+
+impl Shared {
+    /// Wakes the main thread, once per batch of results.
+    fn signal(&self) {
+        if !self.signalled.swap(true, Ordering::AcqRel) {
+            let byte = 1u8;
+            // SAFETY: writing one byte from a valid buffer to our own non-blocking pipe.
+            unsafe { libc::write(self.wake_write.as_raw_fd(), (&byte as *const u8).cast(), 1) };
+        }
     }
 }
 

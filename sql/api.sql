@@ -1,0 +1,431 @@
+-- webhook_ext: the SQL API. Table writes live here; validation, signing and the trigger are Rust.
+-- Every function pins search_path, and names every object with its schema.
+
+ALTER FUNCTION webhook.enqueue() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+-- Clear errors for bad endpoint arguments (the table's CHECKs are only a backstop).
+CREATE FUNCTION webhook._check_endpoint_args(
+    name text, max_attempts integer, timeout interval, max_in_flight integer, rate_limit integer,
+    event_types text[])
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF name IS NULL OR name = '' THEN
+        RAISE EXCEPTION 'endpoint name must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF octet_length(name) > 55 THEN
+        RAISE EXCEPTION 'endpoint name is too long (% bytes, at most 55)', octet_length(name)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The subscription trigger is named webhook_<endpoint>, and Postgres names hold 63 bytes.';
+    END IF;
+    IF name ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'endpoint name must not contain control characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF max_attempts IS NOT NULL AND max_attempts NOT BETWEEN 1 AND 100 THEN
+        RAISE EXCEPTION 'max_attempts must be between 1 and 100, not %', max_attempts USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF timeout IS NOT NULL AND (timeout <= '0' OR timeout > '5 minutes') THEN
+        RAISE EXCEPTION 'timeout must be more than 0 and at most 5 minutes, not %', timeout USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF max_in_flight IS NOT NULL AND max_in_flight NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION 'max_in_flight must be between 1 and 10000, not %', max_in_flight USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF rate_limit IS NOT NULL AND rate_limit < 1 THEN
+        RAISE EXCEPTION 'rate_limit must be at least 1 delivery per second, not %', rate_limit USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF event_types IS NOT NULL AND (cardinality(event_types) = 0 OR EXISTS (SELECT FROM unnest(event_types) t WHERE t IS NULL OR t = '')) THEN
+        RAISE EXCEPTION 'event_types must be NULL (all types) or a list of non-empty type names' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION webhook._endpoint_id(endpoint text) RETURNS integer
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    found integer;
+BEGIN
+    SELECT e.id INTO found FROM webhook.endpoints e WHERE e.name = endpoint;
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'endpoint "%" does not exist', endpoint
+            USING ERRCODE = 'undefined_object', HINT = 'Create it with webhook.create_endpoint(name, url).';
+    END IF;
+    RETURN found;
+END
+$$;
+
+CREATE FUNCTION webhook.create_endpoint(
+    name text,
+    url text,
+    secret text DEFAULT NULL,
+    headers jsonb DEFAULT '{}',
+    event_types text[] DEFAULT NULL,
+    max_attempts integer DEFAULT NULL,
+    timeout interval DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL,
+    rate_limit integer DEFAULT NULL,
+    ordered boolean DEFAULT false,
+    retry_schedule text DEFAULT NULL)
+RETURNS webhook.endpoints
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r webhook.endpoints;
+BEGIN
+    PERFORM webhook._check_endpoint_args(create_endpoint.name, create_endpoint.max_attempts, create_endpoint.timeout,
+                                         create_endpoint.max_in_flight, create_endpoint.rate_limit, create_endpoint.event_types);
+    IF create_endpoint.url IS NULL THEN
+        RAISE EXCEPTION 'invalid endpoint url: URL is empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM webhook.endpoints e WHERE e.name = create_endpoint.name) THEN
+        RAISE EXCEPTION 'endpoint "%" already exists', create_endpoint.name
+            USING ERRCODE = 'duplicate_object', HINT = 'Use webhook.alter_endpoint() to change it.';
+    END IF;
+    INSERT INTO webhook.endpoints AS e
+           (name, url, secret, headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, ordered, retry_schedule)
+    VALUES (create_endpoint.name,
+            webhook._check_url(create_endpoint.url),
+            webhook._check_secret(create_endpoint.secret),
+            webhook._check_headers(COALESCE(create_endpoint.headers, '{}')),
+            create_endpoint.event_types,
+            create_endpoint.max_attempts,
+            create_endpoint.timeout,
+            create_endpoint.max_in_flight,
+            create_endpoint.rate_limit,
+            COALESCE(create_endpoint.ordered, false),
+            CASE WHEN create_endpoint.retry_schedule IS NOT NULL THEN webhook._check_schedule(create_endpoint.retry_schedule) END)
+    RETURNING * INTO r;
+    RETURN r;
+END
+$$;
+
+-- NULL arguments leave a setting unchanged; list settings in "reset" to return them to the default.
+CREATE FUNCTION webhook.alter_endpoint(
+    name text,
+    url text DEFAULT NULL,
+    secret text DEFAULT NULL,
+    headers jsonb DEFAULT NULL,
+    event_types text[] DEFAULT NULL,
+    max_attempts integer DEFAULT NULL,
+    timeout interval DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL,
+    rate_limit integer DEFAULT NULL,
+    ordered boolean DEFAULT NULL,
+    retry_schedule text DEFAULT NULL,
+    reset text[] DEFAULT '{}')
+RETURNS webhook.endpoints
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r webhook.endpoints;
+    bad text;
+BEGIN
+    PERFORM webhook._endpoint_id(alter_endpoint.name);
+    PERFORM webhook._check_endpoint_args(alter_endpoint.name, alter_endpoint.max_attempts, alter_endpoint.timeout,
+                                         alter_endpoint.max_in_flight, alter_endpoint.rate_limit, alter_endpoint.event_types);
+    SELECT s INTO bad FROM unnest(COALESCE(reset, '{}')) s
+     WHERE s IS NULL OR s NOT IN ('headers', 'event_types', 'max_attempts', 'timeout', 'max_in_flight', 'rate_limit', 'retry_schedule')
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'cannot reset "%"', bad
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule.';
+    END IF;
+    UPDATE webhook.endpoints e SET
+        url            = COALESCE(webhook._check_url(alter_endpoint.url), e.url),
+        secret         = COALESCE(CASE WHEN alter_endpoint.secret IS NOT NULL THEN webhook._check_secret(alter_endpoint.secret) END, e.secret),
+        headers        = CASE WHEN 'headers' = ANY (reset) THEN '{}'
+                              ELSE COALESCE(webhook._check_headers(alter_endpoint.headers), e.headers) END,
+        event_types    = CASE WHEN 'event_types' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.event_types, e.event_types) END,
+        max_attempts   = CASE WHEN 'max_attempts' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.max_attempts, e.max_attempts) END,
+        timeout        = CASE WHEN 'timeout' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.timeout, e.timeout) END,
+        max_in_flight  = CASE WHEN 'max_in_flight' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.max_in_flight, e.max_in_flight) END,
+        rate_limit     = CASE WHEN 'rate_limit' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.rate_limit, e.rate_limit) END,
+        ordered        = COALESCE(alter_endpoint.ordered, e.ordered),
+        retry_schedule = CASE WHEN 'retry_schedule' = ANY (reset) THEN NULL
+                              ELSE COALESCE(webhook._check_schedule(alter_endpoint.retry_schedule), e.retry_schedule) END,
+        updated_at     = now()
+     WHERE e.name = alter_endpoint.name
+    RETURNING * INTO r;
+    PERFORM webhook._wake();
+    RETURN r;
+END
+$$;
+
+-- Triggers that deliver to an endpoint (made by subscribe() or written by hand).
+CREATE VIEW webhook.subscriptions AS
+SELECT t.tgrelid::regclass AS "table",
+       a.args[1] AS endpoint,
+       t.tgname AS trigger_name,
+       array_remove(ARRAY[CASE WHEN t.tgtype & 4 <> 0 THEN 'INSERT' END,
+                          CASE WHEN t.tgtype & 16 <> 0 THEN 'UPDATE' END,
+                          CASE WHEN t.tgtype & 8 <> 0 THEN 'DELETE' END], NULL) AS events,
+       CASE WHEN cardinality(a.args) > 1 THEN a.args[2:] END AS columns,
+       t.tgenabled <> 'D' AS enabled,
+       pg_catalog.pg_get_triggerdef(t.oid) AS definition
+  FROM pg_catalog.pg_trigger t
+ CROSS JOIN LATERAL (SELECT webhook._trigger_args(t.tgargs, t.tgnargs) AS args) a
+ WHERE t.tgfoid = 'webhook.enqueue()'::regprocedure
+   AND t.tgparentid = 0;
+
+CREATE FUNCTION webhook.drop_endpoint(name text, cascade boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep integer := webhook._endpoint_id(drop_endpoint.name);
+    s record;
+    tables text;
+BEGIN
+    SELECT string_agg(format('%s', x."table"), ', ' ORDER BY x."table"::text) INTO tables
+      FROM webhook.subscriptions x WHERE x.endpoint = drop_endpoint.name;
+    IF tables IS NOT NULL AND NOT cascade THEN
+        RAISE EXCEPTION 'endpoint "%" is subscribed to %', drop_endpoint.name, tables
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Use webhook.unsubscribe() first, or webhook.drop_endpoint(name, cascade => true) to drop the triggers too.';
+    END IF;
+    FOR s IN SELECT x."table", x.trigger_name FROM webhook.subscriptions x WHERE x.endpoint = drop_endpoint.name LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
+    END LOOP;
+    UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
+     WHERE d.endpoint_id = ep AND d.status = 'pending';
+    DELETE FROM webhook.endpoints e WHERE e.id = ep;
+END
+$$;
+
+CREATE FUNCTION webhook.enable_endpoint(name text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE webhook.endpoints e SET enabled = true, disabled_reason = NULL, updated_at = now()
+     WHERE e.id = webhook._endpoint_id(enable_endpoint.name);
+    PERFORM webhook._wake();
+END
+$$;
+
+-- Disabling cancels what is still pending for the endpoint; webhook.replay() sends it again later.
+CREATE FUNCTION webhook.disable_endpoint(name text, reason text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep integer := webhook._endpoint_id(disable_endpoint.name);
+BEGIN
+    UPDATE webhook.endpoints e SET enabled = false, disabled_reason = COALESCE(reason, 'disabled by ' || current_user), updated_at = now()
+     WHERE e.id = ep;
+    UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled'
+     WHERE d.endpoint_id = ep AND d.status = 'pending';
+END
+$$;
+
+CREATE FUNCTION webhook.subscribe(
+    tbl regclass,
+    endpoint text,
+    events text[] DEFAULT '{INSERT,UPDATE,DELETE}',
+    columns text[] DEFAULT NULL,
+    "when" text DEFAULT NULL)
+RETURNS name
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    trigger_name text := 'webhook_' || endpoint;
+    ops text[];
+    missing text;
+    args text;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM webhook._endpoint_id(endpoint);
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
+        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    SELECT array_agg(DISTINCT upper(trim(e)) ORDER BY upper(trim(e))) INTO ops FROM unnest(events) e;
+    IF ops IS NULL OR NOT ops <@ ARRAY['INSERT', 'UPDATE', 'DELETE'] OR array_position(ops, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'events must be a non-empty list of INSERT, UPDATE and DELETE, not %', events
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF columns IS NOT NULL THEN
+        IF cardinality(columns) = 0 THEN
+            RAISE EXCEPTION 'columns must be NULL (all columns) or a non-empty list' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT c INTO missing FROM unnest(columns) c
+         WHERE c IS NULL OR NOT EXISTS (SELECT FROM pg_attribute a
+                                         WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped)
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'column "%" does not exist in table %', missing, tbl USING ERRCODE = 'undefined_column';
+        END IF;
+    END IF;
+    SELECT string_agg(quote_literal(a), ', ') INTO args FROM unnest(ARRAY[endpoint] || columns) a;
+    IF EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = subscribe.trigger_name) THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    END IF;
+    EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW %s EXECUTE FUNCTION webhook.enqueue(%s)',
+                   trigger_name, array_to_string(ops, ' OR '), tbl,
+                   CASE WHEN "when" IS NOT NULL THEN 'WHEN (' || webhook._check_when("when") || E'\n)' ELSE '' END,
+                   args);
+    RETURN trigger_name;
+END
+$$;
+
+CREATE FUNCTION webhook.unsubscribe(tbl regclass, endpoint text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    trigger_name text;
+BEGIN
+    SELECT s.trigger_name INTO trigger_name FROM webhook.subscriptions s
+     WHERE s."table" = tbl AND s.endpoint = unsubscribe.endpoint
+     ORDER BY s.trigger_name = 'webhook_' || unsubscribe.endpoint DESC
+     LIMIT 1;
+    IF trigger_name IS NULL THEN
+        RAISE EXCEPTION 'table % has no subscription for endpoint "%"', tbl, endpoint USING ERRCODE = 'undefined_object';
+    END IF;
+    EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+END
+$$;
+
+-- Application events that are not row changes. Returns the event id.
+CREATE FUNCTION webhook.send(event_type text, payload jsonb, endpoint text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep webhook.endpoints;
+    event_id bigint;
+    size integer := pg_column_size(payload);
+    limit_bytes integer := webhook._max_payload_bytes();
+BEGIN
+    IF event_type IS NULL OR event_type = '' OR octet_length(event_type) > 255 THEN
+        RAISE EXCEPTION 'event_type must be between 1 and 255 bytes long' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed', HINT = 'Send ''{}'' or ''null''::jsonb for no data.';
+    END IF;
+    IF size > limit_bytes THEN
+        RAISE EXCEPTION 'payload is % bytes, more than webhook.max_payload_bytes (%)', size, limit_bytes
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF endpoint IS NOT NULL THEN
+        SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
+    END IF;
+    INSERT INTO webhook.events (type, payload) VALUES (event_type, payload) RETURNING id INTO event_id;
+    INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
+    SELECT event_id, e.id,
+           CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
+           CASE WHEN e.enabled THEN now() END,
+           CASE WHEN NOT e.enabled THEN 'endpoint disabled' END
+      FROM webhook.endpoints e
+     WHERE CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END;
+    PERFORM webhook._wake();
+    RETURN event_id;
+END
+$$;
+
+-- Sends a delivery again: same webhook-id, attempts continue from where they stopped.
+CREATE FUNCTION webhook.retry(delivery_id bigint)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d webhook.deliveries;
+    ep webhook.endpoints;
+BEGIN
+    SELECT * INTO d FROM webhook.deliveries x WHERE x.id = delivery_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'delivery % does not exist', delivery_id USING ERRCODE = 'undefined_object';
+    END IF;
+    IF d.status = 'delivered' THEN
+        RAISE EXCEPTION 'delivery % was already delivered', delivery_id
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Use webhook.replay() to send its event again as a new delivery.';
+    END IF;
+    IF d.status = 'sending' THEN
+        RAISE NOTICE 'delivery % is being sent right now', delivery_id;
+        RETURN;
+    END IF;
+    SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = d.endpoint_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'delivery % has no endpoint (%)', delivery_id, COALESCE(d.last_error, 'it was dropped')
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF NOT ep.enabled THEN
+        RAISE EXCEPTION 'endpoint "%" is disabled', ep.name
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable it first with webhook.enable_endpoint().';
+    END IF;
+    UPDATE webhook.deliveries x SET status = 'pending', next_attempt_at = now() WHERE x.id = delivery_id;
+    PERFORM webhook._wake();
+END
+$$;
+
+-- New deliveries (new webhook-ids) to an endpoint for the events it was sent in [since, until).
+CREATE FUNCTION webhook.replay(endpoint text, since timestamptz, until timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep webhook.endpoints;
+    n bigint;
+BEGIN
+    SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
+    IF NOT ep.enabled THEN
+        RAISE EXCEPTION 'endpoint "%" is disabled', ep.name
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable it first with webhook.enable_endpoint().';
+    END IF;
+    IF since IS NULL OR until IS NULL OR since >= until THEN
+        RAISE EXCEPTION 'since must be earlier than until' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO webhook.deliveries (event_id, endpoint_id)
+    SELECT ev.id, ep.id
+      FROM webhook.events ev
+     WHERE ev.created_at >= since AND ev.created_at < until
+       AND EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)
+     ORDER BY ev.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM webhook._wake();
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION webhook.worker_status()
+RETURNS TABLE (database text, pid integer, state text, started_at timestamptz, last_wake timestamptz,
+               in_flight integer, queue_depth bigint, attempts bigint, delivered bigint, failed bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.database, s.pid, s.state, to_timestamp(s.started_us / 1e6), to_timestamp(s.last_wake_us / 1e6),
+           s.in_flight,
+           CASE WHEN s.database = current_database()
+                THEN (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending') END,
+           s.attempts, s.delivered, s.failed
+      FROM webhook._worker_slots() s
+    UNION ALL
+    SELECT current_database(), NULL, 'not served: add this database to webhook.database',
+           NULL, NULL, 0, (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending'), 0, 0, 0
+     WHERE current_database() <> ALL (webhook._served_databases())
+    ORDER BY 1
+$$;
+
+-- Privileges: nothing for PUBLIC; webhook_admin manages endpoints and reads everything.
+REVOKE ALL ON ALL TABLES IN SCHEMA webhook FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA webhook FROM PUBLIC;
+GRANT USAGE ON SCHEMA webhook TO webhook_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA webhook TO webhook_admin;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook TO webhook_admin;
+-- The trigger function runs as its owner; firing it needs no privilege on webhook.*.
+GRANT EXECUTE ON FUNCTION webhook.enqueue() TO PUBLIC;
+
+DO $$
+BEGIN
+    IF current_database() <> ALL (webhook._served_databases()) THEN
+        RAISE NOTICE 'webhook_ext: database "%" is not served by the delivery worker', current_database()
+            USING HINT = format('Add it to webhook.database (now %L) and reload: webhooks are queued but not sent until then.',
+                                current_setting('webhook.database'));
+    END IF;
+END
+$$;
+
+-- Wake this database's worker (it may be waiting for CREATE EXTENSION) when the install commits.
+SELECT webhook._wake();

@@ -1,0 +1,181 @@
+//! The Rust half of the SQL API: validation, signing and status functions called by the
+//! plpgsql functions in `sql/api.sql` (which own the table writes) or directly by users.
+
+use std::ffi::CString;
+use std::sync::atomic::Ordering;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::{gucs, request, retry, shmem, signing, target};
+
+/// Raises an "invalid parameter value" ERROR.
+fn invalid(msg: impl Into<String>) -> ! {
+    pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, msg.into(), "webhook_ext")
+        .report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+/// Validates an endpoint URL (http/https, host present, no credentials) and returns it normalised.
+#[pg_extern(stable, parallel_safe)]
+fn _check_url(url: &str) -> String {
+    match target::validate_url(url, gucs::HTTPS_ONLY.get()) {
+        Ok(u) => u.to_string(),
+        Err(e) => invalid(format!("invalid endpoint url: {e}")),
+    }
+}
+
+/// Returns `secret` after checking it decodes to a usable key, or a freshly generated secret when NULL.
+#[pg_extern(volatile)]
+fn _check_secret(secret: Option<&str>) -> String {
+    match secret {
+        None => signing::generate_secret().unwrap_or_else(|e| error!("could not generate a secret: {e}")),
+        Some(s) => match signing::decode_secret(s) {
+            Ok(_) => s.trim().to_string(),
+            Err(e) => invalid(format!("invalid endpoint {e}")),
+        },
+    }
+}
+
+/// Checks an endpoint's extra headers: a JSON object of string values, no reserved names, no CR/LF.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_headers(headers: pgrx::JsonB) -> pgrx::JsonB {
+    let text = headers.0.to_string();
+    if let Err(e) = request::parse_headers(&text) {
+        invalid(format!("invalid endpoint headers: {e}"));
+    }
+    headers
+}
+
+/// Checks a retry schedule such as `5s,5min,30min`.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_schedule(schedule: &str) -> String {
+    match retry::Schedule::parse(schedule) {
+        Ok(_) => schedule.trim().to_string(),
+        Err(e) => invalid(format!("invalid {e}")),
+    }
+}
+
+/// Checks that `condition` is one SQL expression and nothing else, so that it can be placed in
+/// `WHEN (...)` of a trigger without changing the statement around it.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_when(condition: &str) -> String {
+    let sql = CString::new(format!("SELECT ({condition}\n)")).unwrap_or_else(|_| invalid("the when condition contains a NUL byte"));
+    // SAFETY: raw_parser returns a List of RawStmt allocated in the current memory context.
+    let single_expression = unsafe {
+        let list = pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        !list.is_null() && (*list).length == 1 && {
+            let raw = (*(*list).elements).ptr_value as *mut pg_sys::RawStmt;
+            let stmt = (*raw).stmt;
+            !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_SelectStmt && {
+                let s = stmt as *mut pg_sys::SelectStmt;
+                let s = &*s;
+                !s.targetList.is_null()
+                    && (*s.targetList).length == 1
+                    && s.fromClause.is_null()
+                    && s.whereClause.is_null()
+                    && s.groupClause.is_null()
+                    && s.havingClause.is_null()
+                    && s.windowClause.is_null()
+                    && s.valuesLists.is_null()
+                    && s.sortClause.is_null()
+                    && s.limitCount.is_null()
+                    && s.limitOffset.is_null()
+                    && s.lockingClause.is_null()
+                    && s.withClause.is_null()
+                    && s.distinctClause.is_null()
+                    && s.intoClause.is_null()
+                    && s.op == pg_sys::SetOperation::SETOP_NONE
+            }
+        }
+    };
+    if !single_expression {
+        invalid("the when condition must be a single SQL expression, e.g. NEW.plan = 'pro'");
+    }
+    condition.to_string()
+}
+
+/// The arguments stored in `pg_trigger.tgargs` (NUL-separated).
+#[pg_extern(immutable, parallel_safe)]
+fn _trigger_args(tgargs: &[u8], nargs: i32) -> Vec<String> {
+    tgargs
+        .split(|b| *b == 0)
+        .take(nargs.max(0) as usize)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Asks for this database's worker to be woken when the current transaction commits.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _wake() {
+    shmem::wake_at_commit();
+}
+
+/// The Standard Webhooks signature (`v1,<base64>`) of `body` for message `msg_id` at unix time `ts`.
+#[pg_extern(immutable, parallel_safe)]
+fn sign(secret: &str, msg_id: &str, ts: i64, body: &str) -> String {
+    let key = signing::decode_secret(secret).unwrap_or_else(|e| invalid(format!("invalid {e}")));
+    signing::sign(&key, msg_id, ts, body.as_bytes())
+}
+
+/// True when one of the space-separated `v1,` signatures matches (as a receiver would check).
+#[pg_extern(immutable, parallel_safe)]
+fn verify(secret: &str, msg_id: &str, ts: i64, body: &str, signature: &str) -> bool {
+    let key = signing::decode_secret(secret).unwrap_or_else(|e| invalid(format!("invalid {e}")));
+    signing::verify(&key, msg_id, ts, body.as_bytes(), signature)
+}
+
+/// One row per database the launcher serves, read from shared memory.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe)]
+fn _worker_slots() -> TableIterator<
+    'static,
+    (
+        name!(database, String),
+        name!(pid, Option<i32>),
+        name!(state, String),
+        name!(started_us, Option<i64>),
+        name!(last_wake_us, Option<i64>),
+        name!(in_flight, i32),
+        name!(attempts, i64),
+        name!(delivered, i64),
+        name!(failed, i64),
+    ),
+> {
+    let Some(shared) = shmem::shared() else {
+        error!("webhook_ext is not loaded via shared_preload_libraries");
+    };
+    let rows: Vec<_> = shared
+        .slots
+        .iter()
+        .filter(|s| s.dboid.load(Ordering::Acquire) != 0)
+        .map(|s| {
+            let pid = s.pid.load(Ordering::Acquire);
+            let ts = |v: i64| (v != 0).then_some(v);
+            (
+                s.name(),
+                (pid != 0).then_some(pid),
+                s.state().as_str().to_string(),
+                ts(s.started_at.load(Ordering::Relaxed)),
+                ts(s.last_wake.load(Ordering::Relaxed)),
+                s.in_flight.load(Ordering::Relaxed) as i32,
+                s.attempts.load(Ordering::Relaxed) as i64,
+                s.delivered.load(Ordering::Relaxed) as i64,
+                s.failed.load(Ordering::Relaxed) as i64,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// `webhook.max_payload_bytes` in bytes.
+#[pg_extern(stable, parallel_safe)]
+fn _max_payload_bytes() -> i32 {
+    gucs::MAX_PAYLOAD_BYTES.get()
+}
+
+/// The databases listed in `webhook.database`.
+#[pg_extern(stable, parallel_safe)]
+fn _served_databases() -> Vec<String> {
+    gucs::databases()
+}

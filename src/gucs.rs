@@ -1,0 +1,257 @@
+//! Every `webhook.*` setting, defined once in `_PG_init`. The context of each is chosen by who reads
+//! it: the worker reads its settings again on SIGHUP; backends read the trigger-path ones per call.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::retry::Schedule;
+use crate::target;
+
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static DEFAULT_MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
+pub static DEFAULT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(15_000);
+pub static DEFAULT_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static RETRY_SCHEDULE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"5s,5min,30min,2h,5h,10h,10h"));
+pub static RESPONSE_BODY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+pub static ALLOW_PRIVATE_NETWORKS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static ALLOWED_NETWORKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static HTTPS_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static SSL_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Defines every setting and reserves the `webhook` prefix (typos become errors, not silent no-ops).
+pub fn init() {
+    let none = GucFlags::default();
+    GucRegistry::define_string_guc(
+        c"webhook.database",
+        c"Database(s) the delivery worker serves (comma-separated).",
+        c"One worker runs per listed database; it waits until the database exists and CREATE EXTENSION webhook_ext has run there.",
+        &DATABASE,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.max_in_flight",
+        c"Most requests one worker has under way at once, over all endpoints.",
+        c"",
+        &MAX_IN_FLIGHT,
+        1,
+        100_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.default_max_in_flight",
+        c"Most requests under way at once to one endpoint, unless the endpoint sets max_in_flight.",
+        c"",
+        &DEFAULT_MAX_IN_FLIGHT,
+        1,
+        10_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.batch_size",
+        c"Most deliveries claimed or recorded in one transaction.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.default_timeout",
+        c"How long one request may take (connect, send, answer, body), unless the endpoint sets timeout.",
+        c"",
+        &DEFAULT_TIMEOUT_MS,
+        1,
+        300_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.default_max_attempts",
+        c"Attempts before a delivery is failed, unless the endpoint sets max_attempts; 0 = retry_schedule's length + 1.",
+        c"",
+        &DEFAULT_MAX_ATTEMPTS,
+        0,
+        100,
+        GucContext::Sighup,
+        none,
+    );
+    // SAFETY: the hook is a #[pg_guard]ed extern function with the signature Postgres expects.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"webhook.retry_schedule",
+            c"Delays between attempts, comma-separated (e.g. 5s,5min,30min,2h,5h,10h,10h); ±20 % jitter is added.",
+            c"",
+            &RETRY_SCHEDULE,
+            GucContext::Sighup,
+            none,
+            Some(check_retry_schedule),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"webhook.response_body_limit",
+        c"Bytes of each response body kept in webhook.attempts; the rest is not read.",
+        c"",
+        &RESPONSE_BODY_LIMIT,
+        0,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.max_payload_bytes",
+        c"Largest event payload that is sent; larger events are recorded and their deliveries failed with a reason.",
+        c"",
+        &MAX_PAYLOAD_BYTES,
+        1024,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.retention",
+        c"How long finished deliveries, their attempts and events are kept before the worker purges them; 0 keeps them forever.",
+        c"",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"webhook.allow_private_networks",
+        c"Allow requests to loopback, private, link-local and other non-public addresses (off = SSRF guard on).",
+        c"",
+        &ALLOW_PRIVATE_NETWORKS,
+        GucContext::Sighup,
+        none,
+    );
+    // SAFETY: as above.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"webhook.allowed_networks",
+            c"CIDR ranges the SSRF guard lets through even though they are not public (comma-separated).",
+            c"",
+            &ALLOWED_NETWORKS,
+            GucContext::Sighup,
+            none,
+            Some(check_allowed_networks),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_bool_guc(
+        c"webhook.https_only",
+        c"Refuse endpoints and requests with plain http URLs.",
+        c"",
+        &HTTPS_ONLY,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"webhook.ssl_ca_file",
+        c"PEM file of extra root certificates trusted for https endpoints (the built-in Mozilla roots stay trusted).",
+        c"",
+        &SSL_CA_FILE,
+        GucContext::Sighup,
+        none,
+    );
+    // SAFETY: called once from _PG_init, on the main thread.
+    #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17", feature = "pg18"))]
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"webhook".as_ptr())
+    };
+    #[cfg(any(feature = "pg13", feature = "pg14"))]
+    unsafe {
+        pg_sys::EmitWarningsOnPlaceholders(c"webhook".as_ptr())
+    };
+}
+
+/// A string setting's value, `""` when unset.
+pub fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The configured schedule; the check hook guarantees it parses.
+pub fn retry_schedule() -> Schedule {
+    Schedule::parse(&string(&RETRY_SCHEDULE)).unwrap_or_default()
+}
+
+/// `webhook.default_max_attempts`, or the schedule's length + 1 when it is 0.
+pub fn default_max_attempts(schedule: &Schedule) -> i32 {
+    match DEFAULT_MAX_ATTEMPTS.get() {
+        0 => schedule.default_max_attempts() as i32,
+        n => n,
+    }
+}
+
+pub fn address_policy() -> target::AddressPolicy {
+    target::AddressPolicy {
+        allow_private: ALLOW_PRIVATE_NETWORKS.get(),
+        allowed: target::parse_networks(&string(&ALLOWED_NETWORKS)).unwrap_or_default(),
+    }
+}
+
+/// The databases named by `webhook.database`, trimmed, de-duplicated, in order.
+pub fn databases() -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for name in string(&DATABASE).split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !out.iter().any(|n| n == name) {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
+/// Reports a check-hook failure the way Postgres expects (`GUC_check_errdetail`).
+unsafe fn reject(detail: &str) -> bool {
+    let detail = CString::new(detail.replace('\0', "")).unwrap_or_default();
+    unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
+    false
+}
+
+unsafe fn new_value(newval: *mut *mut c_char) -> String {
+    unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(*newval).to_string_lossy().into_owned()
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_retry_schedule(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    match Schedule::parse(&unsafe { new_value(newval) }) {
+        Ok(_) => true,
+        Err(e) => unsafe { reject(&e.to_string()) },
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_allowed_networks(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    match target::parse_networks(&unsafe { new_value(newval) }) {
+        Ok(_) => true,
+        Err(e) => unsafe { reject(&e.to_string()) },
+    }
+}

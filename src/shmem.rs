@@ -1,0 +1,238 @@
+//! State shared between backends, the launcher and the delivery workers: one slot per served
+//! database, with the worker's latch, so a committing backend can wake its worker directly.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// Most databases served at once (each needs a background worker slot too).
+pub const MAX_DATABASES: usize = 64;
+const NAME_LEN: usize = 64;
+
+/// What a worker is doing, for `worker_status()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum WorkerState {
+    Stopped = 0,
+    Starting = 1,
+    WaitingForExtension = 2,
+    Idle = 3,
+    Working = 4,
+    Stopping = 5,
+}
+
+impl WorkerState {
+    pub fn from_u32(v: u32) -> WorkerState {
+        match v {
+            1 => WorkerState::Starting,
+            2 => WorkerState::WaitingForExtension,
+            3 => WorkerState::Idle,
+            4 => WorkerState::Working,
+            5 => WorkerState::Stopping,
+            _ => WorkerState::Stopped,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Stopped => "stopped",
+            WorkerState::Starting => "starting",
+            WorkerState::WaitingForExtension => "waiting for CREATE EXTENSION",
+            WorkerState::Idle => "idle",
+            WorkerState::Working => "working",
+            WorkerState::Stopping => "stopping",
+        }
+    }
+}
+
+/// One served database. The launcher assigns `dboid`; the worker fills in the rest.
+#[repr(C)]
+pub struct Slot {
+    pub dboid: AtomicU32,
+    pub pid: AtomicI32,
+    pub latch: AtomicPtr<pg_sys::Latch>,
+    pub state: AtomicU32,
+    pub started_at: AtomicI64,
+    pub last_wake: AtomicI64,
+    pub in_flight: AtomicU32,
+    pub queue_depth: AtomicI64,
+    pub attempts: AtomicU64,
+    pub delivered: AtomicU64,
+    pub failed: AtomicU64,
+    /// Set (until this timestamp) while DROP DATABASE or similar needs the worker gone.
+    pub evict_until: AtomicI64,
+    name_len: AtomicU32,
+    name: [AtomicU32; NAME_LEN / 4],
+}
+
+impl Slot {
+    pub fn set_name(&self, name: &str) {
+        let bytes = name.as_bytes();
+        let n = bytes.len().min(NAME_LEN);
+        for (i, cell) in self.name.iter().enumerate() {
+            let mut word = [0u8; 4];
+            for (j, b) in word.iter_mut().enumerate() {
+                *b = *bytes.get(i * 4 + j).filter(|_| i * 4 + j < n).unwrap_or(&0);
+            }
+            cell.store(u32::from_ne_bytes(word), Ordering::Relaxed);
+        }
+        self.name_len.store(n as u32, Ordering::Release);
+    }
+
+    pub fn name(&self) -> String {
+        let n = self.name_len.load(Ordering::Acquire) as usize;
+        let bytes: Vec<u8> = self.name.iter().flat_map(|c| c.load(Ordering::Relaxed).to_ne_bytes()).take(n).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u32(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, s: WorkerState) {
+        self.state.store(s as u32, Ordering::Release);
+    }
+
+    /// Wakes the worker serving this slot, if any.
+    pub fn wake(&self) {
+        let latch = self.latch.load(Ordering::Acquire);
+        if !latch.is_null() {
+            // SAFETY: the latch is a PGPROC's procLatch in shared memory, valid for the cluster's life;
+            // waking a process that has since left is harmless.
+            unsafe { pg_sys::SetLatch(latch) };
+        }
+    }
+
+    /// Frees the slot's worker-owned fields when the worker exits.
+    pub fn clear_worker(&self) {
+        self.latch.store(std::ptr::null_mut(), Ordering::Release);
+        self.pid.store(0, Ordering::Release);
+        self.in_flight.store(0, Ordering::Relaxed);
+        self.set_state(WorkerState::Stopped);
+    }
+}
+
+#[repr(C)]
+pub struct Shared {
+    pub launcher_latch: AtomicPtr<pg_sys::Latch>,
+    pub launcher_pid: AtomicI32,
+    pub slots: [Slot; MAX_DATABASES],
+}
+
+impl Shared {
+    pub fn slot_for_db(&self, dboid: pg_sys::Oid) -> Option<&Slot> {
+        let want = u32::from(dboid);
+        self.slots.iter().find(|s| s.dboid.load(Ordering::Acquire) == want)
+    }
+
+    pub fn wake_launcher(&self) {
+        let latch = self.launcher_latch.load(Ordering::Acquire);
+        if !latch.is_null() {
+            // SAFETY: as for Slot::wake.
+            unsafe { pg_sys::SetLatch(latch) };
+        }
+    }
+}
+
+static mut SHARED: *mut Shared = std::ptr::null_mut();
+
+/// The shared state; `None` only if the library was not preloaded (which `_PG_init` refuses).
+pub fn shared() -> Option<&'static Shared> {
+    // SAFETY: SHARED is written once per process in the shmem startup hook, before any reader runs.
+    unsafe { SHARED.as_ref() }
+}
+
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17", feature = "pg18"))]
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+
+/// Requests the shared memory and installs the hooks that set it up; called from `_PG_init`.
+pub fn init() {
+    // SAFETY: _PG_init runs once in the postmaster, before any other process exists.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17", feature = "pg18"))]
+        {
+            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(shmem_request);
+        }
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
+
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+    }
+}
+
+#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17", feature = "pg18"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        // AddinShmemInitLock is MainLWLockArray[21] (ADDIN_SHMEM_INIT_LOCK) on every supported version.
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let ptr = pg_sys::ShmemInitStruct(c"webhook_ext shared state".as_ptr(), std::mem::size_of::<Shared>(), &mut found);
+        if !found {
+            // All-zero bytes are a valid Shared: null latches, free slots, stopped workers.
+            std::ptr::write_bytes(ptr.cast::<u8>(), 0, std::mem::size_of::<Shared>());
+        }
+        SHARED = ptr.cast();
+        pg_sys::LWLockRelease(init_lock);
+    }
+}
+
+/// Set when this backend's transaction enqueued something; checked at commit.
+static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+
+/// Asks for this database's worker to be woken when the current transaction commits.
+pub fn wake_at_commit() {
+    WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+/// Wakes this database's worker now.
+pub fn wake_my_worker() {
+    // SAFETY: MyDatabaseId is a plain process-global read on the main thread.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    if let Some(slot) = shared().and_then(|s| s.slot_for_db(db)) {
+        slot.wake();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                wake_my_worker();
+            }
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+/// Microseconds since the Unix epoch, for the timestamps kept in shared memory.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
