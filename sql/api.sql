@@ -230,7 +230,7 @@ RETURNS name
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    trigger_name text := 'webhook_' || endpoint;
+    trig text := 'webhook_' || endpoint;
     ops text[];
     missing text;
     args text;
@@ -260,14 +260,14 @@ BEGIN
         END IF;
     END IF;
     SELECT string_agg(quote_literal(a), ', ') INTO args FROM unnest(ARRAY[endpoint] || columns) a;
-    IF EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = subscribe.trigger_name) THEN
-        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    IF EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = trig) THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', trig, tbl);
     END IF;
     EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW %s EXECUTE FUNCTION webhook.enqueue(%s)',
-                   trigger_name, array_to_string(ops, ' OR '), tbl,
+                   trig, array_to_string(ops, ' OR '), tbl,
                    CASE WHEN "when" IS NOT NULL THEN 'WHEN (' || webhook._check_when("when") || E'\n)' ELSE '' END,
                    args);
-    RETURN trigger_name;
+    RETURN trig;
 END
 $$;
 
@@ -276,16 +276,16 @@ RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    trigger_name text;
+    trig text;
 BEGIN
-    SELECT s.trigger_name INTO trigger_name FROM webhook.subscriptions s
+    SELECT s.trigger_name INTO trig FROM webhook.subscriptions s
      WHERE s."table" = tbl AND s.endpoint = unsubscribe.endpoint
      ORDER BY s.trigger_name = 'webhook_' || unsubscribe.endpoint DESC
      LIMIT 1;
-    IF trigger_name IS NULL THEN
+    IF trig IS NULL THEN
         RAISE EXCEPTION 'table % has no subscription for endpoint "%"', tbl, endpoint USING ERRCODE = 'undefined_object';
     END IF;
-    EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    EXECUTE format('DROP TRIGGER %I ON %s', trig, tbl);
 END
 $$;
 

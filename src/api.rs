@@ -11,8 +11,12 @@ use crate::{gucs, request, retry, shmem, signing, target};
 
 /// Raises an "invalid parameter value" ERROR.
 fn invalid(msg: impl Into<String>) -> ! {
-    pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, msg.into(), "webhook_ext")
-        .report(PgLogLevel::ERROR);
+    pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        msg.into(),
+        "webhook_ext",
+    )
+    .report(PgLogLevel::ERROR);
     unreachable!("ERROR does not return")
 }
 
@@ -29,7 +33,8 @@ fn _check_url(url: &str) -> String {
 #[pg_extern(volatile)]
 fn _check_secret(secret: Option<&str>) -> String {
     match secret {
-        None => signing::generate_secret().unwrap_or_else(|e| error!("could not generate a secret: {e}")),
+        None => signing::generate_secret()
+            .unwrap_or_else(|e| error!("could not generate a secret: {e}")),
         Some(s) => match signing::decode_secret(s) {
             Ok(_) => s.trim().to_string(),
             Err(e) => invalid(format!("invalid endpoint {e}")),
@@ -60,7 +65,8 @@ fn _check_schedule(schedule: &str) -> String {
 /// `WHEN (...)` of a trigger without changing the statement around it.
 #[pg_extern(immutable, parallel_safe)]
 fn _check_when(condition: &str) -> String {
-    let sql = CString::new(format!("SELECT ({condition}\n)")).unwrap_or_else(|_| invalid("the when condition contains a NUL byte"));
+    let sql = CString::new(format!("SELECT ({condition}\n)"))
+        .unwrap_or_else(|_| invalid("the when condition contains a NUL byte"));
     // SAFETY: raw_parser returns a List of RawStmt allocated in the current memory context.
     let single_expression = unsafe {
         let list = pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);

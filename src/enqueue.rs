@@ -57,7 +57,9 @@ thread_local! {
 }
 
 #[pg_trigger]
-fn enqueue<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+fn enqueue<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
     if !trigger.event().fired_after() || !trigger.event().fired_for_row() {
         error!("webhook.enqueue must be used in an AFTER ... FOR EACH ROW trigger");
     }
@@ -82,7 +84,9 @@ fn enqueue<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
         let tupdesc = (*rel).rd_att;
         let reltype = (*(*rel).rd_rel).reltype;
         let (schema, table) = published_name(rel);
-        let as_datum = |t: pg_sys::HeapTuple| (!t.is_null()).then(|| pg_sys::heap_copy_tuple_as_datum(t, tupdesc));
+        let as_datum = |t: pg_sys::HeapTuple| {
+            (!t.is_null()).then(|| pg_sys::heap_copy_tuple_as_datum(t, tupdesc))
+        };
         let (new_row, old_row) = match op {
             "INSERT" => (as_datum(data.tg_trigtuple), None),
             "UPDATE" => (as_datum(data.tg_newtuple), as_datum(data.tg_trigtuple)),
@@ -97,7 +101,10 @@ fn enqueue<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
             new_row.unwrap_or(pg_sys::Datum::from(0)),
             old_row.unwrap_or(pg_sys::Datum::from(0)),
             text_datum(&endpoint),
-            columns.clone().into_datum().unwrap_or(pg_sys::Datum::from(0)),
+            columns
+                .clone()
+                .into_datum()
+                .unwrap_or(pg_sys::Datum::from(0)),
             pg_sys::Datum::from(gucs::MAX_PAYLOAD_BYTES.get()),
         ];
         let nulls: [std::ffi::c_char; 9] = [
@@ -132,13 +139,18 @@ unsafe fn published_name(rel: pg_sys::Relation) -> (String, String) {
         if (*(*rel).rd_rel).relispartition {
             relid = PARTITION_ROOTS.with(|roots| {
                 *roots.borrow_mut().entry(relid).or_insert_with(|| {
-                    pgrx::direct_function_call::<pg_sys::Oid>(pg_sys::pg_partition_root, &[relid.into_datum()]).unwrap_or(relid)
+                    pgrx::direct_function_call::<pg_sys::Oid>(
+                        pg_sys::pg_partition_root,
+                        &[relid.into_datum()],
+                    )
+                    .unwrap_or(relid)
                 })
             });
         }
         let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
         let name = pg_sys::get_rel_name(relid);
-        let s = |p: *mut std::ffi::c_char| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        let s =
+            |p: *mut std::ffi::c_char| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
         (s(nsp), s(name))
     }
 }
@@ -168,8 +180,12 @@ unsafe fn plan_for(reltype: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
     unsafe {
         let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
         if plan.is_null() {
-            let code = *(&raw const pg_sys::SPI_result);
-            error!("webhook.enqueue: could not prepare the enqueue statement (SPI code {code})");
+            let reason =
+                std::ffi::CStr::from_ptr(pg_sys::SPI_result_code_string(pg_sys::SPI_result));
+            error!(
+                "webhook.enqueue: could not prepare the enqueue statement: {}",
+                reason.to_string_lossy()
+            );
         }
         pg_sys::SPI_keepplan(plan);
         PLANS.with(|p| p.borrow_mut().insert(reltype, plan));

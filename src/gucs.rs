@@ -10,13 +10,15 @@ use pgrx::prelude::*;
 use crate::retry::Schedule;
 use crate::target;
 
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static DEFAULT_MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static DEFAULT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(15_000);
 pub static DEFAULT_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(0);
-pub static RETRY_SCHEDULE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"5s,5min,30min,2h,5h,10h,10h"));
+pub static RETRY_SCHEDULE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"5s,5min,30min,2h,5h,10h,10h"));
 pub static RESPONSE_BODY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
@@ -181,7 +183,10 @@ pub fn init() {
 
 /// A string setting's value, `""` when unset.
 pub fn string(setting: &GucSetting<Option<CString>>) -> String {
-    setting.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+    setting
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The configured schedule; the check hook guarantees it parses.
@@ -207,7 +212,11 @@ pub fn address_policy() -> target::AddressPolicy {
 /// The databases named by `webhook.database`, trimmed, de-duplicated, in order.
 pub fn databases() -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for name in string(&DATABASE).split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for name in string(&DATABASE)
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         if !out.iter().any(|n| n == name) {
             out.push(name.to_string());
         }

@@ -92,7 +92,8 @@ impl HttpRuntime {
             .enable_all()
             .build()
             .map_err(|e| format!("could not start the HTTP runtime: {e}"))?;
-        let (wake_read, wake_write) = nonblocking_pipe().map_err(|e| format!("could not create the wake pipe: {e}"))?;
+        let (wake_read, wake_write) =
+            nonblocking_pipe().map_err(|e| format!("could not create the wake pipe: {e}"))?;
         let client = build_client(&config)?;
         Ok(HttpRuntime {
             runtime,
@@ -132,7 +133,11 @@ impl HttpRuntime {
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
         self.runtime.spawn(async move {
             let done = attempt(&client, &config, job).await;
-            shared.finished.lock().unwrap_or_else(|p| p.into_inner()).push(done);
+            shared
+                .finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(done);
             shared.in_flight.fetch_sub(1, Ordering::AcqRel);
             shared.signal();
         });
@@ -140,7 +145,11 @@ impl HttpRuntime {
 
     /// Queues a result that needed no request (the attempt was refused before sending).
     pub fn push_finished(&self, done: Finished) {
-        self.shared.finished.lock().unwrap_or_else(|p| p.into_inner()).push(done);
+        self.shared
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(done);
         self.shared.signal();
     }
 
@@ -149,8 +158,21 @@ impl HttpRuntime {
         self.shared.signalled.store(false, Ordering::Release);
         let mut buf = [0u8; 64];
         // SAFETY: reading into a valid stack buffer from our own non-blocking pipe until it is empty.
-        while unsafe { libc::read(self.wake_read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
-        std::mem::take(&mut *self.shared.finished.lock().unwrap_or_else(|p| p.into_inner()))
+        while unsafe {
+            libc::read(
+                self.wake_read.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        } > 0
+        {}
+        std::mem::take(
+            &mut *self
+                .shared
+                .finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     /// Stops without waiting for requests under way: their deliveries stay claimed and are sent
@@ -198,14 +220,20 @@ fn build_client(config: &HttpConfig) -> Result<reqwest::Client, String> {
         .http1_only()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(60))
-        .dns_resolver(Arc::new(GuardedResolver { policy: config.policy.clone() }));
+        .pool_max_idle_per_host(1024)
+        .dns_resolver(Arc::new(GuardedResolver {
+            policy: config.policy.clone(),
+        }));
     if let Some(pem) = &config.extra_roots_pem {
-        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("webhook.ssl_ca_file: {e}"))?;
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("webhook.ssl_ca_file: {e}"))?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
     }
-    builder.build().map_err(|e| format!("could not build the HTTP client: {e}"))
+    builder
+        .build()
+        .map_err(|e| format!("could not build the HTTP client: {e}"))
 }
 
 /// Resolves host names and keeps only the addresses the SSRF guard allows, so the connection is
@@ -230,7 +258,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let policy = self.policy.clone();
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let mut refusal = None;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
@@ -254,10 +283,15 @@ impl reqwest::dns::Resolve for GuardedResolver {
 async fn attempt(client: &reqwest::Client, config: &HttpConfig, job: Job) -> Finished {
     let started_at = SystemTime::now();
     let clock = Instant::now();
-    let (outcome, response_body, error) = match tokio::time::timeout(job.timeout, exchange(client, config, &job)).await {
-        Ok(result) => result,
-        Err(_) => (Outcome::Timeout, None, Some(format!("timed out after {}", human(job.timeout)))),
-    };
+    let (outcome, response_body, error) =
+        match tokio::time::timeout(job.timeout, exchange(client, config, &job)).await {
+            Ok(result) => result,
+            Err(_) => (
+                Outcome::Timeout,
+                None,
+                Some(format!("timed out after {}", human(job.timeout))),
+            ),
+        };
     Finished {
         delivery_id: job.delivery_id,
         endpoint_id: job.endpoint_id,
@@ -270,15 +304,23 @@ async fn attempt(client: &reqwest::Client, config: &HttpConfig, job: Job) -> Fin
     }
 }
 
-async fn exchange(client: &reqwest::Client, config: &HttpConfig, job: &Job) -> (Outcome, Option<String>, Option<String>) {
+async fn exchange(
+    client: &reqwest::Client,
+    config: &HttpConfig,
+    job: &Job,
+) -> (Outcome, Option<String>, Option<String>) {
     // Literal addresses never reach the resolver, so the guard checks them here.
     if let Some(ip) = literal_ip(&job.url) {
         if let Err(why) = config.policy.check(ip) {
             return (Outcome::Refused, None, Some(why));
         }
     }
-    let timestamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let signature = signing::signature_header(&job.keys, &job.msg_id, timestamp, job.body.as_bytes());
+    let timestamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let signature =
+        signing::signature_header(&job.keys, &job.msg_id, timestamp, job.body.as_bytes());
     let mut request = client
         .post(&job.url)
         .header("content-type", "application/json")
@@ -309,7 +351,10 @@ async fn exchange(client: &reqwest::Client, config: &HttpConfig, job: &Job) -> (
 }
 
 /// Reads at most `limit` bytes of the body; a longer body is cut and the connection dropped.
-async fn read_capped(mut response: reqwest::Response, limit: usize) -> (Option<String>, Option<String>) {
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> (Option<String>, Option<String>) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         match response.chunk().await {
@@ -321,7 +366,12 @@ async fn read_capped(mut response: reqwest::Response, limit: usize) -> (Option<S
                 }
             }
             Ok(None) => break,
-            Err(e) => return (Some(String::from_utf8_lossy(&buf).into_owned()), Some(format!("reading the response body: {}", describe(&e)))),
+            Err(e) => {
+                return (
+                    Some(String::from_utf8_lossy(&buf).into_owned()),
+                    Some(format!("reading the response body: {}", describe(&e))),
+                )
+            }
         }
     }
     (Some(String::from_utf8_lossy(&buf).into_owned()), None)
@@ -331,11 +381,17 @@ fn transport_failure(e: reqwest::Error) -> (Outcome, Option<String>, Option<Stri
     if let Some(refused) = find_source::<Refused>(&e) {
         return (Outcome::Refused, None, Some(refused.0.clone()));
     }
-    let outcome = if e.is_timeout() { Outcome::Timeout } else { Outcome::Transport };
+    let outcome = if e.is_timeout() {
+        Outcome::Timeout
+    } else {
+        Outcome::Transport
+    };
     (outcome, None, Some(describe(&e)))
 }
 
-fn find_source<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+fn find_source<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(found) = err.downcast_ref::<T>() {
@@ -380,7 +436,7 @@ fn literal_ip(url: &str) -> Option<IpAddr> {
 }
 
 fn human(d: Duration) -> String {
-    if d.as_millis() % 1000 == 0 {
+    if d.as_millis().is_multiple_of(1000) {
         format!("{} s", d.as_secs())
     } else {
         format!("{} ms", d.as_millis())
@@ -395,7 +451,10 @@ mod tests {
 
     fn config(allow_private: bool) -> HttpConfig {
         HttpConfig {
-            policy: AddressPolicy { allow_private, allowed: vec![] },
+            policy: AddressPolicy {
+                allow_private,
+                allowed: vec![],
+            },
             response_body_limit: 16,
             user_agent: "webhook_ext/test".into(),
             extra_roots_pem: None,
@@ -449,13 +508,20 @@ mod tests {
 
     #[test]
     fn sends_signed_request_and_caps_the_response() {
-        let (url, server) =
-            one_shot("HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n0123456789012345678901234567890123456789");
+        let (url, server) = one_shot(
+            "HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n0123456789012345678901234567890123456789",
+        );
         let rt = HttpRuntime::start(config(true)).unwrap();
         rt.submit(job(url));
         let done = wait_one(&rt);
         let request = server.join().unwrap();
-        assert_eq!(done.outcome, Outcome::Status { code: 200, retry_after: None });
+        assert_eq!(
+            done.outcome,
+            Outcome::Status {
+                code: 200,
+                retry_after: None
+            }
+        );
         assert_eq!(done.response_body.as_deref(), Some("0123456789012345"));
         assert_eq!(done.error, None);
         let lower = request.to_ascii_lowercase();
@@ -468,26 +534,45 @@ mod tests {
         let header = |name: &str| {
             request
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().starts_with(name).then(|| l.split_once(": ").unwrap().1.to_string()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with(name)
+                        .then(|| l.split_once(": ").unwrap().1.to_string())
+                })
                 .unwrap()
         };
         let ts: i64 = header("webhook-timestamp").parse().unwrap();
-        assert!(signing::verify(&[1u8; 32], "msg_t_7", ts, b"{}", &header("webhook-signature")));
+        assert!(signing::verify(
+            &[1u8; 32],
+            "msg_t_7",
+            ts,
+            b"{}",
+            &header("webhook-signature")
+        ));
     }
 
     #[test]
     fn redirects_are_failures_and_retry_after_is_parsed() {
-        let (url, _s) = one_shot("HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:1/\r\ncontent-length: 0\r\n\r\n");
+        let (url, _s) = one_shot(
+            "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:1/\r\ncontent-length: 0\r\n\r\n",
+        );
         let rt = HttpRuntime::start(config(true)).unwrap();
         rt.submit(job(url));
         let done = wait_one(&rt);
         assert_eq!(done.status_code(), Some(302));
         assert!(done.error.unwrap().contains("redirects are not followed"));
 
-        let (url, _s) = one_shot("HTTP/1.1 503 Busy\r\nretry-after: 42\r\ncontent-length: 0\r\n\r\n");
+        let (url, _s) =
+            one_shot("HTTP/1.1 503 Busy\r\nretry-after: 42\r\ncontent-length: 0\r\n\r\n");
         rt.submit(job(url));
         let done = wait_one(&rt);
-        assert_eq!(done.outcome, Outcome::Status { code: 503, retry_after: Some(Duration::from_secs(42)) });
+        assert_eq!(
+            done.outcome,
+            Outcome::Status {
+                code: 503,
+                retry_after: Some(Duration::from_secs(42))
+            }
+        );
     }
 
     #[test]
@@ -505,7 +590,11 @@ mod tests {
 
     #[test]
     fn connection_refused_and_timeouts_are_classified() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let rt = HttpRuntime::start(config(true)).unwrap();
         rt.submit(job(format!("http://127.0.0.1:{port}/")));
         let done = wait_one(&rt);

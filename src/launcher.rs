@@ -5,12 +5,15 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker,
+    SignalWakeFlags,
+};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::shmem::{self, MAX_DATABASES};
 use crate::gucs;
+use crate::shmem::{self, MAX_DATABASES};
 
 /// Pause before starting a worker again after it exited.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -37,10 +40,15 @@ pub extern "C-unwind" fn webhook_launcher_main(_arg: pg_sys::Datum) {
         error!("webhook_ext launcher started without shared memory");
     };
     BackgroundWorker::connect_worker_to_spi(None, None);
-    shared.launcher_pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
-    shared.launcher_latch.store(unsafe { pg_sys::MyLatch }, Ordering::Release);
+    shared
+        .launcher_pid
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    shared
+        .launcher_latch
+        .store(unsafe { pg_sys::MyLatch }, Ordering::Release);
 
-    let mut workers: Vec<Option<DynamicBackgroundWorker>> = (0..MAX_DATABASES).map(|_| None).collect();
+    let mut workers: Vec<Option<DynamicBackgroundWorker>> =
+        (0..MAX_DATABASES).map(|_| None).collect();
     let mut not_before: Vec<Option<Instant>> = vec![None; MAX_DATABASES];
     let mut warned_full = false;
     loop {
@@ -65,9 +73,16 @@ pub extern "C-unwind" fn webhook_launcher_main(_arg: pg_sys::Datum) {
             if dboid == 0 {
                 continue;
             }
-            let listed = wanted.iter().any(|(_, oid)| oid.map(u32::from) == Some(dboid));
+            let listed = wanted
+                .iter()
+                .any(|(_, oid)| oid.map(u32::from) == Some(dboid));
             let evicted = slot.evict_until.load(Ordering::Acquire) > now_us;
-            let running = workers[i].as_ref().map(|w| !matches!(w.pid(), Err(pgrx::bgworkers::BackgroundWorkerStatus::Stopped)));
+            let running = workers[i].as_ref().map(|w| {
+                !matches!(
+                    w.pid(),
+                    Err(pgrx::bgworkers::BackgroundWorkerStatus::Stopped)
+                )
+            });
             if !listed || evicted {
                 if let Some(w) = workers[i].take() {
                     let _ = w.terminate();
@@ -94,9 +109,17 @@ pub extern "C-unwind" fn webhook_launcher_main(_arg: pg_sys::Datum) {
         for (name, oid) in &wanted {
             let Some(oid) = oid else { continue };
             let want = u32::from(*oid);
-            let index = match shared.slots.iter().position(|s| s.dboid.load(Ordering::Acquire) == want) {
+            let index = match shared
+                .slots
+                .iter()
+                .position(|s| s.dboid.load(Ordering::Acquire) == want)
+            {
                 Some(i) => i,
-                None => match shared.slots.iter().position(|s| s.dboid.load(Ordering::Acquire) == 0) {
+                None => match shared
+                    .slots
+                    .iter()
+                    .position(|s| s.dboid.load(Ordering::Acquire) == 0)
+                {
                     Some(i) => {
                         shared.slots[i].evict_until.store(0, Ordering::Release);
                         shared.slots[i].set_name(name);
@@ -113,7 +136,9 @@ pub extern "C-unwind" fn webhook_launcher_main(_arg: pg_sys::Datum) {
             if workers[index].is_some() || slot.evict_until.load(Ordering::Acquire) > now_us {
                 continue;
             }
-            if not_before[index].is_some_and(|t| Instant::now() < t) || slot.pid.load(Ordering::Acquire) != 0 {
+            if not_before[index].is_some_and(|t| Instant::now() < t)
+                || slot.pid.load(Ordering::Acquire) != 0
+            {
                 retry_soon = true;
                 continue;
             }
@@ -153,12 +178,19 @@ pub extern "C-unwind" fn webhook_launcher_main(_arg: pg_sys::Datum) {
             None => -1,
         };
         unsafe {
-            pg_sys::WaitLatch(pg_sys::MyLatch, events as i32, ms, pg_sys::PG_WAIT_EXTENSION);
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                events as i32,
+                ms,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
             pg_sys::ResetLatch(pg_sys::MyLatch);
             pg_sys::check_for_interrupts!();
         }
     }
-    shared.launcher_latch.store(std::ptr::null_mut(), Ordering::Release);
+    shared
+        .launcher_latch
+        .store(std::ptr::null_mut(), Ordering::Release);
     for w in workers.into_iter().flatten() {
         let _ = w.terminate();
     }
@@ -173,7 +205,10 @@ fn lookup_databases(names: &[String]) -> Vec<(String, Option<pg_sys::Oid>)> {
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
-        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let rel = pg_sys::table_open(
+            pg_sys::DatabaseRelationId,
+            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+        );
         let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
         loop {
             let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
@@ -181,12 +216,17 @@ fn lookup_databases(names: &[String]) -> Vec<(String, Option<pg_sys::Oid>)> {
                 break;
             }
             let header = (*tuple).t_data;
-            let form = header.cast::<u8>().add((*header).t_hoff as usize).cast::<pg_sys::FormData_pg_database>();
+            let form = header
+                .cast::<u8>()
+                .add((*header).t_hoff as usize)
+                .cast::<pg_sys::FormData_pg_database>();
             // datconnlimit -2 marks a database whose DROP was interrupted.
             if !(*form).datallowconn || (*form).datconnlimit == -2 {
                 continue;
             }
-            let name = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_string_lossy().into_owned();
+            let name = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned();
             if names.contains(&name) {
                 found.push((name, (*form).oid));
             }
@@ -197,7 +237,12 @@ fn lookup_databases(names: &[String]) -> Vec<(String, Option<pg_sys::Oid>)> {
     }
     names
         .iter()
-        .map(|n| (n.clone(), found.iter().find(|(f, _)| f == n).map(|(_, oid)| *oid)))
+        .map(|n| {
+            (
+                n.clone(),
+                found.iter().find(|(f, _)| f == n).map(|(_, oid)| *oid),
+            )
+        })
         .collect()
 }
 

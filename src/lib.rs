@@ -18,6 +18,7 @@ mod enqueue;
 mod gucs;
 mod launcher;
 mod shmem;
+mod utility;
 mod worker;
 
 ::pgrx::pg_module_magic!();
@@ -39,6 +40,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init();
     shmem::init();
+    utility::init();
     launcher::register();
 }
 
@@ -47,6 +49,9 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'webhook_ext'", "webhook.database = 'pgrx_tests'"]
+        vec![
+            "shared_preload_libraries = 'webhook_ext'",
+            "webhook.database = 'pgrx_tests'",
+        ]
     }
 }

@@ -92,7 +92,8 @@ pub enum HeaderError {
 
 /// Validates an endpoint's extra headers (a JSON object of strings) and returns them as pairs.
 pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, HeaderError> {
-    let value: serde_json::Value = serde_json::from_str(json).map_err(|_| HeaderError::NotAnObject)?;
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|_| HeaderError::NotAnObject)?;
     let obj = value.as_object().ok_or(HeaderError::NotAnObject)?;
     if obj.len() > MAX_HEADERS {
         return Err(HeaderError::TooMany);
@@ -102,15 +103,21 @@ pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, HeaderError> {
         .map(|(name, v)| {
             let valid_name = !name.is_empty()
                 && name.len() <= 256
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
             if !valid_name {
                 return Err(HeaderError::BadName(shown(name)));
             }
             if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
                 return Err(HeaderError::Reserved(shown(name)));
             }
-            let value = v.as_str().ok_or_else(|| HeaderError::NotAString(shown(name)))?;
-            if value.len() > MAX_HEADER_LEN || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            let value = v
+                .as_str()
+                .ok_or_else(|| HeaderError::NotAString(shown(name)))?;
+            if value.len() > MAX_HEADER_LEN
+                || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
+            {
                 return Err(HeaderError::BadValue(shown(name)));
             }
             Ok((name.clone(), value.to_string()))
@@ -124,7 +131,11 @@ mod tests {
 
     #[test]
     fn envelope_is_type_timestamp_data_and_valid_json() {
-        let body = envelope("public.users.insert", 1_649_367_553_123_456, r#"{"op": "INSERT", "new": {"id": 1}}"#);
+        let body = envelope(
+            "public.users.insert",
+            1_649_367_553_123_456,
+            r#"{"op": "INSERT", "new": {"id": 1}}"#,
+        );
         assert_eq!(
             body,
             r#"{"type":"public.users.insert","timestamp":"2022-04-07T21:39:13.123456Z","data":{"op": "INSERT", "new": {"id": 1}}}"#
@@ -143,9 +154,15 @@ mod tests {
 
     #[test]
     fn rfc3339_handles_leap_years_and_pre_epoch() {
-        assert_eq!(rfc3339_utc(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339_utc(951_782_400_000_000),
+            "2000-02-29T00:00:00.000000Z"
+        );
         assert_eq!(rfc3339_utc(-1), "1969-12-31T23:59:59.999999Z");
-        assert_eq!(rfc3339_utc(4_102_444_800_000_000), "2100-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339_utc(4_102_444_800_000_000),
+            "2100-01-01T00:00:00.000000Z"
+        );
     }
 
     #[test]
@@ -159,25 +176,54 @@ mod tests {
     fn headers_are_validated() {
         assert_eq!(
             parse_headers(r#"{"Authorization": "Bearer x", "X-Tenant": "7"}"#).unwrap(),
-            vec![("Authorization".into(), "Bearer x".into()), ("X-Tenant".into(), "7".into())]
+            vec![
+                ("Authorization".into(), "Bearer x".into()),
+                ("X-Tenant".into(), "7".into())
+            ]
         );
         assert_eq!(parse_headers("{}").unwrap(), vec![]);
         assert_eq!(parse_headers("[1]"), Err(HeaderError::NotAnObject));
-        assert_eq!(parse_headers(r#"{"Bad Name": "x"}"#), Err(HeaderError::BadName("Bad Name".into())));
-        assert_eq!(parse_headers(r#"{"X\r\nEvil": "x"}"#), Err(HeaderError::BadName("X\r\nEvil".into())));
-        assert_eq!(parse_headers(r#"{"webhook-signature": "x"}"#), Err(HeaderError::Reserved("webhook-signature".into())));
-        assert_eq!(parse_headers(r#"{"Content-Type": "x"}"#), Err(HeaderError::Reserved("Content-Type".into())));
-        assert_eq!(parse_headers(r#"{"X-N": 5}"#), Err(HeaderError::NotAString("X-N".into())));
-        assert_eq!(parse_headers(r#"{"X-A": "a\r\nInjected: 1"}"#), Err(HeaderError::BadValue("X-A".into())));
+        assert_eq!(
+            parse_headers(r#"{"Bad Name": "x"}"#),
+            Err(HeaderError::BadName("Bad Name".into()))
+        );
+        assert_eq!(
+            parse_headers(r#"{"X\r\nEvil": "x"}"#),
+            Err(HeaderError::BadName("X\r\nEvil".into()))
+        );
+        assert_eq!(
+            parse_headers(r#"{"webhook-signature": "x"}"#),
+            Err(HeaderError::Reserved("webhook-signature".into()))
+        );
+        assert_eq!(
+            parse_headers(r#"{"Content-Type": "x"}"#),
+            Err(HeaderError::Reserved("Content-Type".into()))
+        );
+        assert_eq!(
+            parse_headers(r#"{"X-N": 5}"#),
+            Err(HeaderError::NotAString("X-N".into()))
+        );
+        assert_eq!(
+            parse_headers(r#"{"X-A": "a\r\nInjected: 1"}"#),
+            Err(HeaderError::BadValue("X-A".into()))
+        );
         let huge = format!(r#"{{"X-Big": "{}"}}"#, "a".repeat(MAX_HEADER_LEN + 1));
-        assert_eq!(parse_headers(&huge), Err(HeaderError::BadValue("X-Big".into())));
+        assert_eq!(
+            parse_headers(&huge),
+            Err(HeaderError::BadValue("X-Big".into()))
+        );
         let many: Vec<String> = (0..33).map(|i| format!(r#""X-{i}": "v""#)).collect();
-        assert_eq!(parse_headers(&format!("{{{}}}", many.join(","))), Err(HeaderError::TooMany));
+        assert_eq!(
+            parse_headers(&format!("{{{}}}", many.join(","))),
+            Err(HeaderError::TooMany)
+        );
     }
 
     #[test]
     fn header_errors_never_echo_values() {
-        let e = parse_headers(r#"{"Authorization": "Bearer s3cr3t\n"}"#).unwrap_err().to_string();
+        let e = parse_headers(r#"{"Authorization": "Bearer s3cr3t\n"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("s3cr3t"));
     }
 }

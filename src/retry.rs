@@ -86,7 +86,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
     if t == "0" {
         return Ok(Duration::ZERO);
     }
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(bad)?;
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(bad)?;
     let (number, unit) = t.split_at(split);
     let value: f64 = number.parse().map_err(|_| bad())?;
     let seconds_per_unit = match unit.trim() {
@@ -108,7 +110,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The receiver answered with this status code; `retry_after` is its parsed `Retry-After`.
-    Status { code: u16, retry_after: Option<Duration> },
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+    },
     /// No answer within the endpoint's timeout.
     Timeout,
     /// Connection refused or reset, DNS failure, TLS failure, malformed response.
@@ -131,9 +136,17 @@ pub enum Verdict {
 
 /// Decides a delivery's fate after attempt number `attempt` (1-based) of `max_attempts`.
 /// `jitter` is a uniform random number in [-1, 1] (passed in so the logic is deterministic to test).
-pub fn decide(outcome: &Outcome, attempt: u32, max_attempts: u32, schedule: &Schedule, jitter: f64) -> Verdict {
+pub fn decide(
+    outcome: &Outcome,
+    attempt: u32,
+    max_attempts: u32,
+    schedule: &Schedule,
+    jitter: f64,
+) -> Verdict {
     let overloaded = match outcome {
-        Outcome::Status { code: 200..=299, .. } => return Verdict::Delivered,
+        Outcome::Status {
+            code: 200..=299, ..
+        } => return Verdict::Delivered,
         Outcome::Status { code: 410, .. } => return Verdict::Gone,
         Outcome::Refused => return Verdict::Failed,
         Outcome::Status { code: 429, .. } | Outcome::Timeout => true,
@@ -148,7 +161,10 @@ pub fn decide(outcome: &Outcome, attempt: u32, max_attempts: u32, schedule: &Sch
     }
     let jittered = base.mul_f64(1.0 + JITTER * jitter.clamp(-1.0, 1.0));
     let delay = match outcome {
-        Outcome::Status { code: 429 | 502 | 503 | 504, retry_after: Some(asked) } => (*asked).clamp(jittered, base * 2),
+        Outcome::Status {
+            code: 429 | 502 | 503 | 504,
+            retry_after: Some(asked),
+        } => (*asked).clamp(jittered, base * 2),
         _ => jittered,
     };
     Verdict::Retry(delay)
@@ -162,7 +178,11 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
         return Some(Duration::from_secs(secs.min(MAX_STEP.as_secs())));
     }
     let when = httpdate::parse_http_date(v).ok()?;
-    Some(when.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_STEP))
+    Some(
+        when.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_STEP),
+    )
 }
 
 #[cfg(test)]
@@ -173,28 +193,64 @@ mod tests {
         Duration::from_secs(secs)
     }
     fn status(code: u16) -> Outcome {
-        Outcome::Status { code, retry_after: None }
+        Outcome::Status {
+            code,
+            retry_after: None,
+        }
     }
 
     #[test]
     fn default_schedule_is_standard_webhooks() {
         let d = Schedule::default();
-        assert_eq!(d.steps(), &[s(5), s(300), s(1800), s(7200), s(18000), s(36000), s(36000)]);
+        assert_eq!(
+            d.steps(),
+            &[s(5), s(300), s(1800), s(7200), s(18000), s(36000), s(36000)]
+        );
         assert_eq!(d.default_max_attempts(), 8);
     }
 
     #[test]
     fn schedule_parsing_accepts_postgres_units_and_rejects_junk() {
         let p = Schedule::parse(" 250ms, 1.5s ,2min,1h,1d").unwrap();
-        assert_eq!(p.steps(), &[Duration::from_millis(250), Duration::from_millis(1500), s(120), s(3600), s(86400)]);
+        assert_eq!(
+            p.steps(),
+            &[
+                Duration::from_millis(250),
+                Duration::from_millis(1500),
+                s(120),
+                s(3600),
+                s(86400)
+            ]
+        );
         assert_eq!(Schedule::parse(""), Err(ScheduleError::Empty));
-        assert_eq!(Schedule::parse("5"), Err(ScheduleError::BadStep("5".into())));
-        assert_eq!(Schedule::parse("5s,,1h"), Err(ScheduleError::BadStep("".into())));
-        assert_eq!(Schedule::parse("5 parsecs"), Err(ScheduleError::BadStep("5 parsecs".into())));
-        assert_eq!(Schedule::parse("-5s"), Err(ScheduleError::BadStep("-5s".into())));
-        assert_eq!(Schedule::parse("8d"), Err(ScheduleError::TooLong("8d".into())));
-        assert_eq!(Schedule::parse(&vec!["1s"; 101].join(",")), Err(ScheduleError::TooManySteps));
-        assert_eq!(Schedule::parse("0,1s").unwrap().steps(), &[Duration::ZERO, s(1)]);
+        assert_eq!(
+            Schedule::parse("5"),
+            Err(ScheduleError::BadStep("5".into()))
+        );
+        assert_eq!(
+            Schedule::parse("5s,,1h"),
+            Err(ScheduleError::BadStep("".into()))
+        );
+        assert_eq!(
+            Schedule::parse("5 parsecs"),
+            Err(ScheduleError::BadStep("5 parsecs".into()))
+        );
+        assert_eq!(
+            Schedule::parse("-5s"),
+            Err(ScheduleError::BadStep("-5s".into()))
+        );
+        assert_eq!(
+            Schedule::parse("8d"),
+            Err(ScheduleError::TooLong("8d".into()))
+        );
+        assert_eq!(
+            Schedule::parse(&vec!["1s"; 101].join(",")),
+            Err(ScheduleError::TooManySteps)
+        );
+        assert_eq!(
+            Schedule::parse("0,1s").unwrap().steps(),
+            &[Duration::ZERO, s(1)]
+        );
     }
 
     #[test]
@@ -211,13 +267,26 @@ mod tests {
     fn failures_follow_the_schedule_and_end_in_failed() {
         let d = Schedule::default();
         for code in [301, 302, 400, 404, 500] {
-            assert_eq!(decide(&status(code), 1, 8, &d, 0.0), Verdict::Retry(s(5)), "{code}");
+            assert_eq!(
+                decide(&status(code), 1, 8, &d, 0.0),
+                Verdict::Retry(s(5)),
+                "{code}"
+            );
         }
-        assert_eq!(decide(&Outcome::Transport, 2, 8, &d, 0.0), Verdict::Retry(s(300)));
-        assert_eq!(decide(&status(500), 7, 8, &d, 0.0), Verdict::Retry(s(36000)));
+        assert_eq!(
+            decide(&Outcome::Transport, 2, 8, &d, 0.0),
+            Verdict::Retry(s(300))
+        );
+        assert_eq!(
+            decide(&status(500), 7, 8, &d, 0.0),
+            Verdict::Retry(s(36000))
+        );
         assert_eq!(decide(&status(500), 8, 8, &d, 0.0), Verdict::Failed);
         // More attempts than steps: the last step repeats.
-        assert_eq!(decide(&status(500), 9, 12, &d, 0.0), Verdict::Retry(s(36000)));
+        assert_eq!(
+            decide(&status(500), 9, 12, &d, 0.0),
+            Verdict::Retry(s(36000))
+        );
     }
 
     #[test]
@@ -225,30 +294,52 @@ mod tests {
         let d = Schedule::default();
         assert_eq!(decide(&status(500), 2, 8, &d, 1.0), Verdict::Retry(s(360)));
         assert_eq!(decide(&status(500), 2, 8, &d, -1.0), Verdict::Retry(s(240)));
-        assert_eq!(decide(&status(500), 2, 8, &d, 7.0), Verdict::Retry(s(360)), "clamped");
+        assert_eq!(
+            decide(&status(500), 2, 8, &d, 7.0),
+            Verdict::Retry(s(360)),
+            "clamped"
+        );
     }
 
     #[test]
     fn overload_waits_at_least_a_minute_unless_the_schedule_is_shorter() {
         let d = Schedule::default();
         assert_eq!(decide(&status(429), 1, 8, &d, 0.0), Verdict::Retry(s(60)));
-        assert_eq!(decide(&Outcome::Timeout, 1, 8, &d, 0.0), Verdict::Retry(s(60)));
-        assert_eq!(decide(&Outcome::Timeout, 2, 8, &d, 0.0), Verdict::Retry(s(300)));
+        assert_eq!(
+            decide(&Outcome::Timeout, 1, 8, &d, 0.0),
+            Verdict::Retry(s(60))
+        );
+        assert_eq!(
+            decide(&Outcome::Timeout, 2, 8, &d, 0.0),
+            Verdict::Retry(s(300))
+        );
         let short = Schedule::parse("1s,2s").unwrap();
-        assert_eq!(decide(&status(429), 1, 3, &short, 0.0), Verdict::Retry(s(2)));
+        assert_eq!(
+            decide(&status(429), 1, 3, &short, 0.0),
+            Verdict::Retry(s(2))
+        );
     }
 
     #[test]
     fn retry_after_is_honoured_within_clamps() {
         let d = Schedule::default();
-        let ra = |code, secs| Outcome::Status { code, retry_after: Some(s(secs)) };
+        let ra = |code, secs| Outcome::Status {
+            code,
+            retry_after: Some(s(secs)),
+        };
         // 503 at attempt 2: base 300 s, Retry-After clamped into [300, 600].
         assert_eq!(decide(&ra(503, 450), 2, 8, &d, 0.0), Verdict::Retry(s(450)));
         assert_eq!(decide(&ra(503, 10), 2, 8, &d, 0.0), Verdict::Retry(s(300)));
-        assert_eq!(decide(&ra(503, 99999), 2, 8, &d, 0.0), Verdict::Retry(s(600)));
+        assert_eq!(
+            decide(&ra(503, 99999), 2, 8, &d, 0.0),
+            Verdict::Retry(s(600))
+        );
         // 429 at attempt 1: base is the 60 s floor.
         assert_eq!(decide(&ra(429, 90), 1, 8, &d, 0.0), Verdict::Retry(s(90)));
-        assert_eq!(decide(&ra(429, 1000), 1, 8, &d, 0.0), Verdict::Retry(s(120)));
+        assert_eq!(
+            decide(&ra(429, 1000), 1, 8, &d, 0.0),
+            Verdict::Retry(s(120))
+        );
         // Retry-After on other statuses is ignored.
         assert_eq!(decide(&ra(500, 450), 2, 8, &d, 0.0), Verdict::Retry(s(300)));
         // And never extends past the last attempt.
@@ -260,8 +351,14 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + s(784111777); // Sun, 06 Nov 1994 08:49:37 GMT
         assert_eq!(parse_retry_after("120", now), Some(s(120)));
         assert_eq!(parse_retry_after(" 0 ", now), Some(s(0)));
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now), Some(s(120)));
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now), Some(s(0)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now),
+            Some(s(120))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(s(0))
+        );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
         assert_eq!(parse_retry_after("99999999999", now), Some(MAX_STEP));

@@ -1,7 +1,9 @@
 //! State shared between backends, the launcher and the delivery workers: one slot per served
 //! database, with the worker's latch, so a committing backend can wake its worker directly.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering,
+};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -81,7 +83,12 @@ impl Slot {
 
     pub fn name(&self) -> String {
         let n = self.name_len.load(Ordering::Acquire) as usize;
-        let bytes: Vec<u8> = self.name.iter().flat_map(|c| c.load(Ordering::Relaxed).to_ne_bytes()).take(n).collect();
+        let bytes: Vec<u8> = self
+            .name
+            .iter()
+            .flat_map(|c| c.load(Ordering::Relaxed).to_ne_bytes())
+            .take(n)
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
@@ -122,7 +129,9 @@ pub struct Shared {
 impl Shared {
     pub fn slot_for_db(&self, dboid: pg_sys::Oid) -> Option<&Slot> {
         let want = u32::from(dboid);
-        self.slots.iter().find(|s| s.dboid.load(Ordering::Acquire) == want)
+        self.slots
+            .iter()
+            .find(|s| s.dboid.load(Ordering::Acquire) == want)
     }
 
     pub fn wake_launcher(&self) {
@@ -185,7 +194,11 @@ unsafe extern "C-unwind" fn shmem_startup() {
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
-        let ptr = pg_sys::ShmemInitStruct(c"webhook_ext shared state".as_ptr(), std::mem::size_of::<Shared>(), &mut found);
+        let ptr = pg_sys::ShmemInitStruct(
+            c"webhook_ext shared state".as_ptr(),
+            std::mem::size_of::<Shared>(),
+            &mut found,
+        );
         if !found {
             // All-zero bytes are a valid Shared: null latches, free slots, stopped workers.
             std::ptr::write_bytes(ptr.cast::<u8>(), 0, std::mem::size_of::<Shared>());
@@ -197,6 +210,13 @@ unsafe extern "C-unwind" fn shmem_startup() {
 
 /// Set when this backend's transaction enqueued something; checked at commit.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// Set when this backend's transaction created or renamed a database.
+static WAKE_LAUNCHER_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+
+/// Asks for the launcher to be woken when the current transaction commits.
+pub fn wake_launcher_at_commit() {
+    WAKE_LAUNCHER_AT_COMMIT.store(true, Ordering::Relaxed);
+}
 
 /// Asks for this database's worker to be woken when the current transaction commits.
 pub fn wake_at_commit() {
@@ -213,17 +233,26 @@ pub fn wake_my_worker() {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
             if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 wake_my_worker();
+            }
+            if WAKE_LAUNCHER_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                if let Some(s) = shared() {
+                    s.wake_launcher();
+                }
             }
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT
         | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
         | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            WAKE_LAUNCHER_AT_COMMIT.store(false, Ordering::Relaxed);
         }
         _ => {}
     }

@@ -117,11 +117,29 @@ mod tests {
     #[test]
     fn verify_rejects_tampering() {
         let key = decode_secret(SECRET).unwrap();
-        assert!(!verify(&key, MSG_ID, TIMESTAMP + 1, BODY.as_bytes(), EXPECTED));
-        assert!(!verify(&key, "msg_other", TIMESTAMP, BODY.as_bytes(), EXPECTED));
+        assert!(!verify(
+            &key,
+            MSG_ID,
+            TIMESTAMP + 1,
+            BODY.as_bytes(),
+            EXPECTED
+        ));
+        assert!(!verify(
+            &key,
+            "msg_other",
+            TIMESTAMP,
+            BODY.as_bytes(),
+            EXPECTED
+        ));
         assert!(!verify(&key, MSG_ID, TIMESTAMP, b"{}", EXPECTED));
         assert!(!verify(&key, MSG_ID, TIMESTAMP, BODY.as_bytes(), "v1,AAAA"));
-        assert!(!verify(&key, MSG_ID, TIMESTAMP, BODY.as_bytes(), "v2,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw="));
+        assert!(!verify(
+            &key,
+            MSG_ID,
+            TIMESTAMP,
+            BODY.as_bytes(),
+            "v2,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw="
+        ));
         assert!(!verify(&key, MSG_ID, TIMESTAMP, BODY.as_bytes(), ""));
     }
 
@@ -129,7 +147,12 @@ mod tests {
     fn two_keys_give_two_signatures_each_verifiable() {
         let old = decode_secret(SECRET).unwrap();
         let new = decode_secret(&generate_secret().unwrap()).unwrap();
-        let header = signature_header(&[new.clone(), old.clone()], MSG_ID, TIMESTAMP, BODY.as_bytes());
+        let header = signature_header(
+            &[new.clone(), old.clone()],
+            MSG_ID,
+            TIMESTAMP,
+            BODY.as_bytes(),
+        );
         assert_eq!(header.split(' ').count(), 2);
         assert!(header.ends_with(EXPECTED));
         assert!(verify(&old, MSG_ID, TIMESTAMP, BODY.as_bytes(), &header));
@@ -147,8 +170,14 @@ mod tests {
 
     #[test]
     fn bad_secrets_are_refused_with_reason() {
-        assert_eq!(decode_secret("whsec_not base64!"), Err(SecretError::NotBase64));
-        assert_eq!(decode_secret("whsec_c2hvcnQ="), Err(SecretError::TooShort(5)));
+        assert_eq!(
+            decode_secret("whsec_not base64!"),
+            Err(SecretError::NotBase64)
+        );
+        assert_eq!(
+            decode_secret("whsec_c2hvcnQ="),
+            Err(SecretError::TooShort(5))
+        );
         let long = encode_secret(&[7u8; 65]);
         assert_eq!(decode_secret(&long), Err(SecretError::TooLong(65)));
         // The prefix is optional, as in the official libraries.

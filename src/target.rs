@@ -22,7 +22,9 @@ pub enum UrlError {
     HttpsOnly,
     #[error("URL has no host")]
     NoHost,
-    #[error("URL must not contain credentials: put them in the endpoint's headers (e.g. Authorization)")]
+    #[error(
+        "URL must not contain credentials: put them in the endpoint's headers (e.g. Authorization)"
+    )]
     Credentials,
     #[error("URL must not contain a fragment (#...)")]
     Fragment,
@@ -102,7 +104,14 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
         0xff00..=0xffff => "multicast",
         0x0064 if seg[1] == 0xff9b => return ip_in_nat64(seg),
         0x2001 if seg[1] == 0x0db8 => "documentation range",
-        0x2002 => return v4_reason(Ipv4Addr::new((seg[1] >> 8) as u8, seg[1] as u8, (seg[2] >> 8) as u8, seg[2] as u8)),
+        0x2002 => {
+            return v4_reason(Ipv4Addr::new(
+                (seg[1] >> 8) as u8,
+                seg[1] as u8,
+                (seg[2] >> 8) as u8,
+                seg[2] as u8,
+            ))
+        }
         0 if seg[1..6].iter().all(|&s| s == 0) => "IPv4-compatible",
         _ => return None,
     })
@@ -110,7 +119,12 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
 
 /// NAT64 (64:ff9b::/96) embeds an IPv4 address; judge that address.
 fn ip_in_nat64(seg: [u16; 8]) -> Option<&'static str> {
-    v4_reason(Ipv4Addr::new((seg[6] >> 8) as u8, seg[6] as u8, (seg[7] >> 8) as u8, seg[7] as u8))
+    v4_reason(Ipv4Addr::new(
+        (seg[6] >> 8) as u8,
+        seg[6] as u8,
+        (seg[7] >> 8) as u8,
+        seg[7] as u8,
+    ))
 }
 
 /// An address range written in CIDR form, e.g. `10.1.0.0/16` or `fd00::/8`.
@@ -168,7 +182,11 @@ fn prefix_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
 
 /// Parses `webhook.allowed_networks`: a comma-separated list of CIDR ranges (empty = none).
 pub fn parse_networks(text: &str) -> Result<Vec<Cidr>, CidrError> {
-    text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(Cidr::parse).collect()
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(Cidr::parse)
+        .collect()
 }
 
 /// The SSRF guard's policy, built from the GUCs at the time of sending.
@@ -206,32 +224,83 @@ mod tests {
         assert!(validate_url("https://crm.example.com/hooks?x=1", false).is_ok());
         assert!(validate_url("http://127.0.0.1:8080/", false).is_ok());
         assert_eq!(validate_url("  ", false), Err(UrlError::Empty));
-        assert_eq!(validate_url("ftp://x.example/", false), Err(UrlError::BadScheme("ftp".into())));
-        assert_eq!(validate_url("file:///etc/passwd", false), Err(UrlError::BadScheme("file".into())));
-        assert_eq!(validate_url("http://x.example/", true), Err(UrlError::HttpsOnly));
-        assert_eq!(validate_url("https://user:pw@x.example/", false), Err(UrlError::Credentials));
-        assert_eq!(validate_url("https://x.example/#frag", false), Err(UrlError::Fragment));
-        assert!(matches!(validate_url("not a url", false), Err(UrlError::Unparseable(_))));
-        assert!(matches!(validate_url("http://", false), Err(UrlError::Unparseable(_))));
-        assert_eq!(validate_url(&format!("https://x.example/{}", "a".repeat(3000)), false), Err(UrlError::TooLong));
+        assert_eq!(
+            validate_url("ftp://x.example/", false),
+            Err(UrlError::BadScheme("ftp".into()))
+        );
+        assert_eq!(
+            validate_url("file:///etc/passwd", false),
+            Err(UrlError::BadScheme("file".into()))
+        );
+        assert_eq!(
+            validate_url("http://x.example/", true),
+            Err(UrlError::HttpsOnly)
+        );
+        assert_eq!(
+            validate_url("https://user:pw@x.example/", false),
+            Err(UrlError::Credentials)
+        );
+        assert_eq!(
+            validate_url("https://x.example/#frag", false),
+            Err(UrlError::Fragment)
+        );
+        assert!(matches!(
+            validate_url("not a url", false),
+            Err(UrlError::Unparseable(_))
+        ));
+        assert!(matches!(
+            validate_url("http://", false),
+            Err(UrlError::Unparseable(_))
+        ));
+        assert_eq!(
+            validate_url(&format!("https://x.example/{}", "a".repeat(3000)), false),
+            Err(UrlError::TooLong)
+        );
     }
 
     #[test]
     fn url_errors_never_echo_the_url() {
-        let e = validate_url("https://user:hunter2@x.example/", false).unwrap_err().to_string();
+        let e = validate_url("https://user:hunter2@x.example/", false)
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("hunter2"));
     }
 
     #[test]
     fn private_and_special_addresses_are_classified() {
         for a in [
-            "127.0.0.1", "127.9.9.9", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1", "169.254.169.254",
-            "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::", "fd00::1", "fe80::1", "ff02::1",
-            "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1",
+            "127.0.0.1",
+            "127.9.9.9",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::1",
         ] {
             assert!(private_reason(ip(a)).is_some(), "{a} should be refused");
         }
-        for a in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"] {
+        for a in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             assert_eq!(private_reason(ip(a)), None, "{a} should be allowed");
         }
     }
@@ -249,19 +318,31 @@ mod tests {
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("banana/8").is_err());
-        assert_eq!(parse_networks(" 10.0.0.0/8, ,127.0.0.1/32 ").unwrap().len(), 2);
+        assert_eq!(
+            parse_networks(" 10.0.0.0/8, ,127.0.0.1/32 ").unwrap().len(),
+            2
+        );
         assert!(parse_networks("10.0.0.0/8,x").is_err());
     }
 
     #[test]
     fn policy_opens_only_what_it_is_told() {
         let strict = AddressPolicy::default();
-        assert!(strict.check(ip("127.0.0.1")).unwrap_err().contains("loopback"));
+        assert!(strict
+            .check(ip("127.0.0.1"))
+            .unwrap_err()
+            .contains("loopback"));
         assert!(strict.check(ip("93.184.216.34")).is_ok());
-        let one_range = AddressPolicy { allow_private: false, allowed: parse_networks("127.0.0.0/8").unwrap() };
+        let one_range = AddressPolicy {
+            allow_private: false,
+            allowed: parse_networks("127.0.0.0/8").unwrap(),
+        };
         assert!(one_range.check(ip("127.0.0.1")).is_ok());
         assert!(one_range.check(ip("10.0.0.1")).is_err());
-        let open = AddressPolicy { allow_private: true, allowed: vec![] };
+        let open = AddressPolicy {
+            allow_private: true,
+            allowed: vec![],
+        };
         assert!(open.check(ip("169.254.169.254")).is_ok());
     }
 }

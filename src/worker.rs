@@ -31,7 +31,7 @@ const LEASE_MARGIN_MS: i64 = 60_000;
 /// Pause after a failed transaction, so a persistent error does not spin.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Key of the session advisory lock that makes the worker the only one for its database.
-const WORKER_LOCK_KEY: i64 = 0x7765_6268_6f6f_6b; // "webhook"
+const WORKER_LOCK_KEY: i64 = 0x0077_6562_686f_6f6b; // "webhook"
 
 /// Claims up to $4 due deliveries, at most each endpoint's free capacity, fairly across endpoints.
 /// $1/$2: endpoints with requests under way and how many; $3 default per-endpoint limit;
@@ -138,9 +138,12 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     let dboid = pg_sys::Oid::from(slot.dboid.load(Ordering::Acquire));
     // SAFETY: registering a process-exit callback with a plain integer argument.
     unsafe { pg_sys::before_shmem_exit(Some(release_slot), pg_sys::Datum::from(slot_index)) };
-    slot.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
-    slot.latch.store(unsafe { pg_sys::MyLatch }, Ordering::Release);
-    slot.started_at.store(shmem::now_micros(), Ordering::Relaxed);
+    slot.pid
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    slot.latch
+        .store(unsafe { pg_sys::MyLatch }, Ordering::Release);
+    slot.started_at
+        .store(shmem::now_micros(), Ordering::Relaxed);
     slot.set_state(WorkerState::Starting);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
 
@@ -181,9 +184,16 @@ struct Settings {
 impl Settings {
     fn read() -> Settings {
         let schedule = Arc::new(gucs::retry_schedule());
+        let wanted = gucs::MAX_IN_FLIGHT.get() as usize;
+        let budget = socket_budget();
+        if wanted > budget {
+            warning!(
+                "webhook_ext worker: webhook.max_in_flight = {wanted} needs more file descriptors than this process may open; using {budget} (raise the open-files limit, ulimit -n, of the postgres service)"
+            );
+        }
         Settings {
             batch_size: gucs::BATCH_SIZE.get(),
-            max_in_flight: gucs::MAX_IN_FLIGHT.get() as usize,
+            max_in_flight: wanted.min(budget),
             default_max_in_flight: gucs::DEFAULT_MAX_IN_FLIGHT.get(),
             default_timeout_ms: gucs::DEFAULT_TIMEOUT_MS.get(),
             default_max_attempts: gucs::default_max_attempts(&schedule),
@@ -212,6 +222,31 @@ impl Settings {
             threads: 2,
         }
     }
+}
+
+/// Raises this process's open-files limit to its hard limit and returns how many requests may be
+/// under way at once: each holds a socket, idle pooled connections may hold as many again, and
+/// Postgres keeps up to max_files_per_process files of its own.
+fn socket_budget() -> usize {
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    let soft = unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 64;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur as usize
+    };
+    let postgres_files = unsafe { pg_sys::max_files_per_process }.max(0) as usize + 100;
+    (soft.saturating_sub(postgres_files) / 2).max(16)
 }
 
 /// Why the serving loop ended.
@@ -280,7 +315,8 @@ impl Worker {
             return Stop::Shutdown;
         }
         match in_transaction(|| -> Result<String, String> {
-            let id = Spi::get_one::<String>("SELECT install_id FROM webhook._meta").map_err(|e| e.to_string())?;
+            let id = Spi::get_one::<String>("SELECT install_id FROM webhook._meta")
+                .map_err(|e| e.to_string())?;
             spi_update(RECOVER_SQL, &[Vec::<i64>::new().into(), true.into()])?;
             id.ok_or_else(|| "webhook._meta is empty".to_string())
         }) {
@@ -338,17 +374,24 @@ impl Worker {
             if Instant::now() >= next_housekeeping {
                 next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
                 let ids: Vec<i64> = self.tracked.keys().copied().collect();
-                if let Err(e) = in_transaction(|| spi_update(RECOVER_SQL, &[ids.into(), false.into()])).and_then(|r| r) {
+                if let Err(e) =
+                    in_transaction(|| spi_update(RECOVER_SQL, &[ids.into(), false.into()]))
+                        .and_then(|r| r)
+                {
                     warning!("webhook_ext worker: housekeeping failed: {e}");
                 }
             }
-            self.slot.in_flight.store(http.in_flight() as u32, Ordering::Relaxed);
+            self.slot
+                .in_flight
+                .store(http.in_flight() as u32, Ordering::Relaxed);
             let until_housekeeping = next_housekeeping.saturating_duration_since(Instant::now());
             let timeout = Some(sleep.map_or(until_housekeeping, |s| s.min(until_housekeeping)));
             if timeout != Some(Duration::ZERO) {
                 self.slot.set_state(WorkerState::Idle);
                 wait(Some(http.wake_fd()), timeout);
-                self.slot.last_wake.store(shmem::now_micros(), Ordering::Relaxed);
+                self.slot
+                    .last_wake
+                    .store(shmem::now_micros(), Ordering::Relaxed);
             }
         };
         http.shutdown();
@@ -359,7 +402,12 @@ impl Worker {
     /// worker may still be exiting).
     fn become_the_only_worker(&self) -> bool {
         loop {
-            match in_transaction(|| Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_lock($1)", &[WORKER_LOCK_KEY.into()])) {
+            match in_transaction(|| {
+                Spi::get_one_with_args::<bool>(
+                    "SELECT pg_try_advisory_lock($1)",
+                    &[WORKER_LOCK_KEY.into()],
+                )
+            }) {
                 Ok(Ok(Some(true))) => return true,
                 Ok(Err(e)) => warning!("webhook_ext worker: {e}"),
                 Err(e) => warning!("webhook_ext worker: {e}"),
@@ -390,7 +438,11 @@ impl Worker {
     }
 
     fn busy_arrays(&self) -> (Vec<i32>, Vec<i32>) {
-        self.per_endpoint.iter().filter(|(_, n)| **n > 0).map(|(id, n)| (*id, *n)).unzip()
+        self.per_endpoint
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(id, n)| (*id, *n))
+            .unzip()
     }
 
     /// Claims as much due work as capacity allows and starts it. Returns how long the loop may
@@ -403,7 +455,13 @@ impl Worker {
         let limit = room.min(self.settings.batch_size as usize) as i32;
         let (busy_ids, busy_counts) = self.busy_arrays();
         let s = &self.settings;
-        let args_claim = (busy_ids.clone(), busy_counts.clone(), s.default_max_in_flight, limit, s.default_timeout_ms);
+        let args_claim = (
+            busy_ids.clone(),
+            busy_counts.clone(),
+            s.default_max_in_flight,
+            limit,
+            s.default_timeout_ms,
+        );
         let claimed = in_transaction(|| -> Result<Vec<Claimed>, String> {
             Spi::connect_mut(|client| {
                 let rows = client
@@ -420,7 +478,9 @@ impl Worker {
                         ],
                     )
                     .map_err(|e| e.to_string())?;
-                rows.map(|row| Claimed::from_row(&row)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())
+                rows.map(|row| Claimed::from_row(&row))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
             })
         })??;
         let full = claimed.len() as i32 >= limit;
@@ -433,8 +493,11 @@ impl Worker {
         let (busy_ids, busy_counts) = self.busy_arrays();
         let dmif = self.settings.default_max_in_flight;
         let next_ms = in_transaction(|| {
-            Spi::get_one_with_args::<i64>(NEXT_DUE_SQL, &[busy_ids.into(), busy_counts.into(), dmif.into()])
-                .map_err(|e| e.to_string())
+            Spi::get_one_with_args::<i64>(
+                NEXT_DUE_SQL,
+                &[busy_ids.into(), busy_counts.into(), dmif.into()],
+            )
+            .map_err(|e| e.to_string())
         })??;
         Ok(next_ms.map(|ms| Duration::from_millis(ms.max(0) as u64 + 1)))
     }
@@ -447,19 +510,34 @@ impl Worker {
             Some(text) => self
                 .schedules
                 .entry(text.clone())
-                .or_insert_with(|| Arc::new(Schedule::parse(text).unwrap_or_else(|_| (*self.settings.schedule).clone())))
+                .or_insert_with(|| {
+                    Arc::new(
+                        Schedule::parse(text).unwrap_or_else(|_| (*self.settings.schedule).clone()),
+                    )
+                })
                 .clone(),
         };
         let max_attempts = c.max_attempts.unwrap_or(self.settings.default_max_attempts);
-        self.tracked.insert(c.id, Tracked { endpoint_id: c.endpoint_id, max_attempts, schedule });
+        self.tracked.insert(
+            c.id,
+            Tracked {
+                endpoint_id: c.endpoint_id,
+                max_attempts,
+                schedule,
+            },
+        );
         *self.per_endpoint.entry(c.endpoint_id).or_default() += 1;
         let attempt = c.attempts + 1;
         let prepared = (|| -> Result<Job, String> {
-            let mut keys = vec![signing::decode_secret(&c.secret).map_err(|e| format!("endpoint {e}"))?];
+            let mut keys =
+                vec![signing::decode_secret(&c.secret).map_err(|e| format!("endpoint {e}"))?];
             if let Some(prev) = &c.previous_secret {
-                keys.push(signing::decode_secret(prev).map_err(|e| format!("endpoint previous {e}"))?);
+                keys.push(
+                    signing::decode_secret(prev).map_err(|e| format!("endpoint previous {e}"))?,
+                );
             }
-            let headers = request::parse_headers(&c.headers).map_err(|e| format!("endpoint headers: {e}"))?;
+            let headers =
+                request::parse_headers(&c.headers).map_err(|e| format!("endpoint headers: {e}"))?;
             Ok(Job {
                 delivery_id: c.id,
                 endpoint_id: c.endpoint_id,
@@ -502,13 +580,25 @@ impl Worker {
         let mut gone: Vec<i32> = Vec::new();
         let (mut delivered, mut failed) = (0u64, 0u64);
         for f in batch {
-            let Some(t) = self.tracked.get(&f.delivery_id) else { continue };
-            let verdict = retry::decide(&f.outcome, f.attempt as u32, t.max_attempts as u32, &t.schedule, fastrand::f64() * 2.0 - 1.0);
+            let Some(t) = self.tracked.get(&f.delivery_id) else {
+                continue;
+            };
+            let verdict = retry::decide(
+                &f.outcome,
+                f.attempt as u32,
+                t.max_attempts as u32,
+                &t.schedule,
+                fastrand::f64() * 2.0 - 1.0,
+            );
             let (status, delay, extra) = match verdict {
                 Verdict::Delivered => ("delivered", 0, None),
                 Verdict::Retry(d) => ("pending", d.as_millis() as i64, None),
                 Verdict::Failed if matches!(f.outcome, Outcome::Refused) => ("failed", 0, None),
-                Verdict::Failed => ("failed", 0, Some(format!(" (gave up after {} attempts)", f.attempt))),
+                Verdict::Failed => (
+                    "failed",
+                    0,
+                    Some(format!(" (gave up after {} attempts)", f.attempt)),
+                ),
                 Verdict::Gone => {
                     gone.push(t.endpoint_id);
                     ("failed", 0, Some(": endpoint disabled".to_string()))
@@ -528,7 +618,12 @@ impl Worker {
                 (e, _) => e.clone(),
             });
             bodies.push(f.response_body.as_ref().map(|b| b.replace('\0', "")));
-            started.push(f.started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
+            started.push(
+                f.started_at
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            );
             micros.push(f.duration.as_micros() as i64);
             delays.push(delay);
         }
@@ -648,8 +743,11 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 
 fn describe(caught: pg_sys::panic::CaughtError) -> String {
     match caught {
-        pg_sys::panic::CaughtError::PostgresError(e) | pg_sys::panic::CaughtError::ErrorReport(e) => e.message().to_string(),
-        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => format!("internal error: {}", ereport.message()),
+        pg_sys::panic::CaughtError::PostgresError(e)
+        | pg_sys::panic::CaughtError::ErrorReport(e) => e.message().to_string(),
+        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+            format!("internal error: {}", ereport.message())
+        }
     }
 }
 
@@ -673,7 +771,13 @@ fn wait(fd: Option<i32>, timeout: Option<Duration>) -> bool {
     };
     // SAFETY: waiting on our own latch from the main thread.
     unsafe {
-        pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, events as i32, fd.unwrap_or(-1), ms, pg_sys::PG_WAIT_EXTENSION);
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            fd.unwrap_or(-1),
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
         pg_sys::ResetLatch(pg_sys::MyLatch);
         pg_sys::check_for_interrupts!();
     }

@@ -1,0 +1,313 @@
+//! A throwaway PostgreSQL cluster with webhook_ext preloaded, run as the `postgres` OS user
+//! (Postgres refuses root), on 127.0.0.1 and a private socket directory.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    stopped: bool,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Runs a Postgres binary as the `postgres` user when we are root.
+pub fn pg_command(program: &str) -> Command {
+    let path = format!("{BIN}/{program}");
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn check(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    /// A new cluster serving database `app` (created), with a fast retry schedule and the
+    /// SSRF guard opened for loopback receivers. `settings` are appended to postgresql.conf.
+    pub fn start(settings: &[(&str, &str)]) -> Cluster {
+        let mut conf: Vec<(String, String)> = vec![
+            ("webhook.database".into(), "'app'".into()),
+            ("webhook.allow_private_networks".into(), "on".into()),
+            (
+                "webhook.retry_schedule".into(),
+                "'200ms,400ms,800ms'".into(),
+            ),
+        ];
+        for (k, v) in settings {
+            conf.retain(|(ck, _)| ck != k);
+            conf.push((k.to_string(), v.to_string()));
+        }
+        let c = Cluster::init(&conf);
+        c.create_database("app");
+        c
+    }
+
+    /// A new cluster with exactly these webhook settings and no database created.
+    pub fn init(settings: &[(String, String)]) -> Cluster {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/webhook_ext_test_{}_{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            check(
+                Command::new("chown")
+                    .args(["postgres:postgres", dir.to_str().unwrap()])
+                    .output()
+                    .unwrap(),
+                "chown",
+            );
+        }
+        let data = dir.join("data");
+        check(
+            pg_command("initdb")
+                .args([
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ])
+                .output()
+                .unwrap(),
+            "initdb",
+        );
+        let port = free_port();
+        let mut conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             shared_preload_libraries = 'webhook_ext'\nfsync = off\nmax_connections = 50\n\
+             log_min_messages = log\nlog_line_prefix = '%m [%p] %b '\n",
+            dir.display()
+        );
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        append(&data.join("postgresql.conf"), &conf);
+        let mut c = Cluster {
+            dir,
+            port,
+            stopped: true,
+        };
+        c.start_again();
+        c.stopped = false;
+        c
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn start_again(&mut self) {
+        check(
+            pg_command("pg_ctl")
+                .args([
+                    "-D",
+                    self.data().to_str().unwrap(),
+                    "-l",
+                    self.log_path().to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ])
+                .output()
+                .unwrap(),
+            "pg_ctl start",
+        );
+        self.stopped = false;
+    }
+
+    /// `pg_ctl stop -m <mode>`; returns how long it took.
+    pub fn stop(&mut self, mode: &str) -> Duration {
+        let t = Instant::now();
+        check(
+            pg_command("pg_ctl")
+                .args([
+                    "-D",
+                    self.data().to_str().unwrap(),
+                    "-m",
+                    mode,
+                    "-w",
+                    "-t",
+                    "60",
+                    "stop",
+                ])
+                .output()
+                .unwrap(),
+            "pg_ctl stop",
+        );
+        self.stopped = true;
+        t.elapsed()
+    }
+
+    pub fn restart(&mut self, mode: &str) {
+        self.stop(mode);
+        self.start_again();
+    }
+
+    pub fn reload(&self) {
+        check(
+            pg_command("pg_ctl")
+                .args(["-D", self.data().to_str().unwrap(), "reload"])
+                .output()
+                .unwrap(),
+            "pg_ctl reload",
+        );
+    }
+
+    pub fn set(&self, key: &str, value: &str) {
+        append(
+            &self.data().join("postgresql.conf"),
+            &format!("{key} = {value}\n"),
+        );
+    }
+
+    pub fn connstr(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10",
+            self.port
+        )
+    }
+
+    pub fn client(&self) -> postgres::Client {
+        self.client_to("app")
+    }
+
+    pub fn client_to(&self, db: &str) -> postgres::Client {
+        postgres::Client::connect(&self.connstr(db), postgres::NoTls).unwrap()
+    }
+
+    pub fn create_database(&self, db: &str) {
+        self.client_to("postgres")
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .unwrap();
+    }
+
+    /// Runs a psql script and returns its output (stdout and stderr, interleaved as psql prints them).
+    pub fn psql(&self, db: &str, script: &str) -> String {
+        let out = Command::new(format!("{BIN}/psql"))
+            .args([
+                "-X",
+                "-a",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+            ])
+            .args(["-v", "VERBOSITY=terse"])
+            .arg("-f")
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(script.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = pg_command("pg_ctl")
+                .args([
+                    "-D",
+                    self.data().to_str().unwrap(),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ])
+                .output();
+        }
+        if std::env::var_os("WEBHOOK_KEEP_CLUSTERS").is_none() && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else if std::thread::panicking() {
+            eprintln!(
+                "cluster kept for inspection: {} (log: {})",
+                self.dir.display(),
+                self.log_path().display()
+            );
+        }
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,263 @@
+//! A real HTTP/1.1 receiver on 127.0.0.1 whose answers a test scripts: status, headers, body,
+//! delay, or a misbehaviour. It records every request and the most it ever handled at once.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub path: String,
+    /// Header names lower-cased, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("body is JSON")
+    }
+    pub fn webhook_id(&self) -> String {
+        self.header("webhook-id")
+            .expect("webhook-id header")
+            .to_string()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Wait this long before answering.
+    pub delay: Duration,
+    /// Close the connection without answering.
+    pub hang_up: bool,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: vec![],
+            body: b"ok".to_vec(),
+            delay: Duration::ZERO,
+            hang_up: false,
+        }
+    }
+    pub fn ok() -> Reply {
+        Reply::status(200)
+    }
+    pub fn after(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Reply {
+        self.body = body.into();
+        self
+    }
+}
+
+/// Decides the reply to the `n`th request (0-based, counted over the receiver's life).
+pub type Behavior = Arc<dyn Fn(&Request, usize) -> Reply + Send + Sync>;
+
+pub fn always(reply: Reply) -> Behavior {
+    Arc::new(move |_, _| reply.clone())
+}
+
+struct State {
+    requests: Mutex<Vec<Request>>,
+    arrived: Condvar,
+    active: AtomicUsize,
+    max_active: AtomicUsize,
+    count: AtomicUsize,
+    stop: AtomicBool,
+}
+
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl Receiver {
+    pub fn start(behavior: Behavior) -> Receiver {
+        Receiver::start_on(TcpListener::bind("127.0.0.1:0").unwrap(), behavior)
+    }
+
+    /// Listens on a given port (to bring a receiver "back" where it was).
+    pub fn start_at(port: u16, behavior: Behavior) -> Receiver {
+        Receiver::start_on(TcpListener::bind(("127.0.0.1", port)).unwrap(), behavior)
+    }
+
+    fn start_on(listener: TcpListener, behavior: Behavior) -> Receiver {
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            requests: Mutex::new(Vec::new()),
+            arrived: Condvar::new(),
+            active: AtomicUsize::new(0),
+            max_active: AtomicUsize::new(0),
+            count: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let s = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let s = s.clone();
+                let b = behavior.clone();
+                std::thread::spawn(move || serve(conn, s, b));
+            }
+        });
+        Receiver { addr, state }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` requests have arrived; returns them all.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Request> {
+        let deadline = Instant::now() + timeout;
+        let mut reqs = self.state.requests.lock().unwrap();
+        while reqs.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "receiver got {} of {n} requests within {timeout:?}",
+                reqs.len()
+            );
+            reqs = self.state.arrived.wait_timeout(reqs, left).unwrap().0;
+        }
+        reqs.clone()
+    }
+
+    /// The most requests this receiver ever had open at the same time.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.max_active.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting; connections already open are closed when their handlers return.
+    pub fn stop(&self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve(conn: TcpStream, state: Arc<State>, behavior: Behavior) {
+    let _ = conn.set_nodelay(true);
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(conn);
+    loop {
+        if state.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(req) = read_request(&mut reader) else {
+            return;
+        };
+        let now_active = state.active.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_active.fetch_max(now_active, Ordering::SeqCst);
+        let n = state.count.fetch_add(1, Ordering::SeqCst);
+        let reply = behavior(&req, n);
+        {
+            let mut reqs = state.requests.lock().unwrap();
+            reqs.push(req);
+            state.arrived.notify_all();
+        }
+        if !reply.delay.is_zero() {
+            std::thread::sleep(reply.delay);
+        }
+        // Not counted as open any more from here: the client may send its next request as soon
+        // as it has read this answer.
+        state.active.fetch_sub(1, Ordering::SeqCst);
+        if reply.hang_up {
+            return;
+        }
+        let mut head = format!(
+            "HTTP/1.1 {} X\r\ncontent-length: {}\r\n",
+            reply.status,
+            reply.body.len()
+        );
+        for (k, v) in &reply.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let ok = writer
+            .write_all(head.as_bytes())
+            .and_then(|_| writer.write_all(&reply.body))
+            .is_ok();
+        if !ok {
+            return;
+        }
+    }
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let path = line.split_whitespace().nth(1)?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).ok()?;
+    Some(Request {
+        path,
+        headers,
+        body,
+        at: Instant::now(),
+    })
+}

@@ -1,0 +1,615 @@
+//! End-to-end: a real cluster with webhook_ext preloaded, real receivers on 127.0.0.1.
+//! The core pipeline: commit -> signed request -> recorded delivery; retries; crashes.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+fn users_table(db: &mut postgres::Client) {
+    db.batch_execute(
+        "CREATE EXTENSION IF NOT EXISTS webhook_ext;
+         CREATE TABLE users (id bigserial PRIMARY KEY, email text NOT NULL, plan text DEFAULT 'free', secret_note text);",
+    )
+    .unwrap();
+}
+
+#[test]
+fn committed_insert_arrives_signed_and_is_recorded() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    users_table(&mut db);
+    let secret = create_endpoint(&mut db, "crm", &rx.url("/hooks"));
+    db.execute(
+        "SELECT webhook.subscribe('users', 'crm', events => '{INSERT}')",
+        &[],
+    )
+    .unwrap();
+    db.execute("INSERT INTO users (email) VALUES ('ada@example.com')", &[])
+        .unwrap();
+
+    let req = rx.wait_for(1, PATIENCE).remove(0);
+    verify_with_standardwebhooks(&secret, &req)
+        .expect("signature verifies with the standardwebhooks crate");
+    assert_eq!(req.path, "/hooks");
+    assert_eq!(req.header("content-type"), Some("application/json"));
+    assert!(req
+        .header("user-agent")
+        .unwrap()
+        .starts_with("webhook_ext/"));
+    let body = req.json();
+    assert_eq!(body["type"], "public.users.insert");
+    assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+    let data = &body["data"];
+    assert_eq!(data["schema"], "public");
+    assert_eq!(data["table"], "users");
+    assert_eq!(data["op"], "INSERT");
+    assert_eq!(data["new"]["email"], "ada@example.com");
+    assert_eq!(data["new"]["plan"], "free");
+    assert!(data["old"].is_null());
+    assert!(data["txid"].as_i64().unwrap() > 0);
+
+    wait_settled(&mut db, PATIENCE);
+    let row = db
+        .query_one(
+            "SELECT d.status::text, d.attempts, d.last_status_code, d.delivered_at IS NOT NULL, e.type, e.payload::text
+               FROM webhook.deliveries d JOIN webhook.events e ON e.id = d.event_id",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "delivered");
+    assert_eq!(row.get::<_, i32>(1), 1);
+    assert_eq!(row.get::<_, Option<i32>>(2), Some(200));
+    assert!(row.get::<_, bool>(3));
+    assert_eq!(row.get::<_, String>(4), "public.users.insert");
+    // What was stored is what was signed.
+    let stored: serde_json::Value = serde_json::from_str(&row.get::<_, String>(5)).unwrap();
+    assert_eq!(stored, body["data"]);
+    let att = db
+        .query_one(
+            "SELECT attempt, status_code, response_body, error FROM webhook.attempts",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(att.get::<_, i32>(0), 1);
+    assert_eq!(att.get::<_, Option<i32>>(1), Some(200));
+    assert_eq!(att.get::<_, Option<String>>(2).as_deref(), Some("ok"));
+    assert_eq!(att.get::<_, Option<String>>(3), None);
+}
+
+#[test]
+fn rolled_back_insert_sends_nothing() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    users_table(&mut db);
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+
+    let mut tx = db.transaction().unwrap();
+    tx.execute(
+        "INSERT INTO users (email) VALUES ('ghost@example.com')",
+        &[],
+    )
+    .unwrap();
+    tx.rollback().unwrap();
+    // A later committed insert proves the worker is awake; the rolled-back one never shows up.
+    db.execute("INSERT INTO users (email) VALUES ('real@example.com')", &[])
+        .unwrap();
+    let reqs = rx.wait_for(1, PATIENCE);
+    std::thread::sleep(Duration::from_millis(500));
+    let reqs = if rx.count() > reqs.len() {
+        rx.requests()
+    } else {
+        reqs
+    };
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].json()["data"]["new"]["email"], "real@example.com");
+    let events: i64 = db
+        .query_one("SELECT count(*) FROM webhook.events", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 1);
+}
+
+#[test]
+fn update_and_delete_carry_old_and_new_and_respect_the_column_filter() {
+    let pg = Cluster::start(&[]);
+    let all = Receiver::start(always(Reply::ok()));
+    let some = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    users_table(&mut db);
+    create_endpoint(&mut db, "all", &all.url("/"));
+    create_endpoint(&mut db, "plans", &some.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'all')", &[])
+        .unwrap();
+    db.execute(
+        "SELECT webhook.subscribe('users', 'plans', events => '{UPDATE}', columns => '{id,plan}')",
+        &[],
+    )
+    .unwrap();
+    db.batch_execute(
+        "INSERT INTO users (email) VALUES ('a@example.com');
+         UPDATE users SET secret_note = 'not watched by plans';
+         UPDATE users SET plan = 'pro';
+         DELETE FROM users;",
+    )
+    .unwrap();
+
+    let reqs = all.wait_for(4, PATIENCE);
+    let ops: Vec<String> = reqs
+        .iter()
+        .map(|r| r.json()["data"]["op"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ops, ["INSERT", "UPDATE", "UPDATE", "DELETE"]);
+    let upd = reqs[2].json();
+    assert_eq!(upd["type"], "public.users.update");
+    assert_eq!(upd["data"]["old"]["plan"], "free");
+    assert_eq!(upd["data"]["new"]["plan"], "pro");
+    let del = reqs[3].json();
+    assert_eq!(del["type"], "public.users.delete");
+    assert!(del["data"]["new"].is_null());
+    assert_eq!(del["data"]["old"]["email"], "a@example.com");
+
+    // "plans" sees only the UPDATE that changed a watched column, and only those columns.
+    let got = some.wait_for(1, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(
+        some.count(),
+        1,
+        "the update of an unwatched column must not fire"
+    );
+    let body = got[0].json();
+    assert_eq!(
+        body["data"]["old"],
+        serde_json::json!({"id": 1, "plan": "free"})
+    );
+    assert_eq!(
+        body["data"]["new"],
+        serde_json::json!({"id": 1, "plan": "pro"})
+    );
+}
+
+#[test]
+fn when_condition_and_hand_written_trigger() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    users_table(&mut db);
+    create_endpoint(&mut db, "pro", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'pro', events => '{INSERT}', \"when\" => $$NEW.plan = 'pro'$$)", &[])
+        .unwrap();
+    db.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, total numeric);
+         CREATE TRIGGER orders_hook AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('pro');
+         INSERT INTO users (email, plan) VALUES ('free@example.com', 'free'), ('pro@example.com', 'pro');
+         INSERT INTO orders VALUES (7, 12.50);",
+    )
+    .unwrap();
+    let reqs = rx.wait_for(2, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(rx.count(), 2);
+    let mut types: Vec<String> = reqs
+        .iter()
+        .map(|r| r.json()["type"].as_str().unwrap().to_string())
+        .collect();
+    types.sort();
+    assert_eq!(types, ["public.orders.insert", "public.users.insert"]);
+    let user = reqs
+        .iter()
+        .find(|r| r.json()["type"] == "public.users.insert")
+        .unwrap()
+        .json();
+    assert_eq!(user["data"]["new"]["email"], "pro@example.com");
+    let order = reqs
+        .iter()
+        .find(|r| r.json()["type"] == "public.orders.insert")
+        .unwrap()
+        .json();
+    assert_eq!(order["data"]["new"]["total"], 12.50);
+}
+
+#[test]
+fn send_reaches_named_and_matching_endpoints() {
+    let pg = Cluster::start(&[]);
+    let billing = Receiver::start(always(Reply::ok()));
+    let audit = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let secret = create_endpoint(&mut db, "billing", &billing.url("/"));
+    db.execute(
+        "SELECT webhook.create_endpoint('audit', $1, event_types => '{invoice.*}')",
+        &[&audit.url("/")],
+    )
+    .unwrap();
+    let id: i64 = db
+        .query_one("SELECT webhook.send('invoice.paid', '{\"invoice\": 42, \"amount\": 9.99}', endpoint => 'billing')", &[])
+        .unwrap()
+        .get(0);
+    assert!(id > 0);
+    // Broadcast: every endpoint whose event_types match (billing has none = all).
+    db.execute(
+        "SELECT webhook.send('invoice.voided', '{\"invoice\": 43}')",
+        &[],
+    )
+    .unwrap();
+    db.execute("SELECT webhook.send('user.login', '{\"user\": 1}')", &[])
+        .unwrap();
+
+    let got = billing.wait_for(3, PATIENCE);
+    let first = got
+        .iter()
+        .find(|r| r.json()["type"] == "invoice.paid")
+        .unwrap();
+    verify_with_standardwebhooks(&secret, first).unwrap();
+    assert_eq!(
+        first.json()["data"],
+        serde_json::json!({"invoice": 42, "amount": 9.99})
+    );
+    let a = audit.wait_for(1, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(audit.count(), 1);
+    assert_eq!(a[0].json()["type"], "invoice.voided");
+}
+
+#[test]
+fn server_errors_are_retried_with_one_webhook_id() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(Arc::new(|_, n| {
+        if n < 2 {
+            Reply::status(500).body("boom")
+        } else {
+            Reply::ok()
+        }
+    }));
+    let mut db = pg.client();
+    users_table(&mut db);
+    let secret = create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    db.execute(
+        "INSERT INTO users (email) VALUES ('retry@example.com')",
+        &[],
+    )
+    .unwrap();
+
+    let reqs = rx.wait_for(3, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    let ids: HashSet<String> = reqs.iter().map(|r| r.webhook_id()).collect();
+    assert_eq!(ids.len(), 1, "every retry carries the same webhook-id");
+    for r in &reqs {
+        verify_with_standardwebhooks(&secret, r).unwrap();
+    }
+    assert_eq!(deliveries(&mut db), vec![(1, "delivered".to_string(), 3)]);
+    type Attempt = (i32, Option<i32>, Option<String>, Option<String>);
+    let attempts: Vec<Attempt> = db
+        .query("SELECT attempt, status_code, response_body, error FROM webhook.attempts ORDER BY attempt", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(attempts.len(), 3);
+    assert_eq!(
+        attempts[0],
+        (1, Some(500), Some("boom".into()), Some("HTTP 500".into()))
+    );
+    assert_eq!(attempts[2], (3, Some(200), Some("ok".into()), None));
+    // The schedule (200ms, 400ms, ±20 %) spaced the attempts out.
+    assert!(reqs[1].at - reqs[0].at >= Duration::from_millis(150));
+    assert!(reqs[2].at - reqs[1].at >= Duration::from_millis(300));
+}
+
+#[test]
+fn failing_receiver_ends_in_failed_after_max_attempts() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::status(503)));
+    let mut db = pg.client();
+    users_table(&mut db);
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    db.execute("INSERT INTO users (email) VALUES ('x@example.com')", &[])
+        .unwrap();
+    wait_settled(&mut db, PATIENCE);
+    // Schedule of 3 steps -> 4 attempts by default.
+    assert_eq!(deliveries(&mut db), vec![(1, "failed".to_string(), 4)]);
+    assert_eq!(rx.count(), 4);
+    let err: String = db
+        .query_one("SELECT last_error FROM webhook.deliveries", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(err, "HTTP 503 (gave up after 4 attempts)");
+}
+
+#[test]
+fn receiver_down_then_back_is_delivered_and_the_insert_never_fails() {
+    let pg = Cluster::start(&[(
+        "webhook.retry_schedule",
+        "'300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms'",
+    )]);
+    let port = common::cluster::free_port();
+    let mut db = pg.client();
+    users_table(&mut db);
+    let secret = create_endpoint(&mut db, "crm", &format!("http://127.0.0.1:{port}/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    // Nothing listens: the user's statements still succeed.
+    for i in 0..5 {
+        db.execute(
+            "INSERT INTO users (email) VALUES ($1)",
+            &[&format!("u{i}@example.com")],
+        )
+        .unwrap();
+    }
+    wait_until(PATIENCE, "a failed attempt", || {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM webhook.attempts WHERE error LIKE 'connection failed%'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (n >= 5).then_some(())
+    });
+    let rx = Receiver::start_at(port, always(Reply::ok()));
+    let reqs = rx.wait_for(5, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    for r in &reqs {
+        verify_with_standardwebhooks(&secret, r).unwrap();
+    }
+    let rows = deliveries(&mut db);
+    assert!(
+        rows.iter().all(|(_, s, a)| s == "delivered" && *a >= 2),
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn crash_with_two_thousand_in_flight_loses_nothing() {
+    let mut pg = Cluster::start(&[
+        ("webhook.max_in_flight", "4000"),
+        ("webhook.default_max_in_flight", "4000"),
+        ("webhook.default_timeout", "'30s'"),
+    ]);
+    // The receiver holds every request for a while, so thousands are in flight at the crash.
+    let rx = Receiver::start(always(Reply::ok().after(Duration::from_millis(1500))));
+    let mut db = pg.client();
+    users_table(&mut db);
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute(
+        "SELECT webhook.subscribe('users', 'crm', events => '{INSERT}')",
+        &[],
+    )
+    .unwrap();
+    db.execute("INSERT INTO users (email) SELECT 'u' || g || '@example.com' FROM generate_series(1, 2500) g", &[])
+        .unwrap();
+    wait_until(PATIENCE, "2,000 requests in flight", || {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM webhook.deliveries WHERE status = 'sending'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (n >= 2000).then_some(())
+    });
+    drop(db);
+    pg.stop("immediate");
+    pg.start_again();
+    let mut db = pg.client();
+    wait_settled(&mut db, Duration::from_secs(120));
+
+    // Every event arrived at least once; a duplicate always repeats a webhook-id.
+    let reqs = rx.requests();
+    let mut by_id: HashMap<String, Vec<String>> = HashMap::new();
+    for r in &reqs {
+        by_id.entry(r.webhook_id()).or_default().push(
+            r.json()["data"]["new"]["email"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let emails: HashSet<String> = by_id.values().flatten().cloned().collect();
+    assert_eq!(emails.len(), 2500, "every event arrives");
+    assert_eq!(
+        by_id.len(),
+        2500,
+        "one webhook-id per delivery, however often it was sent"
+    );
+    assert!(
+        by_id.values().all(|v| v.iter().all(|e| e == &v[0])),
+        "a webhook-id always carries the same event"
+    );
+    assert!(reqs.len() >= 2500);
+    let rows = deliveries(&mut db);
+    assert_eq!(rows.len(), 2500);
+    assert!(rows.iter().all(|(_, s, _)| s == "delivered"));
+}
+
+#[test]
+fn fast_shutdown_is_not_held_up_by_a_hanging_receiver() {
+    let mut pg = Cluster::start(&[("webhook.default_timeout", "'60s'")]);
+    let rx = Receiver::start(always(Reply::ok().after(Duration::from_secs(120))));
+    let mut db = pg.client();
+    users_table(&mut db);
+    create_endpoint(&mut db, "slow", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'slow')", &[])
+        .unwrap();
+    db.execute("INSERT INTO users (email) VALUES ('slow@example.com')", &[])
+        .unwrap();
+    rx.wait_for(1, PATIENCE);
+    drop(db);
+    let took = pg.stop("fast");
+    // A generous bound: the point is that shutdown does not wait for the 60 s request timeout.
+    assert!(
+        took < Duration::from_secs(5),
+        "pg_ctl stop -m fast took {took:?}"
+    );
+}
+
+#[test]
+fn a_slow_receiver_does_not_stall_others() {
+    let pg = Cluster::start(&[("webhook.default_timeout", "'20s'")]);
+    let slow = Receiver::start(always(Reply::ok().after(Duration::from_secs(10))));
+    let fast = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    create_endpoint(&mut db, "slow", &slow.url("/"));
+    create_endpoint(&mut db, "fast", &fast.url("/"));
+    db.execute(
+        "SELECT webhook.send('tick', to_jsonb(g), 'slow') FROM generate_series(1, 300) g",
+        &[],
+    )
+    .unwrap();
+    slow.wait_for(50, PATIENCE);
+    db.execute(
+        "SELECT webhook.send('tick', to_jsonb(g), 'fast') FROM generate_series(1, 100) g",
+        &[],
+    )
+    .unwrap();
+    // All fast deliveries arrive while the slow receiver still holds its first requests.
+    fast.wait_for(100, Duration::from_secs(8));
+    assert!(slow.requests().len() <= 300);
+    assert!(
+        slow.max_concurrent() <= 100,
+        "per-endpoint default max_in_flight holds: {}",
+        slow.max_concurrent()
+    );
+}
+
+#[test]
+fn worker_waits_for_its_database_and_extension_without_restart() {
+    let pg = Cluster::init(&[
+        ("webhook.database".into(), "'later'".into()),
+        ("webhook.allow_private_networks".into(), "on".into()),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    pg.create_database("later");
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_to("later");
+    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    create_endpoint(&mut db, "e", &rx.url("/"));
+    db.execute("SELECT webhook.send('hello', '{}')", &[])
+        .unwrap();
+    rx.wait_for(1, PATIENCE);
+    let state: String = db
+        .query_one(
+            "SELECT state FROM webhook.worker_status() WHERE database = 'later'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(state == "idle" || state == "working", "{state}");
+    // Quiet while waiting: no error lines in the log.
+    assert!(!pg.log().contains("ERROR"), "{}", pg.log());
+}
+
+#[test]
+fn bad_rows_are_recorded_not_fatal() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    users_table(&mut db);
+    create_endpoint(&mut db, "good", &rx.url("/good"));
+    create_endpoint(&mut db, "broken", &rx.url("/broken"));
+    create_endpoint(&mut db, "off", &rx.url("/off"));
+    db.batch_execute(
+        "SELECT webhook.subscribe('users', 'good');
+         SELECT webhook.subscribe('users', 'broken');
+         SELECT webhook.subscribe('users', 'off');
+         SELECT webhook.disable_endpoint('off', 'maintenance');
+         CREATE TRIGGER typo AFTER INSERT ON users FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('nope');
+         -- Corrupt a secret behind the API's back: the worker must record, not crash.
+         UPDATE webhook.endpoints SET secret = 'whsec_short' WHERE name = 'broken';
+         INSERT INTO users (email) VALUES ('a@example.com');",
+    )
+    .unwrap();
+    rx.wait_for(1, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    let rows: Vec<(Option<String>, String, Option<String>)> = db
+        .query(
+            "SELECT e.name, d.status::text, d.last_error FROM webhook.deliveries d
+               LEFT JOIN webhook.endpoints e ON e.id = d.endpoint_id ORDER BY e.name NULLS LAST",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows[0].0.as_deref(), Some("broken"));
+    assert_eq!(rows[0].1, "failed");
+    assert!(
+        rows[0]
+            .2
+            .as_deref()
+            .unwrap()
+            .contains("secret is not valid base64")
+            || rows[0].2.as_deref().unwrap().contains("too short"),
+        "{rows:?}"
+    );
+    assert!(
+        !rows[0].2.as_deref().unwrap().contains("whsec_short"),
+        "errors never echo a secret"
+    );
+    assert_eq!(rows[1], (Some("good".into()), "delivered".into(), None));
+    assert_eq!(
+        rows[2],
+        (
+            Some("off".into()),
+            "cancelled".into(),
+            Some("endpoint disabled".into())
+        )
+    );
+    assert_eq!(
+        rows[3],
+        (
+            None,
+            "failed".into(),
+            Some("endpoint 'nope' does not exist".into())
+        )
+    );
+    // The worker is still alive and delivering.
+    db.execute("INSERT INTO users (email) VALUES ('b@example.com')", &[])
+        .unwrap();
+    rx.wait_for(2, PATIENCE);
+}
+
+#[test]
+fn deliveries_wait_for_capacity_and_all_arrive() {
+    let pg = Cluster::start(&[("webhook.max_in_flight", "8"), ("webhook.batch_size", "3")]);
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    let rx = Receiver::start(Arc::new(move |_, _| {
+        s.fetch_add(1, Ordering::SeqCst);
+        Reply::ok().after(Duration::from_millis(20))
+    }));
+    let mut db = pg.client();
+    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    create_endpoint(&mut db, "e", &rx.url("/"));
+    db.execute(
+        "SELECT webhook.send('n', to_jsonb(g)) FROM generate_series(1, 200) g",
+        &[],
+    )
+    .unwrap();
+    rx.wait_for(200, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    assert!(
+        rx.max_concurrent() <= 8,
+        "global max_in_flight holds: {}",
+        rx.max_concurrent()
+    );
+    let payloads: HashSet<i64> = rx
+        .requests()
+        .iter()
+        .map(|r| r.json()["data"].as_i64().unwrap())
+        .collect();
+    assert_eq!(payloads.len(), 200);
+}
