@@ -18,6 +18,7 @@ mod enqueue;
 mod gucs;
 mod launcher;
 mod shmem;
+mod sql_tests;
 mod utility;
 mod worker;
 

@@ -1,0 +1,289 @@
+//! `#[pg_test]`s of the SQL API: each runs inside Postgres (with webhook_ext preloaded) in a
+//! transaction that is rolled back, so they check what SQL functions do and say, not delivery.
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// Runs `sql` and returns the error message it raised, or None.
+    fn err(sql: &str) -> Option<String> {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.err(q text) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE q; RETURN NULL; EXCEPTION WHEN OTHERS THEN RETURN SQLERRM; END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.err($1)", &[sql.into()]).unwrap()
+    }
+
+    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql).unwrap().expect("a non-NULL value")
+    }
+
+    fn endpoint(name: &str) {
+        Spi::run(&format!("SELECT webhook.create_endpoint('{name}', 'https://hooks.example.com/{name}')")).unwrap();
+    }
+
+    #[pg_test]
+    fn create_endpoint_generates_a_secret_and_returns_the_row() {
+        let secret: String = one("SELECT secret FROM webhook.create_endpoint('crm', 'https://crm.example.com/hooks')");
+        assert!(secret.starts_with("whsec_"));
+        assert!(secret.len() >= 6 + 40, "32 random bytes, base64");
+        let given: String = one(
+            "SELECT secret FROM webhook.create_endpoint('b', 'http://b.example.com', secret => 'whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD')",
+        );
+        assert_eq!(given, "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
+        assert_eq!(one::<String>("SELECT url FROM webhook.endpoints WHERE name = 'crm'"), "https://crm.example.com/hooks");
+        assert!(one::<bool>("SELECT enabled FROM webhook.endpoints WHERE name = 'crm'"));
+    }
+
+    #[pg_test]
+    fn create_endpoint_refuses_bad_input_with_clear_errors() {
+        endpoint("dup");
+        let cases = [
+            ("SELECT webhook.create_endpoint('dup', 'https://x.example.com')", "endpoint \"dup\" already exists"),
+            ("SELECT webhook.create_endpoint('a', 'ftp://x.example.com')", "invalid endpoint url: URL scheme \"ftp\" is not allowed: use http or https"),
+            ("SELECT webhook.create_endpoint('a', 'not a url')", "invalid endpoint url: URL is not valid: relative URL without a base"),
+            ("SELECT webhook.create_endpoint('a', NULL)", "invalid endpoint url: URL is empty"),
+            ("SELECT webhook.create_endpoint('a', 'https://u:pw@x.example.com')", "invalid endpoint url: URL must not contain credentials: put them in the endpoint's headers (e.g. Authorization)"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', secret => 'whsec_c2hvcnQ=')", "invalid endpoint secret is too short: its key has 5 bytes, at least 16 are required"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', secret => 'whsec_***')", "invalid endpoint secret is not valid base64 after the \"whsec_\" prefix"),
+            ("SELECT webhook.create_endpoint('', 'https://x.example.com')", "endpoint name must not be empty"),
+            ("SELECT webhook.create_endpoint(repeat('x', 56), 'https://x.example.com')", "endpoint name is too long (56 bytes, at most 55)"),
+            ("SELECT webhook.create_endpoint(E'a\\nb', 'https://x.example.com')", "endpoint name must not contain control characters"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', max_attempts => 0)", "max_attempts must be between 1 and 100, not 0"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', timeout => '10 minutes')", "timeout must be more than 0 and at most 5 minutes, not 00:10:00"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', max_in_flight => 0)", "max_in_flight must be between 1 and 10000, not 0"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', rate_limit => 0)", "rate_limit must be at least 1 delivery per second, not 0"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', event_types => '{}')", "event_types must be NULL (all types) or a list of non-empty type names"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', headers => '{\"webhook-id\": \"x\"}')", "invalid endpoint headers: header \"webhook-id\" is set by webhook_ext and cannot be overridden"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', headers => '{\"X-A\": \"v\\r\\nEvil: 1\"}')", "invalid endpoint headers: the value of header \"X-A\" contains a control character (CR, LF or NUL) or is longer than 8192 bytes"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', headers => '[1]')", "invalid endpoint headers: headers must be a JSON object of string values"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', retry_schedule => '5 fortnights')", "invalid retry schedule step \"5 fortnights\" is not a number followed by a unit (ms, s, min, h, d)"),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(err(sql).as_deref(), Some(expected), "{sql}");
+        }
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.endpoints"), 1);
+    }
+
+    #[pg_test]
+    fn alter_endpoint_changes_and_resets_settings() {
+        Spi::run("SELECT webhook.create_endpoint('e', 'https://x.example.com', max_attempts => 3, event_types => '{a}')").unwrap();
+        Spi::run("SELECT webhook.alter_endpoint('e', url => 'https://y.example.com/new', timeout => '2s')").unwrap();
+        assert_eq!(one::<String>("SELECT url FROM webhook.endpoints"), "https://y.example.com/new");
+        assert_eq!(one::<String>("SELECT timeout::text FROM webhook.endpoints"), "00:00:02");
+        assert_eq!(one::<i32>("SELECT max_attempts FROM webhook.endpoints"), 3, "untouched");
+        Spi::run("SELECT webhook.alter_endpoint('e', reset => '{max_attempts,event_types}')").unwrap();
+        assert!(one::<bool>("SELECT max_attempts IS NULL AND event_types IS NULL FROM webhook.endpoints"));
+        assert_eq!(err("SELECT webhook.alter_endpoint('nope')").as_deref(), Some("endpoint \"nope\" does not exist"));
+        assert_eq!(err("SELECT webhook.alter_endpoint('e', reset => '{url}')").as_deref(), Some("cannot reset \"url\""));
+        assert_eq!(
+            err("SELECT webhook.alter_endpoint('e', url => 'gopher://x')").as_deref(),
+            Some("invalid endpoint url: URL scheme \"gopher\" is not allowed: use http or https")
+        );
+    }
+
+    #[pg_test]
+    fn subscribe_creates_one_trigger_and_checks_its_arguments() {
+        endpoint("crm");
+        Spi::run("CREATE TABLE users (id int PRIMARY KEY, email text, plan text); CREATE VIEW v AS SELECT 1 AS x").unwrap();
+        assert_eq!(one::<String>("SELECT webhook.subscribe('users', 'crm')::text"), "webhook_crm");
+        // Subscribing again replaces the trigger.
+        Spi::run("SELECT webhook.subscribe('users', 'crm', events => '{insert, update}', columns => '{plan}')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass"), 1);
+        assert_eq!(one::<String>("SELECT events::text FROM webhook.subscriptions"), "{INSERT,UPDATE}");
+        assert_eq!(one::<String>("SELECT columns::text FROM webhook.subscriptions"), "{plan}");
+        let cases = [
+            ("SELECT webhook.subscribe('users', 'nope')", "endpoint \"nope\" does not exist"),
+            ("SELECT webhook.subscribe('no_such_table', 'crm')", "relation \"no_such_table\" does not exist"),
+            ("SELECT webhook.subscribe('v', 'crm')", "\"public.v\" is not a table"),
+            ("SELECT webhook.subscribe('users', 'crm', events => '{TRUNCATE}')", "events must be a non-empty list of INSERT, UPDATE and DELETE, not {TRUNCATE}"),
+            ("SELECT webhook.subscribe('users', 'crm', events => '{}')", "events must be a non-empty list of INSERT, UPDATE and DELETE, not {}"),
+            ("SELECT webhook.subscribe('users', 'crm', columns => '{nope}')", "column \"nope\" does not exist in table public.users"),
+            ("SELECT webhook.subscribe('users', 'crm', \"when\" => 'true) FROM pg_class WHERE (true')", "the when condition must be a single SQL expression, e.g. NEW.plan = 'pro'"),
+            ("SELECT webhook.subscribe('users', 'crm', \"when\" => 'true); DROP TABLE users; SELECT (1')", "the when condition must be a single SQL expression, e.g. NEW.plan = 'pro'"),
+            ("SELECT webhook.subscribe('users', 'crm', events => '{INSERT}', \"when\" => 'OLD.plan = ''x''')", "INSERT trigger's WHEN condition cannot reference OLD values"),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(err(sql).as_deref(), Some(expected), "{sql}");
+        }
+        Spi::run("SELECT webhook.subscribe('users', 'crm', events => '{UPDATE}', \"when\" => 'OLD.plan IS DISTINCT FROM NEW.plan')").unwrap();
+        assert!(one::<String>("SELECT definition FROM webhook.subscriptions").contains("WHEN ((old.plan IS DISTINCT FROM new.plan))"));
+    }
+
+    #[pg_test]
+    fn unsubscribe_and_drop_endpoint() {
+        endpoint("crm");
+        Spi::run("CREATE TABLE t (id int); SELECT webhook.subscribe('t', 'crm')").unwrap();
+        assert_eq!(
+            err("SELECT webhook.drop_endpoint('crm')").as_deref(),
+            Some("endpoint \"crm\" is subscribed to public.t")
+        );
+        assert_eq!(err("SELECT webhook.unsubscribe('t', 'other')").as_deref(), Some("table public.t has no subscription for endpoint \"other\""));
+        Spi::run("SELECT webhook.unsubscribe('t', 'crm')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.subscriptions"), 0);
+        Spi::run("SELECT webhook.subscribe('t', 'crm'); SELECT webhook.drop_endpoint('crm', cascade => true)").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass"), 0);
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.endpoints"), 0);
+        assert_eq!(err("SELECT webhook.drop_endpoint('crm')").as_deref(), Some("endpoint \"crm\" does not exist"));
+    }
+
+    #[pg_test]
+    fn the_trigger_records_events_and_deliveries() {
+        endpoint("crm");
+        Spi::run(
+            "CREATE TABLE users (id int PRIMARY KEY, email text, plan text);
+             SELECT webhook.subscribe('users', 'crm');
+             INSERT INTO users VALUES (1, 'a@example.com', 'free');
+             UPDATE users SET plan = 'pro';
+             DELETE FROM users;",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.deliveries WHERE status = 'pending'"), 3);
+        assert_eq!(
+            one::<String>("SELECT string_agg(type, ',' ORDER BY id) FROM webhook.events"),
+            "public.users.insert,public.users.update,public.users.delete"
+        );
+        let update: pgrx::JsonB = one("SELECT payload FROM webhook.events WHERE type = 'public.users.update'");
+        assert_eq!(update.0["op"], "UPDATE");
+        assert_eq!(update.0["old"]["plan"], "free");
+        assert_eq!(update.0["new"]["plan"], "pro");
+        assert_eq!(update.0["schema"], "public");
+        assert_eq!(update.0["table"], "users");
+        assert!(update.0["txid"].as_i64().unwrap() > 0);
+    }
+
+    #[pg_test]
+    fn the_trigger_never_fails_the_users_statement() {
+        endpoint("off");
+        Spi::run(
+            "CREATE TABLE t (id int, big text);
+             CREATE TRIGGER typo AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('nope');
+             SELECT webhook.subscribe('t', 'off');
+             SELECT webhook.disable_endpoint('off', 'maintenance');
+             INSERT INTO t VALUES (1, 'small');",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(status || ': ' || last_error, '; ' ORDER BY last_error) FROM webhook.deliveries"),
+            "failed: endpoint 'nope' does not exist; cancelled: endpoint disabled"
+        );
+        assert_eq!(one::<String>("SELECT disabled_reason FROM webhook.endpoints"), "maintenance");
+        // An oversized payload is recorded and its delivery failed with the reason.
+        Spi::run(
+            "SELECT webhook.enable_endpoint('off'); DROP TRIGGER typo ON t; SET webhook.max_payload_bytes = '2kB';
+             INSERT INTO t VALUES (2, repeat('x', 5000));",
+        )
+        .unwrap();
+        let msg: String = one("SELECT status || ': ' || last_error FROM webhook.deliveries ORDER BY id DESC LIMIT 1");
+        assert!(msg.starts_with("failed: payload is ") && msg.ends_with("bytes, more than webhook.max_payload_bytes (2048)"), "{msg}");
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.events"), 3, "every event is kept");
+    }
+
+    #[pg_test]
+    fn partitions_publish_under_the_root_table() {
+        endpoint("e");
+        Spi::run(
+            "CREATE TABLE m (id int, at date) PARTITION BY RANGE (at);
+             CREATE TABLE m_2026 PARTITION OF m FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+             SELECT webhook.subscribe('m', 'e');
+             INSERT INTO m VALUES (1, '2026-06-01');",
+        )
+        .unwrap();
+        assert_eq!(one::<String>("SELECT type FROM webhook.events"), "public.m.insert");
+        assert_eq!(one::<String>("SELECT payload->>'table' FROM webhook.events"), "m");
+    }
+
+    #[pg_test]
+    fn send_checks_its_input_and_fans_out_by_event_type() {
+        Spi::run(
+            "SELECT webhook.create_endpoint('all', 'https://a.example.com');
+             SELECT webhook.create_endpoint('inv', 'https://b.example.com', event_types => '{invoice.*}');
+             SELECT webhook.create_endpoint('exact', 'https://c.example.com', event_types => '{user.created}');",
+        )
+        .unwrap();
+        Spi::run("SELECT webhook.send('invoice.paid', '{\"n\": 1}')").unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(e.name, ',' ORDER BY e.name) FROM webhook.deliveries d JOIN webhook.endpoints e ON e.id = d.endpoint_id"),
+            "all,inv"
+        );
+        let id: i64 = one("SELECT webhook.send('user.created', '{}', endpoint => 'exact')");
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM webhook.deliveries WHERE event_id = {id}")), 1);
+        let cases = [
+            ("SELECT webhook.send('', '{}')", "event_type must be between 1 and 255 bytes long"),
+            ("SELECT webhook.send('x', NULL)", "payload must not be NULL"),
+            ("SELECT webhook.send('x', '{}', endpoint => 'nope')", "endpoint \"nope\" does not exist"),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(err(sql).as_deref(), Some(expected), "{sql}");
+        }
+        Spi::run("SET webhook.max_payload_bytes = '1kB'").unwrap();
+        let msg = err("SELECT webhook.send('x', to_jsonb(repeat('y', 3000)))").unwrap();
+        assert!(msg.ends_with("bytes, more than webhook.max_payload_bytes (1024)"), "{msg}");
+    }
+
+    #[pg_test]
+    fn retry_and_replay() {
+        endpoint("e");
+        let failed: i64 = one("SELECT webhook.send('a', '{}')");
+        let done: i64 = one("SELECT webhook.send('b', '{}')");
+        Spi::run(&format!("UPDATE webhook.deliveries SET status = 'failed', attempts = 8, next_attempt_at = NULL WHERE event_id = {failed}")).unwrap();
+        Spi::run(&format!("UPDATE webhook.deliveries SET status = 'delivered', attempts = 1 WHERE event_id = {done}")).unwrap();
+        let (f, d): (i64, i64) = (
+            one(&format!("SELECT id FROM webhook.deliveries WHERE event_id = {failed}")),
+            one(&format!("SELECT id FROM webhook.deliveries WHERE event_id = {done}")),
+        );
+        Spi::run(&format!("SELECT webhook.retry({f})")).unwrap();
+        assert_eq!(one::<String>(&format!("SELECT status || '/' || attempts FROM webhook.deliveries WHERE id = {f}")), "pending/8");
+        assert_eq!(err(&format!("SELECT webhook.retry({d})")), Some(format!("delivery {d} was already delivered")));
+        assert_eq!(err("SELECT webhook.retry(-1)").as_deref(), Some("delivery -1 does not exist"));
+        let n: i64 = one("SELECT webhook.replay('e', now() - interval '1 hour', now() + interval '1 hour')");
+        assert_eq!(n, 2);
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.deliveries"), 4, "new deliveries, new ids");
+        assert_eq!(err("SELECT webhook.replay('e', now(), now() - interval '1 hour')").as_deref(), Some("since must be earlier than until"));
+        Spi::run("SELECT webhook.disable_endpoint('e')").unwrap();
+        assert_eq!(err(&format!("SELECT webhook.retry({f})")), Some("endpoint \"e\" is disabled".to_string()));
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.deliveries WHERE status = 'pending'"), 0, "disable cancels pending");
+    }
+
+    #[pg_test]
+    fn sign_and_verify_match_the_standard_webhooks_vector() {
+        let sig: String = one(
+            "SELECT webhook.sign('whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD', 'msg_27UH4WbU6Z5A5EzD8u03UvzRbpk', 1649367553,
+                                 '{\"email\":\"test@example.com\",\"username\":\"test_user\"}')",
+        );
+        assert_eq!(sig, "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=");
+        assert!(one::<bool>(
+            "SELECT webhook.verify('whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD', 'msg_27UH4WbU6Z5A5EzD8u03UvzRbpk', 1649367553,
+                                   '{\"email\":\"test@example.com\",\"username\":\"test_user\"}',
+                                   'v1,bm90IGl0 v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=')"
+        ));
+        assert!(!one::<bool>("SELECT webhook.verify('whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD', 'm', 1, 'x', 'v1,AAAA')"));
+        assert_eq!(
+            err("SELECT webhook.sign('whsec_c2hvcnQ=', 'm', 1, 'x')").as_deref(),
+            Some("invalid secret is too short: its key has 5 bytes, at least 16 are required")
+        );
+    }
+
+    #[pg_test]
+    fn settings_are_validated() {
+        assert_eq!(one::<String>("SHOW webhook.retry_schedule"), "5s,5min,30min,2h,5h,10h,10h");
+        assert_eq!(one::<String>("SHOW webhook.default_timeout"), "15s");
+        // Worker settings change only through postgresql.conf and a reload.
+        assert_eq!(
+            err("SET webhook.retry_schedule = '5s'").as_deref(),
+            Some("parameter \"webhook.retry_schedule\" cannot be changed now")
+        );
+        assert_eq!(
+            err("SET webhook.no_such_setting = 1").as_deref(),
+            Some("invalid configuration parameter name \"webhook.no_such_setting\"")
+        );
+    }
+
+    #[pg_test]
+    fn worker_status_lists_the_served_database() {
+        let state: String = one("SELECT state FROM webhook.worker_status() WHERE database = current_database()");
+        assert!(!state.is_empty());
+    }
+}
