@@ -1,7 +1,7 @@
 //! `#[pg_test]`s of the SQL API: each runs inside Postgres (with webhook_ext preloaded) in a
 //! transaction that is rolled back, so they check what SQL functions do and say, not delivery.
 
-#[cfg(any(test, feature = "pg_test"))]
+#[cfg(feature = "pg_test")]
 #[pgrx::pg_schema]
 mod tests {
     use pgrx::prelude::*;
