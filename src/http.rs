@@ -155,7 +155,9 @@ impl HttpRuntime {
 
     /// Every result that has arrived since the last call.
     pub fn take_finished(&self) -> Vec<Finished> {
-        self.shared.signalled.store(false, Ordering::Release);
+        // Order matters: empty the pipe, then clear the flag, then take the results. A task that
+        // finishes after the flag is cleared writes a new byte; one that finished before has its
+        // result in the queue we take.
         let mut buf = [0u8; 64];
         // SAFETY: reading into a valid stack buffer from our own non-blocking pipe until it is empty.
         while unsafe {
@@ -166,6 +168,7 @@ impl HttpRuntime {
             )
         } > 0
         {}
+        self.shared.signalled.store(false, Ordering::SeqCst);
         std::mem::take(
             &mut *self
                 .shared
@@ -185,7 +188,7 @@ impl HttpRuntime {
 impl Shared {
     /// Wakes the main thread, once per batch of results.
     fn signal(&self) {
-        if !self.signalled.swap(true, Ordering::AcqRel) {
+        if !self.signalled.swap(true, Ordering::SeqCst) {
             let byte = 1u8;
             // SAFETY: writing one byte from a valid buffer to our own non-blocking pipe.
             unsafe { libc::write(self.wake_write.as_raw_fd(), (&byte as *const u8).cast(), 1) };
@@ -549,6 +552,60 @@ mod tests {
             b"{}",
             &header("webhook-signature")
         ));
+    }
+
+    /// The main thread sleeps on the wake pipe only; every result must wake it, however the
+    /// results and the draining interleave.
+    #[test]
+    fn every_result_wakes_the_waiter() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let mut conn = conn.unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let mut req = Vec::new();
+                    loop {
+                        while !String::from_utf8_lossy(&req).contains("\r\n\r\n{}") {
+                            match conn.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => req.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        req.clear();
+                        if conn
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let rt = HttpRuntime::start(config(true)).unwrap();
+        let total = 3000;
+        let (mut submitted, mut done) = (0, 0);
+        while done < total {
+            while submitted < total && submitted - done < 200 {
+                rt.submit(job(url.clone()));
+                submitted += 1;
+            }
+            let mut pfd = libc::pollfd {
+                fd: rt.wake_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one valid descriptor.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+            assert!(
+                ready > 0,
+                "results pending but the wake pipe stayed silent ({done} of {total} done)"
+            );
+            done += rt.take_finished().len();
+        }
+        assert_eq!(done, total);
     }
 
     #[test]

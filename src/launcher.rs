@@ -121,8 +121,7 @@ pub extern "C-unwind" fn webhook_launcher_main(_arg: pg_sys::Datum) {
                     .position(|s| s.dboid.load(Ordering::Acquire) == 0)
                 {
                     Some(i) => {
-                        shared.slots[i].evict_until.store(0, Ordering::Release);
-                        shared.slots[i].set_name(name);
+                        shared.slots[i].reset(name);
                         shared.slots[i].dboid.store(want, Ordering::Release);
                         i
                     }

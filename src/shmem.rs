@@ -57,7 +57,6 @@ pub struct Slot {
     pub started_at: AtomicI64,
     pub last_wake: AtomicI64,
     pub in_flight: AtomicU32,
-    pub queue_depth: AtomicI64,
     pub attempts: AtomicU64,
     pub delivered: AtomicU64,
     pub failed: AtomicU64,
@@ -108,6 +107,17 @@ impl Slot {
             // waking a process that has since left is harmless.
             unsafe { pg_sys::SetLatch(latch) };
         }
+    }
+
+    /// Prepares a free slot for a new database: counters start from zero.
+    pub fn reset(&self, name: &str) {
+        self.evict_until.store(0, Ordering::Release);
+        self.started_at.store(0, Ordering::Relaxed);
+        self.last_wake.store(0, Ordering::Relaxed);
+        self.attempts.store(0, Ordering::Relaxed);
+        self.delivered.store(0, Ordering::Relaxed);
+        self.failed.store(0, Ordering::Relaxed);
+        self.set_name(name);
     }
 
     /// Frees the slot's worker-owned fields when the worker exits.

@@ -21,20 +21,30 @@ mod tests {
     }
 
     fn endpoint(name: &str) {
-        Spi::run(&format!("SELECT webhook.create_endpoint('{name}', 'https://hooks.example.com/{name}')")).unwrap();
+        Spi::run(&format!(
+            "SELECT webhook.create_endpoint('{name}', 'https://hooks.example.com/{name}')"
+        ))
+        .unwrap();
     }
 
     #[pg_test]
     fn create_endpoint_generates_a_secret_and_returns_the_row() {
-        let secret: String = one("SELECT secret FROM webhook.create_endpoint('crm', 'https://crm.example.com/hooks')");
+        let secret: String = one(
+            "SELECT secret FROM webhook.create_endpoint('crm', 'https://crm.example.com/hooks')",
+        );
         assert!(secret.starts_with("whsec_"));
         assert!(secret.len() >= 6 + 40, "32 random bytes, base64");
         let given: String = one(
             "SELECT secret FROM webhook.create_endpoint('b', 'http://b.example.com', secret => 'whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD')",
         );
         assert_eq!(given, "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
-        assert_eq!(one::<String>("SELECT url FROM webhook.endpoints WHERE name = 'crm'"), "https://crm.example.com/hooks");
-        assert!(one::<bool>("SELECT enabled FROM webhook.endpoints WHERE name = 'crm'"));
+        assert_eq!(
+            one::<String>("SELECT url FROM webhook.endpoints WHERE name = 'crm'"),
+            "https://crm.example.com/hooks"
+        );
+        assert!(one::<bool>(
+            "SELECT enabled FROM webhook.endpoints WHERE name = 'crm'"
+        ));
     }
 
     #[pg_test]
@@ -71,13 +81,32 @@ mod tests {
     fn alter_endpoint_changes_and_resets_settings() {
         Spi::run("SELECT webhook.create_endpoint('e', 'https://x.example.com', max_attempts => 3, event_types => '{a}')").unwrap();
         Spi::run("SELECT webhook.alter_endpoint('e', url => 'https://y.example.com/new', timeout => '2s')").unwrap();
-        assert_eq!(one::<String>("SELECT url FROM webhook.endpoints"), "https://y.example.com/new");
-        assert_eq!(one::<String>("SELECT timeout::text FROM webhook.endpoints"), "00:00:02");
-        assert_eq!(one::<i32>("SELECT max_attempts FROM webhook.endpoints"), 3, "untouched");
-        Spi::run("SELECT webhook.alter_endpoint('e', reset => '{max_attempts,event_types}')").unwrap();
-        assert!(one::<bool>("SELECT max_attempts IS NULL AND event_types IS NULL FROM webhook.endpoints"));
-        assert_eq!(err("SELECT webhook.alter_endpoint('nope')").as_deref(), Some("endpoint \"nope\" does not exist"));
-        assert_eq!(err("SELECT webhook.alter_endpoint('e', reset => '{url}')").as_deref(), Some("cannot reset \"url\""));
+        assert_eq!(
+            one::<String>("SELECT url FROM webhook.endpoints"),
+            "https://y.example.com/new"
+        );
+        assert_eq!(
+            one::<String>("SELECT timeout::text FROM webhook.endpoints"),
+            "00:00:02"
+        );
+        assert_eq!(
+            one::<i32>("SELECT max_attempts FROM webhook.endpoints"),
+            3,
+            "untouched"
+        );
+        Spi::run("SELECT webhook.alter_endpoint('e', reset => '{max_attempts,event_types}')")
+            .unwrap();
+        assert!(one::<bool>(
+            "SELECT max_attempts IS NULL AND event_types IS NULL FROM webhook.endpoints"
+        ));
+        assert_eq!(
+            err("SELECT webhook.alter_endpoint('nope')").as_deref(),
+            Some("endpoint \"nope\" does not exist")
+        );
+        assert_eq!(
+            err("SELECT webhook.alter_endpoint('e', reset => '{url}')").as_deref(),
+            Some("cannot reset \"url\"")
+        );
         assert_eq!(
             err("SELECT webhook.alter_endpoint('e', url => 'gopher://x')").as_deref(),
             Some("invalid endpoint url: URL scheme \"gopher\" is not allowed: use http or https")
@@ -88,12 +117,24 @@ mod tests {
     fn subscribe_creates_one_trigger_and_checks_its_arguments() {
         endpoint("crm");
         Spi::run("CREATE TABLE users (id int PRIMARY KEY, email text, plan text); CREATE VIEW v AS SELECT 1 AS x").unwrap();
-        assert_eq!(one::<String>("SELECT webhook.subscribe('users', 'crm')::text"), "webhook_crm");
+        assert_eq!(
+            one::<String>("SELECT webhook.subscribe('users', 'crm')::text"),
+            "webhook_crm"
+        );
         // Subscribing again replaces the trigger.
         Spi::run("SELECT webhook.subscribe('users', 'crm', events => '{insert, update}', columns => '{plan}')").unwrap();
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass"), 1);
-        assert_eq!(one::<String>("SELECT events::text FROM webhook.subscriptions"), "{INSERT,UPDATE}");
-        assert_eq!(one::<String>("SELECT columns::text FROM webhook.subscriptions"), "{plan}");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass"),
+            1
+        );
+        assert_eq!(
+            one::<String>("SELECT events::text FROM webhook.subscriptions"),
+            "{INSERT,UPDATE}"
+        );
+        assert_eq!(
+            one::<String>("SELECT columns::text FROM webhook.subscriptions"),
+            "{plan}"
+        );
         let cases = [
             ("SELECT webhook.subscribe('users', 'nope')", "endpoint \"nope\" does not exist"),
             ("SELECT webhook.subscribe('no_such_table', 'crm')", "relation \"no_such_table\" does not exist"),
@@ -109,7 +150,10 @@ mod tests {
             assert_eq!(err(sql).as_deref(), Some(expected), "{sql}");
         }
         Spi::run("SELECT webhook.subscribe('users', 'crm', events => '{UPDATE}', \"when\" => 'OLD.plan IS DISTINCT FROM NEW.plan')").unwrap();
-        assert!(one::<String>("SELECT definition FROM webhook.subscriptions").contains("WHEN ((old.plan IS DISTINCT FROM new.plan))"));
+        assert!(
+            one::<String>("SELECT definition FROM webhook.subscriptions")
+                .contains("WHEN ((old.plan IS DISTINCT FROM new.plan))")
+        );
     }
 
     #[pg_test]
@@ -120,13 +164,22 @@ mod tests {
             err("SELECT webhook.drop_endpoint('crm')").as_deref(),
             Some("endpoint \"crm\" is subscribed to public.t")
         );
-        assert_eq!(err("SELECT webhook.unsubscribe('t', 'other')").as_deref(), Some("table public.t has no subscription for endpoint \"other\""));
+        assert_eq!(
+            err("SELECT webhook.unsubscribe('t', 'other')").as_deref(),
+            Some("table public.t has no subscription for endpoint \"other\"")
+        );
         Spi::run("SELECT webhook.unsubscribe('t', 'crm')").unwrap();
         assert_eq!(one::<i64>("SELECT count(*) FROM webhook.subscriptions"), 0);
         Spi::run("SELECT webhook.subscribe('t', 'crm'); SELECT webhook.drop_endpoint('crm', cascade => true)").unwrap();
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass"), 0);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass"),
+            0
+        );
         assert_eq!(one::<i64>("SELECT count(*) FROM webhook.endpoints"), 0);
-        assert_eq!(err("SELECT webhook.drop_endpoint('crm')").as_deref(), Some("endpoint \"crm\" does not exist"));
+        assert_eq!(
+            err("SELECT webhook.drop_endpoint('crm')").as_deref(),
+            Some("endpoint \"crm\" does not exist")
+        );
     }
 
     #[pg_test]
@@ -140,12 +193,16 @@ mod tests {
              DELETE FROM users;",
         )
         .unwrap();
-        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.deliveries WHERE status = 'pending'"), 3);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM webhook.deliveries WHERE status = 'pending'"),
+            3
+        );
         assert_eq!(
             one::<String>("SELECT string_agg(type, ',' ORDER BY id) FROM webhook.events"),
             "public.users.insert,public.users.update,public.users.delete"
         );
-        let update: pgrx::JsonB = one("SELECT payload FROM webhook.events WHERE type = 'public.users.update'");
+        let update: pgrx::JsonB =
+            one("SELECT payload FROM webhook.events WHERE type = 'public.users.update'");
         assert_eq!(update.0["op"], "UPDATE");
         assert_eq!(update.0["old"]["plan"], "free");
         assert_eq!(update.0["new"]["plan"], "pro");
@@ -169,16 +226,29 @@ mod tests {
             one::<String>("SELECT string_agg(status || ': ' || last_error, '; ' ORDER BY last_error) FROM webhook.deliveries"),
             "failed: endpoint 'nope' does not exist; cancelled: endpoint disabled"
         );
-        assert_eq!(one::<String>("SELECT disabled_reason FROM webhook.endpoints"), "maintenance");
+        assert_eq!(
+            one::<String>("SELECT disabled_reason FROM webhook.endpoints"),
+            "maintenance"
+        );
         // An oversized payload is recorded and its delivery failed with the reason.
         Spi::run(
             "SELECT webhook.enable_endpoint('off'); DROP TRIGGER typo ON t; SET webhook.max_payload_bytes = '2kB';
              INSERT INTO t VALUES (2, repeat('x', 5000));",
         )
         .unwrap();
-        let msg: String = one("SELECT status || ': ' || last_error FROM webhook.deliveries ORDER BY id DESC LIMIT 1");
-        assert!(msg.starts_with("failed: payload is ") && msg.ends_with("bytes, more than webhook.max_payload_bytes (2048)"), "{msg}");
-        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.events"), 3, "every event is kept");
+        let msg: String = one(
+            "SELECT status || ': ' || last_error FROM webhook.deliveries ORDER BY id DESC LIMIT 1",
+        );
+        assert!(
+            msg.starts_with("failed: payload is ")
+                && msg.ends_with("bytes, more than webhook.max_payload_bytes (2048)"),
+            "{msg}"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM webhook.events"),
+            3,
+            "every event is kept"
+        );
     }
 
     #[pg_test]
@@ -191,8 +261,14 @@ mod tests {
              INSERT INTO m VALUES (1, '2026-06-01');",
         )
         .unwrap();
-        assert_eq!(one::<String>("SELECT type FROM webhook.events"), "public.m.insert");
-        assert_eq!(one::<String>("SELECT payload->>'table' FROM webhook.events"), "m");
+        assert_eq!(
+            one::<String>("SELECT type FROM webhook.events"),
+            "public.m.insert"
+        );
+        assert_eq!(
+            one::<String>("SELECT payload->>'table' FROM webhook.events"),
+            "m"
+        );
     }
 
     #[pg_test]
@@ -209,18 +285,32 @@ mod tests {
             "all,inv"
         );
         let id: i64 = one("SELECT webhook.send('user.created', '{}', endpoint => 'exact')");
-        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM webhook.deliveries WHERE event_id = {id}")), 1);
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT count(*) FROM webhook.deliveries WHERE event_id = {id}"
+            )),
+            1
+        );
         let cases = [
-            ("SELECT webhook.send('', '{}')", "event_type must be between 1 and 255 bytes long"),
+            (
+                "SELECT webhook.send('', '{}')",
+                "event_type must be between 1 and 255 bytes long",
+            ),
             ("SELECT webhook.send('x', NULL)", "payload must not be NULL"),
-            ("SELECT webhook.send('x', '{}', endpoint => 'nope')", "endpoint \"nope\" does not exist"),
+            (
+                "SELECT webhook.send('x', '{}', endpoint => 'nope')",
+                "endpoint \"nope\" does not exist",
+            ),
         ];
         for (sql, expected) in cases {
             assert_eq!(err(sql).as_deref(), Some(expected), "{sql}");
         }
         Spi::run("SET webhook.max_payload_bytes = '1kB'").unwrap();
         let msg = err("SELECT webhook.send('x', to_jsonb(repeat('y', 3000)))").unwrap();
-        assert!(msg.ends_with("bytes, more than webhook.max_payload_bytes (1024)"), "{msg}");
+        assert!(
+            msg.ends_with("bytes, more than webhook.max_payload_bytes (1024)"),
+            "{msg}"
+        );
     }
 
     #[pg_test]
@@ -231,20 +321,50 @@ mod tests {
         Spi::run(&format!("UPDATE webhook.deliveries SET status = 'failed', attempts = 8, next_attempt_at = NULL WHERE event_id = {failed}")).unwrap();
         Spi::run(&format!("UPDATE webhook.deliveries SET status = 'delivered', attempts = 1 WHERE event_id = {done}")).unwrap();
         let (f, d): (i64, i64) = (
-            one(&format!("SELECT id FROM webhook.deliveries WHERE event_id = {failed}")),
-            one(&format!("SELECT id FROM webhook.deliveries WHERE event_id = {done}")),
+            one(&format!(
+                "SELECT id FROM webhook.deliveries WHERE event_id = {failed}"
+            )),
+            one(&format!(
+                "SELECT id FROM webhook.deliveries WHERE event_id = {done}"
+            )),
         );
         Spi::run(&format!("SELECT webhook.retry({f})")).unwrap();
-        assert_eq!(one::<String>(&format!("SELECT status || '/' || attempts FROM webhook.deliveries WHERE id = {f}")), "pending/8");
-        assert_eq!(err(&format!("SELECT webhook.retry({d})")), Some(format!("delivery {d} was already delivered")));
-        assert_eq!(err("SELECT webhook.retry(-1)").as_deref(), Some("delivery -1 does not exist"));
-        let n: i64 = one("SELECT webhook.replay('e', now() - interval '1 hour', now() + interval '1 hour')");
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT status || '/' || attempts FROM webhook.deliveries WHERE id = {f}"
+            )),
+            "pending/8"
+        );
+        assert_eq!(
+            err(&format!("SELECT webhook.retry({d})")),
+            Some(format!("delivery {d} was already delivered"))
+        );
+        assert_eq!(
+            err("SELECT webhook.retry(-1)").as_deref(),
+            Some("delivery -1 does not exist")
+        );
+        let n: i64 =
+            one("SELECT webhook.replay('e', now() - interval '1 hour', now() + interval '1 hour')");
         assert_eq!(n, 2);
-        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.deliveries"), 4, "new deliveries, new ids");
-        assert_eq!(err("SELECT webhook.replay('e', now(), now() - interval '1 hour')").as_deref(), Some("since must be earlier than until"));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM webhook.deliveries"),
+            4,
+            "new deliveries, new ids"
+        );
+        assert_eq!(
+            err("SELECT webhook.replay('e', now(), now() - interval '1 hour')").as_deref(),
+            Some("since must be earlier than until")
+        );
         Spi::run("SELECT webhook.disable_endpoint('e')").unwrap();
-        assert_eq!(err(&format!("SELECT webhook.retry({f})")), Some("endpoint \"e\" is disabled".to_string()));
-        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.deliveries WHERE status = 'pending'"), 0, "disable cancels pending");
+        assert_eq!(
+            err(&format!("SELECT webhook.retry({f})")),
+            Some("endpoint \"e\" is disabled".to_string())
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM webhook.deliveries WHERE status = 'pending'"),
+            0,
+            "disable cancels pending"
+        );
     }
 
     #[pg_test]
@@ -268,7 +388,10 @@ mod tests {
 
     #[pg_test]
     fn settings_are_validated() {
-        assert_eq!(one::<String>("SHOW webhook.retry_schedule"), "5s,5min,30min,2h,5h,10h,10h");
+        assert_eq!(
+            one::<String>("SHOW webhook.retry_schedule"),
+            "5s,5min,30min,2h,5h,10h,10h"
+        );
         assert_eq!(one::<String>("SHOW webhook.default_timeout"), "15s");
         // Worker settings change only through postgresql.conf and a reload.
         assert_eq!(
@@ -283,7 +406,8 @@ mod tests {
 
     #[pg_test]
     fn worker_status_lists_the_served_database() {
-        let state: String = one("SELECT state FROM webhook.worker_status() WHERE database = current_database()");
+        let state: String =
+            one("SELECT state FROM webhook.worker_status() WHERE database = current_database()");
         assert!(!state.is_empty());
     }
 }

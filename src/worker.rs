@@ -261,6 +261,8 @@ struct Worker {
     tracked: HashMap<i64, Tracked>,
     per_endpoint: HashMap<i32, i32>,
     schedules: HashMap<String, Arc<Schedule>>,
+    /// Deliveries whose result could not be written yet, and how often that failed.
+    record_failures: HashMap<i64, u32>,
     install_id: String,
 }
 
@@ -272,6 +274,7 @@ impl Worker {
             tracked: HashMap::new(),
             per_endpoint: HashMap::new(),
             schedules: HashMap::new(),
+            record_failures: HashMap::new(),
             install_id: String::new(),
         }
     }
@@ -336,6 +339,7 @@ impl Worker {
         };
         self.tracked.clear();
         self.per_endpoint.clear();
+        let mut unrecorded: Vec<Finished> = Vec::new();
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
         let stop = loop {
             if shutdown_requested() {
@@ -344,17 +348,11 @@ impl Worker {
             self.reload_if_asked(Some(&mut http));
             self.slot.set_state(WorkerState::Working);
 
-            let finished = http.take_finished();
-            let mut failed_txn = false;
-            for chunk in finished.chunks(self.settings.batch_size.max(1) as usize) {
-                if let Err(e) = self.record(chunk) {
-                    failed_txn = true;
-                    warning!("webhook_ext worker: recording results failed: {e}");
-                    // The deliveries stay `sending`; their leases expire and they are sent again.
-                }
-            }
+            unrecorded.extend(http.take_finished());
+            let failed_txn = !self.record_all(&mut unrecorded);
 
             let mut sleep: Option<Duration> = Some(HOUSEKEEPING_EVERY);
+            let mut failed_txn = failed_txn;
             if !failed_txn {
                 match self.claim_and_send(&http) {
                     Ok(next) => sleep = next,
@@ -565,6 +563,55 @@ impl Worker {
         }
     }
 
+    /// Records `results` in batches. A batch that fails is tried again row by row, so one bad row
+    /// cannot hold up the rest; results that still fail stay in `results` for the next round
+    /// (after three rounds they are given up: their deliveries stay `sending` until the lease
+    /// expires and are then sent again). Returns false if anything failed.
+    fn record_all(&mut self, results: &mut Vec<Finished>) -> bool {
+        let batch = self.settings.batch_size.max(1) as usize;
+        let mut kept: Vec<Finished> = Vec::new();
+        let mut ok = true;
+        for chunk in results.chunks(batch) {
+            if let Err(e) = self.record(chunk) {
+                ok = false;
+                warning!(
+                    "webhook_ext worker: recording {} results failed, retrying one by one: {e}",
+                    chunk.len()
+                );
+                for one in chunk {
+                    if let Err(e) = self.record(std::slice::from_ref(one)) {
+                        let tries = self.record_failures.entry(one.delivery_id).or_insert(0);
+                        *tries += 1;
+                        if *tries < 3 {
+                            kept.push(one.clone());
+                        } else {
+                            warning!(
+                                "webhook_ext worker: giving up recording delivery {}: {e}",
+                                one.delivery_id
+                            );
+                            self.record_failures.remove(&one.delivery_id);
+                            self.forget(one.delivery_id);
+                        }
+                    }
+                }
+            }
+        }
+        *results = kept;
+        ok
+    }
+
+    /// Stops tracking a delivery and frees its endpoint's slot.
+    fn forget(&mut self, delivery_id: i64) {
+        if let Some(t) = self.tracked.remove(&delivery_id) {
+            if let Some(n) = self.per_endpoint.get_mut(&t.endpoint_id) {
+                *n -= 1;
+                if *n <= 0 {
+                    self.per_endpoint.remove(&t.endpoint_id);
+                }
+            }
+        }
+    }
+
     /// Writes one batch of results in one transaction.
     fn record(&mut self, batch: &[Finished]) -> Result<(), String> {
         let n = batch.len();
@@ -651,14 +698,8 @@ impl Worker {
             Ok(())
         })??;
         for id in done_ids {
-            if let Some(t) = self.tracked.remove(&id) {
-                if let Some(n) = self.per_endpoint.get_mut(&t.endpoint_id) {
-                    *n -= 1;
-                    if *n <= 0 {
-                        self.per_endpoint.remove(&t.endpoint_id);
-                    }
-                }
-            }
+            self.forget(id);
+            self.record_failures.remove(&id);
         }
         self.slot.attempts.fetch_add(n as u64, Ordering::Relaxed);
         self.slot.delivered.fetch_add(delivered, Ordering::Relaxed);

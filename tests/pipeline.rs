@@ -142,7 +142,9 @@ fn update_and_delete_carry_old_and_new_and_respect_the_column_filter() {
     )
     .unwrap();
 
-    let reqs = all.wait_for(4, PATIENCE);
+    // Deliveries to an unordered endpoint run concurrently: put them back in event order.
+    let mut reqs = all.wait_for(4, PATIENCE);
+    reqs.sort_by_key(delivery_id);
     let ops: Vec<String> = reqs
         .iter()
         .map(|r| r.json()["data"]["op"].as_str().unwrap().to_string())

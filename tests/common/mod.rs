@@ -1,5 +1,5 @@
 //! Shared by the end-to-end tests: real clusters, real receivers, independent verification.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod cluster;
 pub mod receiver;
@@ -58,4 +58,14 @@ pub fn wait_settled(db: &mut postgres::Client, timeout: Duration) {
             .get(0);
         (n == 0).then_some(())
     });
+}
+
+/// The delivery id at the end of a `webhook-id` (`msg_<install>_<delivery id>`).
+pub fn delivery_id(req: &Request) -> i64 {
+    req.webhook_id()
+        .rsplit('_')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
