@@ -156,7 +156,7 @@ fn throughput(
     report.add(
         "throughput",
         format!("{events} events from one INSERT … SELECT, {label}"),
-        format!("{rate:.0} deliveries/s"),
+        format!("{rate:.0} deliveries/s ({secs:.2} s)"),
         target,
     );
     report.notes.push(format!(
