@@ -449,6 +449,7 @@ fn fast_shutdown_is_not_held_up_by_a_hanging_receiver() {
     rx.wait_for(1, PATIENCE);
     drop(db);
     let took = pg.stop("fast");
+    eprintln!("pg_ctl stop -m fast with a hanging request took {took:?}");
     // A generous bound: the point is that shutdown does not wait for the 60 s request timeout.
     assert!(
         took < Duration::from_secs(5),
