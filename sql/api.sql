@@ -190,6 +190,7 @@ BEGIN
     END LOOP;
     UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
      WHERE d.endpoint_id = ep AND d.status = 'pending';
+    DELETE FROM webhook._endpoint_state s WHERE s.endpoint_id = ep;
     DELETE FROM webhook.endpoints e WHERE e.id = ep;
 END
 $$;
@@ -201,6 +202,9 @@ AS $$
 BEGIN
     UPDATE webhook.endpoints e SET enabled = true, disabled_reason = NULL, updated_at = now()
      WHERE e.id = webhook._endpoint_id(enable_endpoint.name);
+    -- A fresh start for the circuit breaker (the worker sees updated_at move and does the same).
+    UPDATE webhook._endpoint_state s SET consecutive_failures = 0, failing_since = NULL, next_probe_at = NULL
+     WHERE s.endpoint_id = webhook._endpoint_id(enable_endpoint.name);
     PERFORM webhook._wake();
 END
 $$;
@@ -389,6 +393,142 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- A new generated secret; until the grace period ends every request carries a signature with
+-- the old secret too (space-separated in webhook-signature), so receivers can switch at leisure.
+CREATE FUNCTION webhook.rotate_secret(name text, grace interval DEFAULT '24 hours')
+RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep integer := webhook._endpoint_id(rotate_secret.name);
+    fresh text := webhook._check_secret(NULL);
+BEGIN
+    IF grace IS NULL OR grace < '0' THEN
+        RAISE EXCEPTION 'grace must be an interval of 0 or more, not %', grace USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE webhook.endpoints e
+       SET previous_secret = CASE WHEN grace > '0' THEN e.secret END,
+           previous_secret_expires_at = CASE WHEN grace > '0' THEN now() + grace END,
+           secret = fresh,
+           updated_at = now()
+     WHERE e.id = ep;
+    RETURN fresh;
+END
+$$;
+
+-- Deletes up to max_rows finished deliveries created before cutoff, with their attempts and the
+-- events they leave without deliveries. Returns how many deliveries went.
+CREATE FUNCTION webhook._purge_step(cutoff timestamptz, max_rows integer)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    gone bigint[];
+    evs bigint[];
+BEGIN
+    WITH d AS (
+        DELETE FROM webhook.deliveries x
+         WHERE x.id IN (SELECT y.id FROM webhook.deliveries y
+                         WHERE y.created_at < cutoff AND y.status IN ('delivered', 'failed', 'cancelled')
+                         LIMIT max_rows
+                           FOR UPDATE SKIP LOCKED)
+        RETURNING x.id, x.event_id)
+    SELECT array_agg(d.id), array_agg(DISTINCT d.event_id) INTO gone, evs FROM d;
+    IF gone IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM webhook.attempts a WHERE a.delivery_id = ANY (gone);
+    DELETE FROM webhook.events e
+     WHERE e.id = ANY (evs) AND NOT EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = e.id);
+    RETURN cardinality(gone);
+END
+$$;
+
+-- Events older than cutoff that never had a delivery (no endpoint matched them).
+CREATE FUNCTION webhook._purge_orphans(cutoff timestamptz, max_rows integer)
+RETURNS bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM webhook.events e
+         WHERE e.id IN (SELECT x.id FROM webhook.events x
+                         WHERE x.created_at < cutoff
+                           AND NOT EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = x.id)
+                         LIMIT max_rows)
+        RETURNING 1)
+    SELECT count(*) FROM gone
+$$;
+
+-- Deletes finished deliveries (delivered, failed, cancelled) older than older_than (default:
+-- webhook.retention), their attempts, and events no delivery needs any more; pending and sending
+-- deliveries and their events are never touched. Works in batches; returns the deliveries deleted.
+CREATE FUNCTION webhook.purge(older_than interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keep interval := COALESCE(older_than, make_interval(secs => webhook._retention_seconds()));
+    cutoff timestamptz;
+    n bigint;
+    total bigint := 0;
+BEGIN
+    IF keep < '0' THEN
+        RAISE EXCEPTION 'older_than must not be negative, not %', older_than USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF older_than IS NULL AND keep = '0' THEN
+        RAISE EXCEPTION 'webhook.retention is 0 (keep forever)' USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'Pass older_than, e.g. webhook.purge(''30 days'').';
+    END IF;
+    cutoff := now() - keep;
+    LOOP
+        n := webhook._purge_step(cutoff, 10000);
+        total := total + n;
+        EXIT WHEN n < 10000;
+    END LOOP;
+    PERFORM webhook._purge_orphans(cutoff, 2147483647);
+    RETURN total;
+END
+$$;
+
+-- Per endpoint: queue, outcomes, the last hour's success rate and latency, the circuit breaker.
+CREATE VIEW webhook.endpoint_stats AS
+SELECT ep.id AS endpoint_id,
+       ep.name,
+       ep.enabled,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'pending') AS pending,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') AS sending,
+       COALESCE(s.delivered_total, 0) AS delivered,
+       COALESCE(s.failed_total, 0) AS failed,
+       COALESCE(h.attempts, 0) AS attempts_last_hour,
+       h.success_rate,
+       h.latency_p50,
+       h.latency_p95,
+       COALESCE(s.consecutive_failures, 0) AS consecutive_failures,
+       CASE WHEN NOT ep.enabled THEN 'disabled'
+            WHEN t.threshold = 0 OR COALESCE(s.consecutive_failures, 0) < t.threshold THEN 'closed'
+            WHEN EXISTS (SELECT FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') THEN 'half-open'
+            ELSE 'open' END AS circuit,
+       s.failing_since,
+       s.last_success_at,
+       s.last_failure_at,
+       CASE WHEN ep.ordered
+            THEN (SELECT d.next_attempt_at FROM webhook.deliveries d
+                   WHERE d.endpoint_id = ep.id AND d.status = 'pending' ORDER BY d.id LIMIT 1)
+            ELSE (SELECT min(d.next_attempt_at) FROM webhook.deliveries d
+                   WHERE d.endpoint_id = ep.id AND d.status = 'pending') END AS next_attempt_at,
+       s.next_probe_at
+  FROM webhook.endpoints ep
+ CROSS JOIN (SELECT current_setting('webhook.circuit_breaker_threshold')::int AS threshold) t
+  LEFT JOIN webhook._endpoint_state s ON s.endpoint_id = ep.id
+  LEFT JOIN (SELECT a.endpoint_id,
+                    count(*) AS attempts,
+                    round(avg(CASE WHEN a.status_code BETWEEN 200 AND 299 THEN 1 ELSE 0 END), 4) AS success_rate,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration) AS latency_p50,
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration) AS latency_p95
+               FROM webhook.attempts a
+              WHERE a.started_at > now() - interval '1 hour'
+              GROUP BY a.endpoint_id) h ON h.endpoint_id = ep.id;
 
 CREATE FUNCTION webhook.worker_status()
 RETURNS TABLE (database text, pid integer, state text, started_at timestamptz, last_wake timestamptz,

@@ -65,15 +65,20 @@ CREATE TABLE webhook.deliveries (
     created_at        timestamptz NOT NULL DEFAULT now(),
     delivered_at      timestamptz
 );
--- The worker's claim: per endpoint, due rows first.
-CREATE INDEX deliveries_pending_idx ON webhook.deliveries (endpoint_id, next_attempt_at, id) WHERE status = 'pending';
+-- The worker's claim: per endpoint, oldest first (an ordered endpoint's head is the first entry).
+CREATE INDEX deliveries_pending_idx ON webhook.deliveries (endpoint_id, id) WHERE status = 'pending';
 -- Leases to recover after a crash.
 CREATE INDEX deliveries_sending_idx ON webhook.deliveries (next_attempt_at) WHERE status = 'sending';
 CREATE INDEX deliveries_event_idx ON webhook.deliveries (event_id);
+-- Retention: rows are appended in time order, so a BRIN index finds old ones for almost nothing.
+CREATE INDEX deliveries_created_brin ON webhook.deliveries USING brin (created_at);
+
+CREATE INDEX events_created_brin ON webhook.events USING brin (created_at);
 
 CREATE TABLE webhook.attempts (
     delivery_id    bigint NOT NULL,
     attempt        integer NOT NULL,
+    endpoint_id    integer,
     started_at     timestamptz NOT NULL,
     duration       interval NOT NULL,
     status_code    integer,
@@ -81,12 +86,27 @@ CREATE TABLE webhook.attempts (
     error          text,
     PRIMARY KEY (delivery_id, attempt)
 );
+CREATE INDEX attempts_started_brin ON webhook.attempts USING brin (started_at);
+
+-- Per-endpoint delivery health, kept by the worker: the circuit breaker and the counters of
+-- webhook.endpoint_stats.
+CREATE TABLE webhook._endpoint_state (
+    endpoint_id           integer PRIMARY KEY,
+    consecutive_failures  integer NOT NULL DEFAULT 0,
+    failing_since         timestamptz,
+    last_success_at       timestamptz,
+    last_failure_at       timestamptz,
+    next_probe_at         timestamptz,
+    delivered_total       bigint NOT NULL DEFAULT 0,
+    failed_total          bigint NOT NULL DEFAULT 0
+);
 
 -- pg_dump keeps what users put in these tables.
 SELECT pg_catalog.pg_extension_config_dump('webhook.endpoints', '');
 SELECT pg_catalog.pg_extension_config_dump('webhook.events', '');
 SELECT pg_catalog.pg_extension_config_dump('webhook.deliveries', '');
 SELECT pg_catalog.pg_extension_config_dump('webhook.attempts', '');
+SELECT pg_catalog.pg_extension_config_dump('webhook._endpoint_state', '');
 
 -- Helpers used by the enqueue path (inlined, schema-qualified: safe under any search_path).
 CREATE FUNCTION webhook._type_matches(event_type text, patterns text[]) RETURNS boolean

@@ -185,3 +185,9 @@ fn _max_payload_bytes() -> i32 {
 fn _served_databases() -> Vec<String> {
     gucs::databases()
 }
+
+/// `webhook.retention` in seconds.
+#[pg_extern(stable, parallel_safe)]
+fn _retention_seconds() -> i32 {
+    gucs::RETENTION_S.get()
+}

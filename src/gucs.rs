@@ -26,6 +26,8 @@ pub static ALLOW_PRIVATE_NETWORKS: GucSetting<bool> = GucSetting::<bool>::new(fa
 pub static ALLOWED_NETWORKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static HTTPS_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static SSL_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static CIRCUIT_BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static AUTO_DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 24 * 3600);
 
 /// Defines every setting and reserves the `webhook` prefix (typos become errors, not silent no-ops).
 pub fn init() {
@@ -169,6 +171,26 @@ pub fn init() {
         &SSL_CA_FILE,
         GucContext::Sighup,
         none,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.circuit_breaker_threshold",
+        c"Consecutive failed attempts after which an endpoint gets one probe at a time instead of its backlog; 0 = off.",
+        c"",
+        &CIRCUIT_BREAKER_THRESHOLD,
+        0,
+        100_000,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.auto_disable_after",
+        c"Disable an endpoint that has failed without a single success for this long; 0 = never.",
+        c"",
+        &AUTO_DISABLE_AFTER_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     // SAFETY: called once from _PG_init, on the main thread.
     #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17", feature = "pg18"))]

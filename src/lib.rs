@@ -1,6 +1,6 @@
 //! webhook_ext: PostgreSQL as a native webhook source.
 //!
-//! Pure logic (no Postgres): `signing`, `retry`, `target`, `request`, `http`.
+//! Pure logic (no Postgres): `signing`, `retry`, `policy`, `target`, `request`, `http`.
 //! Postgres-facing: `gucs`, `shmem`, `enqueue` (the trigger), `api` (SQL helpers),
 //! `launcher` and `worker` (background processes). Tables and the SQL API live in `sql/`.
 
@@ -8,12 +8,14 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 pub mod http;
+pub mod policy;
 pub mod request;
 pub mod retry;
 pub mod signing;
 pub mod target;
 
 mod api;
+mod bgutil;
 mod enqueue;
 mod gucs;
 mod launcher;
@@ -21,6 +23,7 @@ mod shmem;
 mod sql_tests;
 mod utility;
 mod worker;
+mod worker_sql;
 
 ::pgrx::pg_module_magic!();
 

@@ -2,29 +2,31 @@
 //!
 //! ```text
 //! loop { wait(latch | results pipe | next due time)
-//!        record finished attempts          -- one transaction, one statement per table
-//!        claim due deliveries, mark sending -- one transaction, FOR UPDATE SKIP LOCKED
-//!        hand them to the HTTP runtime }    -- no transaction open while requests run
+//!        record finished attempts           -- one transaction, one statement per table
+//!        claim due deliveries, mark sending  -- one transaction, FOR UPDATE SKIP LOCKED
+//!        hand them to the HTTP runtime }     -- no transaction open while requests run
 //! ```
 //! Only this (main) thread touches Postgres. Every transaction runs under a catch-all: an error
 //! is logged and the loop goes on; it never takes the worker down.
 
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::bgutil::{block_signals_while, in_transaction, reload_if_asked, shutdown_requested, spi_run, wait};
 use crate::http::{Finished, HttpConfig, HttpRuntime, Job};
+use crate::policy::{Gate, Health, TokenBucket};
 use crate::retry::{self, Outcome, Schedule, Verdict};
 use crate::shmem::{self, Slot, WorkerState};
+use crate::worker_sql as sql;
 use crate::{gucs, request, signing};
 
-/// How often the worker looks for expired leases and runs retention when nothing wakes it.
+/// How often the worker looks for expired leases and purges old history when nothing wakes it.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 /// How long a claimed delivery stays `sending` beyond its timeout before it is due again.
 const LEASE_MARGIN_MS: i64 = 60_000;
@@ -32,100 +34,9 @@ const LEASE_MARGIN_MS: i64 = 60_000;
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Key of the session advisory lock that makes the worker the only one for its database.
 const WORKER_LOCK_KEY: i64 = 0x0077_6562_686f_6f6b; // "webhook"
-
-/// Claims up to $4 due deliveries, at most each endpoint's free capacity, fairly across endpoints.
-/// $1/$2: endpoints with requests under way and how many; $3 default per-endpoint limit;
-/// $5 default timeout (ms); $6 lease margin (ms).
-const CLAIM_SQL: &str = r#"
-WITH cap AS (
-    SELECT ep.id, LEAST(COALESCE(ep.max_in_flight, $3) - COALESCE(b.n, 0), $4) AS n
-      FROM webhook.endpoints ep
-      LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
-     WHERE ep.enabled
-), cand AS (
-    SELECT d.id, d.next_attempt_at,
-           row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) AS rn
-      FROM cap
-     CROSS JOIN LATERAL (
-           SELECT id, endpoint_id, next_attempt_at
-             FROM webhook.deliveries
-            WHERE status = 'pending' AND endpoint_id = cap.id AND next_attempt_at <= now()
-            ORDER BY next_attempt_at, id
-            LIMIT cap.n) d
-     WHERE cap.n > 0
-), pick AS (
-    SELECT id FROM cand ORDER BY rn, next_attempt_at, id LIMIT $4
-), locked AS (
-    SELECT d.id FROM webhook.deliveries d
-     WHERE d.id IN (SELECT id FROM pick) AND d.status = 'pending'
-       FOR UPDATE SKIP LOCKED
-)
-UPDATE webhook.deliveries d
-   SET status = 'sending',
-       next_attempt_at = now() + (COALESCE(ep.timeout, $5 * interval '1 ms') + $6 * interval '1 ms')
-  FROM locked, webhook.events e, webhook.endpoints ep
- WHERE d.id = locked.id AND e.id = d.event_id AND ep.id = d.endpoint_id
-RETURNING d.id, d.endpoint_id, d.attempts, e.type,
-          (extract(epoch FROM e.created_at) * 1000000)::int8,
-          e.payload::text, ep.url, ep.secret,
-          CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
-          ep.headers::text,
-          COALESCE((extract(epoch FROM ep.timeout) * 1000)::int8, $5::int8),
-          ep.max_attempts, ep.retry_schedule
-"#;
-
-/// Milliseconds until the next pending delivery of an endpoint with free capacity is due.
-const NEXT_DUE_SQL: &str = r#"
-SELECT (extract(epoch FROM min(h.t) - clock_timestamp()) * 1000)::int8
-  FROM webhook.endpoints ep
-  LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
- CROSS JOIN LATERAL (
-       SELECT next_attempt_at AS t FROM webhook.deliveries
-        WHERE status = 'pending' AND endpoint_id = ep.id
-        ORDER BY next_attempt_at LIMIT 1) h
- WHERE ep.enabled AND COALESCE(ep.max_in_flight, $3) > COALESCE(b.n, 0)
-"#;
-
-/// Writes a batch of finished attempts: one row each in `attempts`, and the deliveries' new state.
-const RECORD_SQL: &str = r#"
-WITH r AS (
-    SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[], $4::int4[], $5::text[], $6::text[],
-                         $7::float8[], $8::int8[], $9::int8[])
-           AS r(id, attempt, status, code, error, body, started, micros, delay_ms)
-), a AS (
-    INSERT INTO webhook.attempts (delivery_id, attempt, started_at, duration, status_code, response_body, error)
-    SELECT id, attempt, to_timestamp(started), micros * interval '1 microsecond', code, body, error FROM r
-)
-UPDATE webhook.deliveries d
-   SET status = r.status::webhook.delivery_status,
-       attempts = r.attempt,
-       last_status_code = r.code,
-       last_error = r.error,
-       next_attempt_at = CASE WHEN r.status = 'pending' THEN clock_timestamp() + r.delay_ms * interval '1 ms' END,
-       delivered_at = CASE WHEN r.status = 'delivered' THEN clock_timestamp() END
-  FROM r
- WHERE d.id = r.id AND d.status = 'sending'
-"#;
-
-/// 410 Gone: disable the endpoints and cancel what is still waiting for them.
-const GONE_SQL: &str = r#"
-WITH off AS (
-    UPDATE webhook.endpoints
-       SET enabled = false, updated_at = now(),
-           disabled_reason = 'receiver answered 410 Gone at ' || clock_timestamp()
-     WHERE id = ANY($1) AND enabled
-    RETURNING id
-)
-UPDATE webhook.deliveries SET status = 'cancelled', next_attempt_at = NULL,
-       last_error = 'endpoint disabled: receiver answered 410 Gone'
- WHERE endpoint_id IN (SELECT id FROM off) AND status = 'pending'
-"#;
-
-/// Deliveries left `sending` by a worker that is gone: due again now, same `webhook-id`.
-const RECOVER_SQL: &str = r#"
-UPDATE webhook.deliveries SET status = 'pending', next_attempt_at = now()
- WHERE status = 'sending' AND NOT (id = ANY($1)) AND ($2 OR next_attempt_at < now())
-"#;
+/// Retention: deliveries deleted per transaction, and transactions per housekeeping round.
+const PURGE_BATCH: i32 = 5000;
+const PURGE_BATCHES_PER_ROUND: usize = 20;
 
 #[pg_guard]
 #[no_mangle]
@@ -138,29 +49,27 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     let dboid = pg_sys::Oid::from(slot.dboid.load(Ordering::Acquire));
     // SAFETY: registering a process-exit callback with a plain integer argument.
     unsafe { pg_sys::before_shmem_exit(Some(release_slot), pg_sys::Datum::from(slot_index)) };
-    slot.pid
-        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
-    slot.latch
-        .store(unsafe { pg_sys::MyLatch }, Ordering::Release);
-    slot.started_at
-        .store(shmem::now_micros(), Ordering::Relaxed);
+    // SAFETY: plain reads of process globals on the main thread.
+    slot.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    slot.latch.store(unsafe { pg_sys::MyLatch }, Ordering::Release);
+    slot.started_at.store(shmem::now_micros(), Ordering::Relaxed);
     slot.set_state(WorkerState::Starting);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
 
-    let mut worker = Worker::new(slot);
-    worker.run();
+    Worker::new(slot).run();
     slot.set_state(WorkerState::Stopping);
     // Exit code 0: the launcher, not the postmaster, decides whether to start us again.
+    // SAFETY: ends this process.
     unsafe { pg_sys::proc_exit(0) };
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
-    if let Some(slot) = shmem::shared().and_then(|s| s.slots.get(arg.value())) {
-        slot.clear_worker();
-    }
-    if let Some(s) = shmem::shared() {
-        s.wake_launcher();
+    if let Some(shared) = shmem::shared() {
+        if let Some(slot) = shared.slots.get(arg.value()) {
+            slot.clear_worker();
+        }
+        shared.wake_launcher();
     }
 }
 
@@ -171,7 +80,7 @@ struct Tracked {
     schedule: Arc<Schedule>,
 }
 
-/// The GUCs the worker acts on, read at start and on every SIGHUP.
+/// The settings the worker acts on, read at start and on every SIGHUP.
 struct Settings {
     batch_size: i32,
     max_in_flight: usize,
@@ -179,6 +88,9 @@ struct Settings {
     default_timeout_ms: i32,
     schedule: Arc<Schedule>,
     default_max_attempts: i32,
+    breaker_threshold: u32,
+    auto_disable_after: Duration,
+    retention: Duration,
 }
 
 impl Settings {
@@ -198,6 +110,9 @@ impl Settings {
             default_timeout_ms: gucs::DEFAULT_TIMEOUT_MS.get(),
             default_max_attempts: gucs::default_max_attempts(&schedule),
             schedule,
+            breaker_threshold: gucs::CIRCUIT_BREAKER_THRESHOLD.get().max(0) as u32,
+            auto_disable_after: Duration::from_secs(gucs::AUTO_DISABLE_AFTER_S.get().max(0) as u64),
+            retention: Duration::from_secs(gucs::RETENTION_S.get().max(0) as u64),
         }
     }
 
@@ -235,16 +150,14 @@ fn socket_budget() -> usize {
             return 64;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 lim.rlim_cur = lim.rlim_max;
             }
         }
         lim.rlim_cur as usize
     };
+    // SAFETY: a plain read of a setting.
     let postgres_files = unsafe { pg_sys::max_files_per_process }.max(0) as usize + 100;
     (soft.saturating_sub(postgres_files) / 2).max(16)
 }
@@ -259,7 +172,10 @@ struct Worker {
     slot: &'static Slot,
     settings: Settings,
     tracked: HashMap<i64, Tracked>,
-    per_endpoint: HashMap<i32, i32>,
+    /// Requests under way per endpoint (released when their results are recorded).
+    busy: HashMap<i32, i32>,
+    health: HashMap<i32, Health>,
+    buckets: HashMap<i32, TokenBucket>,
     schedules: HashMap<String, Arc<Schedule>>,
     /// Deliveries whose result could not be written yet, and how often that failed.
     record_failures: HashMap<i64, u32>,
@@ -272,7 +188,9 @@ impl Worker {
             slot,
             settings: Settings::read(),
             tracked: HashMap::new(),
-            per_endpoint: HashMap::new(),
+            busy: HashMap::new(),
+            health: HashMap::new(),
+            buckets: HashMap::new(),
             schedules: HashMap::new(),
             record_failures: HashMap::new(),
             install_id: String::new(),
@@ -308,7 +226,9 @@ impl Worker {
             }
             self.slot.set_state(WorkerState::WaitingForExtension);
             wait(None, Some(HOUSEKEEPING_EVERY));
-            self.reload_if_asked(None);
+            if reload_if_asked() {
+                self.settings = Settings::read();
+            }
         }
     }
 
@@ -317,13 +237,16 @@ impl Worker {
         if !self.become_the_only_worker() {
             return Stop::Shutdown;
         }
-        match in_transaction(|| -> Result<String, String> {
-            let id = Spi::get_one::<String>("SELECT install_id FROM webhook._meta")
-                .map_err(|e| e.to_string())?;
-            spi_update(RECOVER_SQL, &[Vec::<i64>::new().into(), true.into()])?;
-            id.ok_or_else(|| "webhook._meta is empty".to_string())
-        }) {
-            Ok(Ok(id)) => self.install_id = id,
+        let started = in_transaction(|| -> Result<(String, HashMap<i32, Health>), String> {
+            let id = Spi::get_one::<String>("SELECT install_id FROM webhook._meta").map_err(|e| e.to_string())?;
+            spi_run(sql::RECOVER, &[Vec::<i64>::new().into(), true.into()])?;
+            Ok((id.ok_or("webhook._meta is empty")?, load_health()?))
+        });
+        match started {
+            Ok(Ok((id, health))) => {
+                self.install_id = id;
+                self.health = health;
+            }
             Ok(Err(e)) | Err(e) => {
                 warning!("webhook_ext worker: could not start serving: {e}");
                 return Stop::ExtensionGone;
@@ -338,58 +261,53 @@ impl Worker {
             }
         };
         self.tracked.clear();
-        self.per_endpoint.clear();
+        self.busy.clear();
+        self.buckets.clear();
         let mut unrecorded: Vec<Finished> = Vec::new();
-        let mut next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
+        let mut next_housekeeping = Instant::now();
         let stop = loop {
             if shutdown_requested() {
                 break Stop::Shutdown;
             }
-            self.reload_if_asked(Some(&mut http));
+            if reload_if_asked() {
+                self.settings = Settings::read();
+                self.schedules.clear();
+                if let Err(e) = http.reconfigure(Settings::http()) {
+                    warning!("webhook_ext worker: keeping the previous HTTP settings: {e}");
+                }
+            }
             self.slot.set_state(WorkerState::Working);
 
             unrecorded.extend(http.take_finished());
-            let failed_txn = !self.record_all(&mut unrecorded);
-
-            let mut sleep: Option<Duration> = Some(HOUSEKEEPING_EVERY);
-            let mut failed_txn = failed_txn;
-            if !failed_txn {
+            let mut failed = !self.record_all(&mut unrecorded);
+            let mut sleep = None;
+            if !failed {
                 match self.claim_and_send(&http) {
                     Ok(next) => sleep = next,
                     Err(e) => {
-                        failed_txn = true;
+                        failed = true;
                         warning!("webhook_ext worker: claiming deliveries failed: {e}");
                     }
                 }
             }
-            if failed_txn {
+            if failed {
                 if !matches!(in_transaction(extension_installed), Ok(true)) {
                     break Stop::ExtensionGone;
                 }
                 sleep = Some(ERROR_BACKOFF);
             }
-
             if Instant::now() >= next_housekeeping {
                 next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
-                let ids: Vec<i64> = self.tracked.keys().copied().collect();
-                if let Err(e) =
-                    in_transaction(|| spi_update(RECOVER_SQL, &[ids.into(), false.into()]))
-                        .and_then(|r| r)
-                {
-                    warning!("webhook_ext worker: housekeeping failed: {e}");
-                }
+                self.housekeeping();
             }
-            self.slot
-                .in_flight
-                .store(http.in_flight() as u32, Ordering::Relaxed);
+
+            self.slot.in_flight.store(http.in_flight() as u32, Ordering::Relaxed);
             let until_housekeeping = next_housekeeping.saturating_duration_since(Instant::now());
-            let timeout = Some(sleep.map_or(until_housekeeping, |s| s.min(until_housekeeping)));
-            if timeout != Some(Duration::ZERO) {
+            let timeout = sleep.map_or(until_housekeeping, |s| s.min(until_housekeeping));
+            if !timeout.is_zero() {
                 self.slot.set_state(WorkerState::Idle);
-                wait(Some(http.wake_fd()), timeout);
-                self.slot
-                    .last_wake
-                    .store(shmem::now_micros(), Ordering::Relaxed);
+                wait(Some(http.wake_fd()), Some(timeout));
+                self.slot.last_wake.store(shmem::now_micros(), Ordering::Relaxed);
             }
         };
         http.shutdown();
@@ -400,104 +318,169 @@ impl Worker {
     /// worker may still be exiting).
     fn become_the_only_worker(&self) -> bool {
         loop {
-            match in_transaction(|| {
-                Spi::get_one_with_args::<bool>(
-                    "SELECT pg_try_advisory_lock($1)",
-                    &[WORKER_LOCK_KEY.into()],
-                )
-            }) {
+            let got = in_transaction(|| {
+                Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_lock($1)", &[WORKER_LOCK_KEY.into()])
+            });
+            match got {
                 Ok(Ok(Some(true))) => return true,
                 Ok(Err(e)) => warning!("webhook_ext worker: {e}"),
                 Err(e) => warning!("webhook_ext worker: {e}"),
                 _ => {}
             }
-            if !wait(None, Some(ERROR_BACKOFF)) || shutdown_requested() {
+            if !wait(None, Some(ERROR_BACKOFF)) {
                 return false;
             }
         }
     }
 
-    fn reload_if_asked(&mut self, http: Option<&mut HttpRuntime>) {
-        // SAFETY: flag set by the SIGHUP handler on this thread.
-        if unsafe { pg_sys::ConfigReloadPending } == 0 {
+    /// Leases that expired without a result become due again; old history is purged.
+    fn housekeeping(&mut self) {
+        let ids: Vec<i64> = self.tracked.keys().copied().collect();
+        if let Err(e) = in_transaction(|| spi_run(sql::RECOVER, &[ids.into(), false.into()])).and_then(|r| r) {
+            warning!("webhook_ext worker: recovering expired leases failed: {e}");
+        }
+        if self.settings.retention.is_zero() {
             return;
         }
-        unsafe {
-            pg_sys::ConfigReloadPending = 0;
-            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        let cutoff = SystemTime::now() - self.settings.retention;
+        let cutoff = cutoff.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        if let Err(e) = in_transaction(|| spi_run(sql::PURGE_ORPHANS, &[cutoff.into(), PURGE_BATCH.into()])).and_then(|r| r) {
+            warning!("webhook_ext worker: purging old events failed: {e}");
         }
-        self.settings = Settings::read();
-        self.schedules.clear();
-        if let Some(http) = http {
-            if let Err(e) = http.reconfigure(Settings::http()) {
-                warning!("webhook_ext worker: keeping the previous HTTP settings: {e}");
+        for _ in 0..PURGE_BATCHES_PER_ROUND {
+            let step = in_transaction(|| {
+                Spi::get_one_with_args::<i64>(sql::PURGE_STEP, &[cutoff.into(), PURGE_BATCH.into()])
+            });
+            match step {
+                Ok(Ok(Some(n))) if n >= PURGE_BATCH as i64 => continue,
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    warning!("webhook_ext worker: purging old history failed: {e}");
+                    break;
+                }
+                Err(e) => {
+                    warning!("webhook_ext worker: purging old history failed: {e}");
+                    break;
+                }
             }
         }
     }
 
-    fn busy_arrays(&self) -> (Vec<i32>, Vec<i32>) {
-        self.per_endpoint
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(id, n)| (*id, *n))
-            .unzip()
+    /// The worker's own limits per endpoint, beyond `max_in_flight`: the circuit breaker and the
+    /// rate limit. Returns (endpoint ids, requests each may start now) and when to look again.
+    fn limits(&mut self, policies: &[Policy]) -> (Vec<i32>, Vec<i32>, Option<Duration>) {
+        let now = SystemTime::now();
+        let clock = Instant::now();
+        let threshold = self.settings.breaker_threshold;
+        // An endpoint changed (enabled, altered) since its failures began gets a fresh start.
+        for p in policies {
+            if let Some(h) = self.health.get_mut(&p.id) {
+                if h.is_open(threshold) && p.updated_at.is_some() && p.updated_at > h.failing_since {
+                    *h = Health { dirty: true, ..Health::default() };
+                }
+            }
+        }
+        let mut allowed: HashMap<i32, i32> = HashMap::new();
+        let mut wake: Option<Duration> = None;
+        let mut wake_in = |d: Duration| wake = Some(wake.map_or(d, |w: Duration| w.min(d)));
+        for (&id, h) in &self.health {
+            let busy = self.busy.get(&id).copied().unwrap_or(0);
+            if let Gate::Limited { allowed: n, wake_at } = h.gate(now, threshold, busy) {
+                allowed.insert(id, n);
+                if let Some(at) = wake_at {
+                    wake_in(at.duration_since(now).unwrap_or_default());
+                }
+            }
+        }
+        self.buckets.retain(|id, _| policies.iter().any(|p| p.id == *id && p.rate_limit.is_some()));
+        for p in policies {
+            let Some(rate) = p.rate_limit else { continue };
+            let rate = rate.max(1) as u32;
+            let bucket = self.buckets.entry(p.id).or_insert_with(|| TokenBucket::new(rate, clock));
+            if bucket.rate() != rate {
+                *bucket = TokenBucket::new(rate, clock);
+            }
+            let tokens = bucket.available(clock);
+            if tokens == 0 {
+                wake_in(bucket.next_token_in(clock));
+            }
+            let entry = allowed.entry(p.id).or_insert(tokens);
+            *entry = (*entry).min(tokens);
+        }
+        let (ids, counts) = allowed.into_iter().unzip();
+        (ids, counts, wake)
     }
 
     /// Claims as much due work as capacity allows and starts it. Returns how long the loop may
-    /// sleep: `Some(ZERO)` when more may be due right away, `None` when nothing is pending.
+    /// sleep: zero when more may be due right away, None when only a result or a commit can
+    /// bring new work.
     fn claim_and_send(&mut self, http: &HttpRuntime) -> Result<Option<Duration>, String> {
         let room = self.settings.max_in_flight.saturating_sub(http.in_flight());
         if room == 0 {
-            return Ok(None); // a finishing request will wake us
+            return Ok(None);
         }
         let limit = room.min(self.settings.batch_size as usize) as i32;
-        let (busy_ids, busy_counts) = self.busy_arrays();
+        let threshold = self.settings.breaker_threshold;
+        let open: Vec<i32> = self.health.iter().filter(|(_, h)| h.is_open(threshold)).map(|(id, _)| *id).collect();
+        let policies = in_transaction(move || load_policies(open))??;
+        let (limit_ids, limit_counts, limits_wake) = self.limits(&policies);
+        let (busy_ids, busy_counts): (Vec<i32>, Vec<i32>) = self.busy.iter().map(|(k, v)| (*k, *v)).unzip();
         let s = &self.settings;
-        let args_claim = (
+        let claim_args = (
             busy_ids.clone(),
             busy_counts.clone(),
             s.default_max_in_flight,
             limit,
             s.default_timeout_ms,
+            limit_ids.clone(),
+            limit_counts.clone(),
         );
-        let claimed = in_transaction(|| -> Result<Vec<Claimed>, String> {
+        let claimed = in_transaction(move || -> Result<Vec<Claimed>, String> {
             Spi::connect_mut(|client| {
                 let rows = client
                     .update(
-                        CLAIM_SQL,
+                        sql::CLAIM,
                         None,
                         &[
-                            args_claim.0.into(),
-                            args_claim.1.into(),
-                            args_claim.2.into(),
-                            args_claim.3.into(),
-                            args_claim.4.into(),
+                            claim_args.0.into(),
+                            claim_args.1.into(),
+                            claim_args.2.into(),
+                            claim_args.3.into(),
+                            claim_args.4.into(),
                             LEASE_MARGIN_MS.into(),
+                            claim_args.5.into(),
+                            claim_args.6.into(),
                         ],
                     )
                     .map_err(|e| e.to_string())?;
-                rows.map(|row| Claimed::from_row(&row))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())
+                rows.map(|row| Claimed::from_row(&row)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())
             })
         })??;
         let full = claimed.len() as i32 >= limit;
+        let clock = Instant::now();
         for c in claimed {
+            if let Some(bucket) = self.buckets.get_mut(&c.endpoint_id) {
+                bucket.take(1, clock);
+            }
             self.start(http, c);
         }
         if full {
             return Ok(Some(Duration::ZERO));
         }
-        let (busy_ids, busy_counts) = self.busy_arrays();
+        let (busy_ids, busy_counts): (Vec<i32>, Vec<i32>) = self.busy.iter().map(|(k, v)| (*k, *v)).unzip();
         let dmif = self.settings.default_max_in_flight;
-        let next_ms = in_transaction(|| {
+        let next_ms = in_transaction(move || {
             Spi::get_one_with_args::<i64>(
-                NEXT_DUE_SQL,
-                &[busy_ids.into(), busy_counts.into(), dmif.into()],
+                sql::NEXT_DUE,
+                &[busy_ids.into(), busy_counts.into(), dmif.into(), limit_ids.into(), limit_counts.into()],
             )
             .map_err(|e| e.to_string())
         })??;
-        Ok(next_ms.map(|ms| Duration::from_millis(ms.max(0) as u64 + 1)))
+        let due = next_ms.map(|ms| Duration::from_millis(ms.max(0) as u64 + 1));
+        Ok(match (due, limits_wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     /// Builds the request for one claimed delivery and hands it to the runtime. A delivery that
@@ -508,59 +491,46 @@ impl Worker {
             Some(text) => self
                 .schedules
                 .entry(text.clone())
-                .or_insert_with(|| {
-                    Arc::new(
-                        Schedule::parse(text).unwrap_or_else(|_| (*self.settings.schedule).clone()),
-                    )
-                })
+                .or_insert_with(|| Arc::new(Schedule::parse(text).unwrap_or_else(|_| (*self.settings.schedule).clone())))
                 .clone(),
         };
         let max_attempts = c.max_attempts.unwrap_or(self.settings.default_max_attempts);
-        self.tracked.insert(
-            c.id,
-            Tracked {
-                endpoint_id: c.endpoint_id,
-                max_attempts,
-                schedule,
-            },
-        );
-        *self.per_endpoint.entry(c.endpoint_id).or_default() += 1;
+        self.tracked.insert(c.id, Tracked { endpoint_id: c.endpoint_id, max_attempts, schedule });
+        *self.busy.entry(c.endpoint_id).or_default() += 1;
         let attempt = c.attempts + 1;
-        let prepared = (|| -> Result<Job, String> {
-            let mut keys =
-                vec![signing::decode_secret(&c.secret).map_err(|e| format!("endpoint {e}"))?];
-            if let Some(prev) = &c.previous_secret {
-                keys.push(
-                    signing::decode_secret(prev).map_err(|e| format!("endpoint previous {e}"))?,
-                );
-            }
-            let headers =
-                request::parse_headers(&c.headers).map_err(|e| format!("endpoint headers: {e}"))?;
-            Ok(Job {
-                delivery_id: c.id,
-                endpoint_id: c.endpoint_id,
-                attempt,
-                url: c.url,
-                msg_id: request::message_id(&self.install_id, c.id),
-                body: request::envelope(&c.event_type, c.created_at_us, &c.payload),
-                keys,
-                headers,
-                timeout: Duration::from_millis(c.timeout_ms.clamp(1, 3_600_000) as u64),
-            })
-        })();
-        match prepared {
+        let (delivery_id, endpoint_id) = (c.id, c.endpoint_id);
+        match self.job(c, attempt) {
             Ok(job) => http.submit(job),
             Err(reason) => http.push_finished(Finished {
-                delivery_id: c.id,
-                endpoint_id: c.endpoint_id,
+                delivery_id,
+                endpoint_id,
                 attempt,
-                started_at: std::time::SystemTime::now(),
+                started_at: SystemTime::now(),
                 duration: Duration::ZERO,
                 outcome: Outcome::Refused,
                 response_body: None,
                 error: Some(reason),
             }),
         }
+    }
+
+    fn job(&self, c: Claimed, attempt: i32) -> Result<Job, String> {
+        let mut keys = vec![signing::decode_secret(&c.secret).map_err(|e| format!("endpoint {e}"))?];
+        if let Some(prev) = &c.previous_secret {
+            keys.push(signing::decode_secret(prev).map_err(|e| format!("endpoint previous {e}"))?);
+        }
+        let headers = request::parse_headers(&c.headers).map_err(|e| format!("endpoint headers: {e}"))?;
+        Ok(Job {
+            delivery_id: c.id,
+            endpoint_id: c.endpoint_id,
+            attempt,
+            msg_id: request::message_id(&self.install_id, c.id),
+            body: request::envelope(&c.event_type, c.created_at_us, &c.payload),
+            url: c.url,
+            keys,
+            headers,
+            timeout: Duration::from_millis(c.timeout_ms.clamp(1, 3_600_000) as u64),
+        })
     }
 
     /// Records `results` in batches. A batch that fails is tried again row by row, so one bad row
@@ -574,10 +544,7 @@ impl Worker {
         for chunk in results.chunks(batch) {
             if let Err(e) = self.record(chunk) {
                 ok = false;
-                warning!(
-                    "webhook_ext worker: recording {} results failed, retrying one by one: {e}",
-                    chunk.len()
-                );
+                warning!("webhook_ext worker: recording {} results failed, retrying one by one: {e}", chunk.len());
                 for one in chunk {
                     if let Err(e) = self.record(std::slice::from_ref(one)) {
                         let tries = self.record_failures.entry(one.delivery_id).or_insert(0);
@@ -585,10 +552,7 @@ impl Worker {
                         if *tries < 3 {
                             kept.push(one.clone());
                         } else {
-                            warning!(
-                                "webhook_ext worker: giving up recording delivery {}: {e}",
-                                one.delivery_id
-                            );
+                            warning!("webhook_ext worker: giving up recording delivery {}: {e}", one.delivery_id);
                             self.record_failures.remove(&one.delivery_id);
                             self.forget(one.delivery_id);
                         }
@@ -600,115 +564,254 @@ impl Worker {
         ok
     }
 
-    /// Stops tracking a delivery and frees its endpoint's slot.
+    /// Stops tracking a delivery and frees its place in its endpoint's limit.
     fn forget(&mut self, delivery_id: i64) {
         if let Some(t) = self.tracked.remove(&delivery_id) {
-            if let Some(n) = self.per_endpoint.get_mut(&t.endpoint_id) {
+            if let Some(n) = self.busy.get_mut(&t.endpoint_id) {
                 *n -= 1;
                 if *n <= 0 {
-                    self.per_endpoint.remove(&t.endpoint_id);
+                    self.busy.remove(&t.endpoint_id);
                 }
             }
         }
     }
 
-    /// Writes one batch of results in one transaction.
+    /// Writes one batch of results in one transaction: attempts, deliveries, endpoint health,
+    /// and endpoints disabled by 410 Gone or by failing too long.
     fn record(&mut self, batch: &[Finished]) -> Result<(), String> {
-        let n = batch.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut attempts = Vec::with_capacity(n);
-        let mut statuses = Vec::with_capacity(n);
-        let mut codes: Vec<Option<i32>> = Vec::with_capacity(n);
-        let mut errors: Vec<Option<String>> = Vec::with_capacity(n);
-        let mut bodies: Vec<Option<String>> = Vec::with_capacity(n);
-        let mut started = Vec::with_capacity(n);
-        let mut micros = Vec::with_capacity(n);
-        let mut delays = Vec::with_capacity(n);
-        let mut gone: Vec<i32> = Vec::new();
+        let mut rows = RecordRows::with_capacity(batch.len());
+        // Changes go to copies, written back only once the transaction has committed.
+        let mut health: HashMap<i32, Health> =
+            self.health.iter().filter(|(_, h)| h.dirty).map(|(id, h)| (*id, h.clone())).collect();
+        let mut disable: Vec<(i32, String)> = Vec::new();
+        let threshold = self.settings.breaker_threshold;
+        let now = SystemTime::now();
         let (mut delivered, mut failed) = (0u64, 0u64);
         for f in batch {
-            let Some(t) = self.tracked.get(&f.delivery_id) else {
-                continue;
-            };
-            let verdict = retry::decide(
-                &f.outcome,
-                f.attempt as u32,
-                t.max_attempts as u32,
-                &t.schedule,
-                fastrand::f64() * 2.0 - 1.0,
-            );
-            let (status, delay, extra) = match verdict {
-                Verdict::Delivered => ("delivered", 0, None),
-                Verdict::Retry(d) => ("pending", d.as_millis() as i64, None),
-                Verdict::Failed if matches!(f.outcome, Outcome::Refused) => ("failed", 0, None),
-                Verdict::Failed => (
-                    "failed",
-                    0,
-                    Some(format!(" (gave up after {} attempts)", f.attempt)),
-                ),
+            let Some(t) = self.tracked.get(&f.delivery_id) else { continue };
+            let jitter = fastrand::f64() * 2.0 - 1.0;
+            let verdict = retry::decide(&f.outcome, f.attempt as u32, t.max_attempts as u32, &t.schedule, jitter);
+            let h = health
+                .entry(t.endpoint_id)
+                .or_insert_with(|| self.health.get(&t.endpoint_id).cloned().unwrap_or_default());
+            let (status, delay, note) = match verdict {
+                Verdict::Delivered => {
+                    h.on_success(now);
+                    delivered += 1;
+                    ("delivered", 0, None)
+                }
+                Verdict::Retry(d) => {
+                    h.on_failure(now, false, threshold, &t.schedule, jitter);
+                    ("pending", d.as_millis() as i64, None)
+                }
+                Verdict::Failed => {
+                    h.on_failure(now, true, threshold, &t.schedule, jitter);
+                    failed += 1;
+                    let note = (!matches!(f.outcome, Outcome::Refused))
+                        .then(|| format!(" (gave up after {} attempts)", f.attempt));
+                    ("failed", 0, note)
+                }
                 Verdict::Gone => {
-                    gone.push(t.endpoint_id);
+                    h.on_failure(now, true, threshold, &t.schedule, jitter);
+                    failed += 1;
+                    disable.push((t.endpoint_id, format!("receiver answered 410 Gone at {}", request::rfc3339_utc(shmem::now_micros()))));
                     ("failed", 0, Some(": endpoint disabled".to_string()))
                 }
             };
-            match status {
-                "delivered" => delivered += 1,
-                "failed" => failed += 1,
-                _ => {}
+            if h.should_auto_disable(now, self.settings.auto_disable_after, threshold) {
+                let since = h.failing_since.unwrap_or(now).duration_since(UNIX_EPOCH).unwrap_or_default();
+                disable.push((
+                    t.endpoint_id,
+                    format!(
+                        "failing without a success since {} (webhook.auto_disable_after = {} s)",
+                        request::rfc3339_utc(since.as_micros() as i64),
+                        self.settings.auto_disable_after.as_secs()
+                    ),
+                ));
             }
-            ids.push(f.delivery_id);
-            attempts.push(f.attempt);
-            statuses.push(status.to_string());
-            codes.push(f.status_code().map(i32::from));
-            errors.push(match (&f.error, extra) {
-                (Some(e), Some(x)) => Some(format!("{e}{x}")),
+            let error = match (&f.error, note) {
+                (Some(e), Some(n)) => Some(format!("{e}{n}")),
                 (e, _) => e.clone(),
-            });
-            bodies.push(f.response_body.as_ref().map(|b| b.replace('\0', "")));
-            started.push(
-                f.started_at
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs_f64(),
-            );
-            micros.push(f.duration.as_micros() as i64);
-            delays.push(delay);
+            };
+            rows.push(f, t.endpoint_id, status, delay, error);
         }
-        gone.sort_unstable();
-        gone.dedup();
-        let done_ids = ids.clone();
-        in_transaction(|| -> Result<(), String> {
-            spi_update(
-                RECORD_SQL,
-                &[
-                    ids.into(),
-                    attempts.into(),
-                    statuses.into(),
-                    codes.into(),
-                    errors.into(),
-                    bodies.into(),
-                    started.into(),
-                    micros.into(),
-                    delays.into(),
-                ],
-            )?;
-            if !gone.is_empty() {
-                spi_update(GONE_SQL, &[gone.into()])?;
+        disable.sort_by_key(|(id, _)| *id);
+        disable.dedup_by_key(|(id, _)| *id);
+        let dirty: Vec<(i32, Health)> = health.iter().filter(|(_, h)| h.dirty).map(|(id, h)| (*id, h.clone())).collect();
+        let done_ids = rows.ids.clone();
+        in_transaction(move || -> Result<(), String> {
+            rows.write()?;
+            save_health(&dirty)?;
+            if !disable.is_empty() {
+                let (ids, reasons): (Vec<i32>, Vec<String>) = disable.into_iter().unzip();
+                spi_run(sql::DISABLE, &[ids.into(), reasons.into()])?;
             }
             Ok(())
         })??;
+        for (id, mut h) in health {
+            h.dirty = false;
+            h.delivered_delta = 0;
+            h.failed_delta = 0;
+            self.health.insert(id, h);
+        }
         for id in done_ids {
             self.forget(id);
             self.record_failures.remove(&id);
         }
-        self.slot.attempts.fetch_add(n as u64, Ordering::Relaxed);
+        self.slot.attempts.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.slot.delivered.fetch_add(delivered, Ordering::Relaxed);
         self.slot.failed.fetch_add(failed, Ordering::Relaxed);
         Ok(())
     }
 }
 
-/// One row of CLAIM_SQL.
+/// The columns of one RECORD statement.
+struct RecordRows {
+    ids: Vec<i64>,
+    attempts: Vec<i32>,
+    statuses: Vec<String>,
+    codes: Vec<Option<i32>>,
+    errors: Vec<Option<String>>,
+    bodies: Vec<Option<String>>,
+    started: Vec<f64>,
+    micros: Vec<i64>,
+    delays: Vec<i64>,
+    endpoints: Vec<i32>,
+}
+
+impl RecordRows {
+    fn with_capacity(n: usize) -> RecordRows {
+        RecordRows {
+            ids: Vec::with_capacity(n),
+            attempts: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            codes: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            bodies: Vec::with_capacity(n),
+            started: Vec::with_capacity(n),
+            micros: Vec::with_capacity(n),
+            delays: Vec::with_capacity(n),
+            endpoints: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, f: &Finished, endpoint_id: i32, status: &str, delay_ms: i64, error: Option<String>) {
+        self.ids.push(f.delivery_id);
+        self.attempts.push(f.attempt);
+        self.statuses.push(status.to_string());
+        self.codes.push(f.status_code().map(i32::from));
+        // Text columns cannot hold NUL bytes.
+        self.errors.push(error.map(|e| e.replace('\0', "")));
+        self.bodies.push(f.response_body.as_ref().map(|b| b.replace('\0', "")));
+        self.started.push(f.started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
+        self.micros.push(f.duration.as_micros() as i64);
+        self.delays.push(delay_ms);
+        self.endpoints.push(endpoint_id);
+    }
+
+    fn write(self) -> Result<(), String> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        spi_run(
+            sql::RECORD,
+            &[
+                self.ids.into(),
+                self.attempts.into(),
+                self.statuses.into(),
+                self.codes.into(),
+                self.errors.into(),
+                self.bodies.into(),
+                self.started.into(),
+                self.micros.into(),
+                self.delays.into(),
+                self.endpoints.into(),
+            ],
+        )
+    }
+}
+
+fn epoch(t: Option<SystemTime>) -> Option<f64> {
+    t.map(|t| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64())
+}
+
+fn from_epoch(secs: Option<f64>) -> Option<SystemTime> {
+    secs.filter(|s| s.is_finite() && *s >= 0.0).map(|s| UNIX_EPOCH + Duration::from_secs_f64(s))
+}
+
+fn save_health(dirty: &[(i32, Health)]) -> Result<(), String> {
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i32> = dirty.iter().map(|(id, _)| *id).collect();
+    let failures: Vec<i32> = dirty.iter().map(|(_, h)| h.consecutive_failures as i32).collect();
+    let since: Vec<Option<f64>> = dirty.iter().map(|(_, h)| epoch(h.failing_since)).collect();
+    let ok: Vec<Option<f64>> = dirty.iter().map(|(_, h)| epoch(h.last_success_at)).collect();
+    let bad: Vec<Option<f64>> = dirty.iter().map(|(_, h)| epoch(h.last_failure_at)).collect();
+    let probe: Vec<Option<f64>> = dirty.iter().map(|(_, h)| epoch(h.next_probe_at)).collect();
+    let delivered: Vec<i64> = dirty.iter().map(|(_, h)| h.delivered_delta as i64).collect();
+    let failed: Vec<i64> = dirty.iter().map(|(_, h)| h.failed_delta as i64).collect();
+    spi_run(
+        sql::SAVE_HEALTH,
+        &[
+            ids.into(),
+            failures.into(),
+            since.into(),
+            ok.into(),
+            bad.into(),
+            probe.into(),
+            delivered.into(),
+            failed.into(),
+        ],
+    )
+}
+
+fn load_health() -> Result<HashMap<i32, Health>, String> {
+    Spi::connect(|client| {
+        let rows = client.select(sql::LOAD_HEALTH, None, &[])?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let id: i32 = row.get(1)?.unwrap_or_default();
+            out.insert(
+                id,
+                Health {
+                    consecutive_failures: row.get::<i32>(2)?.unwrap_or(0).max(0) as u32,
+                    failing_since: from_epoch(row.get(3)?),
+                    last_success_at: from_epoch(row.get(4)?),
+                    last_failure_at: from_epoch(row.get(5)?),
+                    next_probe_at: from_epoch(row.get(6)?),
+                    ..Health::default()
+                },
+            );
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// One row of POLICIES.
+struct Policy {
+    id: i32,
+    rate_limit: Option<i32>,
+    updated_at: Option<SystemTime>,
+}
+
+fn load_policies(open: Vec<i32>) -> Result<Vec<Policy>, String> {
+    Spi::connect(|client| {
+        let rows = client.select(sql::POLICIES, None, &[open.into()])?;
+        rows.map(|row| {
+            Ok(Policy {
+                id: row.get::<i32>(1)?.unwrap_or_default(),
+                rate_limit: row.get::<i32>(2)?,
+                updated_at: from_epoch(row.get(3)?),
+            })
+        })
+        .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// One row of CLAIM.
 struct Claimed {
     id: i64,
     endpoint_id: i32,
@@ -745,96 +848,7 @@ impl Claimed {
     }
 }
 
-fn spi_update(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<(), String> {
-    Spi::connect_mut(|client| client.update(sql, None, args).map(|_| ())).map_err(|e| e.to_string())
-}
-
 fn extension_installed() -> bool {
-    // SAFETY: catalog lookup inside a transaction.
+    // SAFETY: a catalog lookup inside a transaction.
     unsafe { pg_sys::get_extension_oid(c"webhook_ext".as_ptr(), true) != pg_sys::InvalidOid }
-}
-
-/// Runs `f` in its own transaction. A Postgres ERROR (or a panic) inside is caught: the
-/// transaction is rolled back and the message returned, so the worker carries on.
-fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    // SAFETY: the worker's main thread, outside any transaction.
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let f = AssertUnwindSafe(f);
-    PgTryBuilder::new(move || {
-        let f = f;
-        let result = (f.0)();
-        // SAFETY: ends the transaction started above; an error while committing is caught below.
-        unsafe {
-            pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
-        }
-        Ok(result)
-    })
-    .catch_others(|caught| {
-        // SAFETY: the error state was flushed by pgrx; abort returns us to TopMemoryContext.
-        unsafe { pg_sys::AbortCurrentTransaction() };
-        Err(describe(caught))
-    })
-    .execute()
-}
-
-fn describe(caught: pg_sys::panic::CaughtError) -> String {
-    match caught {
-        pg_sys::panic::CaughtError::PostgresError(e)
-        | pg_sys::panic::CaughtError::ErrorReport(e) => e.message().to_string(),
-        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
-            format!("internal error: {}", ereport.message())
-        }
-    }
-}
-
-fn shutdown_requested() -> bool {
-    // SAFETY: flag set by the SIGTERM handler on this thread.
-    unsafe { pg_sys::ShutdownRequestPending != 0 }
-}
-
-/// Sleeps on the latch (and on `fd`, if given) for at most `timeout`; false once shutdown is asked.
-fn wait(fd: Option<i32>, timeout: Option<Duration>) -> bool {
-    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH;
-    if fd.is_some() {
-        events |= pg_sys::WL_SOCKET_READABLE;
-    }
-    let ms = match timeout {
-        Some(t) => {
-            events |= pg_sys::WL_TIMEOUT;
-            t.as_millis().min(i32::MAX as u128) as std::ffi::c_long
-        }
-        None => -1,
-    };
-    // SAFETY: waiting on our own latch from the main thread.
-    unsafe {
-        pg_sys::WaitLatchOrSocket(
-            pg_sys::MyLatch,
-            events as i32,
-            fd.unwrap_or(-1),
-            ms,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-        pg_sys::check_for_interrupts!();
-    }
-    !shutdown_requested()
-}
-
-/// Runs `f` with every signal blocked, so threads it spawns start with signals blocked.
-fn block_signals_while<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: plain libc calls on locally owned signal sets.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
-    }
 }

@@ -1,0 +1,106 @@
+//! Small pieces every background process here needs: transactions that survive errors, latch
+//! waits, and signal handling around thread creation.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// Runs `f` in its own transaction. A Postgres ERROR (or a panic) inside is caught: the
+/// transaction is rolled back and the message returned, so the process carries on.
+pub fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    // SAFETY: the process's main thread, outside any transaction.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let f = AssertUnwindSafe(f);
+    PgTryBuilder::new(move || {
+        let f = f;
+        let result = (f.0)();
+        // SAFETY: ends the transaction started above; an error while committing is caught below.
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        Ok(result)
+    })
+    .catch_others(|caught| {
+        // SAFETY: pgrx flushed the error state; aborting returns us to TopMemoryContext.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        Err(describe(caught))
+    })
+    .execute()
+}
+
+/// Runs a statement that returns nothing we need.
+pub fn spi_run(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<(), String> {
+    Spi::connect_mut(|client| client.update(sql, None, args).map(|_| ())).map_err(|e| e.to_string())
+}
+
+fn describe(caught: pg_sys::panic::CaughtError) -> String {
+    match caught {
+        pg_sys::panic::CaughtError::PostgresError(e) | pg_sys::panic::CaughtError::ErrorReport(e) => {
+            e.message().to_string()
+        }
+        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => format!("internal error: {}", ereport.message()),
+    }
+}
+
+pub fn shutdown_requested() -> bool {
+    // SAFETY: a flag set by the SIGTERM handler on this thread.
+    unsafe { pg_sys::ShutdownRequestPending != 0 }
+}
+
+/// Re-reads postgresql.conf if a SIGHUP arrived; true if it did.
+pub fn reload_if_asked() -> bool {
+    // SAFETY: a flag set by the SIGHUP handler on this thread; ProcessConfigFile on the main thread.
+    unsafe {
+        if pg_sys::ConfigReloadPending == 0 {
+            return false;
+        }
+        pg_sys::ConfigReloadPending = 0;
+        pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+    }
+    true
+}
+
+/// Sleeps on the latch (and on `fd`, if given) for at most `timeout` (None = until woken);
+/// false once shutdown is asked.
+pub fn wait(fd: Option<i32>, timeout: Option<Duration>) -> bool {
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if fd.is_some() {
+        events |= pg_sys::WL_SOCKET_READABLE;
+    }
+    let ms = match timeout {
+        Some(t) => {
+            events |= pg_sys::WL_TIMEOUT;
+            t.as_millis().min(i32::MAX as u128) as std::ffi::c_long
+        }
+        None => -1,
+    };
+    // SAFETY: waiting on our own latch from the main thread.
+    unsafe {
+        pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, events as i32, fd.unwrap_or(-1), ms, pg_sys::PG_WAIT_EXTENSION);
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+    !shutdown_requested()
+}
+
+/// Runs `f` with every signal blocked, so threads it spawns start with signals blocked and
+/// Postgres's handlers only ever run on the main thread.
+pub fn block_signals_while<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: plain libc calls on locally owned signal sets.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}

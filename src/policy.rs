@@ -1,0 +1,228 @@
+//! Per-endpoint delivery policy that spans deliveries: the circuit breaker (with auto-disable)
+//! and the rate limiter. Pure logic; the worker persists `Health` in `webhook._endpoint_state`.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::retry::{Schedule, JITTER};
+
+/// An endpoint's recent record, as the circuit breaker sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Health {
+    pub consecutive_failures: u32,
+    /// When the current run of failures began (None while healthy).
+    pub failing_since: Option<SystemTime>,
+    pub last_success_at: Option<SystemTime>,
+    pub last_failure_at: Option<SystemTime>,
+    /// While the circuit is open: when the next probe may go.
+    pub next_probe_at: Option<SystemTime>,
+    /// Deliveries delivered / failed since the last time these were written out.
+    pub delivered_delta: u64,
+    pub failed_delta: u64,
+    /// Changed since it was last written out.
+    pub dirty: bool,
+}
+
+/// What the breaker allows an endpoint right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Circuit closed: the endpoint's normal limits apply.
+    Open,
+    /// Circuit open: at most this many requests now (0 or 1, the probe); if 0, look again at `wake_at`.
+    Limited { allowed: i32, wake_at: Option<SystemTime> },
+}
+
+impl Health {
+    pub fn on_success(&mut self, now: SystemTime) {
+        self.consecutive_failures = 0;
+        self.failing_since = None;
+        self.next_probe_at = None;
+        self.last_success_at = Some(now);
+        self.delivered_delta += 1;
+        self.dirty = true;
+    }
+
+    /// Records a failed attempt; `final_` when the delivery itself gave up. When the run of failures
+    /// reaches `threshold` (0 = breaker off) the circuit opens, and each further failure (a failed
+    /// probe) pushes the next probe out along `schedule`.
+    pub fn on_failure(&mut self, now: SystemTime, final_: bool, threshold: u32, schedule: &Schedule, jitter: f64) {
+        self.consecutive_failures += 1;
+        self.failing_since.get_or_insert(now);
+        self.last_failure_at = Some(now);
+        if final_ {
+            self.failed_delta += 1;
+        }
+        if threshold > 0 && self.consecutive_failures >= threshold {
+            let probes_failed = self.consecutive_failures - threshold + 1;
+            let step = schedule.step_after(probes_failed).mul_f64(1.0 + JITTER * jitter.clamp(-1.0, 1.0));
+            self.next_probe_at = Some(now + step);
+        }
+        self.dirty = true;
+    }
+
+    pub fn is_open(&self, threshold: u32) -> bool {
+        threshold > 0 && self.consecutive_failures >= threshold
+    }
+
+    /// How many requests the breaker lets through now, given `busy` requests under way.
+    pub fn gate(&self, now: SystemTime, threshold: u32, busy: i32) -> Gate {
+        if !self.is_open(threshold) {
+            return Gate::Open;
+        }
+        if busy > 0 {
+            // A probe is under way; its result decides.
+            return Gate::Limited { allowed: 0, wake_at: None };
+        }
+        match self.next_probe_at {
+            Some(at) if at > now => Gate::Limited { allowed: 0, wake_at: Some(at) },
+            _ => Gate::Limited { allowed: 1, wake_at: None },
+        }
+    }
+
+    /// True when the endpoint has failed without a success for longer than `after` (0 = never).
+    pub fn should_auto_disable(&self, now: SystemTime, after: Duration, threshold: u32) -> bool {
+        !after.is_zero()
+            && self.is_open(threshold.max(1))
+            && self.failing_since.is_some_and(|since| now.duration_since(since).unwrap_or_default() >= after)
+    }
+
+    /// "closed", "open" or "half-open" (a probe under way), for webhook.endpoint_stats.
+    pub fn circuit_name(&self, threshold: u32, busy: i32) -> &'static str {
+        match (self.is_open(threshold), busy > 0) {
+            (false, _) => "closed",
+            (true, false) => "open",
+            (true, true) => "half-open",
+        }
+    }
+}
+
+/// A token bucket: `rate` tokens per second, holding at most a tenth of a second's worth (at
+/// least one), so bursts stay small and the long-run rate stays within a few percent of `rate`.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, now: Instant) -> TokenBucket {
+        let rate = f64::from(rate.max(1));
+        let capacity = (rate / 10.0).max(1.0);
+        TokenBucket { rate, capacity, tokens: capacity, last: now }
+    }
+
+    pub fn rate(&self) -> u32 {
+        self.rate as u32
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        self.last = now;
+    }
+
+    /// Whole tokens available now.
+    pub fn available(&mut self, now: Instant) -> i32 {
+        self.refill(now);
+        self.tokens.floor() as i32
+    }
+
+    pub fn take(&mut self, n: i32, now: Instant) {
+        self.refill(now);
+        self.tokens -= f64::from(n);
+    }
+
+    /// How long until one whole token is available.
+    pub fn next_token_in(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    #[test]
+    fn circuit_opens_after_threshold_and_probes_at_the_schedules_pace() {
+        let schedule = Schedule::parse("10s,20s,40s").unwrap();
+        let mut h = Health::default();
+        for i in 0..4 {
+            h.on_failure(at(i), false, 5, &schedule, 0.0);
+            assert_eq!(h.gate(at(i), 5, 0), Gate::Open, "still closed after {} failures", i + 1);
+        }
+        h.on_failure(at(4), false, 5, &schedule, 0.0);
+        assert!(h.is_open(5));
+        // First probe waits one schedule step after the failure that opened the circuit.
+        assert_eq!(h.gate(at(5), 5, 0), Gate::Limited { allowed: 0, wake_at: Some(at(14)) });
+        assert_eq!(h.gate(at(14), 5, 0), Gate::Limited { allowed: 1, wake_at: None });
+        assert_eq!(h.gate(at(14), 5, 1), Gate::Limited { allowed: 0, wake_at: None }, "one probe at a time");
+        assert_eq!(h.circuit_name(5, 1), "half-open");
+        // A failed probe: the next waits the next step.
+        h.on_failure(at(15), false, 5, &schedule, 0.0);
+        assert_eq!(h.gate(at(15), 5, 0), Gate::Limited { allowed: 0, wake_at: Some(at(35)) });
+        // A successful probe closes the circuit.
+        h.on_success(at(40));
+        assert_eq!(h.gate(at(40), 5, 0), Gate::Open);
+        assert_eq!(h.consecutive_failures, 0);
+        assert_eq!(h.failing_since, None);
+        assert_eq!(h.circuit_name(5, 0), "closed");
+    }
+
+    #[test]
+    fn threshold_zero_turns_the_breaker_off() {
+        let schedule = Schedule::default();
+        let mut h = Health::default();
+        for i in 0..100 {
+            h.on_failure(at(i), false, 0, &schedule, 0.0);
+        }
+        assert_eq!(h.gate(at(100), 0, 0), Gate::Open);
+    }
+
+    #[test]
+    fn auto_disable_after_failing_long_enough() {
+        let schedule = Schedule::default();
+        let mut h = Health::default();
+        h.on_failure(at(0), false, 2, &schedule, 0.0);
+        h.on_failure(at(10), true, 2, &schedule, 0.0);
+        assert_eq!(h.failing_since, Some(at(0)));
+        assert_eq!(h.failed_delta, 1);
+        assert!(!h.should_auto_disable(at(99), Duration::from_secs(100), 2));
+        assert!(h.should_auto_disable(at(100), Duration::from_secs(100), 2));
+        assert!(!h.should_auto_disable(at(1000), Duration::ZERO, 2), "0 = never");
+        h.on_success(at(101));
+        assert!(!h.should_auto_disable(at(1000), Duration::from_secs(100), 2));
+    }
+
+    #[test]
+    fn token_bucket_holds_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(50, t0);
+        // Starts with a tenth of a second's worth.
+        assert_eq!(b.available(t0), 5);
+        b.take(5, t0);
+        assert_eq!(b.available(t0), 0);
+        assert_eq!(b.next_token_in(t0), Duration::from_millis(20));
+        // Over ten simulated seconds, taking everything as it comes: about 500 + the initial 5.
+        let mut sent = 5;
+        for ms in (0..10_000).step_by(7) {
+            let now = t0 + Duration::from_millis(ms);
+            let n = b.available(now);
+            b.take(n, now);
+            sent += n;
+        }
+        assert!((500..=506).contains(&sent), "{sent}");
+        // Slow rates still allow one at a time.
+        let mut slow = TokenBucket::new(1, t0);
+        assert_eq!(slow.available(t0), 1);
+    }
+}

@@ -1,0 +1,161 @@
+//! The statements the delivery worker runs. Each is one round trip; arrays carry batches.
+
+/// Claims up to $4 due deliveries: per endpoint at most its free capacity, taken round-robin
+/// across endpoints (every endpoint's oldest first), `FOR UPDATE SKIP LOCKED`, marked `sending`
+/// with a lease. An ordered endpoint offers only its head (oldest pending), and only when due.
+/// $1/$2: endpoints with requests under way, and how many; $3 default per-endpoint limit;
+/// $5 default timeout (ms); $6 lease margin (ms); $7/$8: endpoints the worker limits further
+/// (circuit breaker, rate limit), and how many each may take now.
+pub const CLAIM: &str = r#"
+WITH cap AS (
+    SELECT ep.id, ep.ordered,
+           LEAST(CASE WHEN ep.ordered THEN 1 ELSE COALESCE(ep.max_in_flight, $3) END - COALESCE(b.n, 0),
+                 COALESCE(o.n, $4), $4) AS n
+      FROM webhook.endpoints ep
+      LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
+      LEFT JOIN unnest($7::int[], $8::int[]) AS o(id, n) ON o.id = ep.id
+     WHERE ep.enabled
+), cand AS (
+    SELECT d.id, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
+      FROM cap
+     CROSS JOIN LATERAL (
+           SELECT x.id, x.endpoint_id FROM webhook.deliveries x
+            WHERE x.status = 'pending' AND x.endpoint_id = cap.id AND x.next_attempt_at <= now()
+            ORDER BY x.id
+            LIMIT cap.n) d
+     WHERE cap.n > 0 AND NOT cap.ordered
+    UNION ALL
+    SELECT h.id, 1
+      FROM cap
+     CROSS JOIN LATERAL (
+           SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
+            WHERE x.status = 'pending' AND x.endpoint_id = cap.id
+            ORDER BY x.id
+            LIMIT 1) h
+     WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now()
+), pick AS (
+    SELECT id FROM cand ORDER BY rn, id LIMIT $4
+), locked AS (
+    SELECT d.id FROM webhook.deliveries d
+     WHERE d.id IN (SELECT id FROM pick) AND d.status = 'pending'
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE webhook.deliveries d
+   SET status = 'sending',
+       next_attempt_at = now() + (COALESCE(ep.timeout, $5 * interval '1 ms') + $6 * interval '1 ms')
+  FROM locked, webhook.events e, webhook.endpoints ep
+ WHERE d.id = locked.id AND e.id = d.event_id AND ep.id = d.endpoint_id
+RETURNING d.id, d.endpoint_id, d.attempts, e.type,
+          (extract(epoch FROM e.created_at) * 1000000)::int8,
+          e.payload::text, ep.url, ep.secret,
+          CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
+          ep.headers::text,
+          COALESCE((extract(epoch FROM ep.timeout) * 1000)::int8, $5::int8),
+          ep.max_attempts, ep.retry_schedule
+"#;
+
+/// Milliseconds until the next pending delivery of an endpoint with room is due (an ordered
+/// endpoint: its head). Arguments as for CLAIM: $1/$2 busy, $3 default limit, $4/$5 limits.
+pub const NEXT_DUE: &str = r#"
+SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
+  FROM (SELECT CASE WHEN ep.ordered
+                    THEN (SELECT x.next_attempt_at FROM webhook.deliveries x
+                           WHERE x.status = 'pending' AND x.endpoint_id = ep.id ORDER BY x.id LIMIT 1)
+                    ELSE (SELECT min(x.next_attempt_at) FROM webhook.deliveries x
+                           WHERE x.status = 'pending' AND x.endpoint_id = ep.id)
+               END AS t
+          FROM webhook.endpoints ep
+          LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
+          LEFT JOIN unnest($4::int[], $5::int[]) AS o(id, n) ON o.id = ep.id
+         WHERE ep.enabled
+           AND CASE WHEN ep.ordered THEN 1 ELSE COALESCE(ep.max_in_flight, $3) END > COALESCE(b.n, 0)
+           AND COALESCE(o.n, 1) > 0) s
+"#;
+
+/// What the worker needs to know about endpoints it limits itself: rate limits, and for the
+/// endpoints in $1 (open circuits) when they were last changed (an operator's change resets
+/// the breaker).
+pub const POLICIES: &str = r#"
+SELECT id, rate_limit, extract(epoch FROM updated_at)::float8
+  FROM webhook.endpoints
+ WHERE enabled AND (rate_limit IS NOT NULL OR id = ANY($1))
+"#;
+
+/// Writes a batch of finished attempts: a row each in `attempts`, and the deliveries' new state.
+pub const RECORD: &str = r#"
+WITH r AS (
+    SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[], $4::int4[], $5::text[], $6::text[],
+                         $7::float8[], $8::int8[], $9::int8[], $10::int4[])
+           AS r(id, attempt, status, code, error, body, started, micros, delay_ms, endpoint_id)
+), a AS (
+    INSERT INTO webhook.attempts (delivery_id, attempt, endpoint_id, started_at, duration, status_code, response_body, error)
+    SELECT id, attempt, endpoint_id, to_timestamp(started), micros * interval '1 microsecond', code, body, error FROM r
+    ON CONFLICT (delivery_id, attempt) DO NOTHING
+)
+UPDATE webhook.deliveries d
+   SET status = r.status::webhook.delivery_status,
+       attempts = r.attempt,
+       last_status_code = r.code,
+       last_error = r.error,
+       next_attempt_at = CASE WHEN r.status = 'pending' THEN clock_timestamp() + r.delay_ms * interval '1 ms' END,
+       delivered_at = CASE WHEN r.status = 'delivered' THEN clock_timestamp() END
+  FROM r
+ WHERE d.id = r.id AND d.status = 'sending'
+"#;
+
+/// Writes changed endpoint health (the circuit breaker's state and the delivered/failed counters).
+pub const SAVE_HEALTH: &str = r#"
+INSERT INTO webhook._endpoint_state AS s
+       (endpoint_id, consecutive_failures, failing_since, last_success_at, last_failure_at, next_probe_at,
+        delivered_total, failed_total)
+SELECT h.id, h.failures, to_timestamp(h.since), to_timestamp(h.ok), to_timestamp(h.bad), to_timestamp(h.probe),
+       h.delivered, h.failed
+  FROM unnest($1::int4[], $2::int4[], $3::float8[], $4::float8[], $5::float8[], $6::float8[], $7::int8[], $8::int8[])
+       AS h(id, failures, since, ok, bad, probe, delivered, failed)
+  WHERE EXISTS (SELECT FROM webhook.endpoints e WHERE e.id = h.id)
+ON CONFLICT (endpoint_id) DO UPDATE
+   SET consecutive_failures = excluded.consecutive_failures,
+       failing_since = excluded.failing_since,
+       last_success_at = COALESCE(excluded.last_success_at, s.last_success_at),
+       last_failure_at = COALESCE(excluded.last_failure_at, s.last_failure_at),
+       next_probe_at = excluded.next_probe_at,
+       delivered_total = s.delivered_total + excluded.delivered_total,
+       failed_total = s.failed_total + excluded.failed_total
+"#;
+
+/// The circuit breaker's state of every endpoint, read when the worker starts.
+pub const LOAD_HEALTH: &str = r#"
+SELECT endpoint_id, consecutive_failures, extract(epoch FROM failing_since)::float8,
+       extract(epoch FROM last_success_at)::float8, extract(epoch FROM last_failure_at)::float8,
+       extract(epoch FROM next_probe_at)::float8
+  FROM webhook._endpoint_state
+"#;
+
+/// Disables endpoints ($1) with a reason each ($2) and cancels what is still pending for them.
+pub const DISABLE: &str = r#"
+WITH off AS (
+    UPDATE webhook.endpoints e
+       SET enabled = false, updated_at = now(), disabled_reason = r.reason
+      FROM unnest($1::int4[], $2::text[]) AS r(id, reason)
+     WHERE e.id = r.id AND e.enabled
+    RETURNING e.id, r.reason
+)
+UPDATE webhook.deliveries d
+   SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled: ' || off.reason
+  FROM off
+ WHERE d.endpoint_id = off.id AND d.status = 'pending'
+"#;
+
+/// Deliveries left `sending` by a worker that is gone, or whose lease expired: due again now,
+/// with the same `webhook-id`. $1: deliveries this worker still has under way; $2: all of them.
+pub const RECOVER: &str = r#"
+UPDATE webhook.deliveries SET status = 'pending', next_attempt_at = now()
+ WHERE status = 'sending' AND NOT (id = ANY($1)) AND ($2 OR next_attempt_at < now())
+"#;
+
+/// Deletes up to $2 finished deliveries created before $1 (unix seconds), their attempts, and
+/// events left without deliveries; returns how many deliveries went.
+pub const PURGE_STEP: &str = "SELECT webhook._purge_step(to_timestamp($1), $2)";
+
+/// Deletes up to $2 events older than $1 (unix seconds) that never had a delivery.
+pub const PURGE_ORPHANS: &str = "SELECT webhook._purge_orphans(to_timestamp($1), $2)";
