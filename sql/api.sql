@@ -190,7 +190,7 @@ BEGIN
     END LOOP;
     UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
      WHERE d.endpoint_id = ep AND d.status = 'pending';
-    DELETE FROM webhook._endpoint_state s WHERE s.endpoint_id = ep;
+    DELETE FROM webhook._endpoint_state st WHERE st.endpoint_id = ep;
     DELETE FROM webhook.endpoints e WHERE e.id = ep;
 END
 $$;

@@ -42,10 +42,11 @@ pub fn spi_run(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<(), Stri
 
 fn describe(caught: pg_sys::panic::CaughtError) -> String {
     match caught {
-        pg_sys::panic::CaughtError::PostgresError(e) | pg_sys::panic::CaughtError::ErrorReport(e) => {
-            e.message().to_string()
+        pg_sys::panic::CaughtError::PostgresError(e)
+        | pg_sys::panic::CaughtError::ErrorReport(e) => e.message().to_string(),
+        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+            format!("internal error: {}", ereport.message())
         }
-        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => format!("internal error: {}", ereport.message()),
     }
 }
 
@@ -83,7 +84,13 @@ pub fn wait(fd: Option<i32>, timeout: Option<Duration>) -> bool {
     };
     // SAFETY: waiting on our own latch from the main thread.
     unsafe {
-        pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, events as i32, fd.unwrap_or(-1), ms, pg_sys::PG_WAIT_EXTENSION);
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            fd.unwrap_or(-1),
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
     pg_sys::check_for_interrupts!();

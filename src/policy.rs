@@ -28,7 +28,10 @@ pub enum Gate {
     /// Circuit closed: the endpoint's normal limits apply.
     Open,
     /// Circuit open: at most this many requests now (0 or 1, the probe); if 0, look again at `wake_at`.
-    Limited { allowed: i32, wake_at: Option<SystemTime> },
+    Limited {
+        allowed: i32,
+        wake_at: Option<SystemTime>,
+    },
 }
 
 impl Health {
@@ -44,7 +47,14 @@ impl Health {
     /// Records a failed attempt; `final_` when the delivery itself gave up. When the run of failures
     /// reaches `threshold` (0 = breaker off) the circuit opens, and each further failure (a failed
     /// probe) pushes the next probe out along `schedule`.
-    pub fn on_failure(&mut self, now: SystemTime, final_: bool, threshold: u32, schedule: &Schedule, jitter: f64) {
+    pub fn on_failure(
+        &mut self,
+        now: SystemTime,
+        final_: bool,
+        threshold: u32,
+        schedule: &Schedule,
+        jitter: f64,
+    ) {
         self.consecutive_failures += 1;
         self.failing_since.get_or_insert(now);
         self.last_failure_at = Some(now);
@@ -53,7 +63,9 @@ impl Health {
         }
         if threshold > 0 && self.consecutive_failures >= threshold {
             let probes_failed = self.consecutive_failures - threshold + 1;
-            let step = schedule.step_after(probes_failed).mul_f64(1.0 + JITTER * jitter.clamp(-1.0, 1.0));
+            let step = schedule
+                .step_after(probes_failed)
+                .mul_f64(1.0 + JITTER * jitter.clamp(-1.0, 1.0));
             self.next_probe_at = Some(now + step);
         }
         self.dirty = true;
@@ -70,11 +82,20 @@ impl Health {
         }
         if busy > 0 {
             // A probe is under way; its result decides.
-            return Gate::Limited { allowed: 0, wake_at: None };
+            return Gate::Limited {
+                allowed: 0,
+                wake_at: None,
+            };
         }
         match self.next_probe_at {
-            Some(at) if at > now => Gate::Limited { allowed: 0, wake_at: Some(at) },
-            _ => Gate::Limited { allowed: 1, wake_at: None },
+            Some(at) if at > now => Gate::Limited {
+                allowed: 0,
+                wake_at: Some(at),
+            },
+            _ => Gate::Limited {
+                allowed: 1,
+                wake_at: None,
+            },
         }
     }
 
@@ -82,7 +103,9 @@ impl Health {
     pub fn should_auto_disable(&self, now: SystemTime, after: Duration, threshold: u32) -> bool {
         !after.is_zero()
             && self.is_open(threshold.max(1))
-            && self.failing_since.is_some_and(|since| now.duration_since(since).unwrap_or_default() >= after)
+            && self
+                .failing_since
+                .is_some_and(|since| now.duration_since(since).unwrap_or_default() >= after)
     }
 
     /// "closed", "open" or "half-open" (a probe under way), for webhook.endpoint_stats.
@@ -109,7 +132,12 @@ impl TokenBucket {
     pub fn new(rate: u32, now: Instant) -> TokenBucket {
         let rate = f64::from(rate.max(1));
         let capacity = (rate / 10.0).max(1.0);
-        TokenBucket { rate, capacity, tokens: capacity, last: now }
+        TokenBucket {
+            rate,
+            capacity,
+            tokens: capacity,
+            last: now,
+        }
     }
 
     pub fn rate(&self) -> u32 {
@@ -158,18 +186,48 @@ mod tests {
         let mut h = Health::default();
         for i in 0..4 {
             h.on_failure(at(i), false, 5, &schedule, 0.0);
-            assert_eq!(h.gate(at(i), 5, 0), Gate::Open, "still closed after {} failures", i + 1);
+            assert_eq!(
+                h.gate(at(i), 5, 0),
+                Gate::Open,
+                "still closed after {} failures",
+                i + 1
+            );
         }
         h.on_failure(at(4), false, 5, &schedule, 0.0);
         assert!(h.is_open(5));
         // First probe waits one schedule step after the failure that opened the circuit.
-        assert_eq!(h.gate(at(5), 5, 0), Gate::Limited { allowed: 0, wake_at: Some(at(14)) });
-        assert_eq!(h.gate(at(14), 5, 0), Gate::Limited { allowed: 1, wake_at: None });
-        assert_eq!(h.gate(at(14), 5, 1), Gate::Limited { allowed: 0, wake_at: None }, "one probe at a time");
+        assert_eq!(
+            h.gate(at(5), 5, 0),
+            Gate::Limited {
+                allowed: 0,
+                wake_at: Some(at(14))
+            }
+        );
+        assert_eq!(
+            h.gate(at(14), 5, 0),
+            Gate::Limited {
+                allowed: 1,
+                wake_at: None
+            }
+        );
+        assert_eq!(
+            h.gate(at(14), 5, 1),
+            Gate::Limited {
+                allowed: 0,
+                wake_at: None
+            },
+            "one probe at a time"
+        );
         assert_eq!(h.circuit_name(5, 1), "half-open");
         // A failed probe: the next waits the next step.
         h.on_failure(at(15), false, 5, &schedule, 0.0);
-        assert_eq!(h.gate(at(15), 5, 0), Gate::Limited { allowed: 0, wake_at: Some(at(35)) });
+        assert_eq!(
+            h.gate(at(15), 5, 0),
+            Gate::Limited {
+                allowed: 0,
+                wake_at: Some(at(35))
+            }
+        );
         // A successful probe closes the circuit.
         h.on_success(at(40));
         assert_eq!(h.gate(at(40), 5, 0), Gate::Open);
@@ -198,7 +256,10 @@ mod tests {
         assert_eq!(h.failed_delta, 1);
         assert!(!h.should_auto_disable(at(99), Duration::from_secs(100), 2));
         assert!(h.should_auto_disable(at(100), Duration::from_secs(100), 2));
-        assert!(!h.should_auto_disable(at(1000), Duration::ZERO, 2), "0 = never");
+        assert!(
+            !h.should_auto_disable(at(1000), Duration::ZERO, 2),
+            "0 = never"
+        );
         h.on_success(at(101));
         assert!(!h.should_auto_disable(at(1000), Duration::from_secs(100), 2));
     }

@@ -368,6 +368,59 @@ mod tests {
     }
 
     #[pg_test]
+    fn rotate_secret_keeps_the_old_one_for_the_grace_period() {
+        let old: String =
+            one("SELECT secret FROM webhook.create_endpoint('e', 'https://x.example.com')");
+        let new: String = one("SELECT webhook.rotate_secret('e', grace => '1 hour')");
+        assert!(new.starts_with("whsec_") && new != old);
+        assert_eq!(one::<String>("SELECT secret FROM webhook.endpoints"), new);
+        assert_eq!(
+            one::<String>("SELECT previous_secret FROM webhook.endpoints"),
+            old
+        );
+        assert!(one::<bool>(
+            "SELECT previous_secret_expires_at = now() + interval '1 hour' FROM webhook.endpoints"
+        ));
+        Spi::run("SELECT webhook.rotate_secret('e', grace => '0')").unwrap();
+        assert!(one::<bool>("SELECT previous_secret IS NULL AND previous_secret_expires_at IS NULL FROM webhook.endpoints"));
+        assert_eq!(
+            err("SELECT webhook.rotate_secret('e', grace => '-1 hour')").as_deref(),
+            Some("grace must be an interval of 0 or more, not -01:00:00")
+        );
+        assert_eq!(
+            err("SELECT webhook.rotate_secret('nope')").as_deref(),
+            Some("endpoint \"nope\" does not exist")
+        );
+    }
+
+    #[pg_test]
+    fn purge_checks_its_argument_and_keeps_pending_work() {
+        endpoint("e");
+        Spi::run("SELECT webhook.send('a', '{}'); SELECT webhook.send('b', '{}')").unwrap();
+        Spi::run("UPDATE webhook.deliveries SET status = 'delivered', created_at = now() - interval '2 days' WHERE id = (SELECT min(id) FROM webhook.deliveries)").unwrap();
+        Spi::run("UPDATE webhook.events SET created_at = now() - interval '2 days'").unwrap();
+        assert_eq!(one::<i64>("SELECT webhook.purge('1 day')"), 1);
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.deliveries"), 1);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM webhook.events"),
+            1,
+            "the pending delivery's event stays"
+        );
+        assert_eq!(
+            err("SELECT webhook.purge('-1 day')").as_deref(),
+            Some("older_than must not be negative, not -1 days")
+        );
+    }
+
+    #[pg_test]
+    fn endpoint_stats_has_a_row_per_endpoint() {
+        endpoint("a");
+        endpoint("b");
+        Spi::run("SELECT webhook.send('x', '{}')").unwrap();
+        assert_eq!(one::<String>("SELECT string_agg(name || ':' || pending || ':' || circuit, ',' ORDER BY name) FROM webhook.endpoint_stats"), "a:1:closed,b:1:closed");
+    }
+
+    #[pg_test]
     fn sign_and_verify_match_the_standard_webhooks_vector() {
         let sig: String = one(
             "SELECT webhook.sign('whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD', 'msg_27UH4WbU6Z5A5EzD8u03UvzRbpk', 1649367553,

@@ -18,7 +18,9 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::bgutil::{block_signals_while, in_transaction, reload_if_asked, shutdown_requested, spi_run, wait};
+use crate::bgutil::{
+    block_signals_while, in_transaction, reload_if_asked, shutdown_requested, spi_run, wait,
+};
 use crate::http::{Finished, HttpConfig, HttpRuntime, Job};
 use crate::policy::{Gate, Health, TokenBucket};
 use crate::retry::{self, Outcome, Schedule, Verdict};
@@ -50,9 +52,12 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     // SAFETY: registering a process-exit callback with a plain integer argument.
     unsafe { pg_sys::before_shmem_exit(Some(release_slot), pg_sys::Datum::from(slot_index)) };
     // SAFETY: plain reads of process globals on the main thread.
-    slot.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
-    slot.latch.store(unsafe { pg_sys::MyLatch }, Ordering::Release);
-    slot.started_at.store(shmem::now_micros(), Ordering::Relaxed);
+    slot.pid
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    slot.latch
+        .store(unsafe { pg_sys::MyLatch }, Ordering::Release);
+    slot.started_at
+        .store(shmem::now_micros(), Ordering::Relaxed);
     slot.set_state(WorkerState::Starting);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
 
@@ -94,6 +99,15 @@ struct Settings {
 }
 
 impl Settings {
+    /// Housekeeping runs every minute, or often enough for a short retention.
+    fn housekeeping_every(&self) -> Duration {
+        if self.retention.is_zero() {
+            HOUSEKEEPING_EVERY
+        } else {
+            (self.retention / 4).clamp(Duration::from_secs(1), HOUSEKEEPING_EVERY)
+        }
+    }
+
     fn read() -> Settings {
         let schedule = Arc::new(gucs::retry_schedule());
         let wanted = gucs::MAX_IN_FLIGHT.get() as usize;
@@ -150,7 +164,10 @@ fn socket_budget() -> usize {
             return 64;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 lim.rlim_cur = lim.rlim_max;
             }
@@ -238,7 +255,8 @@ impl Worker {
             return Stop::Shutdown;
         }
         let started = in_transaction(|| -> Result<(String, HashMap<i32, Health>), String> {
-            let id = Spi::get_one::<String>("SELECT install_id FROM webhook._meta").map_err(|e| e.to_string())?;
+            let id = Spi::get_one::<String>("SELECT install_id FROM webhook._meta")
+                .map_err(|e| e.to_string())?;
             spi_run(sql::RECOVER, &[Vec::<i64>::new().into(), true.into()])?;
             Ok((id.ok_or("webhook._meta is empty")?, load_health()?))
         });
@@ -272,6 +290,7 @@ impl Worker {
             if reload_if_asked() {
                 self.settings = Settings::read();
                 self.schedules.clear();
+                next_housekeeping = Instant::now();
                 if let Err(e) = http.reconfigure(Settings::http()) {
                     warning!("webhook_ext worker: keeping the previous HTTP settings: {e}");
                 }
@@ -297,17 +316,21 @@ impl Worker {
                 sleep = Some(ERROR_BACKOFF);
             }
             if Instant::now() >= next_housekeeping {
-                next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
+                next_housekeeping = Instant::now() + self.settings.housekeeping_every();
                 self.housekeeping();
             }
 
-            self.slot.in_flight.store(http.in_flight() as u32, Ordering::Relaxed);
+            self.slot
+                .in_flight
+                .store(http.in_flight() as u32, Ordering::Relaxed);
             let until_housekeeping = next_housekeeping.saturating_duration_since(Instant::now());
             let timeout = sleep.map_or(until_housekeeping, |s| s.min(until_housekeeping));
             if !timeout.is_zero() {
                 self.slot.set_state(WorkerState::Idle);
                 wait(Some(http.wake_fd()), Some(timeout));
-                self.slot.last_wake.store(shmem::now_micros(), Ordering::Relaxed);
+                self.slot
+                    .last_wake
+                    .store(shmem::now_micros(), Ordering::Relaxed);
             }
         };
         http.shutdown();
@@ -319,7 +342,10 @@ impl Worker {
     fn become_the_only_worker(&self) -> bool {
         loop {
             let got = in_transaction(|| {
-                Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_lock($1)", &[WORKER_LOCK_KEY.into()])
+                Spi::get_one_with_args::<bool>(
+                    "SELECT pg_try_advisory_lock($1)",
+                    &[WORKER_LOCK_KEY.into()],
+                )
             });
             match got {
                 Ok(Ok(Some(true))) => return true,
@@ -336,15 +362,23 @@ impl Worker {
     /// Leases that expired without a result become due again; old history is purged.
     fn housekeeping(&mut self) {
         let ids: Vec<i64> = self.tracked.keys().copied().collect();
-        if let Err(e) = in_transaction(|| spi_run(sql::RECOVER, &[ids.into(), false.into()])).and_then(|r| r) {
+        if let Err(e) =
+            in_transaction(|| spi_run(sql::RECOVER, &[ids.into(), false.into()])).and_then(|r| r)
+        {
             warning!("webhook_ext worker: recovering expired leases failed: {e}");
         }
         if self.settings.retention.is_zero() {
             return;
         }
         let cutoff = SystemTime::now() - self.settings.retention;
-        let cutoff = cutoff.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-        if let Err(e) = in_transaction(|| spi_run(sql::PURGE_ORPHANS, &[cutoff.into(), PURGE_BATCH.into()])).and_then(|r| r) {
+        let cutoff = cutoff
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        if let Err(e) =
+            in_transaction(|| spi_run(sql::PURGE_ORPHANS, &[cutoff.into(), PURGE_BATCH.into()]))
+                .and_then(|r| r)
+        {
             warning!("webhook_ext worker: purging old events failed: {e}");
         }
         for _ in 0..PURGE_BATCHES_PER_ROUND {
@@ -375,8 +409,12 @@ impl Worker {
         // An endpoint changed (enabled, altered) since its failures began gets a fresh start.
         for p in policies {
             if let Some(h) = self.health.get_mut(&p.id) {
-                if h.is_open(threshold) && p.updated_at.is_some() && p.updated_at > h.failing_since {
-                    *h = Health { dirty: true, ..Health::default() };
+                if h.is_open(threshold) && p.updated_at.is_some() && p.updated_at > h.failing_since
+                {
+                    *h = Health {
+                        dirty: true,
+                        ..Health::default()
+                    };
                 }
             }
         }
@@ -385,18 +423,29 @@ impl Worker {
         let mut wake_in = |d: Duration| wake = Some(wake.map_or(d, |w: Duration| w.min(d)));
         for (&id, h) in &self.health {
             let busy = self.busy.get(&id).copied().unwrap_or(0);
-            if let Gate::Limited { allowed: n, wake_at } = h.gate(now, threshold, busy) {
+            if let Gate::Limited {
+                allowed: n,
+                wake_at,
+            } = h.gate(now, threshold, busy)
+            {
                 allowed.insert(id, n);
                 if let Some(at) = wake_at {
                     wake_in(at.duration_since(now).unwrap_or_default());
                 }
             }
         }
-        self.buckets.retain(|id, _| policies.iter().any(|p| p.id == *id && p.rate_limit.is_some()));
+        self.buckets.retain(|id, _| {
+            policies
+                .iter()
+                .any(|p| p.id == *id && p.rate_limit.is_some())
+        });
         for p in policies {
             let Some(rate) = p.rate_limit else { continue };
             let rate = rate.max(1) as u32;
-            let bucket = self.buckets.entry(p.id).or_insert_with(|| TokenBucket::new(rate, clock));
+            let bucket = self
+                .buckets
+                .entry(p.id)
+                .or_insert_with(|| TokenBucket::new(rate, clock));
             if bucket.rate() != rate {
                 *bucket = TokenBucket::new(rate, clock);
             }
@@ -421,10 +470,16 @@ impl Worker {
         }
         let limit = room.min(self.settings.batch_size as usize) as i32;
         let threshold = self.settings.breaker_threshold;
-        let open: Vec<i32> = self.health.iter().filter(|(_, h)| h.is_open(threshold)).map(|(id, _)| *id).collect();
+        let open: Vec<i32> = self
+            .health
+            .iter()
+            .filter(|(_, h)| h.is_open(threshold))
+            .map(|(id, _)| *id)
+            .collect();
         let policies = in_transaction(move || load_policies(open))??;
         let (limit_ids, limit_counts, limits_wake) = self.limits(&policies);
-        let (busy_ids, busy_counts): (Vec<i32>, Vec<i32>) = self.busy.iter().map(|(k, v)| (*k, *v)).unzip();
+        let (busy_ids, busy_counts): (Vec<i32>, Vec<i32>) =
+            self.busy.iter().map(|(k, v)| (*k, *v)).unzip();
         let s = &self.settings;
         let claim_args = (
             busy_ids.clone(),
@@ -453,7 +508,9 @@ impl Worker {
                         ],
                     )
                     .map_err(|e| e.to_string())?;
-                rows.map(|row| Claimed::from_row(&row)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())
+                rows.map(|row| Claimed::from_row(&row))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
             })
         })??;
         let full = claimed.len() as i32 >= limit;
@@ -467,12 +524,19 @@ impl Worker {
         if full {
             return Ok(Some(Duration::ZERO));
         }
-        let (busy_ids, busy_counts): (Vec<i32>, Vec<i32>) = self.busy.iter().map(|(k, v)| (*k, *v)).unzip();
+        let (busy_ids, busy_counts): (Vec<i32>, Vec<i32>) =
+            self.busy.iter().map(|(k, v)| (*k, *v)).unzip();
         let dmif = self.settings.default_max_in_flight;
         let next_ms = in_transaction(move || {
             Spi::get_one_with_args::<i64>(
                 sql::NEXT_DUE,
-                &[busy_ids.into(), busy_counts.into(), dmif.into(), limit_ids.into(), limit_counts.into()],
+                &[
+                    busy_ids.into(),
+                    busy_counts.into(),
+                    dmif.into(),
+                    limit_ids.into(),
+                    limit_counts.into(),
+                ],
             )
             .map_err(|e| e.to_string())
         })??;
@@ -491,11 +555,22 @@ impl Worker {
             Some(text) => self
                 .schedules
                 .entry(text.clone())
-                .or_insert_with(|| Arc::new(Schedule::parse(text).unwrap_or_else(|_| (*self.settings.schedule).clone())))
+                .or_insert_with(|| {
+                    Arc::new(
+                        Schedule::parse(text).unwrap_or_else(|_| (*self.settings.schedule).clone()),
+                    )
+                })
                 .clone(),
         };
         let max_attempts = c.max_attempts.unwrap_or(self.settings.default_max_attempts);
-        self.tracked.insert(c.id, Tracked { endpoint_id: c.endpoint_id, max_attempts, schedule });
+        self.tracked.insert(
+            c.id,
+            Tracked {
+                endpoint_id: c.endpoint_id,
+                max_attempts,
+                schedule,
+            },
+        );
         *self.busy.entry(c.endpoint_id).or_default() += 1;
         let attempt = c.attempts + 1;
         let (delivery_id, endpoint_id) = (c.id, c.endpoint_id);
@@ -515,11 +590,13 @@ impl Worker {
     }
 
     fn job(&self, c: Claimed, attempt: i32) -> Result<Job, String> {
-        let mut keys = vec![signing::decode_secret(&c.secret).map_err(|e| format!("endpoint {e}"))?];
+        let mut keys =
+            vec![signing::decode_secret(&c.secret).map_err(|e| format!("endpoint {e}"))?];
         if let Some(prev) = &c.previous_secret {
             keys.push(signing::decode_secret(prev).map_err(|e| format!("endpoint previous {e}"))?);
         }
-        let headers = request::parse_headers(&c.headers).map_err(|e| format!("endpoint headers: {e}"))?;
+        let headers =
+            request::parse_headers(&c.headers).map_err(|e| format!("endpoint headers: {e}"))?;
         Ok(Job {
             delivery_id: c.id,
             endpoint_id: c.endpoint_id,
@@ -544,7 +621,10 @@ impl Worker {
         for chunk in results.chunks(batch) {
             if let Err(e) = self.record(chunk) {
                 ok = false;
-                warning!("webhook_ext worker: recording {} results failed, retrying one by one: {e}", chunk.len());
+                warning!(
+                    "webhook_ext worker: recording {} results failed, retrying one by one: {e}",
+                    chunk.len()
+                );
                 for one in chunk {
                     if let Err(e) = self.record(std::slice::from_ref(one)) {
                         let tries = self.record_failures.entry(one.delivery_id).or_insert(0);
@@ -552,7 +632,10 @@ impl Worker {
                         if *tries < 3 {
                             kept.push(one.clone());
                         } else {
-                            warning!("webhook_ext worker: giving up recording delivery {}: {e}", one.delivery_id);
+                            warning!(
+                                "webhook_ext worker: giving up recording delivery {}: {e}",
+                                one.delivery_id
+                            );
                             self.record_failures.remove(&one.delivery_id);
                             self.forget(one.delivery_id);
                         }
@@ -581,16 +664,28 @@ impl Worker {
     fn record(&mut self, batch: &[Finished]) -> Result<(), String> {
         let mut rows = RecordRows::with_capacity(batch.len());
         // Changes go to copies, written back only once the transaction has committed.
-        let mut health: HashMap<i32, Health> =
-            self.health.iter().filter(|(_, h)| h.dirty).map(|(id, h)| (*id, h.clone())).collect();
+        let mut health: HashMap<i32, Health> = self
+            .health
+            .iter()
+            .filter(|(_, h)| h.dirty)
+            .map(|(id, h)| (*id, h.clone()))
+            .collect();
         let mut disable: Vec<(i32, String)> = Vec::new();
         let threshold = self.settings.breaker_threshold;
         let now = SystemTime::now();
         let (mut delivered, mut failed) = (0u64, 0u64);
         for f in batch {
-            let Some(t) = self.tracked.get(&f.delivery_id) else { continue };
+            let Some(t) = self.tracked.get(&f.delivery_id) else {
+                continue;
+            };
             let jitter = fastrand::f64() * 2.0 - 1.0;
-            let verdict = retry::decide(&f.outcome, f.attempt as u32, t.max_attempts as u32, &t.schedule, jitter);
+            let verdict = retry::decide(
+                &f.outcome,
+                f.attempt as u32,
+                t.max_attempts as u32,
+                &t.schedule,
+                jitter,
+            );
             let h = health
                 .entry(t.endpoint_id)
                 .or_insert_with(|| self.health.get(&t.endpoint_id).cloned().unwrap_or_default());
@@ -614,12 +709,22 @@ impl Worker {
                 Verdict::Gone => {
                     h.on_failure(now, true, threshold, &t.schedule, jitter);
                     failed += 1;
-                    disable.push((t.endpoint_id, format!("receiver answered 410 Gone at {}", request::rfc3339_utc(shmem::now_micros()))));
+                    disable.push((
+                        t.endpoint_id,
+                        format!(
+                            "receiver answered 410 Gone at {}",
+                            request::rfc3339_utc(shmem::now_micros())
+                        ),
+                    ));
                     ("failed", 0, Some(": endpoint disabled".to_string()))
                 }
             };
             if h.should_auto_disable(now, self.settings.auto_disable_after, threshold) {
-                let since = h.failing_since.unwrap_or(now).duration_since(UNIX_EPOCH).unwrap_or_default();
+                let since = h
+                    .failing_since
+                    .unwrap_or(now)
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
                 disable.push((
                     t.endpoint_id,
                     format!(
@@ -637,7 +742,11 @@ impl Worker {
         }
         disable.sort_by_key(|(id, _)| *id);
         disable.dedup_by_key(|(id, _)| *id);
-        let dirty: Vec<(i32, Health)> = health.iter().filter(|(_, h)| h.dirty).map(|(id, h)| (*id, h.clone())).collect();
+        let dirty: Vec<(i32, Health)> = health
+            .iter()
+            .filter(|(_, h)| h.dirty)
+            .map(|(id, h)| (*id, h.clone()))
+            .collect();
         let done_ids = rows.ids.clone();
         in_transaction(move || -> Result<(), String> {
             rows.write()?;
@@ -658,7 +767,9 @@ impl Worker {
             self.forget(id);
             self.record_failures.remove(&id);
         }
-        self.slot.attempts.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.slot
+            .attempts
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.slot.delivered.fetch_add(delivered, Ordering::Relaxed);
         self.slot.failed.fetch_add(failed, Ordering::Relaxed);
         Ok(())
@@ -695,15 +806,28 @@ impl RecordRows {
         }
     }
 
-    fn push(&mut self, f: &Finished, endpoint_id: i32, status: &str, delay_ms: i64, error: Option<String>) {
+    fn push(
+        &mut self,
+        f: &Finished,
+        endpoint_id: i32,
+        status: &str,
+        delay_ms: i64,
+        error: Option<String>,
+    ) {
         self.ids.push(f.delivery_id);
         self.attempts.push(f.attempt);
         self.statuses.push(status.to_string());
         self.codes.push(f.status_code().map(i32::from));
         // Text columns cannot hold NUL bytes.
         self.errors.push(error.map(|e| e.replace('\0', "")));
-        self.bodies.push(f.response_body.as_ref().map(|b| b.replace('\0', "")));
-        self.started.push(f.started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
+        self.bodies
+            .push(f.response_body.as_ref().map(|b| b.replace('\0', "")));
+        self.started.push(
+            f.started_at
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
         self.micros.push(f.duration.as_micros() as i64);
         self.delays.push(delay_ms);
         self.endpoints.push(endpoint_id);
@@ -732,11 +856,16 @@ impl RecordRows {
 }
 
 fn epoch(t: Option<SystemTime>) -> Option<f64> {
-    t.map(|t| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64())
+    t.map(|t| {
+        t.duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    })
 }
 
 fn from_epoch(secs: Option<f64>) -> Option<SystemTime> {
-    secs.filter(|s| s.is_finite() && *s >= 0.0).map(|s| UNIX_EPOCH + Duration::from_secs_f64(s))
+    secs.filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| UNIX_EPOCH + Duration::from_secs_f64(s))
 }
 
 fn save_health(dirty: &[(i32, Health)]) -> Result<(), String> {
@@ -744,12 +873,24 @@ fn save_health(dirty: &[(i32, Health)]) -> Result<(), String> {
         return Ok(());
     }
     let ids: Vec<i32> = dirty.iter().map(|(id, _)| *id).collect();
-    let failures: Vec<i32> = dirty.iter().map(|(_, h)| h.consecutive_failures as i32).collect();
+    let failures: Vec<i32> = dirty
+        .iter()
+        .map(|(_, h)| h.consecutive_failures as i32)
+        .collect();
     let since: Vec<Option<f64>> = dirty.iter().map(|(_, h)| epoch(h.failing_since)).collect();
-    let ok: Vec<Option<f64>> = dirty.iter().map(|(_, h)| epoch(h.last_success_at)).collect();
-    let bad: Vec<Option<f64>> = dirty.iter().map(|(_, h)| epoch(h.last_failure_at)).collect();
+    let ok: Vec<Option<f64>> = dirty
+        .iter()
+        .map(|(_, h)| epoch(h.last_success_at))
+        .collect();
+    let bad: Vec<Option<f64>> = dirty
+        .iter()
+        .map(|(_, h)| epoch(h.last_failure_at))
+        .collect();
     let probe: Vec<Option<f64>> = dirty.iter().map(|(_, h)| epoch(h.next_probe_at)).collect();
-    let delivered: Vec<i64> = dirty.iter().map(|(_, h)| h.delivered_delta as i64).collect();
+    let delivered: Vec<i64> = dirty
+        .iter()
+        .map(|(_, h)| h.delivered_delta as i64)
+        .collect();
     let failed: Vec<i64> = dirty.iter().map(|(_, h)| h.failed_delta as i64).collect();
     spi_run(
         sql::SAVE_HEALTH,

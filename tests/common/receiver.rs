@@ -42,6 +42,9 @@ pub struct Reply {
     pub delay: Duration,
     /// Close the connection without answering.
     pub hang_up: bool,
+    /// Announce and send this many body bytes (zeros) instead of `body`, for as long as the
+    /// client keeps reading.
+    pub stream: Option<u64>,
 }
 
 impl Reply {
@@ -52,6 +55,7 @@ impl Reply {
             body: b"ok".to_vec(),
             delay: Duration::ZERO,
             hang_up: false,
+            stream: None,
         }
     }
     pub fn ok() -> Reply {
@@ -67,6 +71,10 @@ impl Reply {
     }
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Reply {
         self.body = body.into();
+        self
+    }
+    pub fn streaming(mut self, bytes: u64) -> Reply {
+        self.stream = Some(bytes);
         self
     }
 }
@@ -85,6 +93,7 @@ struct State {
     max_active: AtomicUsize,
     count: AtomicUsize,
     stop: AtomicBool,
+    streamed: std::sync::atomic::AtomicU64,
 }
 
 pub struct Receiver {
@@ -111,6 +120,7 @@ impl Receiver {
             max_active: AtomicUsize::new(0),
             count: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
+            streamed: std::sync::atomic::AtomicU64::new(0),
         });
         let s = state.clone();
         std::thread::spawn(move || {
@@ -164,6 +174,11 @@ impl Receiver {
         self.state.max_active.load(Ordering::SeqCst)
     }
 
+    /// Body bytes written by streaming replies (as far as the client took them).
+    pub fn streamed(&self) -> u64 {
+        self.state.streamed.load(Ordering::SeqCst)
+    }
+
     /// Stops accepting; connections already open are closed when their handlers return.
     pub fn stop(&self) {
         self.state.stop.store(true, Ordering::SeqCst);
@@ -209,19 +224,33 @@ fn serve(conn: TcpStream, state: Arc<State>, behavior: Behavior) {
         if reply.hang_up {
             return;
         }
+        let length = reply.stream.unwrap_or(reply.body.len() as u64);
         let mut head = format!(
-            "HTTP/1.1 {} X\r\ncontent-length: {}\r\n",
-            reply.status,
-            reply.body.len()
+            "HTTP/1.1 {} X\r\ncontent-length: {length}\r\n",
+            reply.status
         );
         for (k, v) in &reply.headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
-        let ok = writer
-            .write_all(head.as_bytes())
-            .and_then(|_| writer.write_all(&reply.body))
-            .is_ok();
+        let ok = match reply.stream {
+            None => writer
+                .write_all(head.as_bytes())
+                .and_then(|_| writer.write_all(&reply.body))
+                .is_ok(),
+            Some(total) => {
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut sent = 0u64;
+                let mut ok = writer.write_all(head.as_bytes()).is_ok();
+                while ok && sent < total {
+                    let n = chunk.len().min((total - sent) as usize);
+                    ok = writer.write_all(&chunk[..n]).is_ok();
+                    sent += n as u64;
+                }
+                state.streamed.fetch_add(sent, Ordering::SeqCst);
+                ok
+            }
+        };
         if !ok {
             return;
         }
