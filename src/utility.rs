@@ -28,8 +28,11 @@ pub fn init() {
     }
 }
 
+// The hook itself is not #[pg_guard]ed: an ERROR raised by the command (or by the hooks after us)
+// must reach the caller exactly as Postgres raised it, not be turned into a Rust panic and back.
+// Nothing here needs dropping, so a longjmp through this frame is harmless; our own logic runs in
+// `before`, which is guarded.
 #[cfg(not(feature = "pg13"))]
-#[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -45,7 +48,7 @@ unsafe extern "C-unwind" fn process_utility(
         before((*pstmt).utilityStmt);
         match PREV {
             Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(
+            None => raw::standard_ProcessUtility(
                 pstmt,
                 query,
                 read_only_tree,
@@ -60,7 +63,6 @@ unsafe extern "C-unwind" fn process_utility(
 }
 
 #[cfg(feature = "pg13")]
-#[pg_guard]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
     query: *const std::ffi::c_char,
@@ -74,12 +76,43 @@ unsafe extern "C-unwind" fn process_utility(
         before((*pstmt).utilityStmt);
         match PREV {
             Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
+            None => raw::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
         }
     }
 }
 
-unsafe fn before(node: *mut pg_sys::Node) {
+/// Postgres's standard_ProcessUtility without pgrx's error-catching wrapper.
+mod raw {
+    use pgrx::pg_sys;
+
+    extern "C-unwind" {
+        #[cfg(not(feature = "pg13"))]
+        #[allow(clippy::too_many_arguments)]
+        pub fn standard_ProcessUtility(
+            pstmt: *mut pg_sys::PlannedStmt,
+            query: *const std::ffi::c_char,
+            read_only_tree: bool,
+            context: pg_sys::ProcessUtilityContext::Type,
+            params: pg_sys::ParamListInfo,
+            env: *mut pg_sys::QueryEnvironment,
+            dest: *mut pg_sys::DestReceiver,
+            qc: *mut pg_sys::QueryCompletion,
+        );
+        #[cfg(feature = "pg13")]
+        pub fn standard_ProcessUtility(
+            pstmt: *mut pg_sys::PlannedStmt,
+            query: *const std::ffi::c_char,
+            context: pg_sys::ProcessUtilityContext::Type,
+            params: pg_sys::ParamListInfo,
+            env: *mut pg_sys::QueryEnvironment,
+            dest: *mut pg_sys::DestReceiver,
+            qc: *mut pg_sys::QueryCompletion,
+        );
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn before(node: *mut pg_sys::Node) {
     if node.is_null() {
         return;
     }

@@ -616,3 +616,34 @@ fn deliveries_wait_for_capacity_and_all_arrive() {
         .collect();
     assert_eq!(payloads.len(), 200);
 }
+
+#[test]
+fn errors_from_utility_commands_pass_through_untouched() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext; CREATE TABLE t (id int); CREATE VIEW v AS SELECT * FROM t",
+    )
+    .unwrap();
+    let err = db.batch_execute("DROP TABLE t").unwrap_err();
+    let e = err.as_db_error().expect("a database error");
+    assert_eq!(
+        e.code(),
+        &postgres::error::SqlState::DEPENDENT_OBJECTS_STILL_EXIST
+    );
+    assert_eq!(
+        e.message(),
+        "cannot drop table t because other objects depend on it"
+    );
+    assert_eq!(e.detail(), Some("view v depends on table t"));
+    assert_eq!(
+        e.hint(),
+        Some("Use DROP ... CASCADE to drop the dependent objects too.")
+    );
+    let err = db.batch_execute("BEGIN; VACUUM; COMMIT").unwrap_err();
+    assert_eq!(
+        err.as_db_error().unwrap().message(),
+        "VACUUM cannot run inside a transaction block"
+    );
+    assert_eq!(err.as_db_error().unwrap().detail(), None);
+}

@@ -30,13 +30,17 @@ extern "C" {
 /// Runs a Postgres binary as the `postgres` user when we are root.
 pub fn pg_command(program: &str) -> Command {
     let path = format!("{BIN}/{program}");
-    if is_root() {
+    let mut c = if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", &path]);
         c
     } else {
         Command::new(path)
-    }
+    };
+    // The server runs as it would in production, without the test runner's backtrace settings.
+    c.env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
+    c
 }
 
 fn check(out: Output, what: &str) -> Output {
