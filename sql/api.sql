@@ -1,7 +1,15 @@
 -- webhook_ext: the SQL API. Table writes live here; validation, signing and the trigger are Rust.
 -- Every function pins search_path, and names every object with its schema.
 
-ALTER FUNCTION webhook.enqueue() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- The trigger runs as the extension's owner, so application roles need no rights on webhook.*.
+-- It has no SET search_path clause on purpose: that clause costs a GUC save/restore on every row.
+-- Instead every name in its statements is schema-qualified and every operator written
+-- OPERATOR(pg_catalog.…), which is what a pinned search_path would protect.
+ALTER FUNCTION webhook.enqueue() SECURITY DEFINER;
+
+-- Sessions cache webhook.endpoints for the trigger; any change makes them re-read it at commit.
+CREATE TRIGGER endpoints_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON webhook.endpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION webhook._endpoints_changed();
 
 -- Clear errors for bad endpoint arguments (the table's CHECKs are only a backstop).
 CREATE FUNCTION webhook._check_endpoint_args(
@@ -317,7 +325,7 @@ BEGIN
     IF endpoint IS NOT NULL THEN
         SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
     END IF;
-    INSERT INTO webhook.events (type, payload) VALUES (event_type, payload) RETURNING id INTO event_id;
+    INSERT INTO webhook._events (type, payload) VALUES (event_type, payload) RETURNING id INTO event_id;
     INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
     SELECT event_id, e.id,
            CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
@@ -384,7 +392,7 @@ BEGIN
     END IF;
     INSERT INTO webhook.deliveries (event_id, endpoint_id)
     SELECT ev.id, ep.id
-      FROM webhook.events ev
+      FROM webhook._events ev
      WHERE ev.created_at >= since AND ev.created_at < until
        AND EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)
      ORDER BY ev.id;
@@ -417,6 +425,42 @@ BEGIN
 END
 $$;
 
+-- The highest id in tbl (webhook.deliveries or webhook._events) created before cutoff: a binary
+-- search over the primary key, a few index probes instead of a scan or an index on created_at
+-- (which would cost every insert). It assumes created_at grows with id, which holds up to the
+-- length of a transaction; callers still check created_at row by row.
+CREATE FUNCTION webhook._last_id_before(tbl regclass, cutoff timestamptz)
+RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+    mid bigint;
+    at_id bigint;
+    t timestamptz;
+BEGIN
+    EXECUTE format('SELECT min(id), max(id) FROM %s', tbl) INTO lo, hi;
+    IF lo IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT created_at FROM %s WHERE id = $1', tbl) INTO t USING lo;
+    IF t >= cutoff THEN
+        RETURN lo - 1;
+    END IF;
+    WHILE lo < hi LOOP
+        mid := lo + (hi - lo + 1) / 2;
+        EXECUTE format('SELECT id, created_at FROM %s WHERE id >= $1 ORDER BY id LIMIT 1', tbl) INTO at_id, t USING mid;
+        IF t < cutoff THEN
+            lo := at_id;
+        ELSE
+            hi := mid - 1;
+        END IF;
+    END LOOP;
+    RETURN lo;
+END
+$$;
+
 -- Deletes up to max_rows finished deliveries created before cutoff, with their attempts and the
 -- events they leave without deliveries. Returns how many deliveries went.
 CREATE FUNCTION webhook._purge_step(cutoff timestamptz, max_rows integer)
@@ -424,13 +468,19 @@ RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    bound bigint := webhook._last_id_before('webhook.deliveries', cutoff);
     gone bigint[];
     evs bigint[];
 BEGIN
+    IF bound IS NULL THEN
+        RETURN 0;
+    END IF;
     WITH d AS (
         DELETE FROM webhook.deliveries x
          WHERE x.id IN (SELECT y.id FROM webhook.deliveries y
-                         WHERE y.created_at < cutoff AND y.status IN ('delivered', 'failed', 'cancelled')
+                         WHERE y.id <= bound AND y.created_at < cutoff
+                           AND y.status IN ('delivered', 'failed', 'cancelled')
+                         ORDER BY y.id
                          LIMIT max_rows
                            FOR UPDATE SKIP LOCKED)
         RETURNING x.id, x.event_id)
@@ -439,7 +489,7 @@ BEGIN
         RETURN 0;
     END IF;
     DELETE FROM webhook.attempts a WHERE a.delivery_id = ANY (gone);
-    DELETE FROM webhook.events e
+    DELETE FROM webhook._events e
      WHERE e.id = ANY (evs) AND NOT EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = e.id);
     RETURN cardinality(gone);
 END
@@ -448,16 +498,24 @@ $$;
 -- Events older than cutoff that never had a delivery (no endpoint matched them).
 CREATE FUNCTION webhook._purge_orphans(cutoff timestamptz, max_rows integer)
 RETURNS bigint
-LANGUAGE sql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH gone AS (
-        DELETE FROM webhook.events e
-         WHERE e.id IN (SELECT x.id FROM webhook.events x
-                         WHERE x.created_at < cutoff
-                           AND NOT EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = x.id)
-                         LIMIT max_rows)
-        RETURNING 1)
-    SELECT count(*) FROM gone
+DECLARE
+    bound bigint := webhook._last_id_before('webhook._events', cutoff);
+    n bigint;
+BEGIN
+    IF bound IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM webhook._events e
+     WHERE e.id IN (SELECT x.id FROM webhook._events x
+                     WHERE x.id <= bound AND x.created_at < cutoff
+                       AND NOT EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = x.id)
+                     ORDER BY x.id
+                     LIMIT max_rows);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
 $$;
 
 -- Deletes finished deliveries (delivered, failed, cancelled) older than older_than (default:
@@ -567,5 +625,7 @@ BEGIN
 END
 $$;
 
--- Wake this database's worker (it may be waiting for CREATE EXTENSION) when the install commits.
+-- Wake this database's worker (it may be waiting for CREATE EXTENSION) when the install commits,
+-- and make every session drop any endpoint cache left from an earlier install.
 SELECT webhook._wake();
+DELETE FROM webhook.endpoints WHERE false;

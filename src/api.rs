@@ -191,3 +191,10 @@ fn _served_databases() -> Vec<String> {
 fn _retention_seconds() -> i32 {
     gucs::RETENTION_S.get()
 }
+
+/// Whether `event_type` passes an `event_types` filter (NULL = all; `prefix*` matches a prefix).
+#[pg_extern(immutable, parallel_safe)]
+fn _type_matches(event_type: &str, patterns: Option<Vec<Option<String>>>) -> bool {
+    let patterns: Option<Vec<String>> = patterns.map(|v| v.into_iter().flatten().collect());
+    request::type_matches(event_type, patterns.as_deref())
+}

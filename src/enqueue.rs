@@ -3,7 +3,10 @@
 //!
 //! It never fails the user's statement because of the endpoint: an unknown endpoint or an oversized
 //! payload is recorded as a `failed` delivery with the reason, a disabled endpoint as `cancelled`.
-//! One statement per row, from a plan prepared once per row type and kept for the session.
+//!
+//! This is the hot path, so per row it runs one statement from a plan prepared once per row type
+//! and kept for the session, and decides everything about the endpoint from a per-session cache
+//! of `webhook.endpoints` (refreshed when any transaction that changed that table commits).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,62 +15,84 @@ use std::ffi::CString;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::{gucs, shmem};
+use crate::{gucs, request, shmem};
 
-/// Parameters: $1 type, $2 schema, $3 table, $4 op, $5 new row, $6 old row, $7 endpoint name,
-/// $8 columns (NULL = all), $9 max payload bytes. Every name is schema-qualified and every
-/// operator spelled out, so the caller's search_path cannot redirect anything.
+/// Parameters: $1 type, $2 schema, $3 table, $4 op, $5 new row, $6 old row, $7 endpoint id
+/// (NULL if unknown), $8 status, $9 reason, $10 max payload bytes, and for a column-filtered
+/// subscription $11 the columns. Every name is schema-qualified and every operator spelled out,
+/// so the caller's search_path cannot redirect anything (the function runs as its owner).
 const ENQUEUE_SQL: &str = r#"
-WITH ep AS (
-    SELECT e.id, e.enabled, e.event_types
-      FROM webhook.endpoints e
-     WHERE e.name OPERATOR(pg_catalog.=) $7
-), body AS (
-    SELECT CASE WHEN $8 IS NULL THEN pg_catalog.to_jsonb($5) ELSE webhook._pick(pg_catalog.to_jsonb($5), $8) END AS new_j,
-           CASE WHEN $8 IS NULL THEN pg_catalog.to_jsonb($6) ELSE webhook._pick(pg_catalog.to_jsonb($6), $8) END AS old_j
-), ev AS (
-    INSERT INTO webhook.events (type, payload)
-    SELECT $1, pg_catalog.jsonb_build_object('schema', $2, 'table', $3, 'op', $4,
-                                             'new', b.new_j, 'old', b.old_j, 'txid', pg_catalog.txid_current())
-      FROM body b LEFT JOIN ep ON true
-     WHERE webhook._type_matches($1, ep.event_types)
-       AND ($8 IS NULL OR $4 OPERATOR(pg_catalog.<>) 'UPDATE' OR b.new_j IS DISTINCT FROM b.old_j)
-    RETURNING id, pg_catalog.pg_column_size(payload) AS size
+WITH ev AS (
+    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)
+    VALUES ($1, $2, $3, $4, pg_catalog.to_jsonb($5), pg_catalog.to_jsonb($6))
+    RETURNING id, COALESCE(pg_catalog.pg_column_size(new), 0) OPERATOR(pg_catalog.+)
+                  COALESCE(pg_catalog.pg_column_size(old), 0) AS size
 )
-INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
-SELECT ev.id, ep.id, s.status,
-       CASE WHEN s.status OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END,
-       CASE WHEN ep.id IS NULL THEN pg_catalog.format('endpoint %s does not exist', pg_catalog.quote_literal($7))
-            WHEN ev.size OPERATOR(pg_catalog.>) $9
-                THEN pg_catalog.format('payload is %s bytes, more than webhook.max_payload_bytes (%s)', ev.size, $9)
-            WHEN NOT ep.enabled THEN 'endpoint disabled'
-       END
-  FROM ev LEFT JOIN ep ON true
- CROSS JOIN LATERAL (
-       SELECT CASE WHEN ep.id IS NULL OR ev.size OPERATOR(pg_catalog.>) $9 THEN 'failed'
-                   WHEN NOT ep.enabled THEN 'cancelled'
-                   ELSE 'pending' END::webhook.delivery_status AS status) s
 "#;
+
+/// The same for a subscription limited to some columns: only those are published, and an
+/// UPDATE that changed none of them records nothing.
+const ENQUEUE_COLUMNS_SQL: &str = r#"
+WITH j AS (
+    SELECT (SELECT pg_catalog.jsonb_object_agg(e.key, e.value) FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb($5)) AS e
+             WHERE e.key OPERATOR(pg_catalog.=) ANY ($11)) AS new_j,
+           (SELECT pg_catalog.jsonb_object_agg(e.key, e.value) FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb($6)) AS e
+             WHERE e.key OPERATOR(pg_catalog.=) ANY ($11)) AS old_j
+), ev AS (
+    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)
+    SELECT $1, $2, $3, $4, j.new_j, j.old_j
+      FROM j
+     WHERE $4 OPERATOR(pg_catalog.<>) 'UPDATE' OR pg_catalog.jsonb_ne(COALESCE(j.new_j, '{}'), COALESCE(j.old_j, '{}'))
+    RETURNING id, COALESCE(pg_catalog.pg_column_size(new), 0) OPERATOR(pg_catalog.+)
+                  COALESCE(pg_catalog.pg_column_size(old), 0) AS size
+)
+"#;
+
+/// The delivery for the event just recorded (shared tail of both statements).
+const DELIVERY_SQL: &str = r#"
+INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
+SELECT ev.id, $7,
+       CASE WHEN ev.size OPERATOR(pg_catalog.>) $10 THEN 'failed' ELSE $8 END::webhook.delivery_status,
+       CASE WHEN ev.size OPERATOR(pg_catalog.<=) $10 AND $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END,
+       CASE WHEN ev.size OPERATOR(pg_catalog.>) $10
+            THEN pg_catalog.format('payload is %s bytes, more than webhook.max_payload_bytes (%s)', ev.size, $10)
+            ELSE $9 END
+  FROM ev
+"#;
+
+/// What the trigger needs to know about an endpoint.
+#[derive(Clone)]
+struct Endpoint {
+    id: i32,
+    enabled: bool,
+    event_types: Option<Vec<String>>,
+}
+
+struct Cache {
+    version: u64,
+    endpoints: HashMap<String, Endpoint>,
+}
 
 thread_local! {
     /// Kept plans, one per row type. Postgres re-plans them itself when the tables change.
-    static PLANS: RefCell<HashMap<pg_sys::Oid, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<(pg_sys::Oid, bool), pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
     /// Partition -> the root table its events are published under.
     static PARTITION_ROOTS: RefCell<HashMap<pg_sys::Oid, pg_sys::Oid>> = RefCell::new(HashMap::new());
+    /// This session's copy of webhook.endpoints (name -> what the trigger needs).
+    static ENDPOINTS: RefCell<Option<Cache>> = const { RefCell::new(None) };
 }
 
 #[pg_trigger]
 fn enqueue<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
-    if !trigger.event().fired_after() || !trigger.event().fired_for_row() {
-        error!("webhook.enqueue must be used in an AFTER ... FOR EACH ROW trigger");
-    }
-    let args = trigger.extra_args()?;
-    let endpoint = args.first().cloned().unwrap_or_default();
-    let columns: Option<Vec<String>> = (args.len() > 1).then(|| args[1..].to_vec());
     let data = trigger.trigger_data();
     let event = data.tg_event;
+    if !pgrx::trigger_support::trigger_fired_after(event)
+        || !pgrx::trigger_support::trigger_fired_for_row(event)
+    {
+        error!("webhook.enqueue must be used in an AFTER ... FOR EACH ROW trigger");
+    }
     let op = if pgrx::trigger_support::trigger_fired_by_insert(event) {
         "INSERT"
     } else if pgrx::trigger_support::trigger_fired_by_update(event) {
@@ -77,13 +102,34 @@ fn enqueue<'a>(
     } else {
         error!("webhook.enqueue handles INSERT, UPDATE and DELETE only");
     };
+    let args = trigger.extra_args()?;
+    let endpoint_name = args.first().map(String::as_str).unwrap_or_default();
 
     // SAFETY: the trigger manager hands us a valid relation and tuples for the duration of the call.
-    unsafe {
+    let status = unsafe {
         let rel = data.tg_relation;
-        let tupdesc = (*rel).rd_att;
-        let reltype = (*(*rel).rd_rel).reltype;
         let (schema, table) = published_name(rel);
+        let event_type = format!("{schema}.{table}.{}", op.to_ascii_lowercase());
+        let (endpoint_id, status, reason) = match lookup(endpoint_name) {
+            None => (
+                None,
+                "failed",
+                Some(format!(
+                    "endpoint '{}' does not exist",
+                    endpoint_name.replace('\'', "''")
+                )),
+            ),
+            Some(ep) if !request::type_matches(&event_type, ep.event_types.as_deref()) => {
+                return Ok(None)
+            }
+            Some(ep) if !ep.enabled => (
+                Some(ep.id),
+                "cancelled",
+                Some("endpoint disabled".to_string()),
+            ),
+            Some(ep) => (Some(ep.id), "pending", None),
+        };
+        let tupdesc = (*rel).rd_att;
         let as_datum = |t: pg_sys::HeapTuple| {
             (!t.is_null()).then(|| pg_sys::heap_copy_tuple_as_datum(t, tupdesc))
         };
@@ -92,43 +138,105 @@ fn enqueue<'a>(
             "UPDATE" => (as_datum(data.tg_newtuple), as_datum(data.tg_trigtuple)),
             _ => (None, as_datum(data.tg_trigtuple)),
         };
-        let event_type = format!("{schema}.{table}.{}", op.to_ascii_lowercase());
+        let columns: Option<Vec<String>> = (args.len() > 1).then(|| args[1..].to_vec());
+        let none = pg_sys::Datum::from(0);
         let mut values = [
             text_datum(&event_type),
             text_datum(&schema),
             text_datum(&table),
             text_datum(op),
-            new_row.unwrap_or(pg_sys::Datum::from(0)),
-            old_row.unwrap_or(pg_sys::Datum::from(0)),
-            text_datum(&endpoint),
-            columns
-                .clone()
-                .into_datum()
-                .unwrap_or(pg_sys::Datum::from(0)),
+            new_row.unwrap_or(none),
+            old_row.unwrap_or(none),
+            endpoint_id.map_or(none, pg_sys::Datum::from),
+            text_datum(status),
+            reason.as_deref().map_or(none, text_datum),
             pg_sys::Datum::from(gucs::MAX_PAYLOAD_BYTES.get()),
+            columns.clone().into_datum().unwrap_or(none),
         ];
-        let nulls: [std::ffi::c_char; 9] = [
-            b' ' as _,
-            b' ' as _,
-            b' ' as _,
-            b' ' as _,
-            if new_row.is_some() { b' ' } else { b'n' } as _,
-            if old_row.is_some() { b' ' } else { b'n' } as _,
-            b' ' as _,
-            if columns.is_some() { b' ' } else { b'n' } as _,
-            b' ' as _,
+        let flag = |present: bool| {
+            if present {
+                b' ' as std::ffi::c_char
+            } else {
+                b'n' as std::ffi::c_char
+            }
+        };
+        let nulls = [
+            flag(true),
+            flag(true),
+            flag(true),
+            flag(true),
+            flag(new_row.is_some()),
+            flag(old_row.is_some()),
+            flag(endpoint_id.is_some()),
+            flag(true),
+            flag(reason.is_some()),
+            flag(true),
+            flag(columns.is_some()),
         ];
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("webhook.enqueue: SPI_connect failed");
         }
-        let plan = plan_for(reltype);
+        let plan = plan_for((*(*rel).rd_rel).reltype, columns.is_some());
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         if rc != pg_sys::SPI_OK_INSERT as i32 {
             error!("webhook.enqueue: could not record the event (SPI code {rc})");
         }
         pg_sys::SPI_finish();
+        status
+    };
+    if status == "pending" {
+        shmem::wake_at_commit();
     }
-    shmem::wake_at_commit();
+    Ok(None)
+}
+
+/// The endpoint named `name`, from this session's cache of webhook.endpoints.
+fn lookup(name: &str) -> Option<Endpoint> {
+    let version = shmem::endpoints_version();
+    ENDPOINTS.with(|cell| {
+        let mut cache = cell.borrow_mut();
+        if cache.as_ref().is_none_or(|c| c.version != version) {
+            *cache = Some(Cache {
+                version,
+                endpoints: load_endpoints(),
+            });
+        }
+        cache.as_ref().and_then(|c| c.endpoints.get(name).cloned())
+    })
+}
+
+fn load_endpoints() -> HashMap<String, Endpoint> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT name, id, enabled, event_types FROM webhook.endpoints",
+            None,
+            &[],
+        )?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let name: String = row.get(1)?.unwrap_or_default();
+            let event_types: Option<Vec<Option<String>>> = row.get(4)?;
+            out.insert(
+                name,
+                Endpoint {
+                    id: row.get(2)?.unwrap_or_default(),
+                    enabled: row.get(3)?.unwrap_or(false),
+                    event_types: event_types.map(|v| v.into_iter().flatten().collect()),
+                },
+            );
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_else(|e| error!("webhook.enqueue: could not read webhook.endpoints: {e}"))
+}
+
+/// Statement trigger on webhook.endpoints: every session's endpoint cache is refreshed once
+/// this transaction commits.
+#[pg_trigger]
+fn _endpoints_changed<'a>(
+    _trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    shmem::endpoints_changed_at_commit();
     Ok(None)
 }
 
@@ -159,23 +267,34 @@ fn text_datum(s: &str) -> pg_sys::Datum {
     s.into_datum().expect("text is never NULL")
 }
 
-/// The kept plan for rows of type `reltype`, prepared on first use in this session.
-unsafe fn plan_for(reltype: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
-    if let Some(plan) = PLANS.with(|p| p.borrow().get(&reltype).copied()) {
+/// The kept plan for rows of type `reltype` (with or without a column filter), prepared on
+/// first use in this session.
+unsafe fn plan_for(reltype: pg_sys::Oid, with_columns: bool) -> pg_sys::SPIPlanPtr {
+    let key = (reltype, with_columns);
+    if let Some(plan) = PLANS.with(|p| p.borrow().get(&key).copied()) {
         return plan;
     }
-    let sql = CString::new(ENQUEUE_SQL).expect("no NUL in SQL");
-    let mut types = [
+    let head = if with_columns {
+        ENQUEUE_COLUMNS_SQL
+    } else {
+        ENQUEUE_SQL
+    };
+    let sql = CString::new(format!("{head}{DELIVERY_SQL}")).expect("no NUL in SQL");
+    let mut types = vec![
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
         reltype,
         reltype,
+        pg_sys::INT4OID,
         pg_sys::TEXTOID,
-        pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTOID,
         pg_sys::INT4OID,
     ];
+    if with_columns {
+        types.push(pg_sys::TEXTARRAYOID);
+    }
     // SAFETY: inside SPI_connect; the types array outlives the call.
     unsafe {
         let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
@@ -188,7 +307,7 @@ unsafe fn plan_for(reltype: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
             );
         }
         pg_sys::SPI_keepplan(plan);
-        PLANS.with(|p| p.borrow_mut().insert(reltype, plan));
+        PLANS.with(|p| p.borrow_mut().insert(key, plan));
         plan
     }
 }

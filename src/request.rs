@@ -44,6 +44,27 @@ pub fn envelope(event_type: &str, created_at_unix_micros: i64, data_json: &str) 
     body
 }
 
+/// The `data` of a row change: `{"schema", "table", "op", "new", "old", "txid"}`, with the
+/// stored row images (`to_jsonb` text, or `null`) inserted verbatim.
+pub fn row_change_data(
+    schema: &str,
+    table: &str,
+    op: &str,
+    new: Option<&str>,
+    old: Option<&str>,
+    txid: i64,
+) -> String {
+    let s = |v: &str| serde_json::to_string(v).expect("a string always serialises");
+    format!(
+        "{{\"schema\":{},\"table\":{},\"op\":{},\"new\":{},\"old\":{},\"txid\":{txid}}}",
+        s(schema),
+        s(table),
+        s(op),
+        new.unwrap_or("null"),
+        old.unwrap_or("null")
+    )
+}
+
 /// Formats unix microseconds as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
 pub fn rfc3339_utc(unix_micros: i64) -> String {
     let secs = unix_micros.div_euclid(1_000_000);
@@ -71,6 +92,17 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+/// True when `event_type` passes an endpoint's `event_types` filter (None = everything;
+/// a pattern ending in `*` matches by prefix).
+pub fn type_matches(event_type: &str, patterns: Option<&[String]>) -> bool {
+    patterns.is_none_or(|ps| {
+        ps.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => event_type.starts_with(prefix),
+            None => p == event_type,
+        })
+    })
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -145,6 +177,26 @@ mod tests {
     }
 
     #[test]
+    fn row_change_data_is_valid_json_in_a_fixed_order() {
+        let d = row_change_data(
+            "public",
+            "us\"ers",
+            "UPDATE",
+            Some(r#"{"id": 1}"#),
+            None,
+            42,
+        );
+        assert_eq!(
+            d,
+            r#"{"schema":"public","table":"us\"ers","op":"UPDATE","new":{"id": 1},"old":null,"txid":42}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&d).unwrap();
+        assert_eq!(v["table"], "us\"ers");
+        assert_eq!(v["new"]["id"], 1);
+        assert!(v["old"].is_null());
+    }
+
+    #[test]
     fn event_types_are_escaped() {
         let body = envelope("we\"ird\ntype", 0, "null");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -170,6 +222,21 @@ mod tests {
         assert_eq!(message_id("a1b2c3", 42), "msg_a1b2c3_42");
         assert_ne!(message_id("a1b2c3", 42), message_id("a1b2c3", 43));
         assert_ne!(message_id("a1b2c3", 42), message_id("ffffff", 42));
+    }
+
+    #[test]
+    fn event_type_filters() {
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(type_matches("public.users.insert", None));
+        assert!(type_matches("invoice.paid", Some(&p(&["invoice.*"]))));
+        assert!(type_matches(
+            "invoice.paid",
+            Some(&p(&["user.created", "invoice.paid"]))
+        ));
+        assert!(!type_matches("invoice.paid", Some(&p(&["invoice.voided"]))));
+        assert!(!type_matches("user.created", Some(&p(&["invoice.*"]))));
+        assert!(type_matches("anything", Some(&p(&["*"]))));
+        assert!(!type_matches("x", Some(&[])));
     }
 
     #[test]

@@ -131,6 +131,9 @@ impl Slot {
 
 #[repr(C)]
 pub struct Shared {
+    /// Bumped whenever a transaction that changed webhook.endpoints commits (any database):
+    /// sessions refresh their endpoint cache when it moves.
+    pub endpoints_version: AtomicU64,
     pub launcher_latch: AtomicPtr<pg_sys::Latch>,
     pub launcher_pid: AtomicI32,
     pub slots: [Slot; MAX_DATABASES],
@@ -223,6 +226,18 @@ static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// Set when this backend's transaction created or renamed a database.
 static WAKE_LAUNCHER_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 
+/// Set when this backend's transaction changed webhook.endpoints.
+static ENDPOINTS_CHANGED_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+
+pub fn endpoints_changed_at_commit() {
+    ENDPOINTS_CHANGED_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+/// The current endpoints version (0 without shared memory, which `_PG_init` prevents).
+pub fn endpoints_version() -> u64 {
+    shared().map_or(0, |s| s.endpoints_version.load(Ordering::Acquire))
+}
+
 /// Asks for the launcher to be woken when the current transaction commits.
 pub fn wake_launcher_at_commit() {
     WAKE_LAUNCHER_AT_COMMIT.store(true, Ordering::Relaxed);
@@ -252,6 +267,11 @@ unsafe extern "C-unwind" fn xact_callback(
             if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 wake_my_worker();
             }
+            if ENDPOINTS_CHANGED_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                if let Some(s) = shared() {
+                    s.endpoints_version.fetch_add(1, Ordering::AcqRel);
+                }
+            }
             if WAKE_LAUNCHER_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 if let Some(s) = shared() {
                     s.wake_launcher();
@@ -263,6 +283,7 @@ unsafe extern "C-unwind" fn xact_callback(
         | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             WAKE_LAUNCHER_AT_COMMIT.store(false, Ordering::Relaxed);
+            ENDPOINTS_CHANGED_AT_COMMIT.store(false, Ordering::Relaxed);
         }
         _ => {}
     }

@@ -398,7 +398,7 @@ mod tests {
         endpoint("e");
         Spi::run("SELECT webhook.send('a', '{}'); SELECT webhook.send('b', '{}')").unwrap();
         Spi::run("UPDATE webhook.deliveries SET status = 'delivered', created_at = now() - interval '2 days' WHERE id = (SELECT min(id) FROM webhook.deliveries)").unwrap();
-        Spi::run("UPDATE webhook.events SET created_at = now() - interval '2 days'").unwrap();
+        Spi::run("UPDATE webhook._events SET created_at = now() - interval '2 days'").unwrap();
         assert_eq!(one::<i64>("SELECT webhook.purge('1 day')"), 1);
         assert_eq!(one::<i64>("SELECT count(*) FROM webhook.deliveries"), 1);
         assert_eq!(

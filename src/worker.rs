@@ -602,7 +602,7 @@ impl Worker {
             endpoint_id: c.endpoint_id,
             attempt,
             msg_id: request::message_id(&self.install_id, c.id),
-            body: request::envelope(&c.event_type, c.created_at_us, &c.payload),
+            body: c.body(),
             url: c.url,
             keys,
             headers,
@@ -959,7 +959,7 @@ struct Claimed {
     attempts: i32,
     event_type: String,
     created_at_us: i64,
-    payload: String,
+    payload: Option<String>,
     url: String,
     secret: String,
     previous_secret: Option<String>,
@@ -967,9 +967,42 @@ struct Claimed {
     timeout_ms: i64,
     max_attempts: Option<i32>,
     retry_schedule: Option<String>,
+    /// A row change (None for a send() event).
+    change: Option<RowChange>,
+}
+
+struct RowChange {
+    schema: String,
+    table: String,
+    op: String,
+    new: Option<String>,
+    old: Option<String>,
+    txid: i64,
 }
 
 impl Claimed {
+    /// The request body, built from the stored event the same way on every attempt.
+    fn body(&self) -> String {
+        match &self.change {
+            None => request::envelope(
+                &self.event_type,
+                self.created_at_us,
+                self.payload.as_deref().unwrap_or("null"),
+            ),
+            Some(c) => {
+                let data = request::row_change_data(
+                    &c.schema,
+                    &c.table,
+                    &c.op,
+                    c.new.as_deref(),
+                    c.old.as_deref(),
+                    c.txid,
+                );
+                request::envelope(&self.event_type, self.created_at_us, &data)
+            }
+        }
+    }
+
     fn from_row(row: &pgrx::spi::SpiHeapTupleData) -> Result<Claimed, pgrx::spi::Error> {
         Ok(Claimed {
             id: row.get(1)?.unwrap_or_default(),
@@ -977,7 +1010,7 @@ impl Claimed {
             attempts: row.get(3)?.unwrap_or_default(),
             event_type: row.get(4)?.unwrap_or_default(),
             created_at_us: row.get(5)?.unwrap_or_default(),
-            payload: row.get(6)?.unwrap_or_else(|| "null".into()),
+            payload: row.get(6)?,
             url: row.get(7)?.unwrap_or_default(),
             secret: row.get(8)?.unwrap_or_default(),
             previous_secret: row.get(9)?,
@@ -985,6 +1018,17 @@ impl Claimed {
             timeout_ms: row.get(11)?.unwrap_or(15_000),
             max_attempts: row.get(12)?,
             retry_schedule: row.get(13)?,
+            change: match row.get::<String>(16)? {
+                None => None,
+                Some(op) => Some(RowChange {
+                    schema: row.get(14)?.unwrap_or_default(),
+                    table: row.get(15)?.unwrap_or_default(),
+                    op,
+                    new: row.get(17)?,
+                    old: row.get(18)?,
+                    txid: row.get(19)?.unwrap_or_default(),
+                }),
+            },
         })
     }
 }

@@ -43,7 +43,7 @@ WITH cap AS (
 UPDATE webhook.deliveries d
    SET status = 'sending',
        next_attempt_at = now() + (COALESCE(ep.timeout, $5 * interval '1 ms') + $6 * interval '1 ms')
-  FROM locked, webhook.events e, webhook.endpoints ep
+  FROM locked, webhook._events e, webhook.endpoints ep
  WHERE d.id = locked.id AND e.id = d.event_id AND ep.id = d.endpoint_id
 RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           (extract(epoch FROM e.created_at) * 1000000)::int8,
@@ -51,7 +51,8 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
           ep.headers::text,
           COALESCE((extract(epoch FROM ep.timeout) * 1000)::int8, $5::int8),
-          ep.max_attempts, ep.retry_schedule
+          ep.max_attempts, ep.retry_schedule,
+          e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid
 "#;
 
 /// Milliseconds until the next pending delivery of an endpoint with room is due (an ordered

@@ -296,10 +296,10 @@ fn trigger(report: &mut Report, seconds: u32) {
         db.batch_execute(
             "DROP TRIGGER IF EXISTS plain ON t;
              SELECT webhook.unsubscribe('t', s.endpoint) FROM webhook.subscriptions s;
-             TRUNCATE t, q, webhook.events, webhook.deliveries;",
+             TRUNCATE t, q, webhook._events, webhook.deliveries;",
         )
         .unwrap();
-        db.batch_execute("VACUUM ANALYZE t, q, webhook.events, webhook.deliveries")
+        db.batch_execute("VACUUM ANALYZE t, q, webhook._events, webhook.deliveries")
             .unwrap();
         db.batch_execute("CHECKPOINT").unwrap();
         match mode {
@@ -374,7 +374,7 @@ fn rss_kb(pid: i32, field: &str) -> u64 {
 
 fn table_sizes(db: &mut postgres::Client) -> i64 {
     db.query_one(
-        "SELECT sum(pg_total_relation_size(c)) ::int8 FROM unnest(ARRAY['webhook.events', 'webhook.deliveries', 'webhook.attempts']::regclass[]) c",
+        "SELECT sum(pg_total_relation_size(c)) ::int8 FROM unnest(ARRAY['webhook._events', 'webhook.deliveries', 'webhook.attempts']::regclass[]) c",
         &[],
     )
     .unwrap()
@@ -478,7 +478,7 @@ fn backlog(report: &mut Report, events: i64) {
             let now = Instant::now();
             samples.push((done - last.1) as f64 / (now - last.0).as_secs_f64());
             last = (now, done);
-            if done >= events * round as i64 || start.elapsed() > Duration::from_secs(900) {
+            if done >= events || start.elapsed() > Duration::from_secs(900) {
                 break;
             }
         }
@@ -499,7 +499,7 @@ fn backlog(report: &mut Report, events: i64) {
         ));
         db.execute("SELECT webhook.purge('0 seconds')", &[])
             .unwrap();
-        db.batch_execute("VACUUM webhook.events, webhook.deliveries, webhook.attempts")
+        db.batch_execute("VACUUM webhook._events, webhook.deliveries, webhook.attempts")
             .unwrap();
         sizes.push(table_sizes(&mut db));
     }
