@@ -58,6 +58,8 @@ impl Finished {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub policy: AddressPolicy,
+    /// Refuse plain http URLs (webhook.https_only).
+    pub https_only: bool,
     pub response_body_limit: usize,
     pub user_agent: String,
     /// Extra trusted root certificates (PEM), on top of the built-in Mozilla roots.
@@ -312,6 +314,13 @@ async fn exchange(
     config: &HttpConfig,
     job: &Job,
 ) -> (Outcome, Option<String>, Option<String>) {
+    if config.https_only && !job.url.starts_with("https:") {
+        return (
+            Outcome::Refused,
+            None,
+            Some("refused to send over plain http while webhook.https_only is on".into()),
+        );
+    }
     // Literal addresses never reach the resolver, so the guard checks them here.
     if let Some(ip) = literal_ip(&job.url) {
         if let Err(why) = config.policy.check(ip) {

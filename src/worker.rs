@@ -39,6 +39,9 @@ const WORKER_LOCK_KEY: i64 = 0x0077_6562_686f_6f6b; // "webhook"
 /// Retention: deliveries deleted per transaction, and transactions per housekeeping round.
 const PURGE_BATCH: i32 = 5000;
 const PURGE_BATCHES_PER_ROUND: usize = 20;
+/// Endpoints whose last attempt did not succeed (failing, hanging, or new) may hold at most this
+/// share of webhook.max_in_flight, so the rest always has room for healthy endpoints.
+const SUSPECT_SHARE_PERCENT: i32 = 90;
 
 #[pg_guard]
 #[no_mangle]
@@ -145,6 +148,7 @@ impl Settings {
         };
         HttpConfig {
             policy: gucs::address_policy(),
+            https_only: gucs::HTTPS_ONLY.get(),
             response_body_limit: gucs::RESPONSE_BODY_LIMIT.get().max(0) as usize,
             user_agent: concat!("webhook_ext/", env!("CARGO_PKG_VERSION")).to_string(),
             extra_roots_pem,
@@ -478,18 +482,8 @@ impl Worker {
             .collect();
         let policies = in_transaction(move || load_policies(open))??;
         let (limit_ids, limit_counts, limits_wake) = self.limits(&policies);
-        let (busy_ids, busy_counts): (Vec<i32>, Vec<i32>) =
-            self.busy.iter().map(|(k, v)| (*k, *v)).unzip();
-        let s = &self.settings;
-        let claim_args = (
-            busy_ids.clone(),
-            busy_counts.clone(),
-            s.default_max_in_flight,
-            limit,
-            s.default_timeout_ms,
-            limit_ids.clone(),
-            limit_counts.clone(),
-        );
+        let args = self.claim_args(limit_ids, limit_counts);
+        let (claim_args, default_timeout) = (args.clone(), self.settings.default_timeout_ms);
         let claimed = in_transaction(move || -> Result<Vec<Claimed>, String> {
             Spi::connect_mut(|client| {
                 let rows = client
@@ -497,14 +491,16 @@ impl Worker {
                         sql::CLAIM,
                         None,
                         &[
-                            claim_args.0.into(),
-                            claim_args.1.into(),
-                            claim_args.2.into(),
-                            claim_args.3.into(),
-                            claim_args.4.into(),
+                            claim_args.busy_ids.into(),
+                            claim_args.busy_counts.into(),
+                            claim_args.default_max_in_flight.into(),
+                            limit.into(),
+                            default_timeout.into(),
                             LEASE_MARGIN_MS.into(),
-                            claim_args.5.into(),
-                            claim_args.6.into(),
+                            claim_args.limit_ids.into(),
+                            claim_args.limit_counts.into(),
+                            claim_args.healthy.into(),
+                            claim_args.suspect_room.into(),
                         ],
                     )
                     .map_err(|e| e.to_string())?;
@@ -524,18 +520,18 @@ impl Worker {
         if full {
             return Ok(Some(Duration::ZERO));
         }
-        let (busy_ids, busy_counts): (Vec<i32>, Vec<i32>) =
-            self.busy.iter().map(|(k, v)| (*k, *v)).unzip();
-        let dmif = self.settings.default_max_in_flight;
+        let args = self.claim_args(args.limit_ids, args.limit_counts);
         let next_ms = in_transaction(move || {
             Spi::get_one_with_args::<i64>(
                 sql::NEXT_DUE,
                 &[
-                    busy_ids.into(),
-                    busy_counts.into(),
-                    dmif.into(),
-                    limit_ids.into(),
-                    limit_counts.into(),
+                    args.busy_ids.into(),
+                    args.busy_counts.into(),
+                    args.default_max_in_flight.into(),
+                    args.limit_ids.into(),
+                    args.limit_counts.into(),
+                    args.healthy.into(),
+                    (args.suspect_room > 0).into(),
                 ],
             )
             .map_err(|e| e.to_string())
@@ -545,6 +541,35 @@ impl Worker {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         })
+    }
+
+    /// What CLAIM and NEXT_DUE need to know about the worker's state.
+    fn claim_args(&self, limit_ids: Vec<i32>, limit_counts: Vec<i32>) -> ClaimArgs {
+        let healthy: Vec<i32> = self
+            .health
+            .iter()
+            .filter(|(_, h)| h.consecutive_failures == 0 && h.last_success_at.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        let (busy_ids, busy_counts): (Vec<i32>, Vec<i32>) =
+            self.busy.iter().map(|(k, v)| (*k, *v)).unzip();
+        let suspect_busy: i32 = self
+            .busy
+            .iter()
+            .filter(|(id, _)| !healthy.contains(id))
+            .map(|(_, n)| *n)
+            .sum();
+        let suspect_share =
+            (self.settings.max_in_flight as i32 * SUSPECT_SHARE_PERCENT / 100).max(1);
+        ClaimArgs {
+            busy_ids,
+            busy_counts,
+            default_max_in_flight: self.settings.default_max_in_flight,
+            limit_ids,
+            limit_counts,
+            suspect_room: (suspect_share - suspect_busy).max(0),
+            healthy,
+        }
     }
 
     /// Builds the request for one claimed delivery and hands it to the runtime. A delivery that
@@ -928,6 +953,18 @@ fn load_health() -> Result<HashMap<i32, Health>, String> {
         Ok::<_, pgrx::spi::Error>(out)
     })
     .map_err(|e| e.to_string())
+}
+
+/// Arguments shared by CLAIM and NEXT_DUE.
+#[derive(Clone)]
+struct ClaimArgs {
+    busy_ids: Vec<i32>,
+    busy_counts: Vec<i32>,
+    default_max_in_flight: i32,
+    limit_ids: Vec<i32>,
+    limit_counts: Vec<i32>,
+    healthy: Vec<i32>,
+    suspect_room: i32,
 }
 
 /// One row of POLICIES.

@@ -5,10 +5,12 @@
 /// with a lease. An ordered endpoint offers only its head (oldest pending), and only when due.
 /// $1/$2: endpoints with requests under way, and how many; $3 default per-endpoint limit;
 /// $5 default timeout (ms); $6 lease margin (ms); $7/$8: endpoints the worker limits further
-/// (circuit breaker, rate limit), and how many each may take now.
+/// (circuit breaker, rate limit), and how many each may take now; $9: healthy endpoints (their
+/// last attempt succeeded), which go first; $10: how many the others may take in all, so that
+/// endpoints that hang or fail can never hold every request slot.
 pub const CLAIM: &str = r#"
 WITH cap AS (
-    SELECT ep.id, ep.ordered,
+    SELECT ep.id, ep.ordered, NOT (ep.id = ANY ($9::int[])) AS suspect,
            LEAST(CASE WHEN ep.ordered THEN 1 ELSE COALESCE(ep.max_in_flight, $3) END - COALESCE(b.n, 0),
                  COALESCE(o.n, $4), $4) AS n
       FROM webhook.endpoints ep
@@ -16,25 +18,29 @@ WITH cap AS (
       LEFT JOIN unnest($7::int[], $8::int[]) AS o(id, n) ON o.id = ep.id
      WHERE ep.enabled
 ), cand AS (
-    SELECT d.id, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
+    SELECT d.id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
       FROM cap
      CROSS JOIN LATERAL (
            SELECT x.id, x.endpoint_id FROM webhook.deliveries x
             WHERE x.status = 'pending' AND x.endpoint_id = cap.id AND x.next_attempt_at <= now()
             ORDER BY x.id
             LIMIT cap.n) d
-     WHERE cap.n > 0 AND NOT cap.ordered
+     WHERE cap.n > 0 AND NOT cap.ordered AND (NOT cap.suspect OR $10 > 0)
     UNION ALL
-    SELECT h.id, 1
+    SELECT h.id, cap.suspect, 1
       FROM cap
      CROSS JOIN LATERAL (
            SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
             WHERE x.status = 'pending' AND x.endpoint_id = cap.id
             ORDER BY x.id
             LIMIT 1) h
-     WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now()
+     WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now() AND (NOT cap.suspect OR $10 > 0)
 ), pick AS (
-    SELECT id FROM cand ORDER BY rn, id LIMIT $4
+    SELECT c.id
+      FROM (SELECT cand.*, row_number() OVER (PARTITION BY cand.suspect ORDER BY cand.rn, cand.id) AS k FROM cand) c
+     WHERE NOT c.suspect OR c.k <= $10
+     ORDER BY c.suspect, c.rn, c.id
+     LIMIT $4
 ), locked AS (
     SELECT d.id FROM webhook.deliveries d
      WHERE d.id IN (SELECT id FROM pick) AND d.status = 'pending'
@@ -56,7 +62,8 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
 "#;
 
 /// Milliseconds until the next pending delivery of an endpoint with room is due (an ordered
-/// endpoint: its head). Arguments as for CLAIM: $1/$2 busy, $3 default limit, $4/$5 limits.
+/// endpoint: its head). $1/$2 busy, $3 default limit, $4/$5 limits, as for CLAIM; $6 healthy
+/// endpoints and $7 whether the others have room left.
 pub const NEXT_DUE: &str = r#"
 SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
   FROM (SELECT CASE WHEN ep.ordered
@@ -70,7 +77,8 @@ SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
           LEFT JOIN unnest($4::int[], $5::int[]) AS o(id, n) ON o.id = ep.id
          WHERE ep.enabled
            AND CASE WHEN ep.ordered THEN 1 ELSE COALESCE(ep.max_in_flight, $3) END > COALESCE(b.n, 0)
-           AND COALESCE(o.n, 1) > 0) s
+           AND COALESCE(o.n, 1) > 0
+           AND (ep.id = ANY ($6::int[]) OR $7)) s
 "#;
 
 /// What the worker needs to know about endpoints it limits itself: rate limits, and for the
