@@ -467,6 +467,7 @@ mod tests {
                 allow_private,
                 allowed: vec![],
             },
+            https_only: false,
             response_body_limit: 16,
             user_agent: "webhook_ext/test".into(),
             extra_roots_pem: None,

@@ -14,6 +14,9 @@ pub mod retry;
 pub mod signing;
 pub mod target;
 
+#[cfg(test)]
+mod proptests;
+
 mod api;
 mod bgutil;
 mod enqueue;

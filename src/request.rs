@@ -118,7 +118,7 @@ pub enum HeaderError {
     #[error("the value of header {0:?} must be a string")]
     NotAString(String),
     // The value itself is never echoed: headers often carry credentials.
-    #[error("the value of header {0:?} contains a control character (CR, LF or NUL) or is longer than {MAX_HEADER_LEN} bytes")]
+    #[error("the value of header {0:?} contains a control character (such as CR, LF or NUL) or is longer than {MAX_HEADER_LEN} bytes")]
     BadValue(String),
 }
 
@@ -147,9 +147,9 @@ pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, HeaderError> {
             let value = v
                 .as_str()
                 .ok_or_else(|| HeaderError::NotAString(shown(name)))?;
-            if value.len() > MAX_HEADER_LEN
-                || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
-            {
+            // What HTTP allows in a field value: visible ASCII, space, tab, and non-ASCII bytes.
+            let allowed = |b: u8| b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80;
+            if value.len() > MAX_HEADER_LEN || !value.bytes().all(allowed) {
                 return Err(HeaderError::BadValue(shown(name)));
             }
             Ok((name.clone(), value.to_string()))

@@ -67,7 +67,7 @@ mod tests {
             ("SELECT webhook.create_endpoint('a', 'https://x.example.com', rate_limit => 0)", "rate_limit must be at least 1 delivery per second, not 0"),
             ("SELECT webhook.create_endpoint('a', 'https://x.example.com', event_types => '{}')", "event_types must be NULL (all types) or a list of non-empty type names"),
             ("SELECT webhook.create_endpoint('a', 'https://x.example.com', headers => '{\"webhook-id\": \"x\"}')", "invalid endpoint headers: header \"webhook-id\" is set by webhook_ext and cannot be overridden"),
-            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', headers => '{\"X-A\": \"v\\r\\nEvil: 1\"}')", "invalid endpoint headers: the value of header \"X-A\" contains a control character (CR, LF or NUL) or is longer than 8192 bytes"),
+            ("SELECT webhook.create_endpoint('a', 'https://x.example.com', headers => '{\"X-A\": \"v\\r\\nEvil: 1\"}')", "invalid endpoint headers: the value of header \"X-A\" contains a control character (such as CR, LF or NUL) or is longer than 8192 bytes"),
             ("SELECT webhook.create_endpoint('a', 'https://x.example.com', headers => '[1]')", "invalid endpoint headers: headers must be a JSON object of string values"),
             ("SELECT webhook.create_endpoint('a', 'https://x.example.com', retry_schedule => '5 fortnights')", "invalid retry schedule step \"5 fortnights\" is not a number followed by a unit (ms, s, min, h, d)"),
         ];
