@@ -274,6 +274,15 @@ mod tests {
             parse_headers(r#"{"X-A": "a\r\nInjected: 1"}"#),
             Err(HeaderError::BadValue("X-A".into()))
         );
+        // Found by the property tests: HTTP refuses every control character but tab.
+        assert_eq!(
+            parse_headers(r#"{"X-A": "\u000b"}"#),
+            Err(HeaderError::BadValue("X-A".into()))
+        );
+        assert_eq!(
+            parse_headers(r#"{"X-A": "tab\tand ünïcode"}"#).unwrap()[0].1,
+            "tab\tand ünïcode"
+        );
         let huge = format!(r#"{{"X-Big": "{}"}}"#, "a".repeat(MAX_HEADER_LEN + 1));
         assert_eq!(
             parse_headers(&huge),

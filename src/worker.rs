@@ -727,8 +727,13 @@ impl Worker {
                 Verdict::Failed => {
                     h.on_failure(now, true, threshold, &t.schedule, jitter);
                     failed += 1;
-                    let note = (!matches!(f.outcome, Outcome::Refused))
-                        .then(|| format!(" (gave up after {} attempts)", f.attempt));
+                    let note = (!matches!(f.outcome, Outcome::Refused)).then(|| {
+                        format!(
+                            " (gave up after {} attempt{})",
+                            f.attempt,
+                            if f.attempt == 1 { "" } else { "s" }
+                        )
+                    });
                     ("failed", 0, note)
                 }
                 Verdict::Gone => {

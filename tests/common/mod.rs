@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod receiver;
+pub mod tls;
 
 pub use cluster::{wait_until, Cluster};
 pub use receiver::{always, Receiver, Reply, Request};
