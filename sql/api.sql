@@ -279,6 +279,10 @@ BEGIN
                    trig, array_to_string(ops, ' OR '), tbl,
                    CASE WHEN "when" IS NOT NULL THEN 'WHEN (' || webhook._check_when("when") || E'\n)' ELSE '' END,
                    args);
+    IF current_database() <> ALL (webhook._served_databases()) THEN
+        RAISE NOTICE 'database "%" is not in webhook.database: events are recorded but not delivered', current_database()
+            USING HINT = 'Add it to webhook.database in postgresql.conf and SELECT pg_reload_conf().';
+    END IF;
     RETURN trig;
 END
 $$;
@@ -588,6 +592,23 @@ SELECT ep.id AS endpoint_id,
               WHERE a.started_at > now() - interval '1 hour'
               GROUP BY a.endpoint_id) h ON h.endpoint_id = ep.id;
 
+-- Counters and gauges for monitoring, one row per endpoint (see sql/postgres_exporter.yaml).
+CREATE VIEW webhook.metrics AS
+SELECT ep.name AS endpoint,
+       ep.enabled,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'pending') AS pending,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') AS sending,
+       COALESCE(s.delivered_total, 0) AS delivered_total,
+       COALESCE(s.failed_total, 0) AS failed_total,
+       COALESCE(s.consecutive_failures, 0) AS consecutive_failures,
+       (t.threshold > 0 AND COALESCE(s.consecutive_failures, 0) >= t.threshold)::int AS circuit_open,
+       COALESCE(extract(epoch FROM now() - (SELECT d.created_at FROM webhook.deliveries d
+                                             WHERE d.endpoint_id = ep.id AND d.status = 'pending'
+                                             ORDER BY d.id LIMIT 1)), 0)::float8 AS oldest_pending_seconds
+  FROM webhook.endpoints ep
+ CROSS JOIN (SELECT current_setting('webhook.circuit_breaker_threshold')::int AS threshold) t
+  LEFT JOIN webhook._endpoint_state s ON s.endpoint_id = ep.id;
+
 CREATE FUNCTION webhook.worker_status()
 RETURNS TABLE (database text, pid integer, state text, started_at timestamptz, last_wake timestamptz,
                in_flight integer, queue_depth bigint, attempts bigint, delivered bigint, failed bigint)
@@ -610,7 +631,10 @@ $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA webhook FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA webhook FROM PUBLIC;
 GRANT USAGE ON SCHEMA webhook TO webhook_admin;
-GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA webhook TO webhook_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE
+   ON webhook.endpoints, webhook._events, webhook.deliveries, webhook.attempts, webhook._endpoint_state, webhook._meta
+   TO webhook_admin;
+GRANT SELECT ON webhook.events, webhook.subscriptions, webhook.endpoint_stats, webhook.metrics TO webhook_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook TO webhook_admin;
 -- The trigger function runs as its owner; firing it needs no privilege on webhook.*.
 GRANT EXECUTE ON FUNCTION webhook.enqueue() TO PUBLIC;

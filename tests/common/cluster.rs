@@ -275,8 +275,14 @@ impl Drop for Cluster {
         // (Postgres itself echoes the text of a failed statement; a literal in it is the caller's.)
         if !std::thread::panicking() {
             let log = self.log();
-            let leak = log.lines().find(|l| l.contains("whsec_") && !l.contains("STATEMENT:"));
-            assert!(leak.is_none(), "a secret in the server log: {}", leak.unwrap_or_default());
+            let leak = log
+                .lines()
+                .find(|l| l.contains("whsec_") && !l.contains("STATEMENT:"));
+            assert!(
+                leak.is_none(),
+                "a secret in the server log: {}",
+                leak.unwrap_or_default()
+            );
         }
         if !self.stopped {
             let _ = pg_command("pg_ctl")

@@ -1,0 +1,447 @@
+//! End-to-end: operating webhook_ext — several databases in one cluster, DROP DATABASE, settings
+//! reloads, upgrades from the previous release, the installed artefact, and the README's own
+//! examples (its SQL, and its signature-verification snippets run against real requests).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn conf(db: &str) -> Vec<(String, String)> {
+    vec![
+        ("webhook.database".into(), format!("'{db}'")),
+        ("webhook.allow_private_networks".into(), "on".into()),
+        ("webhook.retry_schedule".into(), "'200ms,400ms'".into()),
+    ]
+}
+
+fn served(db: &mut postgres::Client) -> BTreeSet<String> {
+    db.query(
+        "SELECT database FROM webhook.worker_status() WHERE pid IS NOT NULL",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[test]
+fn two_databases_deliver_at_once_and_one_can_be_dropped() {
+    let pg = Cluster::init(&conf("one,two"));
+    pg.create_database("one");
+    pg.create_database("two");
+    let (rx1, rx2) = (
+        Receiver::start(always(Reply::ok())),
+        Receiver::start(always(Reply::ok())),
+    );
+    let mut one = pg.client_to("one");
+    let mut two = pg.client_to("two");
+    for (db, rx) in [(&mut one, &rx1), (&mut two, &rx2)] {
+        db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+        create_endpoint(db, "e", &rx.url("/"));
+    }
+    let expected: BTreeSet<String> = ["one".to_string(), "two".to_string()].into();
+    wait_until(PATIENCE, "a worker for each database", || {
+        (served(&mut one) == expected).then_some(())
+    });
+    one.execute(
+        "SELECT webhook.send('x', to_jsonb(g), 'e') FROM generate_series(1, 50) g",
+        &[],
+    )
+    .unwrap();
+    two.execute(
+        "SELECT webhook.send('x', to_jsonb(g), 'e') FROM generate_series(1, 50) g",
+        &[],
+    )
+    .unwrap();
+    rx1.wait_for(50, PATIENCE);
+    rx2.wait_for(50, PATIENCE);
+    // The two workers use separate webhook-id namespaces.
+    assert_ne!(
+        rx1.requests()[0].webhook_id().rsplit_once('_').unwrap().0,
+        rx2.requests()[0].webhook_id().rsplit_once('_').unwrap().0
+    );
+
+    // DROP DATABASE needs the database free of connections: the worker steps aside at once.
+    drop(one);
+    let mut admin = pg.client_to("postgres");
+    let t = Instant::now();
+    admin.batch_execute("DROP DATABASE one").unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "DROP DATABASE took {:?}",
+        t.elapsed()
+    );
+    two.execute(
+        "SELECT webhook.send('after', to_jsonb(g), 'e') FROM generate_series(1, 20) g",
+        &[],
+    )
+    .unwrap();
+    rx2.wait_for(70, PATIENCE);
+    assert_eq!(served(&mut two), BTreeSet::from(["two".to_string()]));
+    assert!(!pg.log().contains("is being accessed by other users"));
+}
+
+#[test]
+fn reloading_the_database_list_starts_and_stops_workers() {
+    let pg = Cluster::init(&conf("one"));
+    pg.create_database("one");
+    pg.create_database("two");
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut two = pg.client_to("two");
+    two.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    create_endpoint(&mut two, "e", &rx.url("/"));
+    // Not served yet: the events wait, and the API says why.
+    let mut status: String = two
+        .query_one(
+            "SELECT state FROM webhook.worker_status() WHERE database = 'two'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "not served: add this database to webhook.database");
+    two.execute(
+        "SELECT webhook.send('x', to_jsonb(g), 'e') FROM generate_series(1, 10) g",
+        &[],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rx.count(), 0);
+
+    pg.set("webhook.database", "'one, two'");
+    pg.reload();
+    rx.wait_for(10, PATIENCE);
+    status = two
+        .query_one(
+            "SELECT state FROM webhook.worker_status() WHERE database = 'two'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(status == "idle" || status == "working", "{status}");
+
+    pg.set("webhook.database", "'one'");
+    pg.reload();
+    wait_until(PATIENCE, "the worker for two to stop", || {
+        (!served(&mut two).contains("two")).then_some(())
+    });
+    two.execute("SELECT webhook.send('later', '{}', 'e')", &[])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rx.count(), 10);
+}
+
+fn extension_dir() -> PathBuf {
+    let out = Command::new("/usr/bin/pg_config")
+        .arg("--sharedir")
+        .output()
+        .unwrap();
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("extension")
+}
+
+#[test]
+fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pending() {
+    assert!(
+        extension_dir().join("webhook_ext--0.1.0.sql").exists(),
+        "the 0.1.0 install script is not installed: install with scripts/package (scripts/test does)"
+    );
+    let pg = Cluster::init(&conf("paused"));
+    pg.create_database("app");
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext VERSION '0.1.0';
+         CREATE TABLE users (id int PRIMARY KEY, email text);",
+    )
+    .unwrap();
+    let version: String = db
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'webhook_ext'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(version, "0.1.0");
+    let secret = create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.batch_execute(
+        "SELECT webhook.subscribe('users', 'crm');
+         INSERT INTO users SELECT g, 'u' || g || '@example.com' FROM generate_series(1, 30) g;
+         -- History as an earlier worker would have left it: 10 delivered, 5 failed, with attempts.
+         UPDATE webhook.deliveries SET status = 'delivered', attempts = 1, last_status_code = 200,
+                delivered_at = now(), next_attempt_at = NULL WHERE id IN (SELECT id FROM webhook.deliveries ORDER BY id LIMIT 10);
+         UPDATE webhook.deliveries SET status = 'failed', attempts = 8, last_status_code = 500, last_error = 'HTTP 500',
+                next_attempt_at = NULL WHERE id IN (SELECT id FROM webhook.deliveries ORDER BY id OFFSET 10 LIMIT 5);
+         INSERT INTO webhook.attempts (delivery_id, attempt, endpoint_id, started_at, duration, status_code)
+         SELECT id, 1, endpoint_id, now(), '5 ms', last_status_code FROM webhook.deliveries WHERE status <> 'pending';",
+    )
+    .unwrap();
+    let before: (i64, i64, i64) = counts(&mut db);
+    assert_eq!(before, (30, 30, 15));
+
+    db.batch_execute("ALTER EXTENSION webhook_ext UPDATE")
+        .unwrap();
+    let version: String = db
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'webhook_ext'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(version, "0.2.0");
+    assert_eq!(counts(&mut db), before, "history intact");
+    let pending: i64 = db
+        .query_one(
+            "SELECT pending FROM webhook.metrics WHERE endpoint = 'crm'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 15);
+
+    pg.set("webhook.database", "'app'");
+    pg.reload();
+    let reqs = rx.wait_for(15, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    for r in &reqs {
+        verify_with_standardwebhooks(&secret, r).unwrap();
+    }
+    let delivered: i64 = db
+        .query_one(
+            "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(delivered, 25);
+    // New rows after the upgrade go through too.
+    db.execute("INSERT INTO users VALUES (31, 'new@example.com')", &[])
+        .unwrap();
+    rx.wait_for(16, PATIENCE);
+}
+
+fn counts(db: &mut postgres::Client) -> (i64, i64, i64) {
+    let r = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM webhook.events), (SELECT count(*) FROM webhook.deliveries),
+                    (SELECT count(*) FROM webhook.attempts)",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// Everything in schema webhook, as text: what a fresh install and an upgraded one must agree on.
+fn catalog(db: &mut postgres::Client) -> Vec<String> {
+    let q = r#"
+        SELECT 'function ' || p.oid::regprocedure || ' ' || pg_get_functiondef(p.oid) || coalesce(p.proacl::text, '')
+          FROM pg_proc p WHERE p.pronamespace = 'webhook'::regnamespace
+        UNION ALL
+        SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' ' || coalesce(c.relacl::text, '') ||
+               coalesce(' view ' || pg_get_viewdef(c.oid), '')
+          FROM pg_class c WHERE c.relnamespace = 'webhook'::regnamespace AND c.relkind IN ('r', 'v', 'S')
+        UNION ALL
+        SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) ||
+               ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '') ||
+               ' identity=' || a.attidentity::text
+          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+         WHERE c.relnamespace = 'webhook'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v')
+        UNION ALL
+        SELECT 'index ' || pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+         WHERE c.relnamespace = 'webhook'::regnamespace
+        UNION ALL
+        SELECT 'constraint ' || conrelid::regclass || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+         WHERE connamespace = 'webhook'::regnamespace
+        UNION ALL
+        SELECT 'trigger ' || pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'webhook'::regnamespace
+        UNION ALL
+        SELECT 'type ' || t.typname || ' ' || coalesce(string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder), '')
+          FROM pg_type t LEFT JOIN pg_enum e ON e.enumtypid = t.oid
+         WHERE t.typnamespace = 'webhook'::regnamespace AND t.typtype = 'e' GROUP BY t.typname
+        UNION ALL
+        SELECT 'member ' || pg_describe_object(classid, objid, objsubid) FROM pg_depend
+         WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+           AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'webhook_ext')
+        ORDER BY 1"#;
+    db.query(q, &[]).unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+#[test]
+fn a_fresh_install_and_an_upgraded_one_are_the_same() {
+    let pg = Cluster::init(&conf("none"));
+    pg.create_database("fresh");
+    pg.create_database("upgraded");
+    let mut fresh = pg.client_to("fresh");
+    let mut upgraded = pg.client_to("upgraded");
+    fresh.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    upgraded
+        .batch_execute(
+            "CREATE EXTENSION webhook_ext VERSION '0.1.0'; ALTER EXTENSION webhook_ext UPDATE",
+        )
+        .unwrap();
+    let (a, b) = (catalog(&mut fresh), catalog(&mut upgraded));
+    let only_fresh: Vec<&String> = a.iter().filter(|x| !b.contains(x)).collect();
+    let only_upgraded: Vec<&String> = b.iter().filter(|x| !a.contains(x)).collect();
+    assert!(
+        only_fresh.is_empty() && only_upgraded.is_empty(),
+        "schemas differ\nonly in a fresh install:\n{only_fresh:#?}\nonly after the upgrade:\n{only_upgraded:#?}"
+    );
+}
+
+/// The fenced blocks of `lang` in README.md.
+fn readme_blocks(lang: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in readme.lines() {
+        match &mut current {
+            None if line.trim_start() == format!("```{lang}") => current = Some(String::new()),
+            Some(block) if line.trim_start().starts_with("```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            Some(block) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            None => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn every_sql_example_in_the_readme_runs() {
+    let pg = Cluster::init(&conf("app"));
+    pg.create_database("app");
+    let blocks = readme_blocks("sql");
+    assert!(blocks.len() >= 5, "the README has SQL examples");
+    for block in blocks {
+        let out = Command::new(format!("{}/psql", common::cluster::BIN))
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "app",
+            ])
+            .args(["-c", &block])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "README example failed:\n{block}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_readme_snippets_verify_a_real_request() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let secret = create_endpoint(&mut db, "e", &rx.url("/"));
+    db.execute(
+        "SELECT webhook.send('user.created', '{\"id\": 1, \"email\": \"ada@example.com\"}', 'e')",
+        &[],
+    )
+    .unwrap();
+    let req = rx.wait_for(1, PATIENCE).remove(0);
+    let dir = pg.dir.join("snippets");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("body"), &req.body).unwrap();
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    std::fs::write(
+        dir.join("headers.json"),
+        serde_json::Value::Object(headers).to_string(),
+    )
+    .unwrap();
+
+    // Python, with the standardwebhooks package from PyPI.
+    let py = readme_blocks("python")
+        .into_iter()
+        .next()
+        .expect("a Python snippet")
+        .replace("whsec_...", &secret);
+    let site = dir.join("py");
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "-q", "--target"])
+        .arg(&site)
+        .arg("standardwebhooks"));
+    let program = format!(
+        "import json, pathlib\nd = pathlib.Path({dir:?})\nrequest_body_bytes = (d / 'body').read_bytes()\n\
+         request_headers = json.loads((d / 'headers.json').read_text())\n{py}\nprint(json.dumps(payload))\n",
+        dir = dir.display().to_string()
+    );
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg(&program)
+        .env("PYTHONPATH", &site));
+    assert!(out.contains("ada@example.com"), "{out}");
+
+    // Node, with the standardwebhooks package from npm.
+    let js = readme_blocks("js")
+        .into_iter()
+        .next()
+        .expect("a Node snippet")
+        .replace("whsec_...", &secret);
+    run(Command::new("npm")
+        .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&dir)
+        .arg("standardwebhooks"));
+    let program = format!(
+        "import fs from 'fs';\nconst rawBody = fs.readFileSync({body:?}, 'utf8');\n\
+         const headers = JSON.parse(fs.readFileSync({headers:?}, 'utf8'));\n{js}\nconsole.log(JSON.stringify(payload));\n",
+        body = dir.join("body").display().to_string(),
+        headers = dir.join("headers.json").display().to_string()
+    );
+    std::fs::write(dir.join("check.mjs"), program).unwrap();
+    let out = run(Command::new("node")
+        .arg(dir.join("check.mjs"))
+        .current_dir(&dir));
+    assert!(out.contains("ada@example.com"), "{out}");
+
+    // A tampered body fails with both.
+    std::fs::write(
+        dir.join("body"),
+        String::from_utf8_lossy(&req.body).replace("ada", "eve"),
+    )
+    .unwrap();
+    assert!(!Command::new("node")
+        .arg(dir.join("check.mjs"))
+        .current_dir(&dir)
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
