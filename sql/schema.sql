@@ -125,3 +125,7 @@ SELECT pg_catalog.pg_extension_config_dump('webhook._events', '');
 SELECT pg_catalog.pg_extension_config_dump('webhook.deliveries', '');
 SELECT pg_catalog.pg_extension_config_dump('webhook.attempts', '');
 SELECT pg_catalog.pg_extension_config_dump('webhook._endpoint_state', '');
+-- ... and where their ids are, so a restored database does not hand out ids it already has.
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('webhook.endpoints', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('webhook.deliveries', 'id')::regclass, '');

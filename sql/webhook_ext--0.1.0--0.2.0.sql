@@ -1,6 +1,11 @@
 -- webhook_ext 0.1.0 -> 0.2.0
 -- New: the webhook.metrics view (for Prometheus' postgres_exporter, see sql/postgres_exporter.yaml);
--- subscribe() says when the database is not one the worker serves; webhook_admin may only read views.
+-- subscribe() says when the database is not one the worker serves; webhook_admin may only read views;
+-- pg_dump keeps the id sequences' positions (a restored database reused ids before).
+
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('webhook.endpoints', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('webhook.deliveries', 'id')::regclass, '');
 
 -- Counters and gauges for monitoring, one row per endpoint (see sql/postgres_exporter.yaml).
 CREATE VIEW webhook.metrics AS

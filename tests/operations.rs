@@ -294,6 +294,81 @@ fn a_fresh_install_and_an_upgraded_one_are_the_same() {
     );
 }
 
+#[test]
+fn a_dump_restores_into_a_working_queue() {
+    let pg = Cluster::init(&conf("dst"));
+    pg.create_database("src");
+    pg.create_database("dst");
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut src = pg.client_to("src");
+    src.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    create_endpoint(&mut src, "e", &rx.url("/"));
+    src.execute(
+        "SELECT webhook.send('before', to_jsonb(g), 'e') FROM generate_series(1, 5) g",
+        &[],
+    )
+    .unwrap();
+    let dump = pg.dir.join("src.sql");
+    let out = Command::new(format!("{}/pg_dump", common::cluster::BIN))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-f",
+        ])
+        .arg(&dump)
+        .arg("src")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(format!("{}/psql", common::cluster::BIN))
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "dst",
+            "-f",
+        ])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The restored queue is delivered (dst is served), and new events get new ids.
+    let mut dst = pg.client_to("dst");
+    rx.wait_for(5, PATIENCE);
+    dst.execute(
+        "SELECT webhook.send('after', to_jsonb(g), 'e') FROM generate_series(1, 5) g",
+        &[],
+    )
+    .unwrap();
+    rx.wait_for(10, PATIENCE);
+    wait_settled(&mut dst, PATIENCE);
+    let events: i64 = dst
+        .query_one("SELECT count(DISTINCT id) FROM webhook.events", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 10);
+}
+
 /// The fenced blocks of `lang` in README.md.
 fn readme_blocks(lang: &str) -> Vec<String> {
     let readme =
