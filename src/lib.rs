@@ -22,6 +22,7 @@ mod bgutil;
 mod enqueue;
 mod gucs;
 mod launcher;
+mod plans;
 mod shmem;
 mod sql_tests;
 mod utility;

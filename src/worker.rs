@@ -10,6 +10,7 @@
 //! is logged and the loop goes on; it never takes the worker down.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,10 +23,19 @@ use crate::bgutil::{
     block_signals_while, in_transaction, reload_if_asked, shutdown_requested, spi_run, wait,
 };
 use crate::http::{Finished, HttpConfig, HttpRuntime, Job};
+use crate::plans;
 use crate::policy::{Gate, Health, TokenBucket};
 use crate::retry::{self, Outcome, Schedule, Verdict};
 use crate::shmem::{self, Slot, WorkerState};
 use crate::worker_sql as sql;
+
+const INT4: pg_sys::Oid = pg_sys::INT4OID;
+const INT8: pg_sys::Oid = pg_sys::INT8OID;
+const BOOL: pg_sys::Oid = pg_sys::BOOLOID;
+const INT4_ARRAY: pg_sys::Oid = pg_sys::INT4ARRAYOID;
+const INT8_ARRAY: pg_sys::Oid = pg_sys::INT8ARRAYOID;
+const TEXT_ARRAY: pg_sys::Oid = pg_sys::TEXTARRAYOID;
+const FLOAT8_ARRAY: pg_sys::Oid = pg_sys::FLOAT8ARRAYOID;
 use crate::{gucs, request, signing};
 
 /// How often the worker looks for expired leases and purges old history when nothing wakes it.
@@ -63,6 +73,20 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
         .store(shmem::now_micros(), Ordering::Relaxed);
     slot.set_state(WorkerState::Starting);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
+    // The worker's own bookkeeping commits asynchronously: a crash can undo its last moments,
+    // which only means a delivery is sent again, with the same webhook-id (at-least-once).
+    // Its queries are short and frequent: never worth compiling with JIT.
+    for (name, value) in [(c"synchronous_commit", c"off"), (c"jit", c"off")] {
+        // SAFETY: setting a session GUC on the main thread after the connection is made.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
+    }
 
     Worker::new(slot).run();
     slot.set_state(WorkerState::Stopping);
@@ -255,6 +279,7 @@ impl Worker {
 
     /// Delivers until shutdown or until the extension disappears.
     fn serve(&mut self) -> Stop {
+        plans::forget_all();
         if !self.become_the_only_worker() {
             return Stop::Shutdown;
         }
@@ -314,6 +339,7 @@ impl Worker {
                 }
             }
             if failed {
+                plans::forget_all();
                 if !matches!(in_transaction(extension_installed), Ok(true)) {
                     break Stop::ExtensionGone;
                 }
@@ -480,35 +506,39 @@ impl Worker {
             .filter(|(_, h)| h.is_open(threshold))
             .map(|(id, _)| *id)
             .collect();
-        let policies = in_transaction(move || load_policies(open))??;
-        let (limit_ids, limit_counts, limits_wake) = self.limits(&policies);
-        let args = self.claim_args(limit_ids, limit_counts);
-        let (claim_args, default_timeout) = (args.clone(), self.settings.default_timeout_ms);
-        let claimed = in_transaction(move || -> Result<Vec<Claimed>, String> {
-            Spi::connect_mut(|client| {
-                let rows = client
-                    .update(
-                        sql::CLAIM,
-                        None,
-                        &[
-                            claim_args.busy_ids.into(),
-                            claim_args.busy_counts.into(),
-                            claim_args.default_max_in_flight.into(),
-                            limit.into(),
-                            default_timeout.into(),
-                            LEASE_MARGIN_MS.into(),
-                            claim_args.limit_ids.into(),
-                            claim_args.limit_counts.into(),
-                            claim_args.healthy.into(),
-                            claim_args.suspect_room.into(),
-                        ],
-                    )
-                    .map_err(|e| e.to_string())?;
-                rows.map(|row| Claimed::from_row(&row))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())
-            })
-        })??;
+        let default_timeout = self.settings.default_timeout_ms;
+        // One transaction: what the worker must limit itself, then the claim.
+        let (claimed, args, limits_wake) =
+            in_transaction(AssertUnwindSafe(|| -> Result<_, String> {
+                let policies = load_policies(open)?;
+                let (limit_ids, limit_counts, limits_wake) = self.limits(&policies);
+                let args = self.claim_args(limit_ids, limit_counts);
+                let a = args.clone();
+                let claimed = plans::run(
+                    sql::CLAIM,
+                    &[
+                        INT4_ARRAY, INT4_ARRAY, INT4, INT4, INT4, INT8, INT4_ARRAY, INT4_ARRAY,
+                        INT4_ARRAY, INT4,
+                    ],
+                    &[
+                        a.busy_ids.into(),
+                        a.busy_counts.into(),
+                        a.default_max_in_flight.into(),
+                        limit.into(),
+                        default_timeout.into(),
+                        LEASE_MARGIN_MS.into(),
+                        a.limit_ids.into(),
+                        a.limit_counts.into(),
+                        a.healthy.into(),
+                        a.suspect_room.into(),
+                    ],
+                    |rows| {
+                        rows.map(|row| Claimed::from_row(&row))
+                            .collect::<Result<Vec<_>, _>>()
+                    },
+                )?;
+                Ok((claimed, args, limits_wake))
+            }))??;
         let full = claimed.len() as i32 >= limit;
         let clock = Instant::now();
         for c in claimed {
@@ -522,8 +552,11 @@ impl Worker {
         }
         let args = self.claim_args(args.limit_ids, args.limit_counts);
         let next_ms = in_transaction(move || {
-            Spi::get_one_with_args::<i64>(
+            plans::run(
                 sql::NEXT_DUE,
+                &[
+                    INT4_ARRAY, INT4_ARRAY, INT4, INT4_ARRAY, INT4_ARRAY, INT4_ARRAY, BOOL,
+                ],
                 &[
                     args.busy_ids.into(),
                     args.busy_counts.into(),
@@ -533,8 +566,8 @@ impl Worker {
                     args.healthy.into(),
                     (args.suspect_room > 0).into(),
                 ],
+                |rows| rows.first().get_one::<i64>(),
             )
-            .map_err(|e| e.to_string())
         })??;
         let due = next_ms.map(|ms| Duration::from_millis(ms.max(0) as u64 + 1));
         Ok(match (due, limits_wake) {
@@ -867,8 +900,20 @@ impl RecordRows {
         if self.ids.is_empty() {
             return Ok(());
         }
-        spi_run(
+        plans::run(
             sql::RECORD,
+            &[
+                INT8_ARRAY,
+                INT4_ARRAY,
+                TEXT_ARRAY,
+                INT4_ARRAY,
+                TEXT_ARRAY,
+                TEXT_ARRAY,
+                FLOAT8_ARRAY,
+                INT8_ARRAY,
+                INT8_ARRAY,
+                INT4_ARRAY,
+            ],
             &[
                 self.ids.into(),
                 self.attempts.into(),
@@ -881,6 +926,7 @@ impl RecordRows {
                 self.delays.into(),
                 self.endpoints.into(),
             ],
+            |_| Ok(()),
         )
     }
 }
@@ -922,8 +968,18 @@ fn save_health(dirty: &[(i32, Health)]) -> Result<(), String> {
         .map(|(_, h)| h.delivered_delta as i64)
         .collect();
     let failed: Vec<i64> = dirty.iter().map(|(_, h)| h.failed_delta as i64).collect();
-    spi_run(
+    plans::run(
         sql::SAVE_HEALTH,
+        &[
+            INT4_ARRAY,
+            INT4_ARRAY,
+            FLOAT8_ARRAY,
+            FLOAT8_ARRAY,
+            FLOAT8_ARRAY,
+            FLOAT8_ARRAY,
+            INT8_ARRAY,
+            INT8_ARRAY,
+        ],
         &[
             ids.into(),
             failures.into(),
@@ -934,6 +990,7 @@ fn save_health(dirty: &[(i32, Health)]) -> Result<(), String> {
             delivered.into(),
             failed.into(),
         ],
+        |_| Ok(()),
     )
 }
 
@@ -980,8 +1037,7 @@ struct Policy {
 }
 
 fn load_policies(open: Vec<i32>) -> Result<Vec<Policy>, String> {
-    Spi::connect(|client| {
-        let rows = client.select(sql::POLICIES, None, &[open.into()])?;
+    plans::run(sql::POLICIES, &[INT4_ARRAY], &[open.into()], |rows| {
         rows.map(|row| {
             Ok(Policy {
                 id: row.get::<i32>(1)?.unwrap_or_default(),
@@ -991,7 +1047,6 @@ fn load_policies(open: Vec<i32>) -> Result<Vec<Policy>, String> {
         })
         .collect::<Result<Vec<_>, pgrx::spi::Error>>()
     })
-    .map_err(|e| e.to_string())
 }
 
 /// One row of CLAIM.

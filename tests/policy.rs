@@ -469,7 +469,7 @@ fn ordered_endpoint_delivers_in_order_through_failures() {
     let rx = Receiver::start(Arc::new(move |_, _| {
         let n = c.fetch_add(1, Ordering::SeqCst);
         match n % 3 {
-            2 if n % 2 == 0 => Reply::status(500),
+            2 if n.is_multiple_of(2) => Reply::status(500),
             2 => Reply {
                 hang_up: true,
                 ..Reply::ok()
