@@ -75,8 +75,19 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
     // The worker's own bookkeeping commits asynchronously: a crash can undo its last moments,
     // which only means a delivery is sent again, with the same webhook-id (at-least-once).
-    // Its queries are short and frequent: never worth compiling with JIT.
-    for (name, value) in [(c"synchronous_commit", c"off"), (c"jit", c"off")] {
+    // Its queries are short and frequent: never worth compiling with JIT. Each one touches a few
+    // hundred rows of tables that may hold millions, through indexes; statistics go stale fast on
+    // a queue (a purge empties a table, a burst fills it), so the planner is kept from the plans
+    // that only pay off on whole tables: no sequential scans, hash or merge joins where an index
+    // will do.
+    let settings = [
+        (c"synchronous_commit", c"off"),
+        (c"jit", c"off"),
+        (c"enable_seqscan", c"off"),
+        (c"enable_hashjoin", c"off"),
+        (c"enable_mergejoin", c"off"),
+    ];
+    for (name, value) in settings {
         // SAFETY: setting a session GUC on the main thread after the connection is made.
         unsafe {
             pg_sys::SetConfigOption(
