@@ -82,3 +82,11 @@ BEGIN
     RETURN trig;
 END
 $$;
+
+-- No statistics on deliveries.status (see schema.sql): plans taken from them during a burst
+-- walked the primary key past every delivered row on each claim.
+ALTER TABLE webhook.deliveries ALTER COLUMN status SET STATISTICS 0;
+DELETE FROM pg_catalog.pg_statistic
+ WHERE starelid = 'webhook.deliveries'::regclass
+   AND staattnum = (SELECT attnum FROM pg_catalog.pg_attribute
+                     WHERE attrelid = 'webhook.deliveries'::regclass AND attname = 'status');

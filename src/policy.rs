@@ -172,12 +172,72 @@ impl TokenBucket {
     }
 }
 
+/// When the planner's statistics of the queue are stale. A queue is emptied by a purge and
+/// refilled by a burst faster than autovacuum's ANALYZE notices (it looks once a minute), and
+/// plans made for an empty table walk whole indexes per row: a million-event burst then drains
+/// slower with every batch. The worker counts what it claims; once that exceeds both `floor` and
+/// the number of rows the planner believes the deliveries table holds, it refreshes the
+/// statistics itself.
+#[derive(Debug, Clone)]
+pub struct StatsWatch {
+    floor: u64,
+    claimed: u64,
+    planner_rows: u64,
+}
+
+impl StatsWatch {
+    pub fn new(floor: u64) -> StatsWatch {
+        StatsWatch {
+            floor,
+            claimed: 0,
+            planner_rows: 0,
+        }
+    }
+
+    /// Counts `n` claimed deliveries; true when the statistics should be refreshed now.
+    pub fn claimed(&mut self, n: u64) -> bool {
+        self.claimed = self.claimed.saturating_add(n);
+        self.claimed >= self.floor.max(self.planner_rows)
+    }
+
+    /// The statistics were refreshed (or read): the planner now believes the table holds
+    /// `planner_rows` rows (`pg_class.reltuples`; negative = never analyzed).
+    pub fn refreshed(&mut self, planner_rows: f64) {
+        self.claimed = 0;
+        self.planner_rows = if planner_rows.is_finite() && planner_rows > 0.0 {
+            planner_rows as u64
+        } else {
+            0
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    #[test]
+    fn stats_refresh_after_claiming_more_than_the_planner_believes() {
+        let mut w = StatsWatch::new(10_000);
+        w.refreshed(0.0);
+        assert!(!w.claimed(9_999), "below the floor");
+        assert!(w.claimed(1), "an emptied table refills past the floor");
+        w.refreshed(1_000_000.0);
+        assert!(!w.claimed(500_000));
+        assert!(!w.claimed(499_999));
+        assert!(
+            w.claimed(1),
+            "claimed as many as the planner thought there were"
+        );
+        w.refreshed(-1.0);
+        assert!(!w.claimed(9_999), "never analyzed counts as empty");
+        assert!(w.claimed(1));
+        w.refreshed(f64::NAN);
+        assert!(w.claimed(u64::MAX) && w.claimed(u64::MAX), "saturates");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::bgutil::{
 };
 use crate::http::{Finished, HttpConfig, HttpRuntime, Job};
 use crate::plans;
-use crate::policy::{Gate, Health, TokenBucket};
+use crate::policy::{Gate, Health, StatsWatch, TokenBucket};
 use crate::retry::{self, Outcome, Schedule, Verdict};
 use crate::shmem::{self, Slot, WorkerState};
 use crate::worker_sql as sql;
@@ -52,6 +52,12 @@ const PURGE_BATCHES_PER_ROUND: usize = 20;
 /// Endpoints whose last attempt did not succeed (failing, hanging, or new) may hold at most this
 /// share of webhook.max_in_flight, so the rest always has room for healthy endpoints.
 const SUSPECT_SHARE_PERCENT: i32 = 90;
+/// The worker refreshes the queue's statistics after claiming at least this many deliveries, and
+/// more than the planner believes the table holds.
+const STATS_REFRESH_FLOOR: u64 = 10_000;
+/// Reads what the planner believes the deliveries table holds.
+const PLANNER_ROWS: &str =
+    "SELECT reltuples::float8 FROM pg_catalog.pg_class WHERE oid = 'webhook.deliveries'::regclass";
 
 #[pg_guard]
 #[no_mangle]
@@ -76,10 +82,12 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     // The worker's own bookkeeping commits asynchronously: a crash can undo its last moments,
     // which only means a delivery is sent again, with the same webhook-id (at-least-once).
     // Its queries are short and frequent: never worth compiling with JIT. Each one touches a few
-    // hundred rows of tables that may hold millions, through indexes; statistics go stale fast on
-    // a queue (a purge empties a table, a burst fills it), so the planner is kept from the plans
-    // that only pay off on whole tables: no sequential scans, hash or merge joins where an index
-    // will do.
+    // hundred rows of tables that may hold millions, through indexes. A queue's statistics are
+    // always somewhat wrong (a purge empties a table, a burst fills it, the finished rows sit at
+    // the front of the id order): seen through them, whole-table plans (sequential scans, merge
+    // joins along the primary key, hash joins) look cheap where they cost a full pass per batch.
+    // So the worker plans with index lookups and nested loops only; see also `StatsWatch` and the
+    // statistics target of deliveries.status.
     let settings = [
         (c"synchronous_commit", c"off"),
         (c"jit", c"off"),
@@ -236,6 +244,7 @@ struct Worker {
     /// Deliveries whose result could not be written yet, and how often that failed.
     record_failures: HashMap<i64, u32>,
     install_id: String,
+    stats: StatsWatch,
 }
 
 impl Worker {
@@ -250,6 +259,7 @@ impl Worker {
             schedules: HashMap::new(),
             record_failures: HashMap::new(),
             install_id: String::new(),
+            stats: StatsWatch::new(STATS_REFRESH_FLOOR),
         }
     }
 
@@ -294,16 +304,22 @@ impl Worker {
         if !self.become_the_only_worker() {
             return Stop::Shutdown;
         }
-        let started = in_transaction(|| -> Result<(String, HashMap<i32, Health>), String> {
+        let started = in_transaction(|| -> Result<(String, HashMap<i32, Health>, f64), String> {
             let id = Spi::get_one::<String>("SELECT install_id FROM webhook._meta")
                 .map_err(|e| e.to_string())?;
             spi_run(sql::RECOVER, &[Vec::<i64>::new().into(), true.into()])?;
-            Ok((id.ok_or("webhook._meta is empty")?, load_health()?))
+            let rows = Spi::get_one::<f64>(PLANNER_ROWS).map_err(|e| e.to_string())?;
+            Ok((
+                id.ok_or("webhook._meta is empty")?,
+                load_health()?,
+                rows.unwrap_or(0.0),
+            ))
         });
         match started {
-            Ok(Ok((id, health))) => {
+            Ok(Ok((id, health, rows))) => {
                 self.install_id = id;
                 self.health = health;
+                self.stats.refreshed(rows);
             }
             Ok(Err(e)) | Err(e) => {
                 warning!("webhook_ext worker: could not start serving: {e}");
@@ -376,6 +392,32 @@ impl Worker {
         };
         http.shutdown();
         stop
+    }
+
+    /// ANALYZE of the queue tables, when a burst has outgrown what the planner believes they
+    /// hold (see `StatsWatch`); their kept plans are re-planned on next use. Skipped while
+    /// another ANALYZE or VACUUM has the table.
+    fn refresh_statistics(&mut self) {
+        let started = Instant::now();
+        let done = in_transaction(|| -> Result<Option<f64>, String> {
+            Spi::run("ANALYZE (SKIP_LOCKED) webhook.deliveries, webhook._events")
+                .map_err(|e| e.to_string())?;
+            Spi::get_one::<f64>(PLANNER_ROWS).map_err(|e| e.to_string())
+        });
+        match done {
+            Ok(Ok(rows)) => {
+                let rows = rows.unwrap_or(0.0);
+                self.stats.refreshed(rows);
+                debug1!(
+                    "webhook_ext worker: refreshed the queue's statistics ({rows:.0} deliveries) in {} ms",
+                    started.elapsed().as_millis()
+                );
+            }
+            Ok(Err(e)) | Err(e) => {
+                self.stats.refreshed(0.0);
+                warning!("webhook_ext worker: refreshing the queue's statistics failed: {e}");
+            }
+        }
     }
 
     /// Takes the session advisory lock that makes this the database's only worker (a previous
@@ -551,12 +593,17 @@ impl Worker {
                 Ok((claimed, args, limits_wake))
             }))??;
         let full = claimed.len() as i32 >= limit;
+        let refresh = self.stats.claimed(claimed.len() as u64);
         let clock = Instant::now();
         for c in claimed {
             if let Some(bucket) = self.buckets.get_mut(&c.endpoint_id) {
                 bucket.take(1, clock);
             }
             self.start(http, c);
+        }
+        if refresh {
+            // After the batch is on its way: its requests run while the statistics refresh.
+            self.refresh_statistics();
         }
         if full {
             return Ok(Some(Duration::ZERO));

@@ -18,7 +18,7 @@ WITH cap AS (
       LEFT JOIN unnest($7::int[], $8::int[]) AS o(id, n) ON o.id = ep.id
      WHERE ep.enabled
 ), cand AS (
-    SELECT d.id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
+    SELECT d.id, d.endpoint_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
       FROM cap
      CROSS JOIN LATERAL (
            SELECT x.id, x.endpoint_id FROM webhook.deliveries x
@@ -27,23 +27,26 @@ WITH cap AS (
             LIMIT cap.n) d
      WHERE cap.n > 0 AND NOT cap.ordered AND (NOT cap.suspect OR $10 > 0)
     UNION ALL
-    SELECT h.id, cap.suspect, 1
+    SELECT h.id, h.endpoint_id, cap.suspect, 1
       FROM cap
      CROSS JOIN LATERAL (
-           SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
+           SELECT x.id, x.endpoint_id, x.next_attempt_at FROM webhook.deliveries x
             WHERE x.status = 'pending' AND x.endpoint_id = cap.id
             ORDER BY x.id
             LIMIT 1) h
      WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now() AND (NOT cap.suspect OR $10 > 0)
 ), pick AS (
-    SELECT c.id
+    SELECT c.id, c.endpoint_id
       FROM (SELECT cand.*, row_number() OVER (PARTITION BY cand.suspect ORDER BY cand.rn, cand.id) AS k FROM cand) c
      WHERE NOT c.suspect OR c.k <= $10
      ORDER BY c.suspect, c.rn, c.id
      LIMIT $4
 ), locked AS (
+    -- By endpoint and id: the pending index is then an exact lookup too, whichever index the
+    -- planner takes (with stale statistics it has taken that one for an id alone, a whole-index
+    -- walk per row).
     SELECT d.id FROM webhook.deliveries d
-     WHERE d.id IN (SELECT id FROM pick) AND d.status = 'pending'
+     WHERE (d.endpoint_id, d.id) IN (SELECT endpoint_id, id FROM pick) AND d.status = 'pending'
        FOR UPDATE SKIP LOCKED
 )
 UPDATE webhook.deliveries d
