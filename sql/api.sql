@@ -197,7 +197,7 @@ BEGIN
         EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
     END LOOP;
     UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
-     WHERE d.endpoint_id = ep AND d.status = 'pending';
+     WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
     DELETE FROM webhook._endpoint_state st WHERE st.endpoint_id = ep;
     DELETE FROM webhook.endpoints e WHERE e.id = ep;
 END
@@ -228,7 +228,7 @@ BEGIN
     UPDATE webhook.endpoints e SET enabled = false, disabled_reason = COALESCE(reason, 'disabled by ' || current_user), updated_at = now()
      WHERE e.id = ep;
     UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled'
-     WHERE d.endpoint_id = ep AND d.status = 'pending';
+     WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
 END
 $$;
 
@@ -558,7 +558,7 @@ CREATE VIEW webhook.endpoint_stats AS
 SELECT ep.id AS endpoint_id,
        ep.name,
        ep.enabled,
-       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'pending') AS pending,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)) AS pending,
        (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') AS sending,
        COALESCE(s.delivered_total, 0) AS delivered,
        COALESCE(s.failed_total, 0) AS failed,
@@ -576,9 +576,12 @@ SELECT ep.id AS endpoint_id,
        s.last_failure_at,
        CASE WHEN ep.ordered
             THEN (SELECT d.next_attempt_at FROM webhook.deliveries d
-                   WHERE d.endpoint_id = ep.id AND d.status = 'pending' ORDER BY d.id LIMIT 1)
-            ELSE (SELECT min(d.next_attempt_at) FROM webhook.deliveries d
-                   WHERE d.endpoint_id = ep.id AND d.status = 'pending') END AS next_attempt_at,
+                   WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0) ORDER BY d.id LIMIT 1)
+            ELSE LEAST((SELECT d.next_attempt_at FROM webhook.deliveries d
+                         WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0 ORDER BY d.id LIMIT 1),
+                       (SELECT d.next_attempt_at FROM webhook.deliveries d
+                         WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts > 0 ORDER BY d.next_attempt_at LIMIT 1))
+            END AS next_attempt_at,
        s.next_probe_at
   FROM webhook.endpoints ep
  CROSS JOIN (SELECT current_setting('webhook.circuit_breaker_threshold')::int AS threshold) t
@@ -596,15 +599,17 @@ SELECT ep.id AS endpoint_id,
 CREATE VIEW webhook.metrics AS
 SELECT ep.name AS endpoint,
        ep.enabled,
-       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'pending') AS pending,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)) AS pending,
        (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') AS sending,
        COALESCE(s.delivered_total, 0) AS delivered_total,
        COALESCE(s.failed_total, 0) AS failed_total,
        COALESCE(s.consecutive_failures, 0) AS consecutive_failures,
        (t.threshold > 0 AND COALESCE(s.consecutive_failures, 0) >= t.threshold)::int AS circuit_open,
-       COALESCE(extract(epoch FROM now() - (SELECT d.created_at FROM webhook.deliveries d
-                                             WHERE d.endpoint_id = ep.id AND d.status = 'pending'
-                                             ORDER BY d.id LIMIT 1)), 0)::float8 AS oldest_pending_seconds
+       COALESCE(extract(epoch FROM now() - LEAST(
+           (SELECT d.created_at FROM webhook.deliveries d
+             WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0 ORDER BY d.id LIMIT 1),
+           (SELECT min(d.created_at) FROM webhook.deliveries d
+             WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts > 0))), 0)::float8 AS oldest_pending_seconds
   FROM webhook.endpoints ep
  CROSS JOIN (SELECT current_setting('webhook.circuit_breaker_threshold')::int AS threshold) t
   LEFT JOIN webhook._endpoint_state s ON s.endpoint_id = ep.id;
@@ -617,12 +622,12 @@ AS $$
     SELECT s.database, s.pid, s.state, to_timestamp(s.started_us / 1e6), to_timestamp(s.last_wake_us / 1e6),
            s.in_flight,
            CASE WHEN s.database = current_database()
-                THEN (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending') END,
+                THEN (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)) END,
            s.attempts, s.delivered, s.failed
       FROM webhook._worker_slots() s
     UNION ALL
     SELECT current_database(), NULL, 'not served: add this database to webhook.database',
-           NULL, NULL, 0, (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending'), 0, 0, 0
+           NULL, NULL, 0, (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)), 0, 0, 0
      WHERE current_database() <> ALL (webhook._served_databases())
     ORDER BY 1
 $$;

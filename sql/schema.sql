@@ -76,8 +76,13 @@ CREATE TABLE webhook.deliveries (
     created_at        timestamptz NOT NULL DEFAULT now(),
     delivered_at      timestamptz
 );
--- The worker's claim: per endpoint, oldest first (an ordered endpoint's head is the first entry).
-CREATE INDEX deliveries_pending_idx ON webhook.deliveries (endpoint_id, id) WHERE status = 'pending';
+-- The worker's claim, per endpoint. New deliveries (no attempt yet, due since they were made),
+-- oldest first: the only index the enqueue trigger writes besides the keys.
+CREATE INDEX deliveries_pending_idx ON webhook.deliveries (endpoint_id, id)
+    WHERE status = 'pending' AND attempts = 0;
+-- Retries, by when they are due: a claim reads only those due now, however many wait for later.
+CREATE INDEX deliveries_retry_idx ON webhook.deliveries (endpoint_id, next_attempt_at)
+    WHERE status = 'pending' AND attempts > 0;
 -- Leases to recover after a crash.
 CREATE INDEX deliveries_sending_idx ON webhook.deliveries (next_attempt_at) WHERE status = 'sending';
 CREATE INDEX deliveries_event_idx ON webhook.deliveries (event_id);

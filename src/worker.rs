@@ -55,10 +55,6 @@ const SUSPECT_SHARE_PERCENT: i32 = 90;
 /// The worker refreshes the queue's statistics after claiming at least this many deliveries, and
 /// more than the planner believes the table holds.
 const STATS_REFRESH_FLOOR: u64 = 10_000;
-/// How long the worker trusts its last look at when the next delivery is due. Retries it
-/// schedules itself bring that time forward at once; anything else (an endpoint gaining room,
-/// a row changed by hand) is seen within this long.
-const NEXT_DUE_FRESH: Duration = Duration::from_secs(1);
 /// Reads what the planner believes the deliveries table holds.
 const PLANNER_ROWS: &str =
     "SELECT reltuples::float8 FROM pg_catalog.pg_class WHERE oid = 'webhook.deliveries'::regclass";
@@ -249,14 +245,6 @@ struct Worker {
     record_failures: HashMap<i64, u32>,
     install_id: String,
     stats: StatsWatch,
-    /// The last answer of NEXT_DUE (see `query_next_due`).
-    next_due: Option<NextDue>,
-}
-
-#[derive(Clone, Copy)]
-struct NextDue {
-    computed_at: Instant,
-    due: Option<Instant>,
 }
 
 impl Worker {
@@ -272,7 +260,6 @@ impl Worker {
             record_failures: HashMap::new(),
             install_id: String::new(),
             stats: StatsWatch::new(STATS_REFRESH_FLOOR),
-            next_due: None,
         }
     }
 
@@ -359,7 +346,6 @@ impl Worker {
             if reload_if_asked() {
                 self.settings = Settings::read();
                 self.schedules.clear();
-                self.next_due = None;
                 next_housekeeping = Instant::now();
                 if let Err(e) = http.reconfigure(Settings::http()) {
                     warning!("webhook_ext worker: keeping the previous HTTP settings: {e}");
@@ -381,7 +367,6 @@ impl Worker {
             }
             if failed {
                 plans::forget_all();
-                self.next_due = None;
                 if !matches!(in_transaction(extension_installed), Ok(true)) {
                     break Stop::ExtensionGone;
                 }
@@ -623,34 +608,7 @@ impl Worker {
         if full {
             return Ok(Some(Duration::ZERO));
         }
-        let now = Instant::now();
-        let cached = self.next_due.filter(|c| {
-            now.duration_since(c.computed_at) < NEXT_DUE_FRESH && c.due.is_none_or(|d| d > now)
-        });
-        let due = match cached {
-            Some(c) => c.due,
-            None => {
-                let due = self.query_next_due(args)?;
-                self.next_due = Some(NextDue {
-                    computed_at: now,
-                    due,
-                });
-                due
-            }
-        };
-        let due = due.map(|d| d.saturating_duration_since(Instant::now()));
-        Ok(match (due, limits_wake) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        })
-    }
-
-    /// When the next pending delivery of an endpoint with room is due (NEXT_DUE). It reads every
-    /// pending row of such an endpoint, so `claim_and_send` keeps the answer for up to
-    /// `NEXT_DUE_FRESH`, and `record` brings it forward for the retries it schedules.
-    fn query_next_due(&self, args: ClaimArgs) -> Result<Option<Instant>, String> {
         let args = self.claim_args(args.limit_ids, args.limit_counts);
-        let asked = Instant::now();
         let next_ms = in_transaction(move || {
             plans::run(
                 sql::NEXT_DUE,
@@ -669,7 +627,11 @@ impl Worker {
                 |rows| rows.first().get_one::<i64>(),
             )
         })??;
-        Ok(next_ms.map(|ms| asked + Duration::from_millis(ms.max(0) as u64 + 1)))
+        let due = next_ms.map(|ms| Duration::from_millis(ms.max(0) as u64 + 1));
+        Ok(match (due, limits_wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     /// What CLAIM and NEXT_DUE need to know about the worker's state.
@@ -828,7 +790,6 @@ impl Worker {
         let threshold = self.settings.breaker_threshold;
         let now = SystemTime::now();
         let (mut delivered, mut failed) = (0u64, 0u64);
-        let mut soonest_retry: Option<Duration> = None;
         for f in batch {
             let Some(t) = self.tracked.get(&f.delivery_id) else {
                 continue;
@@ -852,7 +813,6 @@ impl Worker {
                 }
                 Verdict::Retry(d) => {
                     h.on_failure(now, false, threshold, &t.schedule, jitter);
-                    soonest_retry = Some(soonest_retry.map_or(d, |s| s.min(d)));
                     ("pending", d.as_millis() as i64, None)
                 }
                 Verdict::Failed => {
@@ -918,10 +878,6 @@ impl Worker {
             }
             Ok(())
         })??;
-        if let (Some(d), Some(c)) = (soonest_retry, self.next_due.as_mut()) {
-            let at = Instant::now() + d;
-            c.due = Some(c.due.map_or(at, |due| due.min(at)));
-        }
         for (id, mut h) in health {
             h.dirty = false;
             h.delivered_delta = 0;

@@ -21,18 +21,34 @@ WITH cap AS (
     SELECT d.id, d.endpoint_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
       FROM cap
      CROSS JOIN LATERAL (
-           SELECT x.id, x.endpoint_id FROM webhook.deliveries x
-            WHERE x.status = 'pending' AND x.endpoint_id = cap.id AND x.next_attempt_at <= now()
-            ORDER BY x.id
+           -- New deliveries (due since they were made) oldest first, and retries that are due,
+           -- each from its own index: retries waiting for later are never read.
+           SELECT u.id, u.endpoint_id FROM (
+               (SELECT x.id, x.endpoint_id FROM webhook.deliveries x
+                 WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = cap.id
+                   AND x.next_attempt_at <= now()
+                 ORDER BY x.id LIMIT cap.n)
+               UNION ALL
+               (SELECT x.id, x.endpoint_id FROM webhook.deliveries x
+                 WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = cap.id
+                   AND x.next_attempt_at <= now()
+                 ORDER BY x.next_attempt_at LIMIT cap.n)) u
+            ORDER BY u.id
             LIMIT cap.n) d
      WHERE cap.n > 0 AND NOT cap.ordered AND (NOT cap.suspect OR $10 > 0)
     UNION ALL
     SELECT h.id, h.endpoint_id, cap.suspect, 1
       FROM cap
      CROSS JOIN LATERAL (
-           SELECT x.id, x.endpoint_id, x.next_attempt_at FROM webhook.deliveries x
-            WHERE x.status = 'pending' AND x.endpoint_id = cap.id
-            ORDER BY x.id
+           SELECT u.id, u.endpoint_id, u.next_attempt_at FROM (
+               (SELECT x.id, x.endpoint_id, x.next_attempt_at FROM webhook.deliveries x
+                 WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = cap.id
+                 ORDER BY x.id LIMIT 1)
+               UNION ALL
+               (SELECT x.id, x.endpoint_id, x.next_attempt_at FROM webhook.deliveries x
+                 WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = cap.id
+                 ORDER BY x.id LIMIT 1)) u
+            ORDER BY u.id
             LIMIT 1) h
      WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now() AND (NOT cap.suspect OR $10 > 0)
 ), pick AS (
@@ -70,10 +86,22 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
 pub const NEXT_DUE: &str = r#"
 SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
   FROM (SELECT CASE WHEN ep.ordered
-                    THEN (SELECT x.next_attempt_at FROM webhook.deliveries x
-                           WHERE x.status = 'pending' AND x.endpoint_id = ep.id ORDER BY x.id LIMIT 1)
-                    ELSE (SELECT min(x.next_attempt_at) FROM webhook.deliveries x
-                           WHERE x.status = 'pending' AND x.endpoint_id = ep.id)
+                    THEN (SELECT u.next_attempt_at FROM (
+                              (SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
+                                WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = ep.id
+                                ORDER BY x.id LIMIT 1)
+                              UNION ALL
+                              (SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
+                                WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = ep.id
+                                ORDER BY x.id LIMIT 1)) u
+                           ORDER BY u.id LIMIT 1)
+                    ELSE LEAST(
+                        (SELECT x.next_attempt_at FROM webhook.deliveries x
+                          WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = ep.id
+                          ORDER BY x.id LIMIT 1),
+                        (SELECT x.next_attempt_at FROM webhook.deliveries x
+                          WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = ep.id
+                          ORDER BY x.next_attempt_at LIMIT 1))
                END AS t
           FROM webhook.endpoints ep
           LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
@@ -155,7 +183,7 @@ WITH off AS (
 UPDATE webhook.deliveries d
    SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled: ' || off.reason
   FROM off
- WHERE d.endpoint_id = off.id AND d.status = 'pending'
+ WHERE d.endpoint_id = off.id AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)
 "#;
 
 /// Deliveries left `sending` by a worker that is gone, or whose lease expired: due again now,

@@ -178,8 +178,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Commit → arrival latency of single-row inserts at `rate`/s; with `waiting` > 0, while another
-/// endpoint has that many deliveries pending with their retry due an hour from now (the worker
-/// must not re-read them on every wake-up).
+/// endpoint has that many deliveries waiting for their second attempt, due an hour from now (the
+/// worker must not re-read them on every wake-up).
 fn latency(report: &mut Report, rate: u32, seconds: u32, waiting: i64) {
     let pg = bench_cluster();
     let (rx, seen) = timed_receiver(Duration::ZERO);
@@ -194,7 +194,7 @@ fn latency(report: &mut Report, rate: u32, seconds: u32, waiting: i64) {
         db.batch_execute(&format!(
             "BEGIN;
              SELECT webhook.send('later', '{{}}', 'later') FROM generate_series(1, {waiting});
-             UPDATE webhook.deliveries SET next_attempt_at = now() + interval '1 hour'
+             UPDATE webhook.deliveries SET attempts = 1, next_attempt_at = now() + interval '1 hour'
               WHERE endpoint_id = (SELECT id FROM webhook.endpoints WHERE name = 'later');
              COMMIT;"
         ))
