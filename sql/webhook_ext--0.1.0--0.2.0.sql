@@ -181,8 +181,13 @@ SELECT ep.id AS endpoint_id,
        s.last_success_at,
        s.last_failure_at,
        CASE WHEN ep.ordered
-            THEN (SELECT d.next_attempt_at FROM webhook.deliveries d
-                   WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0) ORDER BY d.id LIMIT 1)
+            THEN (SELECT u.next_attempt_at FROM (
+                      (SELECT d.id, d.next_attempt_at FROM webhook.deliveries d
+                        WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0 ORDER BY d.id LIMIT 1)
+                      UNION ALL
+                      (SELECT d.id, d.next_attempt_at FROM webhook.deliveries d
+                        WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts > 0 ORDER BY d.id + 0 LIMIT 1)) u
+                   ORDER BY u.id LIMIT 1)
             ELSE LEAST((SELECT d.next_attempt_at FROM webhook.deliveries d
                          WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0 ORDER BY d.id LIMIT 1),
                        (SELECT d.next_attempt_at FROM webhook.deliveries d

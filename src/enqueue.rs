@@ -61,7 +61,6 @@ SELECT ev.id, $7,
 "#;
 
 /// What the trigger needs to know about an endpoint.
-#[derive(Clone)]
 struct Endpoint {
     id: i32,
     enabled: bool,
@@ -106,11 +105,15 @@ fn enqueue<'a>(
     let endpoint_name = args.first().map(String::as_str).unwrap_or_default();
 
     // SAFETY: the trigger manager hands us a valid relation and tuples for the duration of the call.
-    let status = unsafe {
+    let wake = unsafe {
         let rel = data.tg_relation;
         let (schema, table) = published_name(rel);
         let event_type = format!("{schema}.{table}.{}", op.to_ascii_lowercase());
-        let (endpoint_id, status, reason) = match lookup(endpoint_name) {
+        let found = lookup(endpoint_name, |ep| {
+            request::type_matches(&event_type, ep.event_types.as_deref())
+                .then_some((ep.id, ep.enabled))
+        });
+        let (endpoint_id, status, reason) = match found {
             None => (
                 None,
                 "failed",
@@ -119,15 +122,11 @@ fn enqueue<'a>(
                     endpoint_name.replace('\'', "''")
                 )),
             ),
-            Some(ep) if !request::type_matches(&event_type, ep.event_types.as_deref()) => {
-                return Ok(None)
+            Some(None) => return Ok(None),
+            Some(Some((id, false))) => {
+                (Some(id), "cancelled", Some("endpoint disabled".to_string()))
             }
-            Some(ep) if !ep.enabled => (
-                Some(ep.id),
-                "cancelled",
-                Some("endpoint disabled".to_string()),
-            ),
-            Some(ep) => (Some(ep.id), "pending", None),
+            Some(Some((id, true))) => (Some(id), "pending", None),
         };
         let tupdesc = (*rel).rd_att;
         let as_datum = |t: pg_sys::HeapTuple| {
@@ -139,6 +138,7 @@ fn enqueue<'a>(
             _ => (None, as_datum(data.tg_trigtuple)),
         };
         let columns: Option<Vec<String>> = (args.len() > 1).then(|| args[1..].to_vec());
+        let with_columns = columns.is_some();
         let none = pg_sys::Datum::from(0);
         let mut values = [
             text_datum(&event_type),
@@ -151,7 +151,7 @@ fn enqueue<'a>(
             text_datum(status),
             reason.as_deref().map_or(none, text_datum),
             pg_sys::Datum::from(gucs::MAX_PAYLOAD_BYTES.get()),
-            columns.clone().into_datum().unwrap_or(none),
+            columns.into_datum().unwrap_or(none),
         ];
         let flag = |present: bool| {
             if present {
@@ -171,27 +171,30 @@ fn enqueue<'a>(
             flag(true),
             flag(reason.is_some()),
             flag(true),
-            flag(columns.is_some()),
+            flag(with_columns),
         ];
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("webhook.enqueue: SPI_connect failed");
         }
-        let plan = plan_for((*(*rel).rd_rel).reltype, columns.is_some());
+        let plan = plan_for((*(*rel).rd_rel).reltype, with_columns);
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         if rc != pg_sys::SPI_OK_INSERT as i32 {
             error!("webhook.enqueue: could not record the event (SPI code {rc})");
         }
+        // A column-filtered UPDATE that changed none of the columns records nothing.
+        let recorded = pg_sys::SPI_processed > 0;
         pg_sys::SPI_finish();
-        status
+        recorded && status == "pending"
     };
-    if status == "pending" {
+    if wake {
         shmem::wake_at_commit();
     }
     Ok(None)
 }
 
-/// The endpoint named `name`, from this session's cache of webhook.endpoints.
-fn lookup(name: &str) -> Option<Endpoint> {
+/// `read` applied to the endpoint named `name` (None if there is none), from this session's
+/// cache of webhook.endpoints.
+fn lookup<R>(name: &str, read: impl FnOnce(&Endpoint) -> R) -> Option<R> {
     let version = shmem::endpoints_version();
     ENDPOINTS.with(|cell| {
         let mut cache = cell.borrow_mut();
@@ -201,7 +204,7 @@ fn lookup(name: &str) -> Option<Endpoint> {
                 endpoints: load_endpoints(),
             });
         }
-        cache.as_ref().and_then(|c| c.endpoints.get(name).cloned())
+        cache.as_ref().and_then(|c| c.endpoints.get(name).map(read))
     })
 }
 

@@ -245,6 +245,7 @@ struct Worker {
     record_failures: HashMap<i64, u32>,
     install_id: String,
     stats: StatsWatch,
+    policies: Option<Policies>,
 }
 
 impl Worker {
@@ -260,6 +261,7 @@ impl Worker {
             record_failures: HashMap::new(),
             install_id: String::new(),
             stats: StatsWatch::new(STATS_REFRESH_FLOOR),
+            policies: None,
         }
     }
 
@@ -301,6 +303,7 @@ impl Worker {
     /// Delivers until shutdown or until the extension disappears.
     fn serve(&mut self) -> Stop {
         plans::forget_all();
+        self.policies = None;
         if !self.become_the_only_worker() {
             return Stop::Shutdown;
         }
@@ -367,6 +370,7 @@ impl Worker {
             }
             if failed {
                 plans::forget_all();
+                self.policies = None;
                 if !matches!(in_transaction(extension_installed), Ok(true)) {
                     break Stop::ExtensionGone;
                 }
@@ -467,14 +471,12 @@ impl Worker {
         for _ in 0..PURGE_BATCHES_PER_ROUND {
             let step = in_transaction(|| {
                 Spi::get_one_with_args::<i64>(sql::PURGE_STEP, &[cutoff.into(), PURGE_BATCH.into()])
-            });
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|r| r);
             match step {
-                Ok(Ok(Some(n))) if n >= PURGE_BATCH as i64 => continue,
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) => {
-                    warning!("webhook_ext worker: purging old history failed: {e}");
-                    break;
-                }
+                Ok(Some(n)) if n >= PURGE_BATCH as i64 => continue,
+                Ok(_) => break,
                 Err(e) => {
                     warning!("webhook_ext worker: purging old history failed: {e}");
                     break;
@@ -485,15 +487,15 @@ impl Worker {
 
     /// The worker's own limits per endpoint, beyond `max_in_flight`: the circuit breaker and the
     /// rate limit. Returns (endpoint ids, requests each may start now) and when to look again.
-    fn limits(&mut self, policies: &[Policy]) -> (Vec<i32>, Vec<i32>, Option<Duration>) {
+    fn limits(&mut self) -> (Vec<i32>, Vec<i32>, Option<Duration>) {
         let now = SystemTime::now();
         let clock = Instant::now();
         let threshold = self.settings.breaker_threshold;
+        let policies = self.policies.as_ref().expect("loaded before the claim");
         // An endpoint changed (enabled, altered) since its failures began gets a fresh start.
-        for p in policies {
-            if let Some(h) = self.health.get_mut(&p.id) {
-                if h.is_open(threshold) && p.updated_at.is_some() && p.updated_at > h.failing_since
-                {
+        for (id, h) in self.health.iter_mut() {
+            if let Some(&changed) = policies.updated_at.get(id) {
+                if h.is_open(threshold) && Some(changed) > h.failing_since {
                     *h = Health {
                         dirty: true,
                         ..Health::default()
@@ -517,17 +519,13 @@ impl Worker {
                 }
             }
         }
-        self.buckets.retain(|id, _| {
-            policies
-                .iter()
-                .any(|p| p.id == *id && p.rate_limit.is_some())
-        });
-        for p in policies {
-            let Some(rate) = p.rate_limit else { continue };
+        self.buckets
+            .retain(|id, _| policies.rate_limits.iter().any(|(p, _)| p == id));
+        for &(id, rate) in &policies.rate_limits {
             let rate = rate.max(1) as u32;
             let bucket = self
                 .buckets
-                .entry(p.id)
+                .entry(id)
                 .or_insert_with(|| TokenBucket::new(rate, clock));
             if bucket.rate() != rate {
                 *bucket = TokenBucket::new(rate, clock);
@@ -536,7 +534,7 @@ impl Worker {
             if tokens == 0 {
                 wake_in(bucket.next_token_in(clock));
             }
-            let entry = allowed.entry(p.id).or_insert(tokens);
+            let entry = allowed.entry(id).or_insert(tokens);
             *entry = (*entry).min(tokens);
         }
         let (ids, counts) = allowed.into_iter().unzip();
@@ -552,19 +550,17 @@ impl Worker {
             return Ok(None);
         }
         let limit = room.min(self.settings.batch_size as usize) as i32;
-        let threshold = self.settings.breaker_threshold;
-        let open: Vec<i32> = self
-            .health
-            .iter()
-            .filter(|(_, h)| h.is_open(threshold))
-            .map(|(id, _)| *id)
-            .collect();
         let default_timeout = self.settings.default_timeout_ms;
-        // One transaction: what the worker must limit itself, then the claim.
+        // Read before the transaction's snapshot: a change committed after this is seen again.
+        let version = shmem::endpoints_version();
+        // One transaction: what the worker must limit itself (endpoints re-read only after they
+        // changed), then the claim.
         let (claimed, args, limits_wake) =
             in_transaction(AssertUnwindSafe(|| -> Result<_, String> {
-                let policies = load_policies(open)?;
-                let (limit_ids, limit_counts, limits_wake) = self.limits(&policies);
+                if self.policies.as_ref().is_none_or(|p| p.version != version) {
+                    self.policies = Some(Policies::load(version)?);
+                }
+                let (limit_ids, limit_counts, limits_wake) = self.limits();
                 let args = self.claim_args(limit_ids, limit_counts);
                 let a = args.clone();
                 let claimed = plans::run(
@@ -1087,24 +1083,37 @@ struct ClaimArgs {
     suspect_room: i32,
 }
 
-/// One row of POLICIES.
-struct Policy {
-    id: i32,
-    rate_limit: Option<i32>,
-    updated_at: Option<SystemTime>,
+/// What the worker's own limits need from webhook.endpoints (POLICIES), read again only when a
+/// transaction that changed that table has committed (`shmem::endpoints_version`).
+struct Policies {
+    version: u64,
+    /// Endpoints with a rate limit, and the limit.
+    rate_limits: Vec<(i32, i32)>,
+    /// When each enabled endpoint was last changed (an operator's change resets the breaker).
+    updated_at: HashMap<i32, SystemTime>,
 }
 
-fn load_policies(open: Vec<i32>) -> Result<Vec<Policy>, String> {
-    plans::run(sql::POLICIES, &[INT4_ARRAY], &[open.into()], |rows| {
-        rows.map(|row| {
-            Ok(Policy {
-                id: row.get::<i32>(1)?.unwrap_or_default(),
-                rate_limit: row.get::<i32>(2)?,
-                updated_at: from_epoch(row.get(3)?),
-            })
-        })
-        .collect::<Result<Vec<_>, pgrx::spi::Error>>()
-    })
+impl Policies {
+    fn load(version: u64) -> Result<Policies, String> {
+        let mut p = Policies {
+            version,
+            rate_limits: Vec::new(),
+            updated_at: HashMap::new(),
+        };
+        plans::run(sql::POLICIES, &[], &[], |rows| {
+            for row in rows {
+                let id = row.get::<i32>(1)?.unwrap_or_default();
+                if let Some(rate) = row.get::<i32>(2)? {
+                    p.rate_limits.push((id, rate));
+                }
+                if let Some(at) = from_epoch(row.get(3)?) {
+                    p.updated_at.insert(id, at);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(p)
+    }
 }
 
 /// One row of CLAIM.

@@ -18,7 +18,7 @@ WITH cap AS (
       LEFT JOIN unnest($7::int[], $8::int[]) AS o(id, n) ON o.id = ep.id
      WHERE ep.enabled
 ), cand AS (
-    SELECT d.id, d.endpoint_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
+    SELECT d.id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
       FROM cap
      CROSS JOIN LATERAL (
            -- New deliveries (due since they were made) oldest first, and retries that are due,
@@ -37,32 +37,31 @@ WITH cap AS (
             LIMIT cap.n) d
      WHERE cap.n > 0 AND NOT cap.ordered AND (NOT cap.suspect OR $10 > 0)
     UNION ALL
-    SELECT h.id, h.endpoint_id, cap.suspect, 1
+    SELECT h.id, cap.suspect, 1
       FROM cap
      CROSS JOIN LATERAL (
-           SELECT u.id, u.endpoint_id, u.next_attempt_at FROM (
-               (SELECT x.id, x.endpoint_id, x.next_attempt_at FROM webhook.deliveries x
+           SELECT u.id, u.next_attempt_at FROM (
+               (SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = cap.id
                  ORDER BY x.id LIMIT 1)
                UNION ALL
-               (SELECT x.id, x.endpoint_id, x.next_attempt_at FROM webhook.deliveries x
+               (SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
                  WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = cap.id
-                 ORDER BY x.id LIMIT 1)) u
+                 -- "+ 0": from the retry index and a sort, never by walking the primary key.
+                 ORDER BY x.id + 0 LIMIT 1)) u
             ORDER BY u.id
             LIMIT 1) h
      WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now() AND (NOT cap.suspect OR $10 > 0)
 ), pick AS (
-    SELECT c.id, c.endpoint_id
+    SELECT c.id
       FROM (SELECT cand.*, row_number() OVER (PARTITION BY cand.suspect ORDER BY cand.rn, cand.id) AS k FROM cand) c
      WHERE NOT c.suspect OR c.k <= $10
      ORDER BY c.suspect, c.rn, c.id
      LIMIT $4
 ), locked AS (
-    -- By endpoint and id: the pending index is then an exact lookup too, whichever index the
-    -- planner takes (with stale statistics it has taken that one for an id alone, a whole-index
-    -- walk per row).
+    -- A primary-key lookup: `status = 'pending'` alone implies neither partial index.
     SELECT d.id FROM webhook.deliveries d
-     WHERE (d.endpoint_id, d.id) IN (SELECT endpoint_id, id FROM pick) AND d.status = 'pending'
+     WHERE d.id IN (SELECT id FROM pick) AND d.status = 'pending'
        FOR UPDATE SKIP LOCKED
 )
 UPDATE webhook.deliveries d
@@ -93,7 +92,7 @@ SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
                               UNION ALL
                               (SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
                                 WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = ep.id
-                                ORDER BY x.id LIMIT 1)) u
+                                ORDER BY x.id + 0 LIMIT 1)) u
                            ORDER BY u.id LIMIT 1)
                     ELSE LEAST(
                         (SELECT x.next_attempt_at FROM webhook.deliveries x
@@ -112,13 +111,12 @@ SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
            AND (ep.id = ANY ($6::int[]) OR $7)) s
 "#;
 
-/// What the worker needs to know about endpoints it limits itself: rate limits, and for the
-/// endpoints in $1 (open circuits) when they were last changed (an operator's change resets
-/// the breaker).
+/// What the worker needs to know about endpoints to limit them itself: rate limits, and when
+/// each was last changed (an operator's change resets an open circuit).
 pub const POLICIES: &str = r#"
 SELECT id, rate_limit, extract(epoch FROM updated_at)::float8
   FROM webhook.endpoints
- WHERE enabled AND (rate_limit IS NOT NULL OR id = ANY($1))
+ WHERE enabled
 "#;
 
 /// Writes a batch of finished attempts: a row each in `attempts`, and the deliveries' new state.
@@ -183,7 +181,8 @@ WITH off AS (
 UPDATE webhook.deliveries d
    SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled: ' || off.reason
   FROM off
- WHERE d.endpoint_id = off.id AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)
+ WHERE d.endpoint_id = off.id AND d.endpoint_id = ANY ($1::int4[])
+   AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)
 "#;
 
 /// Deliveries left `sending` by a worker that is gone, or whose lease expired: due again now,

@@ -373,6 +373,10 @@ fn a_dump_restores_into_a_working_queue() {
         .unwrap()
         .get(0);
     assert_eq!(events, 10);
+    // The restored queue hands out new delivery ids: no webhook-id is sent twice.
+    let ids: std::collections::HashSet<String> =
+        rx.requests().iter().map(|r| r.webhook_id()).collect();
+    assert_eq!(ids.len(), 10, "webhook-ids repeated after the restore");
 }
 
 /// The fenced blocks of `lang` in README.md.

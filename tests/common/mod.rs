@@ -36,6 +36,14 @@ pub fn create_endpoint(db: &mut postgres::Client, name: &str, url: &str) -> Stri
 }
 
 /// (status, attempts) of every delivery, by id.
+/// The status of every delivery, oldest first.
+pub fn statuses(db: &mut postgres::Client) -> Vec<String> {
+    deliveries(db)
+        .into_iter()
+        .map(|(_, status, _)| status)
+        .collect()
+}
+
 pub fn deliveries(db: &mut postgres::Client) -> Vec<(i64, String, i32)> {
     db.query(
         "SELECT id, status::text, attempts FROM webhook.deliveries ORDER BY id",

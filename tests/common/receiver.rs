@@ -42,7 +42,7 @@ pub struct Reply {
     pub delay: Duration,
     /// Close the connection without answering.
     pub hang_up: bool,
-    /// Announce and send this many body bytes (zeros) instead of `body`, for as long as the
+    /// Announce and send this many body bytes (`x`) instead of `body`, for as long as the
     /// client keeps reading.
     pub stream: Option<u64>,
 }
@@ -242,12 +242,13 @@ fn serve(conn: TcpStream, state: Arc<State>, behavior: Behavior) {
                 let chunk = vec![b'x'; 64 * 1024];
                 let mut sent = 0u64;
                 let mut ok = writer.write_all(head.as_bytes()).is_ok();
+                // Counted as it goes, so a reader never sees less than what was written.
                 while ok && sent < total {
                     let n = chunk.len().min((total - sent) as usize);
                     ok = writer.write_all(&chunk[..n]).is_ok();
                     sent += n as u64;
+                    state.streamed.fetch_add(n as u64, Ordering::SeqCst);
                 }
-                state.streamed.fetch_add(sent, Ordering::SeqCst);
                 ok
             }
         };

@@ -100,9 +100,10 @@ impl TlsReceiver {
     /// Writes the CA certificate where the postgres user can read it.
     pub fn write_ca(&self, path: &Path) {
         std::fs::write(path, &self.ca_pem).unwrap();
-        let _ = std::process::Command::new("chmod")
-            .arg("644")
-            .arg(path)
-            .status();
+        std::fs::set_permissions(
+            path,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644),
+        )
+        .unwrap();
     }
 }
