@@ -1,15 +1,33 @@
 -- webhook_ext: the SQL API. Table writes live here; validation, signing and the trigger are Rust.
 -- Every function pins search_path, and names every object with its schema.
 
--- The trigger runs as the extension's owner, so application roles need no rights on webhook.*.
--- It has no SET search_path clause on purpose: that clause costs a GUC save/restore on every row.
--- Instead every name in its statements is schema-qualified and every operator written
--- OPERATOR(pg_catalog.…), which is what a pinned search_path would protect.
-ALTER FUNCTION webhook.enqueue() SECURITY DEFINER;
+-- The trigger webhook.enqueue() is SECURITY INVOKER: it builds the row images with the rights of
+-- the session that changed the row, and raises its rights (to the extension's owner, in a
+-- security-restricted operation) only to write the finished values into the queue. Application
+-- roles need no rights on webhook.*. Its statements name every object with its schema and write
+-- every operator OPERATOR(pg_catalog.…), since they are parsed under the caller's search_path.
 
--- Sessions cache webhook.endpoints for the trigger; any change makes them re-read it at commit.
+-- Sessions cache webhook.endpoints and webhook._publishers for the trigger; any change makes them
+-- re-read both at commit.
 CREATE TRIGGER endpoints_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON webhook.endpoints
     FOR EACH STATEMENT EXECUTE FUNCTION webhook._endpoints_changed();
+CREATE TRIGGER publishers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON webhook._publishers
+    FOR EACH STATEMENT EXECUTE FUNCTION webhook._endpoints_changed();
+
+-- A dropped table's publishing rights go with it (its oid may one day name another table).
+-- It reads only the oids Postgres reports as dropped.
+CREATE FUNCTION webhook._forget_dropped_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM webhook._publishers p
+     USING pg_catalog.pg_event_trigger_dropped_objects() o
+     WHERE o.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND o.objsubid = 0
+       AND p.relid::pg_catalog.oid = o.objid;
+END
+$$;
+CREATE EVENT TRIGGER webhook_ext_forget_dropped_tables ON sql_drop
+    EXECUTE FUNCTION webhook._forget_dropped_tables();
 
 -- Clear errors for bad endpoint arguments (the table's CHECKs are only a backstop).
 CREATE FUNCTION webhook._check_endpoint_args(
@@ -199,6 +217,7 @@ BEGIN
     UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
     DELETE FROM webhook._endpoint_state st WHERE st.endpoint_id = ep;
+    DELETE FROM webhook._publishers p WHERE p.endpoint_id = ep;
     DELETE FROM webhook.endpoints e WHERE e.id = ep;
 END
 $$;
@@ -279,6 +298,9 @@ BEGIN
                    trig, array_to_string(ops, ' OR '), tbl,
                    CASE WHEN "when" IS NOT NULL THEN 'WHEN (' || webhook._check_when("when") || E'\n)' ELSE '' END,
                    args);
+    INSERT INTO webhook._publishers (relid, endpoint_id, via)
+    VALUES (tbl, webhook._endpoint_id(endpoint), 'subscribe')
+    ON CONFLICT DO NOTHING;
     IF current_database() <> ALL (webhook._served_databases()) THEN
         RAISE NOTICE 'database "%" is not in webhook.database: events are recorded but not delivered', current_database()
             USING HINT = 'Add it to webhook.database in postgresql.conf and SELECT pg_reload_conf().';
@@ -302,6 +324,45 @@ BEGIN
         RAISE EXCEPTION 'table % has no subscription for endpoint "%"', tbl, endpoint USING ERRCODE = 'undefined_object';
     END IF;
     EXECUTE format('DROP TRIGGER %I ON %s', trig, tbl);
+    IF NOT EXISTS (SELECT FROM webhook.subscriptions s WHERE s."table" = tbl AND s.endpoint = unsubscribe.endpoint) THEN
+        DELETE FROM webhook._publishers p
+         WHERE p.relid = tbl AND p.endpoint_id = webhook._endpoint_id(unsubscribe.endpoint) AND p.via = 'subscribe';
+    END IF;
+END
+$$;
+
+-- Hand-written triggers (CREATE TRIGGER … EXECUTE FUNCTION webhook.enqueue('endpoint')) deliver
+-- only on tables allowed to publish to that endpoint: subscribed ones, ones allowed here, and
+-- tables owned by members of webhook_admin. Anything else is refused when the trigger fires.
+CREATE FUNCTION webhook.allow_publish(tbl regclass, endpoint text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
+        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    INSERT INTO webhook._publishers (relid, endpoint_id, via)
+    VALUES (tbl, webhook._endpoint_id(endpoint), 'allow_publish')
+    ON CONFLICT DO NOTHING;
+END
+$$;
+
+CREATE FUNCTION webhook.disallow_publish(tbl regclass, endpoint text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM webhook._publishers p
+     WHERE p.relid = tbl AND p.endpoint_id = webhook._endpoint_id(endpoint) AND p.via = 'allow_publish';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % was not allowed to publish to endpoint "%"', tbl, endpoint
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Subscriptions made with webhook.subscribe() are removed with webhook.unsubscribe().';
+    END IF;
 END
 $$;
 
@@ -313,7 +374,7 @@ AS $$
 DECLARE
     ep webhook.endpoints;
     event_id bigint;
-    size integer := pg_column_size(payload);
+    size bigint;
     limit_bytes integer := webhook._max_payload_bytes();
 BEGIN
     IF event_type IS NULL OR event_type = '' OR octet_length(event_type) > 255 THEN
@@ -322,6 +383,9 @@ BEGIN
     IF payload IS NULL THEN
         RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed', HINT = 'Send ''{}'' or ''null''::jsonb for no data.';
     END IF;
+    -- The body as sent: {"type":…,"timestamp":"<27 characters>","data":…} is 59 bytes besides
+    -- the type and the payload's text (where a control character takes six bytes).
+    size := 59 + octet_length(to_json(event_type)::text) + octet_length(payload::text);
     IF size > limit_bytes THEN
         RAISE EXCEPTION 'payload is % bytes, more than webhook.max_payload_bytes (%)', size, limit_bytes
             USING ERRCODE = 'program_limit_exceeded';
@@ -329,7 +393,7 @@ BEGIN
     IF endpoint IS NOT NULL THEN
         SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
     END IF;
-    INSERT INTO webhook._events (type, payload) VALUES (event_type, payload) RETURNING id INTO event_id;
+    INSERT INTO webhook._events (type, payload, size) VALUES (event_type, payload, size) RETURNING id INTO event_id;
     INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
     SELECT event_id, e.id,
            CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
@@ -642,11 +706,12 @@ REVOKE ALL ON ALL TABLES IN SCHEMA webhook FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA webhook FROM PUBLIC;
 GRANT USAGE ON SCHEMA webhook TO webhook_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE
-   ON webhook.endpoints, webhook._events, webhook.deliveries, webhook.attempts, webhook._endpoint_state, webhook._meta
+   ON webhook.endpoints, webhook._events, webhook.deliveries, webhook.attempts, webhook._endpoint_state, webhook._meta,
+      webhook._publishers
    TO webhook_admin;
 GRANT SELECT ON webhook.events, webhook.subscriptions, webhook.endpoint_stats, webhook.metrics TO webhook_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook TO webhook_admin;
--- The trigger function runs as its owner; firing it needs no privilege on webhook.*.
+-- Firing the trigger needs no privilege on webhook.*; it refuses tables not allowed to publish.
 GRANT EXECUTE ON FUNCTION webhook.enqueue() TO PUBLIC;
 
 DO $$

@@ -1,21 +1,42 @@
 -- webhook_ext: tables, types and indexes. The extension's schema is "webhook" (fixed by the
 -- control file). Objects whose names start with "_" are private, not part of the contract.
 
+-- webhook_admin is cluster-wide (roles are), so it may exist already: from this extension in
+-- another database, or made by hand. It is used as it is, but never silently: a role that can
+-- log in or has more than NOLOGIN's rights is refused, and members are named.
 DO $$
+DECLARE
+    r record;
+    members text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'webhook_admin') THEN
+    SELECT a.rolcanlogin, a.rolsuper, a.rolcreaterole, a.rolcreatedb, a.rolreplication, a.rolbypassrls
+      INTO r FROM pg_catalog.pg_roles a WHERE a.rolname = 'webhook_admin';
+    IF NOT FOUND THEN
         CREATE ROLE webhook_admin NOLOGIN;
+        RETURN;
     END IF;
+    IF r.rolcanlogin OR r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls THEN
+        RAISE EXCEPTION 'role "webhook_admin" already exists with LOGIN, SUPERUSER, CREATEROLE, CREATEDB, REPLICATION or BYPASSRLS'
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'webhook_ext manages endpoints through this role; make it NOLOGIN with no other attributes (ALTER ROLE webhook_admin NOLOGIN NOSUPERUSER ...), or drop it.';
+    END IF;
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(m.rolname), ', ' ORDER BY m.rolname) INTO members
+      FROM pg_catalog.pg_auth_members am JOIN pg_catalog.pg_roles m ON m.oid = am.member
+     WHERE am.roleid = (SELECT a.oid FROM pg_catalog.pg_roles a WHERE a.rolname = 'webhook_admin');
+    RAISE NOTICE 'webhook_ext: using the existing role webhook_admin (members: %)', COALESCE(members, 'none')
+        USING DETAIL = 'Roles are shared by every database of the cluster: its members manage webhook endpoints in every database where webhook_ext is installed.';
 END
 $$;
 
 CREATE TYPE webhook.delivery_status AS ENUM ('pending', 'sending', 'delivered', 'failed', 'cancelled');
 
--- One row: facts about this installation of the extension.
+-- Facts about this installation of the extension. install_id is part of every webhook-id, so
+-- ids never repeat across databases or re-installs. pg_dump keeps the rows: a restored copy adds
+-- the source's row beside the one its own CREATE EXTENSION made, and the oldest row is the one
+-- in force (the worker reads the oldest), so pending work keeps its webhook-ids across dump and restore.
 CREATE TABLE webhook._meta (
-    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    -- Part of every webhook-id, so ids never repeat across databases or re-installs.
-    install_id text NOT NULL DEFAULT pg_catalog.substr(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 1, 10)
+    install_id text PRIMARY KEY DEFAULT pg_catalog.substr(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 1, 10),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
 INSERT INTO webhook._meta DEFAULT VALUES;
 
@@ -58,7 +79,10 @@ CREATE TABLE webhook._events (
     new         jsonb,
     old         jsonb,
     txid        bigint NOT NULL DEFAULT pg_catalog.txid_current(),
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- Bytes of the request body (measured as sent where it could pass max_payload_bytes,
+    -- estimated from the stored size below that); bounds how much one claim takes into memory.
+    size        integer
 );
 
 -- One row per (event, endpoint). "failed" is final (dead letter) until webhook.retry().
@@ -130,7 +154,22 @@ CREATE TABLE webhook._endpoint_state (
     failed_total          bigint NOT NULL DEFAULT 0
 );
 
+-- Tables allowed to publish to an endpoint: a trigger calling webhook.enqueue(endpoint) on a
+-- table that is not here (nor owned by a member of webhook_admin) is refused. subscribe() adds
+-- a row ('subscribe'), allow_publish() one for hand-written triggers ('allow_publish').
+CREATE TABLE webhook._publishers (
+    relid       regclass NOT NULL,
+    endpoint_id integer NOT NULL,
+    via         text NOT NULL CHECK (via IN ('subscribe', 'allow_publish')),
+    granted_by  name NOT NULL DEFAULT current_user,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (relid, endpoint_id, via)
+);
+CREATE INDEX publishers_endpoint_idx ON webhook._publishers (endpoint_id);
+
 -- pg_dump keeps what users put in these tables.
+SELECT pg_catalog.pg_extension_config_dump('webhook._meta', '');
+SELECT pg_catalog.pg_extension_config_dump('webhook._publishers', '');
 SELECT pg_catalog.pg_extension_config_dump('webhook.endpoints', '');
 SELECT pg_catalog.pg_extension_config_dump('webhook._events', '');
 SELECT pg_catalog.pg_extension_config_dump('webhook.deliveries', '');

@@ -1,70 +1,109 @@
 //! The trigger function `webhook.enqueue(endpoint, [column, …])`: turns a row change into an event
 //! and a delivery inside the user's transaction, and asks for the worker to be woken at commit.
 //!
-//! It never fails the user's statement because of the endpoint: an unknown endpoint or an oversized
-//! payload is recorded as a `failed` delivery with the reason, a disabled endpoint as `cancelled`.
+//! Rights. The function is SECURITY INVOKER: the row images (`to_jsonb`, and with it every cast
+//! to json and output function of a user's type) are built with the rights of the session that
+//! changed the row, never more. Only the finished values are written into webhook's tables, and
+//! only that step runs as the extension's owner (`SetUserIdAndSecContext`, as Postgres itself does
+//! for REFRESH MATERIALIZED VIEW), in a security-restricted operation that evaluates nothing of
+//! the user's: built-in jsonb functions and operators, every one schema-qualified.
 //!
-//! This is the hot path, so per row it runs one statement from a plan prepared once per row type
-//! and kept for the session, and decides everything about the endpoint from a per-session cache
-//! of `webhook.endpoints` (refreshed when any transaction that changed that table commits).
+//! Publishing. A trigger delivers only where an administrator allowed its table to publish to
+//! that endpoint: `webhook.subscribe()` and `webhook.allow_publish()` record (table, endpoint) in
+//! `webhook._publishers`; a table owned by a role with the privileges of `webhook_admin` needs no
+//! record. Anything else is refused with SQLSTATE 42501, so no role can make the worker sign
+//! content for an endpoint it does not manage.
+//!
+//! It never fails the user's statement because of the receiver: an unknown endpoint or an
+//! oversized payload is recorded as a `failed` delivery with the reason, a disabled endpoint as
+//! `cancelled`.
+//!
+//! This is the hot path: per row it runs one statement from a plan kept for the session, and
+//! decides everything about the endpoint from a per-session cache of `webhook.endpoints` and
+//! `webhook._publishers`, read with a fresh snapshot whenever a transaction that changed either
+//! has committed (see `shmem::endpoints_version`).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::ffi::CString;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::ffi::{c_char, CStr, CString};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::{gucs, request, shmem};
 
-/// Parameters: $1 type, $2 schema, $3 table, $4 op, $5 new row, $6 old row, $7 endpoint id
-/// (NULL if unknown), $8 status, $9 reason, $10 max payload bytes, and for a column-filtered
-/// subscription $11 the columns. Every name is schema-qualified and every operator spelled out,
-/// so the caller's search_path cannot redirect anything (the function runs as its owner).
-const ENQUEUE_SQL: &str = r#"
-WITH ev AS (
-    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)
-    VALUES ($1, $2, $3, $4, pg_catalog.to_jsonb($5), pg_catalog.to_jsonb($6))
-    RETURNING id, COALESCE(pg_catalog.pg_column_size(new), 0) OPERATOR(pg_catalog.+)
-                  COALESCE(pg_catalog.pg_column_size(old), 0) AS size
-)
-"#;
+/// Parameters shared by both statements: $1 type, $2 schema, $3 table, $4 op, $5/$6 the new and
+/// old row images (jsonb, NULL when absent or not built), $7 endpoint id (NULL if unknown),
+/// $8 status, $9 reason, $10 webhook.max_payload_bytes, $11 the request body's bytes besides the
+/// row images, $12 why the row was too large to build at all (NULL normally). The column-filtered
+/// statement takes the images as $5/$6 = keys and $13/$14 = values (jsonb[]) of the chosen columns.
+///
+/// The body is measured as it will be sent (the images' text, where a control character takes six
+/// bytes); only when the stored size times six could pass the limit is the text length computed.
+/// An oversized event keeps no row image.
+const RECORD_SQL: &str = r#"
+WITH img AS (
+    SELECT $5 AS new, $6 AS old
+)"#;
 
-/// The same for a subscription limited to some columns: only those are published, and an
-/// UPDATE that changed none of them records nothing.
-const ENQUEUE_COLUMNS_SQL: &str = r#"
+const RECORD_COLUMNS_SQL: &str = r#"
 WITH j AS (
-    SELECT (SELECT pg_catalog.jsonb_object_agg(e.key, e.value) FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb($5)) AS e
-             WHERE e.key OPERATOR(pg_catalog.=) ANY ($11)) AS new_j,
-           (SELECT pg_catalog.jsonb_object_agg(e.key, e.value) FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb($6)) AS e
-             WHERE e.key OPERATOR(pg_catalog.=) ANY ($11)) AS old_j
-), ev AS (
-    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)
-    SELECT $1, $2, $3, $4, j.new_j, j.old_j
-      FROM j
-     WHERE $4 OPERATOR(pg_catalog.<>) 'UPDATE' OR pg_catalog.jsonb_ne(COALESCE(j.new_j, '{}'), COALESCE(j.old_j, '{}'))
-    RETURNING id, COALESCE(pg_catalog.pg_column_size(new), 0) OPERATOR(pg_catalog.+)
-                  COALESCE(pg_catalog.pg_column_size(old), 0) AS size
-)
-"#;
+    SELECT (SELECT pg_catalog.jsonb_object_agg(u.k, u.v) FROM pg_catalog.unnest($5, $13) AS u(k, v)) AS new,
+           (SELECT pg_catalog.jsonb_object_agg(u.k, u.v) FROM pg_catalog.unnest($6, $14) AS u(k, v)) AS old
+), img AS (
+    -- An UPDATE that changed none of the chosen columns records nothing.
+    SELECT j.new, j.old FROM j
+     WHERE $4 OPERATOR(pg_catalog.<>) 'UPDATE'
+        OR pg_catalog.jsonb_ne(COALESCE(j.new, '{}'), COALESCE(j.old, '{}'))
+)"#;
 
-/// The delivery for the event just recorded (shared tail of both statements).
-const DELIVERY_SQL: &str = r#"
+const RECORD_TAIL_SQL: &str = r#"
+, m AS (
+    SELECT img.new, img.old,
+           pg_catalog.int8(COALESCE(pg_catalog.pg_column_size(img.new), 0))
+             OPERATOR(pg_catalog.+) pg_catalog.int8(COALESCE(pg_catalog.pg_column_size(img.old), 0)) AS packed
+      FROM img
+), s AS (
+    SELECT m.new, m.old,
+           CASE WHEN $12 IS NOT NULL THEN NULL
+                WHEN m.packed OPERATOR(pg_catalog.*) 6 OPERATOR(pg_catalog.+) $11 OPERATOR(pg_catalog.<=) $10
+                THEN m.packed OPERATOR(pg_catalog.+) $11
+                ELSE pg_catalog.int8($11)
+                     OPERATOR(pg_catalog.+) COALESCE(pg_catalog.octet_length(pg_catalog.textin(pg_catalog.jsonb_out(m.new))), 4)
+                     OPERATOR(pg_catalog.+) COALESCE(pg_catalog.octet_length(pg_catalog.textin(pg_catalog.jsonb_out(m.old))), 4)
+           END AS size
+      FROM m
+), ev AS (
+    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old, size)
+    SELECT $1, $2, $3, $4,
+           CASE WHEN s.size OPERATOR(pg_catalog.<=) $10 THEN s.new END,
+           CASE WHEN s.size OPERATOR(pg_catalog.<=) $10 THEN s.old END,
+           pg_catalog.int4(LEAST(s.size, 2147483647))
+      FROM s
+    RETURNING id, size
+)
 INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
 SELECT ev.id, $7,
-       CASE WHEN ev.size OPERATOR(pg_catalog.>) $10 THEN 'failed' ELSE $8 END::webhook.delivery_status,
+       CASE WHEN ev.size IS NULL OR ev.size OPERATOR(pg_catalog.>) $10 THEN 'failed' ELSE $8 END::webhook.delivery_status,
        CASE WHEN ev.size OPERATOR(pg_catalog.<=) $10 AND $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END,
-       CASE WHEN ev.size OPERATOR(pg_catalog.>) $10
+       CASE WHEN ev.size IS NULL THEN $12
+            WHEN ev.size OPERATOR(pg_catalog.>) $10
             THEN pg_catalog.format('payload is %s bytes, more than webhook.max_payload_bytes (%s)', ev.size, $10)
             ELSE $9 END
   FROM ev
 "#;
+
+/// Rows larger than this (before JSON encoding) are never built: jsonb holds at most 256 MB, and
+/// a bytea doubles in its JSON form.
+const LARGEST_ROW_BUILT: i64 = 120 * 1024 * 1024;
 
 /// What the trigger needs to know about an endpoint.
 struct Endpoint {
     id: i32,
     enabled: bool,
     event_types: Option<Vec<String>>,
+    /// Tables allowed to publish to it (webhook._publishers).
+    publishers: HashSet<pg_sys::Oid>,
 }
 
 struct Cache {
@@ -72,13 +111,71 @@ struct Cache {
     endpoints: HashMap<String, Endpoint>,
 }
 
+/// Who the queue's writes run as, and the role whose members publish anywhere.
+#[derive(Clone, Copy)]
+struct Roles {
+    owner: pg_sys::Oid,
+    admin: pg_sys::Oid,
+}
+
 thread_local! {
-    /// Kept plans, one per row type. Postgres re-plans them itself when the tables change.
-    static PLANS: RefCell<HashMap<(pg_sys::Oid, bool), pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
-    /// Partition -> the root table its events are published under.
+    /// Kept plans: [plain, column-filtered].
+    static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; 2]> = const { RefCell::new([None, None]) };
+    /// Kept plans for reading the catalog and webhook's tables.
+    static READS: RefCell<HashMap<&'static str, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
+    /// Partition -> the root table its events are published under. Cleared on every relcache
+    /// invalidation, so ATTACH / DETACH / DROP are seen at once.
     static PARTITION_ROOTS: RefCell<HashMap<pg_sys::Oid, pg_sys::Oid>> = RefCell::new(HashMap::new());
-    /// This session's copy of webhook.endpoints (name -> what the trigger needs).
+    /// Cloned partition trigger -> (table it was created on, that table's owner). Cleared likewise.
+    static TRIGGER_HOMES: RefCell<HashMap<pg_sys::Oid, (pg_sys::Oid, pg_sys::Oid)>> = RefCell::new(HashMap::new());
+    /// `to_jsonb` set up for one argument type, per type.
+    static TO_JSONB: RefCell<HashMap<pg_sys::Oid, *mut pg_sys::FmgrInfo>> = RefCell::new(HashMap::new());
+    /// This session's copy of webhook.endpoints and webhook._publishers.
     static ENDPOINTS: RefCell<Option<Cache>> = const { RefCell::new(None) };
+    static ROLES: Cell<Option<Roles>> = const { Cell::new(None) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// What the trigger decided about an endpoint (a pure rule, tested below).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Record a delivery with this status and reason.
+    Record {
+        endpoint_id: Option<i32>,
+        status: &'static str,
+        reason: Option<String>,
+    },
+    /// The endpoint's event_types filter excludes this event.
+    Skip,
+}
+
+/// The rule for an endpoint as the cache knows it: unknown → failed, filtered out → skip,
+/// disabled → cancelled, else pending.
+pub(crate) fn route(
+    name: &str,
+    found: Option<(i32, bool, bool)>, // (id, enabled, type matches)
+) -> Route {
+    match found {
+        None => Route::Record {
+            endpoint_id: None,
+            status: "failed",
+            reason: Some(format!(
+                "endpoint '{}' does not exist",
+                name.replace('\'', "''")
+            )),
+        },
+        Some((_, _, false)) => Route::Skip,
+        Some((id, false, true)) => Route::Record {
+            endpoint_id: Some(id),
+            status: "cancelled",
+            reason: Some("endpoint disabled".into()),
+        },
+        Some((id, true, true)) => Route::Record {
+            endpoint_id: Some(id),
+            status: "pending",
+            reason: None,
+        },
+    }
 }
 
 #[pg_trigger]
@@ -90,7 +187,11 @@ fn enqueue<'a>(
     if !pgrx::trigger_support::trigger_fired_after(event)
         || !pgrx::trigger_support::trigger_fired_for_row(event)
     {
-        error!("webhook.enqueue must be used in an AFTER ... FOR EACH ROW trigger");
+        raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "webhook.enqueue must be used in an AFTER ... FOR EACH ROW trigger".into(),
+            None,
+        );
     }
     let op = if pgrx::trigger_support::trigger_fired_by_insert(event) {
         "INSERT"
@@ -99,91 +200,92 @@ fn enqueue<'a>(
     } else if pgrx::trigger_support::trigger_fired_by_delete(event) {
         "DELETE"
     } else {
-        error!("webhook.enqueue handles INSERT, UPDATE and DELETE only");
+        raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "webhook.enqueue handles INSERT, UPDATE and DELETE only".into(),
+            None,
+        );
     };
     let args = trigger.extra_args()?;
     let endpoint_name = args.first().map(String::as_str).unwrap_or_default();
+    register_invalidation_callback();
 
-    // SAFETY: the trigger manager hands us a valid relation and tuples for the duration of the call.
+    // SAFETY: the trigger manager hands us a valid relation, trigger and tuples for the call.
     let wake = unsafe {
         let rel = data.tg_relation;
         let (schema, table) = published_name(rel);
         let event_type = format!("{schema}.{table}.{}", op.to_ascii_lowercase());
-        let found = lookup(endpoint_name, |ep| {
-            request::type_matches(&event_type, ep.event_types.as_deref())
-                .then_some((ep.id, ep.enabled))
+        let (home, home_owner) = trigger_home(rel, data.tg_trigger);
+        let (roles, found) = lookup(endpoint_name, |ep| {
+            (
+                (
+                    ep.id,
+                    ep.enabled,
+                    request::type_matches(&event_type, ep.event_types.as_deref()),
+                ),
+                ep.publishers.contains(&home),
+            )
         });
-        let (endpoint_id, status, reason) = match found {
-            None => (
-                None,
-                "failed",
-                Some(format!(
-                    "endpoint '{}' does not exist",
-                    endpoint_name.replace('\'', "''")
-                )),
-            ),
-            Some(None) => return Ok(None),
-            Some(Some((id, false))) => {
-                (Some(id), "cancelled", Some("endpoint disabled".to_string()))
-            }
-            Some(Some((id, true))) => (Some(id), "pending", None),
+        let (found, allowed) = found.map_or((None, false), |(f, a)| (Some(f), a));
+        if !allowed && !pg_sys::superuser_arg(home_owner) && !is_admin(home_owner, roles) {
+            refuse_publishing(home, endpoint_name);
+        }
+        let (endpoint_id, status, reason) = match route(endpoint_name, found) {
+            Route::Skip => return Ok(None),
+            Route::Record {
+                endpoint_id,
+                status,
+                reason,
+            } => (endpoint_id, status, reason),
         };
         let tupdesc = (*rel).rd_att;
-        let as_datum = |t: pg_sys::HeapTuple| {
-            (!t.is_null()).then(|| pg_sys::heap_copy_tuple_as_datum(t, tupdesc))
-        };
-        let (new_row, old_row) = match op {
-            "INSERT" => (as_datum(data.tg_trigtuple), None),
-            "UPDATE" => (as_datum(data.tg_newtuple), as_datum(data.tg_trigtuple)),
-            _ => (None, as_datum(data.tg_trigtuple)),
+        let (new_tuple, old_tuple) = match op {
+            "INSERT" => (data.tg_trigtuple, std::ptr::null_mut()),
+            "UPDATE" => (data.tg_newtuple, data.tg_trigtuple),
+            _ => (std::ptr::null_mut(), data.tg_trigtuple),
         };
         let columns: Option<Vec<String>> = (args.len() > 1).then(|| args[1..].to_vec());
-        let with_columns = columns.is_some();
-        let none = pg_sys::Datum::from(0);
-        let mut values = [
-            text_datum(&event_type),
-            text_datum(&schema),
-            text_datum(&table),
-            text_datum(op),
-            new_row.unwrap_or(none),
-            old_row.unwrap_or(none),
-            endpoint_id.map_or(none, pg_sys::Datum::from),
-            text_datum(status),
-            reason.as_deref().map_or(none, text_datum),
-            pg_sys::Datum::from(gucs::MAX_PAYLOAD_BYTES.get()),
-            columns.into_datum().unwrap_or(none),
-        ];
-        let flag = |present: bool| {
-            if present {
-                b' ' as std::ffi::c_char
-            } else {
-                b'n' as std::ffi::c_char
-            }
+        let limit = gucs::MAX_PAYLOAD_BYTES.get();
+        let raw = raw_size(new_tuple, tupdesc, columns.as_deref())
+            + raw_size(old_tuple, tupdesc, columns.as_deref());
+        let too_large = (raw > (i64::from(limit) * 8).min(LARGEST_ROW_BUILT)).then(|| {
+            format!("row is {raw} bytes, too large to publish within webhook.max_payload_bytes ({limit})")
+        });
+        let txid = pg_sys::GetTopFullTransactionId().value;
+        let base =
+            request::row_change_body_len(&event_type, &schema, &table, op, 0, 0, txid as i64);
+        // Built here, as the session's own user: the row images.
+        let images = if too_large.is_some() {
+            Images::None
+        } else if let Some(cols) = &columns {
+            Images::Columns(
+                columns_json(new_tuple, tupdesc, cols),
+                columns_json(old_tuple, tupdesc, cols),
+            )
+        } else {
+            let reltype = (*(*rel).rd_rel).reltype;
+            Images::Rows(
+                row_json(new_tuple, tupdesc, reltype),
+                row_json(old_tuple, tupdesc, reltype),
+            )
         };
-        let nulls = [
-            flag(true),
-            flag(true),
-            flag(true),
-            flag(true),
-            flag(new_row.is_some()),
-            flag(old_row.is_some()),
-            flag(endpoint_id.is_some()),
-            flag(true),
-            flag(reason.is_some()),
-            flag(true),
-            flag(with_columns),
-        ];
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            error!("webhook.enqueue: SPI_connect failed");
-        }
-        let plan = plan_for((*(*rel).rd_rel).reltype, with_columns);
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
-        if rc != pg_sys::SPI_OK_INSERT as i32 {
-            error!("webhook.enqueue: could not record the event (SPI code {rc})");
-        }
-        // A column-filtered UPDATE that changed none of the columns records nothing.
-        let recorded = pg_sys::SPI_processed > 0;
-        pg_sys::SPI_finish();
+        let recorded = record(
+            roles,
+            columns.is_some(),
+            Record {
+                event_type: &event_type,
+                schema: &schema,
+                table: &table,
+                op,
+                images,
+                endpoint_id,
+                status,
+                reason: reason.as_deref(),
+                limit,
+                base: base as i32,
+                too_large: too_large.as_deref(),
+            },
+        );
         recorded && status == "pending"
     };
     if wake {
@@ -192,49 +294,394 @@ fn enqueue<'a>(
     Ok(None)
 }
 
-/// `read` applied to the endpoint named `name` (None if there is none), from this session's
-/// cache of webhook.endpoints.
-fn lookup<R>(name: &str, read: impl FnOnce(&Endpoint) -> R) -> Option<R> {
-    let version = shmem::endpoints_version();
-    ENDPOINTS.with(|cell| {
-        let mut cache = cell.borrow_mut();
-        if cache.as_ref().is_none_or(|c| c.version != version) {
-            *cache = Some(Cache {
-                version,
-                endpoints: load_endpoints(),
-            });
-        }
-        cache.as_ref().and_then(|c| c.endpoints.get(name).map(read))
-    })
+/// The row images as the statement takes them.
+enum Images {
+    None,
+    Rows(Option<pg_sys::Datum>, Option<pg_sys::Datum>),
+    Columns(
+        Option<(Vec<String>, Vec<pg_sys::Datum>)>,
+        Option<(Vec<String>, Vec<pg_sys::Datum>)>,
+    ),
 }
 
-fn load_endpoints() -> HashMap<String, Endpoint> {
-    Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT name, id, enabled, event_types FROM webhook.endpoints",
+struct Record<'r> {
+    event_type: &'r str,
+    schema: &'r str,
+    table: &'r str,
+    op: &'r str,
+    images: Images,
+    endpoint_id: Option<i32>,
+    status: &'static str,
+    reason: Option<&'r str>,
+    limit: i32,
+    base: i32,
+    too_large: Option<&'r str>,
+}
+
+/// Writes the event and its delivery as the extension's owner. Returns whether a row was written.
+unsafe fn record(roles: Roles, with_columns: bool, r: Record<'_>) -> bool {
+    let none = pg_sys::Datum::from(0);
+    let opt = |d: Option<pg_sys::Datum>| (d.unwrap_or(none), d.is_some());
+    let mut values: Vec<pg_sys::Datum> = Vec::with_capacity(14);
+    let mut present: Vec<bool> = Vec::with_capacity(14);
+    let mut push = |(d, p): (pg_sys::Datum, bool)| {
+        values.push(d);
+        present.push(p);
+    };
+    push((text_datum(r.event_type), true));
+    push((text_datum(r.schema), true));
+    push((text_datum(r.table), true));
+    push((text_datum(r.op), true));
+    let mut column_values = [(none, false), (none, false)];
+    match r.images {
+        Images::None => {
+            push((none, false));
+            push((none, false));
+        }
+        Images::Rows(new, old) => {
+            push(opt(new));
+            push(opt(old));
+        }
+        Images::Columns(new, old) => {
+            for (i, image) in [new, old].into_iter().enumerate() {
+                match image {
+                    Some((keys, vals)) => {
+                        push((keys.into_datum().unwrap_or(none), true));
+                        column_values[i] = (jsonb_array(&vals), true);
+                    }
+                    None => push((none, false)),
+                }
+            }
+        }
+    }
+    push(opt(r.endpoint_id.map(pg_sys::Datum::from)));
+    push((text_datum(r.status), true));
+    push(opt(r.reason.map(text_datum)));
+    push((pg_sys::Datum::from(r.limit), true));
+    push((pg_sys::Datum::from(r.base), true));
+    push(opt(r.too_large.map(text_datum)));
+    if with_columns {
+        push(column_values[0]);
+        push(column_values[1]);
+    }
+    let nulls: Vec<c_char> = present
+        .iter()
+        .map(|&p| if p { b' ' } else { b'n' } as c_char)
+        .collect();
+
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "webhook.enqueue: SPI_connect failed".into(),
+                None,
+            );
+        }
+        let plan = record_plan(with_columns);
+        let rc = as_owner(roles, || {
+            pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0)
+        });
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!("webhook.enqueue: could not record the event (SPI code {rc})"),
+                None,
+            );
+        }
+        let recorded = pg_sys::SPI_processed > 0;
+        pg_sys::SPI_finish();
+        recorded
+    }
+}
+
+/// Runs `f` as the extension's owner in a security-restricted operation; the caller's user and
+/// security context come back however `f` ends (an ERROR unwinds through the guard).
+fn as_owner<R>(roles: Roles, f: impl FnOnce() -> R) -> R {
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores what GetUserIdAndSecContext returned, on the main thread.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let mut uid = pg_sys::InvalidOid;
+    let mut ctx = 0;
+    // SAFETY: plain reads and writes of the backend's current user, as Postgres's own
+    // security-restricted operations do.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
+        let _restore = Restore(uid, ctx);
+        pg_sys::SetUserIdAndSecContext(
+            roles.owner,
+            ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+        f()
+    }
+}
+
+/// Raises an ERROR with a SQLSTATE and one clear line (no Rust location or backtrace).
+fn raise(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
+    let mut report = pg_sys::panic::ErrorReport::new(code, message, "webhook.enqueue");
+    if let Some(h) = hint {
+        report = report.set_hint(h);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+unsafe fn refuse_publishing(home: pg_sys::Oid, endpoint: &str) -> ! {
+    let table = unsafe { qualified_name(home) }.unwrap_or_else(|| format!("{}", home.to_u32()));
+    let quoted = endpoint.replace('\'', "''");
+    raise(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("table {table} may not publish to webhook endpoint \"{endpoint}\""),
+        Some(format!(
+            "A member of webhook_admin subscribes it with webhook.subscribe('{table}', '{quoted}'), \
+             or allows hand-written triggers on it with webhook.allow_publish('{table}', '{quoted}')."
+        )),
+    )
+}
+
+fn is_admin(role: pg_sys::Oid, roles: Roles) -> bool {
+    // SAFETY: catalog lookups (cached by Postgres) inside a transaction.
+    roles.admin != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(role, roles.admin) }
+}
+
+/// The extension's owner and the webhook_admin role, read once per session.
+fn roles() -> Roles {
+    if let Some(r) = ROLES.get() {
+        return r;
+    }
+    let owner = read_one_oid(
+        "SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'webhook_ext'",
+    )
+    .unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "webhook.enqueue: the webhook_ext extension is not installed in this database".into(),
             None,
-            &[],
-        )?;
-        let mut out = HashMap::new();
-        for row in rows {
-            let name: String = row.get(1)?.unwrap_or_default();
-            let event_types: Option<Vec<Option<String>>> = row.get(4)?;
+        )
+    });
+    // SAFETY: a catalog lookup inside a transaction.
+    let admin = unsafe { pg_sys::get_role_oid(c"webhook_admin".as_ptr(), true) };
+    let r = Roles { owner, admin };
+    ROLES.set(Some(r));
+    r
+}
+
+/// `read` applied to the endpoint named `name` (None if there is none), from this session's
+/// cache, re-read when any transaction that changed endpoints or publishers has committed.
+/// Also returns the roles, read again with it (a re-installed extension may have a new owner).
+fn lookup<R>(name: &str, read: impl FnOnce(&Endpoint) -> R) -> (Roles, Option<R>) {
+    // The version is read before the snapshot is taken: a change that commits after this read
+    // moves the version again, so this cache is read anew next time.
+    let version = shmem::endpoints_version();
+    let stale = ENDPOINTS.with(|cell| cell.borrow().as_ref().is_none_or(|c| c.version != version));
+    if stale {
+        ROLES.set(None);
+        let roles = roles();
+        let endpoints = as_owner(roles, load_endpoints);
+        ENDPOINTS.with(|cell| *cell.borrow_mut() = Some(Cache { version, endpoints }));
+    }
+    let roles = roles();
+    let found = ENDPOINTS.with(|cell| {
+        cell.borrow()
+            .as_ref()
+            .and_then(|c| c.endpoints.get(name).map(read))
+    });
+    (roles, found)
+}
+
+const LOAD_ENDPOINTS: &str = "\
+SELECT e.name, e.id, e.enabled, e.event_types,
+       ARRAY(SELECT p.relid::pg_catalog.oid FROM webhook._publishers p WHERE p.endpoint_id OPERATOR(pg_catalog.=) e.id)
+  FROM webhook.endpoints e";
+
+/// Reads webhook.endpoints and webhook._publishers with the latest snapshot, not the
+/// transaction's: a REPEATABLE READ transaction must still see an endpoint created after it began.
+fn load_endpoints() -> HashMap<String, Endpoint> {
+    let mut out = HashMap::new();
+    // SAFETY: SPI inside the trigger call; tuples are read before SPI_finish frees them.
+    unsafe {
+        connect();
+        let plan = read_plan(LOAD_ENDPOINTS);
+        let rc = pg_sys::SPI_execute_snapshot(
+            plan,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            pg_sys::GetLatestSnapshot(),
+            std::ptr::null_mut(),
+            true,
+            false,
+            0,
+        );
+        if rc != pg_sys::SPI_OK_SELECT as i32 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!("webhook.enqueue: could not read webhook.endpoints (SPI code {rc})"),
+                None,
+            );
+        }
+        let table = pg_sys::SPI_tuptable;
+        for i in 0..pg_sys::SPI_processed as usize {
+            let tuple = *(*table).vals.add(i);
+            let get = |n: i32| {
+                let mut isnull = false;
+                let d = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, n, &mut isnull);
+                (d, isnull)
+            };
+            let (d, n) = get(1);
+            let name = String::from_datum(d, n).unwrap_or_default();
+            let (d, n) = get(2);
+            let id = i32::from_datum(d, n).unwrap_or_default();
+            let (d, n) = get(3);
+            let enabled = bool::from_datum(d, n).unwrap_or(false);
+            let (d, n) = get(4);
+            let event_types =
+                Vec::<Option<String>>::from_datum(d, n).map(|v| v.into_iter().flatten().collect());
+            let (d, n) = get(5);
+            let publishers = Vec::<Option<pg_sys::Oid>>::from_datum(d, n)
+                .unwrap_or_default()
+                .into_iter()
+                .flatten()
+                .collect();
             out.insert(
                 name,
                 Endpoint {
-                    id: row.get(2)?.unwrap_or_default(),
-                    enabled: row.get(3)?.unwrap_or(false),
-                    event_types: event_types.map(|v| v.into_iter().flatten().collect()),
+                    id,
+                    enabled,
+                    event_types,
+                    publishers,
                 },
             );
         }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .unwrap_or_else(|e| error!("webhook.enqueue: could not read webhook.endpoints: {e}"))
+        pg_sys::SPI_finish();
+    }
+    out
 }
 
-/// Statement trigger on webhook.endpoints: every session's endpoint cache is refreshed once
-/// this transaction commits.
+unsafe fn connect() {
+    if unsafe { pg_sys::SPI_connect() } != pg_sys::SPI_OK_CONNECT as i32 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "webhook.enqueue: SPI_connect failed".into(),
+            None,
+        );
+    }
+}
+
+/// The first column of the first row of a catalog query (as the current user), as an oid.
+fn read_one_oid(sql: &'static str) -> Option<pg_sys::Oid> {
+    read_oids(sql, &mut []).first().copied().flatten()
+}
+
+/// Every row's columns of a catalog query with oid parameters, as oids.
+fn read_oids(sql: &'static str, args: &mut [pg_sys::Datum]) -> Vec<Option<pg_sys::Oid>> {
+    let mut out = Vec::new();
+    // SAFETY: SPI inside the trigger call; values are copied out before SPI_finish.
+    unsafe {
+        connect();
+        let plan = read_plan(sql);
+        let nulls = vec![b' ' as c_char; args.len()];
+        let rc = pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), nulls.as_ptr(), true, 0);
+        if rc != pg_sys::SPI_OK_SELECT as i32 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!("webhook.enqueue: catalog lookup failed (SPI code {rc})"),
+                None,
+            );
+        }
+        let table = pg_sys::SPI_tuptable;
+        let natts = (*(*table).tupdesc).natts;
+        for i in 0..pg_sys::SPI_processed as usize {
+            let tuple = *(*table).vals.add(i);
+            for c in 1..=natts {
+                let mut isnull = false;
+                let d = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, c, &mut isnull);
+                out.push((!isnull).then(|| pg_sys::Oid::from(d.value() as u32)));
+            }
+        }
+        pg_sys::SPI_finish();
+    }
+    out
+}
+
+/// A kept plan for a read-only statement with oid parameters ($1…), prepared on first use.
+unsafe fn read_plan(sql: &'static str) -> pg_sys::SPIPlanPtr {
+    if let Some(p) = READS.with(|r| r.borrow().get(sql).copied()) {
+        return p;
+    }
+    let nargs = (1..=9).filter(|i| sql.contains(&format!("${i}"))).count();
+    let mut types = vec![pg_sys::OIDOID; nargs];
+    let plan = unsafe { prepare(sql, &mut types) };
+    READS.with(|r| r.borrow_mut().insert(sql, plan));
+    plan
+}
+
+unsafe fn prepare(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
+    let text = CString::new(sql).expect("no NUL in SQL");
+    // SAFETY: inside SPI_connect; the types array outlives the call.
+    unsafe {
+        let plan = pg_sys::SPI_prepare(text.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        if plan.is_null() {
+            let reason = CStr::from_ptr(pg_sys::SPI_result_code_string(pg_sys::SPI_result));
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!(
+                    "webhook.enqueue: could not prepare a statement: {}",
+                    reason.to_string_lossy()
+                ),
+                None,
+            );
+        }
+        pg_sys::SPI_keepplan(plan);
+        plan
+    }
+}
+
+/// The kept plan that records an event and its delivery.
+unsafe fn record_plan(with_columns: bool) -> pg_sys::SPIPlanPtr {
+    let i = usize::from(with_columns);
+    if let Some(plan) = PLANS.with(|p| p.borrow()[i]) {
+        return plan;
+    }
+    let head = if with_columns {
+        RECORD_COLUMNS_SQL
+    } else {
+        RECORD_SQL
+    };
+    let image = if with_columns {
+        pg_sys::TEXTARRAYOID
+    } else {
+        pg_sys::JSONBOID
+    };
+    let mut types = vec![
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        image,
+        image,
+        pg_sys::INT4OID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::INT4OID,
+        pg_sys::INT4OID,
+        pg_sys::TEXTOID,
+    ];
+    if with_columns {
+        types.push(pg_sys::JSONBARRAYOID);
+        types.push(pg_sys::JSONBARRAYOID);
+    }
+    // SAFETY: inside SPI_connect.
+    let plan = unsafe { prepare(&format!("{head}{RECORD_TAIL_SQL}"), &mut types) };
+    PLANS.with(|p| p.borrow_mut()[i] = Some(plan));
+    plan
+}
+
+/// Statement trigger on webhook.endpoints and webhook._publishers: every session's endpoint
+/// cache is refreshed once this transaction commits.
 #[pg_trigger]
 fn _endpoints_changed<'a>(
     _trigger: &'a PgTrigger<'a>,
@@ -243,26 +690,265 @@ fn _endpoints_changed<'a>(
     Ok(None)
 }
 
+fn register_invalidation_callback() {
+    if CALLBACK_REGISTERED.get() {
+        return;
+    }
+    // SAFETY: registers a callback for the life of this backend (there is no unregister).
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0))
+    };
+    CALLBACK_REGISTERED.set(true);
+}
+
+/// Any relcache invalidation (ATTACH, DETACH, DROP, ALTER … OWNER) drops what this session
+/// remembered about partitions and cloned triggers; both are cheap to look up again.
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    PARTITION_ROOTS.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
+    TRIGGER_HOMES.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
+}
+
 /// The schema and table name events are published under: for a partition, its root table's.
 unsafe fn published_name(rel: pg_sys::Relation) -> (String, String) {
     unsafe {
-        let mut relid = (*rel).rd_id;
+        let own = (*rel).rd_id;
+        let mut relid = own;
         if (*(*rel).rd_rel).relispartition {
-            relid = PARTITION_ROOTS.with(|roots| {
-                *roots.borrow_mut().entry(relid).or_insert_with(|| {
-                    pgrx::direct_function_call::<pg_sys::Oid>(
+            // Looked up outside the borrow: the lookup may run the invalidation callback.
+            relid = match PARTITION_ROOTS.with(|roots| roots.borrow().get(&own).copied()) {
+                Some(root) => root,
+                None => {
+                    let root = pgrx::direct_function_call::<pg_sys::Oid>(
                         pg_sys::pg_partition_root,
-                        &[relid.into_datum()],
+                        &[own.into_datum()],
                     )
-                    .unwrap_or(relid)
-                })
-            });
+                    .unwrap_or(own);
+                    PARTITION_ROOTS.with(|roots| roots.borrow_mut().insert(own, root));
+                    root
+                }
+            };
+        }
+        match names(relid).or_else(|| names(own)) {
+            Some(n) => n,
+            None => raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("webhook.enqueue: relation {} has no name", own.to_u32()),
+                None,
+            ),
+        }
+    }
+}
+
+/// (schema, name) of a relation, or None if it does not exist (any more).
+unsafe fn names(relid: pg_sys::Oid) -> Option<(String, String)> {
+    unsafe {
+        let name = pg_sys::get_rel_name(relid);
+        if name.is_null() {
+            return None;
         }
         let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
-        let name = pg_sys::get_rel_name(relid);
-        let s =
-            |p: *mut std::ffi::c_char| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
-        (s(nsp), s(name))
+        if nsp.is_null() {
+            return None;
+        }
+        let s = |p: *mut c_char| CStr::from_ptr(p).to_string_lossy().into_owned();
+        Some((s(nsp), s(name)))
+    }
+}
+
+/// `schema.table`, quoted as needed, for messages.
+unsafe fn qualified_name(relid: pg_sys::Oid) -> Option<String> {
+    let (nsp, name) = unsafe { names(relid) }?;
+    let q = |s: &str| {
+        // SAFETY: quote_identifier reads a NUL-terminated string and returns one.
+        let c = CString::new(s).unwrap_or_default();
+        unsafe { CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr())) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    Some(format!("{}.{}", q(&nsp), q(&name)))
+}
+
+const TRIGGER_HOME: &str = "\
+WITH RECURSIVE t AS (
+    SELECT g.oid, g.tgrelid, g.tgparentid FROM pg_catalog.pg_trigger g WHERE g.oid OPERATOR(pg_catalog.=) $1
+    UNION ALL
+    SELECT g.oid, g.tgrelid, g.tgparentid FROM pg_catalog.pg_trigger g JOIN t ON g.oid OPERATOR(pg_catalog.=) t.tgparentid
+)
+SELECT t.tgrelid, c.relowner FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.tgrelid
+ WHERE t.tgparentid OPERATOR(pg_catalog.=) 0";
+
+/// The table the firing trigger was created on, and its owner: the relation itself, or for a
+/// trigger a partition inherited, the partitioned table it was created on.
+unsafe fn trigger_home(
+    rel: pg_sys::Relation,
+    trigger: *mut pg_sys::Trigger,
+) -> (pg_sys::Oid, pg_sys::Oid) {
+    unsafe {
+        let own = ((*rel).rd_id, (*(*rel).rd_rel).relowner);
+        if trigger.is_null() || !(*trigger).tgisclone {
+            return own;
+        }
+        let tgoid = (*trigger).tgoid;
+        if let Some(h) = TRIGGER_HOMES.with(|m| m.borrow().get(&tgoid).copied()) {
+            return h;
+        }
+        let found = read_oids(TRIGGER_HOME, &mut [pg_sys::Datum::from(tgoid)]);
+        let home = match found.as_slice() {
+            [Some(relid), Some(owner)] => (*relid, *owner),
+            _ => own,
+        };
+        TRIGGER_HOMES.with(|m| m.borrow_mut().insert(tgoid, home));
+        home
+    }
+}
+
+/// Bytes of a row's values before JSON encoding (uncompressed, as stored), counting only
+/// `columns` when given; 0 for no row.
+unsafe fn raw_size(
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+    columns: Option<&[String]>,
+) -> i64 {
+    if tuple.is_null() {
+        return 0;
+    }
+    unsafe {
+        let natts = (*tupdesc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![false; natts];
+        pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let mut total: i64 = 0;
+        for i in 0..natts {
+            let att = (*tupdesc).attrs.as_ptr().add(i);
+            if (*att).attisdropped || nulls[i] || !wanted(att, columns) {
+                continue;
+            }
+            total += match (*att).attlen {
+                -1 => pg_sys::toast_raw_datum_size(values[i]) as i64,
+                -2 => CStr::from_ptr(values[i].cast_mut_ptr::<c_char>())
+                    .to_bytes()
+                    .len() as i64,
+                n => i64::from(n),
+            };
+        }
+        total
+    }
+}
+
+unsafe fn wanted(att: *const pg_sys::FormData_pg_attribute, columns: Option<&[String]>) -> bool {
+    let Some(cols) = columns else {
+        return true;
+    };
+    let name = unsafe { CStr::from_ptr((*att).attname.data.as_ptr()) };
+    cols.iter().any(|c| c.as_bytes() == name.to_bytes())
+}
+
+/// `to_jsonb` of the whole row, as the current user.
+unsafe fn row_json(
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+    reltype: pg_sys::Oid,
+) -> Option<pg_sys::Datum> {
+    if tuple.is_null() {
+        return None;
+    }
+    unsafe {
+        let row = pg_sys::heap_copy_tuple_as_datum(tuple, tupdesc);
+        Some(to_jsonb(row, reltype))
+    }
+}
+
+/// (names, `to_jsonb` of each value) of the chosen columns, as the current user.
+unsafe fn columns_json(
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+    columns: &[String],
+) -> Option<(Vec<String>, Vec<pg_sys::Datum>)> {
+    if tuple.is_null() {
+        return None;
+    }
+    unsafe {
+        let natts = (*tupdesc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![false; natts];
+        pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let mut keys = Vec::new();
+        let mut vals = Vec::new();
+        for i in 0..natts {
+            let att = (*tupdesc).attrs.as_ptr().add(i);
+            if (*att).attisdropped || !wanted(att, Some(columns)) {
+                continue;
+            }
+            keys.push(
+                CStr::from_ptr((*att).attname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            vals.push(if nulls[i] {
+                json_null()
+            } else {
+                to_jsonb(values[i], (*att).atttypid)
+            });
+        }
+        Some((keys, vals))
+    }
+}
+
+/// `to_jsonb(value)` for a value of type `typid`, called directly with the current user's
+/// rights (a user type's cast to json runs as that user, as in their own query).
+unsafe fn to_jsonb(value: pg_sys::Datum, typid: pg_sys::Oid) -> pg_sys::Datum {
+    let flinfo = TO_JSONB.with(|m| {
+        *m.borrow_mut().entry(typid).or_insert_with(|| unsafe {
+            let cxt = pg_sys::TopMemoryContext;
+            let old = pg_sys::MemoryContextSwitchTo(cxt);
+            let fl =
+                pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()).cast::<pg_sys::FmgrInfo>();
+            pg_sys::fmgr_info_cxt(pg_sys::Oid::from(pg_sys::F_TO_JSONB), fl, cxt);
+            // to_jsonb reads its argument's type from the call expression.
+            let arg = pg_sys::makeNullConst(typid, -1, pg_sys::InvalidOid);
+            let args = pg_sys::lappend(std::ptr::null_mut(), arg.cast());
+            let call = pg_sys::makeFuncExpr(
+                pg_sys::Oid::from(pg_sys::F_TO_JSONB),
+                pg_sys::JSONBOID,
+                args,
+                pg_sys::InvalidOid,
+                pg_sys::InvalidOid,
+                pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+            );
+            (*fl).fn_expr = call.cast();
+            pg_sys::MemoryContextSwitchTo(old);
+            fl
+        })
+    });
+    unsafe { pg_sys::FunctionCall1Coll(flinfo, pg_sys::InvalidOid, value) }
+}
+
+/// The jsonb `null`.
+unsafe fn json_null() -> pg_sys::Datum {
+    unsafe {
+        pgrx::direct_function_call::<pg_sys::Datum>(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(c"null".as_ptr()))],
+        )
+        .expect("jsonb_in never returns NULL")
+    }
+}
+
+/// A jsonb[] of the given jsonb values.
+unsafe fn jsonb_array(values: &[pg_sys::Datum]) -> pg_sys::Datum {
+    unsafe {
+        let mut elems = values.to_vec();
+        // jsonb: varlena, 'i' alignment, not by value.
+        let arr = pg_sys::construct_array(
+            elems.as_mut_ptr(),
+            elems.len() as i32,
+            pg_sys::JSONBOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as c_char,
+        );
+        pg_sys::Datum::from(arr)
     }
 }
 
@@ -270,47 +956,37 @@ fn text_datum(s: &str) -> pg_sys::Datum {
     s.into_datum().expect("text is never NULL")
 }
 
-/// The kept plan for rows of type `reltype` (with or without a column filter), prepared on
-/// first use in this session.
-unsafe fn plan_for(reltype: pg_sys::Oid, with_columns: bool) -> pg_sys::SPIPlanPtr {
-    let key = (reltype, with_columns);
-    if let Some(plan) = PLANS.with(|p| p.borrow().get(&key).copied()) {
-        return plan;
-    }
-    let head = if with_columns {
-        ENQUEUE_COLUMNS_SQL
-    } else {
-        ENQUEUE_SQL
-    };
-    let sql = CString::new(format!("{head}{DELIVERY_SQL}")).expect("no NUL in SQL");
-    let mut types = vec![
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        reltype,
-        reltype,
-        pg_sys::INT4OID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::INT4OID,
-    ];
-    if with_columns {
-        types.push(pg_sys::TEXTARRAYOID);
-    }
-    // SAFETY: inside SPI_connect; the types array outlives the call.
-    unsafe {
-        let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
-        if plan.is_null() {
-            let reason =
-                std::ffi::CStr::from_ptr(pg_sys::SPI_result_code_string(pg_sys::SPI_result));
-            error!(
-                "webhook.enqueue: could not prepare the enqueue statement: {}",
-                reason.to_string_lossy()
-            );
-        }
-        pg_sys::SPI_keepplan(plan);
-        PLANS.with(|p| p.borrow_mut().insert(key, plan));
-        plan
+#[cfg(test)]
+mod tests {
+    use super::{route, Route};
+
+    #[test]
+    fn unknown_endpoints_fail_disabled_ones_cancel_filtered_ones_skip() {
+        assert_eq!(
+            route("it's", None),
+            Route::Record {
+                endpoint_id: None,
+                status: "failed",
+                reason: Some("endpoint 'it''s' does not exist".into())
+            }
+        );
+        assert_eq!(route("crm", Some((3, true, false))), Route::Skip);
+        assert_eq!(route("crm", Some((3, false, false))), Route::Skip);
+        assert_eq!(
+            route("crm", Some((3, false, true))),
+            Route::Record {
+                endpoint_id: Some(3),
+                status: "cancelled",
+                reason: Some("endpoint disabled".into())
+            }
+        );
+        assert_eq!(
+            route("crm", Some((3, true, true))),
+            Route::Record {
+                endpoint_id: Some(3),
+                status: "pending",
+                reason: None
+            }
+        );
     }
 }

@@ -25,6 +25,8 @@ pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 pub static ALLOW_PRIVATE_NETWORKS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static ALLOWED_NETWORKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static HTTPS_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static PAUSED: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static DNS_SERVERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static SSL_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static CIRCUIT_BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static AUTO_DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 24 * 3600);
@@ -156,6 +158,28 @@ pub fn init() {
             None,
         );
     }
+    // SAFETY: as above.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"webhook.dns_servers",
+            c"Nameservers the worker asks (comma-separated IP or IP:port); empty = those of /etc/resolv.conf.",
+            c"",
+            &DNS_SERVERS,
+            GucContext::Sighup,
+            none,
+            Some(check_dns_servers),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_bool_guc(
+        c"webhook.paused",
+        c"Workers claim nothing while on: events are still recorded, and sent once it is off again.",
+        c"Start a restored copy or a clone of a database with it on, to look at its pending work before anything is sent.",
+        &PAUSED,
+        GucContext::Sighup,
+        none,
+    );
     GucRegistry::define_bool_guc(
         c"webhook.https_only",
         c"Refuse endpoints and requests with plain http URLs.",
@@ -231,6 +255,11 @@ pub fn address_policy() -> target::AddressPolicy {
     }
 }
 
+/// `webhook.dns_servers` (checked when set, so never malformed here).
+pub fn dns_servers() -> Vec<std::net::SocketAddr> {
+    crate::http::parse_dns_servers(&string(&DNS_SERVERS)).unwrap_or_default()
+}
+
 /// The databases named by `webhook.database`, trimmed, de-duplicated, in order.
 pub fn databases() -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -284,5 +313,17 @@ unsafe extern "C-unwind" fn check_allowed_networks(
     match target::parse_networks(&unsafe { new_value(newval) }) {
         Ok(_) => true,
         Err(e) => unsafe { reject(&e.to_string()) },
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_dns_servers(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    match crate::http::parse_dns_servers(&unsafe { new_value(newval) }) {
+        Ok(_) => true,
+        Err(e) => unsafe { reject(&e) },
     }
 }

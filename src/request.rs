@@ -65,6 +65,22 @@ pub fn row_change_data(
     )
 }
 
+/// Bytes of a row change's request body whose row images' texts are `new_len` and `old_len`
+/// bytes long (an absent image is `null`, 4 bytes): what `webhook.max_payload_bytes` bounds.
+/// The timestamp always has the same width, so the event's time does not matter.
+pub fn row_change_body_len(
+    event_type: &str,
+    schema: &str,
+    table: &str,
+    op: &str,
+    new_len: usize,
+    old_len: usize,
+    txid: i64,
+) -> usize {
+    let data = row_change_data(schema, table, op, Some(""), Some(""), txid);
+    envelope(event_type, 0, &data).len() + new_len + old_len
+}
+
 /// Formats unix microseconds as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
 pub fn rfc3339_utc(unix_micros: i64) -> String {
     let secs = unix_micros.div_euclid(1_000_000);
@@ -160,6 +176,29 @@ pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, HeaderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_length_is_measured_as_sent() {
+        let new = r#"{"id": 1, "note": "\u0001\u0002"}"#;
+        for (n, o) in [
+            (Some(new), None),
+            (None, Some(new)),
+            (Some(new), Some("{}")),
+        ] {
+            let data = row_change_data("pub\"lic", "t\u{e9}", "UPDATE", n, o, 1_234_567_890_123);
+            let body = envelope("pub\"lic.t\u{e9}.update", 1_649_367_553_123_456, &data);
+            let len = row_change_body_len(
+                "pub\"lic.t\u{e9}.update",
+                "pub\"lic",
+                "t\u{e9}",
+                "UPDATE",
+                n.map_or(4, str::len),
+                o.map_or(4, str::len),
+                1_234_567_890_123,
+            );
+            assert_eq!(len, body.len(), "{body}");
+        }
+    }
 
     #[test]
     fn envelope_is_type_timestamp_data_and_valid_json() {

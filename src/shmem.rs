@@ -22,6 +22,8 @@ pub enum WorkerState {
     Idle = 3,
     Working = 4,
     Stopping = 5,
+    Paused = 6,
+    Replica = 7,
 }
 
 impl WorkerState {
@@ -32,6 +34,8 @@ impl WorkerState {
             3 => WorkerState::Idle,
             4 => WorkerState::Working,
             5 => WorkerState::Stopping,
+            6 => WorkerState::Paused,
+            7 => WorkerState::Replica,
             _ => WorkerState::Stopped,
         }
     }
@@ -43,6 +47,10 @@ impl WorkerState {
             WorkerState::Idle => "idle",
             WorkerState::Working => "working",
             WorkerState::Stopping => "stopping",
+            WorkerState::Paused => "paused (webhook.paused is on)",
+            WorkerState::Replica => {
+                "not delivering: webhook's tables arrive here by logical replication"
+            }
         }
     }
 }

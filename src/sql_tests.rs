@@ -183,6 +183,88 @@ mod tests {
     }
 
     #[pg_test]
+    fn allow_publish_records_who_may_publish_and_checks_its_arguments() {
+        endpoint("crm");
+        Spi::run("CREATE TABLE t (id int); CREATE VIEW v AS SELECT 1 AS x").unwrap();
+        let cases = [
+            (
+                "SELECT webhook.allow_publish(NULL, 'crm')",
+                "table must not be NULL",
+            ),
+            (
+                "SELECT webhook.allow_publish('v', 'crm')",
+                "\"public.v\" is not a table",
+            ),
+            (
+                "SELECT webhook.allow_publish('t', 'nope')",
+                "endpoint \"nope\" does not exist",
+            ),
+            (
+                "SELECT webhook.allow_publish('missing', 'crm')",
+                "relation \"missing\" does not exist",
+            ),
+            (
+                "SELECT webhook.disallow_publish('t', 'crm')",
+                "table public.t was not allowed to publish to endpoint \"crm\"",
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(err(sql).as_deref(), Some(want), "{sql}");
+        }
+        Spi::run(
+            "SELECT webhook.allow_publish('t', 'crm'); SELECT webhook.allow_publish('t', 'crm')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(relid::text || ' ' || via, ',') FROM webhook._publishers"
+            ),
+            "t allow_publish"
+        );
+        Spi::run(
+            "SELECT webhook.subscribe('t', 'crm'); SELECT webhook.disallow_publish('t', 'crm')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(relid::text || ' ' || via, ',') FROM webhook._publishers"
+            ),
+            "t subscribe"
+        );
+        // Unsubscribing, dropping the table or the endpoint takes the right away.
+        Spi::run("SELECT webhook.unsubscribe('t', 'crm')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook._publishers"), 0);
+        Spi::run("SELECT webhook.allow_publish('t', 'crm'); DROP TABLE t").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook._publishers"), 0);
+        Spi::run(
+            "CREATE TABLE t2 (id int); SELECT webhook.allow_publish('t2', 'crm'); SELECT webhook.drop_endpoint('crm')",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook._publishers"), 0);
+    }
+
+    #[pg_test]
+    fn renaming_or_dropping_a_published_column_is_refused() {
+        endpoint("crm");
+        Spi::run(
+            "CREATE TABLE u (id int, email text, plan text);
+             SELECT webhook.subscribe('u', 'crm', columns => '{id,email}');",
+        )
+        .unwrap();
+        assert_eq!(
+            err("ALTER TABLE u RENAME COLUMN email TO mail").as_deref(),
+            Some("cannot rename column \"email\": webhook trigger \"webhook_crm\" publishes it to endpoint \"crm\" by name")
+        );
+        assert_eq!(
+            err("ALTER TABLE u DROP COLUMN email").as_deref(),
+            Some("cannot drop column \"email\": webhook trigger \"webhook_crm\" publishes it to endpoint \"crm\" by name")
+        );
+        // Columns it does not publish are the table's own business.
+        Spi::run("ALTER TABLE u RENAME COLUMN plan TO tier; ALTER TABLE u DROP COLUMN tier")
+            .unwrap();
+    }
+
+    #[pg_test]
     fn the_trigger_records_events_and_deliveries() {
         endpoint("crm");
         Spi::run(

@@ -1,8 +1,14 @@
 //! A ProcessUtility hook for the few commands that concern the workers:
 //! - CREATE DATABASE: wake the launcher at commit, so a listed database is served at once;
 //! - DROP DATABASE, ALTER DATABASE … RENAME, CREATE DATABASE … TEMPLATE: these need the database
-//!   free of connections, so its worker is asked to leave first (and comes back if the command fails);
-//! - COMMIT PREPARED: wake the worker, as a plain COMMIT does.
+//!   free of connections, so its worker is asked to leave first (and comes back if the command
+//!   fails) — but only when the role running the command is allowed to run it: a command that
+//!   Postgres will refuse must not stop delivery;
+//! - COMMIT PREPARED: wake the worker and refresh every session's endpoint cache, as a plain
+//!   COMMIT of the same work would (the prepared transaction's own signals were lost at PREPARE);
+//! - RENAME COLUMN / DROP COLUMN of a column a subscription publishes by name: refused, since
+//!   the subscription would silently stop publishing it; RENAME of a table with subscriptions:
+//!   a notice that its event types change.
 
 use std::ffi::CStr;
 use std::sync::atomic::Ordering;
@@ -122,31 +128,203 @@ unsafe extern "C-unwind" fn before(node: *mut pg_sys::Node) {
                 shmem::wake_launcher_at_commit();
                 let stmt = node.cast::<pg_sys::CreatedbStmt>();
                 if let Some(template) = def_string((*stmt).options, c"template") {
-                    evict(&template);
+                    if allowed(&template, Command::CopyFrom) {
+                        evict(&template);
+                    }
                 }
             }
             pg_sys::NodeTag::T_DropdbStmt => {
                 let stmt = node.cast::<pg_sys::DropdbStmt>();
-                evict(&CStr::from_ptr((*stmt).dbname).to_string_lossy());
+                let name = CStr::from_ptr((*stmt).dbname).to_string_lossy();
+                if allowed(&name, Command::Drop) {
+                    evict(&name);
+                }
             }
             pg_sys::NodeTag::T_RenameStmt => {
                 let stmt = node.cast::<pg_sys::RenameStmt>();
                 if (*stmt).renameType == pg_sys::ObjectType::OBJECT_DATABASE
                     && !(*stmt).subname.is_null()
                 {
-                    shmem::wake_launcher_at_commit();
-                    evict(&CStr::from_ptr((*stmt).subname).to_string_lossy());
+                    let name = CStr::from_ptr((*stmt).subname).to_string_lossy();
+                    if allowed(&name, Command::Rename) {
+                        shmem::wake_launcher_at_commit();
+                        evict(&name);
+                    }
+                } else if (*stmt).renameType == pg_sys::ObjectType::OBJECT_COLUMN
+                    && !(*stmt).subname.is_null()
+                {
+                    let column = CStr::from_ptr((*stmt).subname).to_string_lossy();
+                    refuse_if_published((*stmt).relation, &column, "rename");
+                } else if (*stmt).renameType == pg_sys::ObjectType::OBJECT_TABLE {
+                    note_table_rename((*stmt).relation);
+                }
+            }
+            pg_sys::NodeTag::T_AlterTableStmt => {
+                let stmt = node.cast::<pg_sys::AlterTableStmt>();
+                for cmd in list_nodes((*stmt).cmds) {
+                    let cmd = cmd.cast::<pg_sys::AlterTableCmd>();
+                    if (*cmd).subtype == pg_sys::AlterTableType::AT_DropColumn
+                        && !(*cmd).name.is_null()
+                    {
+                        let column = CStr::from_ptr((*cmd).name).to_string_lossy();
+                        refuse_if_published((*stmt).relation, &column, "drop");
+                    }
                 }
             }
             pg_sys::NodeTag::T_TransactionStmt => {
                 let stmt = node.cast::<pg_sys::TransactionStmt>();
                 if (*stmt).kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED {
                     shmem::wake_at_commit();
+                    shmem::endpoints_changed_at_commit();
                 }
             }
             _ => {}
         }
     }
+}
+
+#[derive(Clone, Copy)]
+enum Command {
+    Drop,
+    Rename,
+    CopyFrom,
+}
+
+/// Whether the current role passes Postgres's own permission checks for `command` on database
+/// `dbname` (owner to drop; owner with CREATEDB to rename; CREATEDB, and owner unless it is a
+/// template, to copy). A database that does not exist: false (the command fails by itself).
+fn allowed(dbname: &str, command: Command) -> bool {
+    let Ok(name) = std::ffi::CString::new(dbname) else {
+        return false;
+    };
+    // SAFETY: catalog lookups in a backend inside a transaction.
+    unsafe {
+        let oid = pg_sys::get_database_oid(name.as_ptr(), true);
+        if oid == pg_sys::InvalidOid {
+            return false;
+        }
+        let me = pg_sys::GetUserId();
+        let row = Spi::get_three_with_args::<pg_sys::Oid, bool, bool>(
+            "SELECT d.datdba, d.datistemplate, r.rolcreatedb OR r.rolsuper
+               FROM pg_catalog.pg_database d, pg_catalog.pg_roles r
+              WHERE d.oid OPERATOR(pg_catalog.=) $1 AND r.oid OPERATOR(pg_catalog.=) $2",
+            &[oid.into(), me.into()],
+        );
+        let Ok((Some(owner), Some(template), Some(createdb))) = row else {
+            return false;
+        };
+        let owns = pg_sys::has_privs_of_role(me, owner);
+        match command {
+            Command::Drop => owns,
+            Command::Rename => owns && createdb,
+            Command::CopyFrom => createdb && (template || owns),
+        }
+    }
+}
+
+/// The nodes of a List (empty for NIL).
+unsafe fn list_nodes(list: *mut pg_sys::List) -> Vec<*mut pg_sys::Node> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    unsafe {
+        (0..(*list).length as usize)
+            .map(|i| (*(*list).elements.add(i)).ptr_value.cast::<pg_sys::Node>())
+            .collect()
+    }
+}
+
+/// The webhook.enqueue triggers of a table: (trigger name, endpoint, published columns).
+unsafe fn webhook_triggers(relation: *mut pg_sys::RangeVar) -> Vec<(String, String, Vec<String>)> {
+    let mut out = Vec::new();
+    if relation.is_null() {
+        return out;
+    }
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"webhook".as_ptr(), true);
+        if nsp == pg_sys::InvalidOid
+            || pg_sys::get_extension_oid(c"webhook_ext".as_ptr(), true) == pg_sys::InvalidOid
+        {
+            return out;
+        }
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            relation,
+            pg_sys::AccessShareLock as i32,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        if relid == pg_sys::InvalidOid {
+            return out;
+        }
+        let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as i32);
+        let desc = (*rel).trigdesc;
+        if !desc.is_null() {
+            for i in 0..(*desc).numtriggers as usize {
+                let t = (*desc).triggers.add(i);
+                let name = pg_sys::get_func_name((*t).tgfoid);
+                if name.is_null()
+                    || CStr::from_ptr(name) != c"enqueue"
+                    || pg_sys::get_func_namespace((*t).tgfoid) != nsp
+                {
+                    continue;
+                }
+                let args: Vec<String> = (0..(*t).tgnargs as usize)
+                    .map(|a| {
+                        CStr::from_ptr(*(*t).tgargs.add(a))
+                            .to_string_lossy()
+                            .into_owned()
+                    })
+                    .collect();
+                let trigger = CStr::from_ptr((*t).tgname).to_string_lossy().into_owned();
+                let endpoint = args.first().cloned().unwrap_or_default();
+                out.push((trigger, endpoint, args.into_iter().skip(1).collect()));
+            }
+        }
+        pg_sys::relation_close(rel, pg_sys::NoLock as i32);
+    }
+    out
+}
+
+/// Refuses to rename or drop a column that a subscription publishes by name.
+unsafe fn refuse_if_published(relation: *mut pg_sys::RangeVar, column: &str, verb: &str) {
+    for (trigger, endpoint, columns) in unsafe { webhook_triggers(relation) } {
+        if columns.iter().any(|c| c == column) {
+            pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!(
+                    "cannot {verb} column \"{column}\": webhook trigger \"{trigger}\" publishes it to endpoint \"{endpoint}\" by name"
+                ),
+                "webhook_ext",
+            )
+            .set_hint(
+                "Unsubscribe first (webhook.unsubscribe), then subscribe again with the new column list.",
+            )
+            .report(PgLogLevel::ERROR);
+        }
+    }
+}
+
+/// A renamed table publishes under its new name: endpoints filtering by the old one stop
+/// receiving its events, so say so.
+unsafe fn note_table_rename(relation: *mut pg_sys::RangeVar) {
+    let triggers = unsafe { webhook_triggers(relation) };
+    if triggers.is_empty() {
+        return;
+    }
+    let endpoints: Vec<String> = triggers
+        .into_iter()
+        .map(|(_, e, _)| format!("\"{e}\""))
+        .collect();
+    pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_WARNING,
+        format!(
+            "the events of this table will be published under its new name; endpoints {} receive them only if their event_types allow the new name",
+            endpoints.join(", ")
+        ),
+        "webhook_ext",
+    )
+    .report(PgLogLevel::NOTICE);
 }
 
 /// The string value of option `name` in a DefElem list, if present.

@@ -44,8 +44,13 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 const LEASE_MARGIN_MS: i64 = 60_000;
 /// Pause after a failed transaction, so a persistent error does not spin.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
-/// Key of the session advisory lock that makes the worker the only one for its database.
-const WORKER_LOCK_KEY: i64 = 0x0077_6562_686f_6f6b; // "webhook"
+/// The lock that makes the worker the only one for its database: an advisory lock tag in a
+/// space SQL cannot reach (pg_advisory_lock uses field4 = 1 or 2), so no role can take it.
+const WORKER_LOCK_SPACE: u16 = 0x7768; // "wh"
+const WORKER_LOCK_KEY: (u32, u32) = (0x0077_6562, 0x686f_6f6b); // "webhook"
+/// Most bytes of request bodies the worker holds at once (claimed and under way); a claim
+/// takes at least one delivery whenever nothing is under way.
+const MAX_BYTES_IN_FLIGHT: i64 = 64 * 1024 * 1024;
 /// Retention: deliveries deleted per transaction, and transactions per housekeeping round.
 const PURGE_BATCH: i32 = 5000;
 const PURGE_BATCHES_PER_ROUND: usize = 20;
@@ -89,6 +94,10 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     // So the worker plans with index lookups and nested loops only; see also `StatsWatch` and the
     // statistics target of deliveries.status.
     let settings = [
+        // Everything the worker runs resolves in pg_catalog: no role can shadow an operator or
+        // function it calls (it runs as the bootstrap superuser), whatever the database's or a
+        // role's search_path says.
+        (c"search_path", c"pg_catalog, pg_temp"),
         (c"synchronous_commit", c"off"),
         (c"jit", c"off"),
         (c"enable_seqscan", c"off"),
@@ -127,6 +136,8 @@ unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
 /// A delivery whose request is under way.
 struct Tracked {
     endpoint_id: i32,
+    /// The request body's size, counted against MAX_BYTES_IN_FLIGHT.
+    bytes: i64,
     max_attempts: i32,
     schedule: Arc<Schedule>,
 }
@@ -142,6 +153,7 @@ struct Settings {
     breaker_threshold: u32,
     auto_disable_after: Duration,
     retention: Duration,
+    paused: bool,
 }
 
 impl Settings {
@@ -173,6 +185,7 @@ impl Settings {
             breaker_threshold: gucs::CIRCUIT_BREAKER_THRESHOLD.get().max(0) as u32,
             auto_disable_after: Duration::from_secs(gucs::AUTO_DISABLE_AFTER_S.get().max(0) as u64),
             retention: Duration::from_secs(gucs::RETENTION_S.get().max(0) as u64),
+            paused: gucs::PAUSED.get(),
         }
     }
 
@@ -196,6 +209,7 @@ impl Settings {
             user_agent: concat!("webhook_ext/", env!("CARGO_PKG_VERSION")).to_string(),
             extra_roots_pem,
             threads: 2,
+            dns_servers: gucs::dns_servers(),
         }
     }
 }
@@ -230,6 +244,8 @@ fn socket_budget() -> usize {
 enum Stop {
     Shutdown,
     ExtensionGone,
+    /// Serve again from the start (webhook's tables stopped arriving by replication).
+    Again,
 }
 
 struct Worker {
@@ -246,6 +262,11 @@ struct Worker {
     install_id: String,
     stats: StatsWatch,
     policies: Option<Policies>,
+    /// Bytes of the request bodies under way.
+    bytes_in_flight: i64,
+    /// The subscription that replicates webhook's tables into this database, if any: then the
+    /// worker sends nothing (the publisher's worker does) and writes nothing to those tables.
+    replicated_by: Option<String>,
 }
 
 impl Worker {
@@ -262,6 +283,8 @@ impl Worker {
             install_id: String::new(),
             stats: StatsWatch::new(STATS_REFRESH_FLOOR),
             policies: None,
+            bytes_in_flight: 0,
+            replicated_by: None,
         }
     }
 
@@ -278,6 +301,7 @@ impl Worker {
                     told = false;
                     match self.serve() {
                         Stop::Shutdown => return,
+                        Stop::Again => continue,
                         Stop::ExtensionGone => {
                             log!("webhook_ext worker: the extension was dropped in database \"{db}\"; waiting for it");
                             continue;
@@ -307,9 +331,15 @@ impl Worker {
         if !self.become_the_only_worker() {
             return Stop::Shutdown;
         }
+        self.replicated_by = None;
         let started = in_transaction(|| -> Result<(String, HashMap<i32, Health>, f64), String> {
-            let id = Spi::get_one::<String>("SELECT install_id FROM webhook._meta")
-                .map_err(|e| e.to_string())?;
+            if let Some(sub) = replicated_by()? {
+                return Err(format!("__replica__{sub}"));
+            }
+            let id = Spi::get_one::<String>(
+                "SELECT install_id FROM webhook._meta ORDER BY created_at, install_id LIMIT 1",
+            )
+            .map_err(|e| e.to_string())?;
             spi_run(sql::RECOVER, &[Vec::<i64>::new().into(), true.into()])?;
             let rows = Spi::get_one::<f64>(PLANNER_ROWS).map_err(|e| e.to_string())?;
             Ok((
@@ -323,6 +353,9 @@ impl Worker {
                 self.install_id = id;
                 self.health = health;
                 self.stats.refreshed(rows);
+            }
+            Ok(Err(e)) if e.starts_with("__replica__") => {
+                return self.stay_away_from_replicated_tables(&e["__replica__".len()..]);
             }
             Ok(Err(e)) | Err(e) => {
                 warning!("webhook_ext worker: could not start serving: {e}");
@@ -340,6 +373,7 @@ impl Worker {
         self.tracked.clear();
         self.busy.clear();
         self.buckets.clear();
+        self.bytes_in_flight = 0;
         let mut unrecorded: Vec<Finished> = Vec::new();
         let mut next_housekeeping = Instant::now();
         let stop = loop {
@@ -359,13 +393,21 @@ impl Worker {
             unrecorded.extend(http.take_finished());
             let mut failed = !self.record_all(&mut unrecorded);
             let mut sleep = None;
-            if !failed {
+            if self.settings.paused {
+                self.slot.set_state(WorkerState::Paused);
+            } else if !failed {
                 match self.claim_and_send(&http) {
                     Ok(next) => sleep = next,
                     Err(e) => {
                         failed = true;
                         warning!("webhook_ext worker: claiming deliveries failed: {e}");
                     }
+                }
+            }
+            if let Some(sub) = self.replicated_by.clone() {
+                if http.in_flight() == 0 && unrecorded.is_empty() {
+                    http.shutdown();
+                    return self.stay_away_from_replicated_tables(&sub);
                 }
             }
             if failed {
@@ -387,7 +429,9 @@ impl Worker {
             let until_housekeeping = next_housekeeping.saturating_duration_since(Instant::now());
             let timeout = sleep.map_or(until_housekeeping, |s| s.min(until_housekeeping));
             if !timeout.is_zero() {
-                self.slot.set_state(WorkerState::Idle);
+                if !self.settings.paused {
+                    self.slot.set_state(WorkerState::Idle);
+                }
                 wait(Some(http.wake_fd()), Some(timeout));
                 self.slot
                     .last_wake
@@ -427,18 +471,25 @@ impl Worker {
     /// Takes the session advisory lock that makes this the database's only worker (a previous
     /// worker may still be exiting).
     fn become_the_only_worker(&self) -> bool {
+        let mut told = false;
         loop {
-            let got = in_transaction(|| {
-                Spi::get_one_with_args::<bool>(
-                    "SELECT pg_try_advisory_lock($1)",
-                    &[WORKER_LOCK_KEY.into()],
-                )
-            });
+            let got = in_transaction(take_worker_lock);
             match got {
-                Ok(Ok(Some(true))) => return true,
-                Ok(Err(e)) => warning!("webhook_ext worker: {e}"),
+                Ok(true) => {
+                    if told {
+                        log!("webhook_ext worker: the previous worker has gone; serving database \"{}\"", self.slot.name());
+                    }
+                    return true;
+                }
+                Ok(false) if !told => {
+                    log!(
+                        "webhook_ext worker: another worker still holds database \"{}\"; waiting for it to exit",
+                        self.slot.name()
+                    );
+                    told = true;
+                }
+                Ok(false) => {}
                 Err(e) => warning!("webhook_ext worker: {e}"),
-                _ => {}
             }
             if !wait(None, Some(ERROR_BACKOFF)) {
                 return false;
@@ -446,8 +497,40 @@ impl Worker {
         }
     }
 
+    /// Sends nothing and writes nothing while webhook's tables are replicated into this database
+    /// (the publisher delivers them); looks again every minute, or when woken.
+    fn stay_away_from_replicated_tables(&mut self, subscription: &str) -> Stop {
+        warning!(
+            "webhook_ext worker: database \"{}\" receives webhook's tables by logical replication (subscription \"{}\"); this worker will not deliver them",
+            self.slot.name(),
+            subscription.replace('"', "\"\"")
+        );
+        self.replicated_by = Some(subscription.to_string());
+        loop {
+            self.slot.set_state(WorkerState::Replica);
+            if !wait(None, Some(HOUSEKEEPING_EVERY)) {
+                return Stop::Shutdown;
+            }
+            if reload_if_asked() {
+                self.settings = Settings::read();
+            }
+            match in_transaction(replicated_by) {
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) => {
+                    log!("webhook_ext worker: webhook's tables are no longer replicated into database \"{}\"; delivering", self.slot.name());
+                    self.replicated_by = None;
+                    return Stop::Again;
+                }
+                Ok(Err(e)) | Err(e) => warning!("webhook_ext worker: {e}"),
+            }
+        }
+    }
+
     /// Leases that expired without a result become due again; old history is purged.
     fn housekeeping(&mut self) {
+        if self.replicated_by.is_some() {
+            return;
+        }
         let ids: Vec<i64> = self.tracked.keys().copied().collect();
         if let Err(e) =
             in_transaction(|| spi_run(sql::RECOVER, &[ids.into(), false.into()])).and_then(|r| r)
@@ -549,6 +632,14 @@ impl Worker {
         if room == 0 {
             return Ok(None);
         }
+        let byte_budget = if http.in_flight() == 0 {
+            MAX_BYTES_IN_FLIGHT
+        } else {
+            MAX_BYTES_IN_FLIGHT - self.bytes_in_flight
+        };
+        if byte_budget <= 0 {
+            return Ok(None);
+        }
         let limit = room.min(self.settings.batch_size as usize) as i32;
         let default_timeout = self.settings.default_timeout_ms;
         // Read before the transaction's snapshot: a change committed after this is seen again.
@@ -557,6 +648,12 @@ impl Worker {
         // changed), then the claim.
         let (claimed, args, limits_wake) =
             in_transaction(AssertUnwindSafe(|| -> Result<_, String> {
+                // In the claim's own transaction: replicated rows it could see were copied by a
+                // subscription whose catalog rows were committed before them.
+                if let Some(sub) = replicated_by()? {
+                    self.replicated_by = Some(sub);
+                    return Ok((Vec::new(), self.claim_args(Vec::new(), Vec::new()), None));
+                }
                 if self.policies.as_ref().is_none_or(|p| p.version != version) {
                     self.policies = Some(Policies::load(version)?);
                 }
@@ -567,7 +664,7 @@ impl Worker {
                     sql::CLAIM,
                     &[
                         INT4_ARRAY, INT4_ARRAY, INT4, INT4, INT4, INT8, INT4_ARRAY, INT4_ARRAY,
-                        INT4_ARRAY, INT4,
+                        INT4_ARRAY, INT4, INT8,
                     ],
                     &[
                         a.busy_ids.into(),
@@ -580,6 +677,7 @@ impl Worker {
                         a.limit_counts.into(),
                         a.healthy.into(),
                         a.suspect_room.into(),
+                        byte_budget.into(),
                     ],
                     |rows| {
                         rows.map(|row| Claimed::from_row(&row))
@@ -588,6 +686,9 @@ impl Worker {
                 )?;
                 Ok((claimed, args, limits_wake))
             }))??;
+        if self.replicated_by.is_some() {
+            return Ok(None);
+        }
         let full = claimed.len() as i32 >= limit;
         let refresh = self.stats.claimed(claimed.len() as u64);
         let clock = Instant::now();
@@ -675,10 +776,13 @@ impl Worker {
                 .clone(),
         };
         let max_attempts = c.max_attempts.unwrap_or(self.settings.default_max_attempts);
+        let bytes = c.size;
+        self.bytes_in_flight += bytes;
         self.tracked.insert(
             c.id,
             Tracked {
                 endpoint_id: c.endpoint_id,
+                bytes,
                 max_attempts,
                 schedule,
             },
@@ -762,6 +866,7 @@ impl Worker {
     /// Stops tracking a delivery and frees its place in its endpoint's limit.
     fn forget(&mut self, delivery_id: i64) {
         if let Some(t) = self.tracked.remove(&delivery_id) {
+            self.bytes_in_flight -= t.bytes;
             if let Some(n) = self.busy.get_mut(&t.endpoint_id) {
                 *n -= 1;
                 if *n <= 0 {
@@ -1133,6 +1238,8 @@ struct Claimed {
     retry_schedule: Option<String>,
     /// A row change (None for a send() event).
     change: Option<RowChange>,
+    /// The body's size as the event recorded it (0 for events from before 0.3.0).
+    size: i64,
 }
 
 struct RowChange {
@@ -1193,7 +1300,33 @@ impl Claimed {
                     txid: row.get(19)?.unwrap_or_default(),
                 }),
             },
+            size: row.get::<i32>(20)?.map_or(0, i64::from),
         })
+    }
+}
+
+/// The subscription that replicates webhook's queue into this database, if one does.
+fn replicated_by() -> Result<Option<String>, String> {
+    plans::run(sql::REPLICATED_BY, &[], &[], |rows| {
+        rows.first().get_one::<String>()
+    })
+}
+
+/// Takes this database's worker lock (a session lock, held until the process exits).
+fn take_worker_lock() -> bool {
+    // SAFETY: MyDatabaseId is set once connected; LockAcquire with a session lock and
+    // dontWait is safe inside a transaction on the main thread.
+    unsafe {
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field2: WORKER_LOCK_KEY.0,
+            locktag_field3: WORKER_LOCK_KEY.1,
+            locktag_field4: WORKER_LOCK_SPACE,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+        };
+        let got = pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, true, true);
+        got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
     }
 }
 

@@ -7,7 +7,8 @@
 /// $5 default timeout (ms); $6 lease margin (ms); $7/$8: endpoints the worker limits further
 /// (circuit breaker, rate limit), and how many each may take now; $9: healthy endpoints (their
 /// last attempt succeeded), which go first; $10: how many the others may take in all, so that
-/// endpoints that hang or fail can never hold every request slot.
+/// endpoints that hang or fail can never hold every request slot; $11: bytes of request bodies
+/// the claim may take (the first delivery is always taken), by the sizes events recorded.
 pub const CLAIM: &str = r#"
 WITH cap AS (
     SELECT ep.id, ep.ordered, NOT (ep.id = ANY ($9::int[])) AS suspect,
@@ -53,15 +54,21 @@ WITH cap AS (
             LIMIT 1) h
      WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now() AND (NOT cap.suspect OR $10 > 0)
 ), pick AS (
-    SELECT c.id
+    SELECT c.id, row_number() OVER (ORDER BY c.suspect, c.rn, c.id) AS ord
       FROM (SELECT cand.*, row_number() OVER (PARTITION BY cand.suspect ORDER BY cand.rn, cand.id) AS k FROM cand) c
      WHERE NOT c.suspect OR c.k <= $10
      ORDER BY c.suspect, c.rn, c.id
      LIMIT $4
+), sized AS (
+    SELECT p.id, p.ord, sum(COALESCE(e.size, 0)) OVER (ORDER BY p.ord) AS running
+      FROM pick p
+      JOIN webhook.deliveries x ON x.id = p.id
+      JOIN webhook._events e ON e.id = x.event_id
 ), locked AS (
     -- A primary-key lookup: `status = 'pending'` alone implies neither partial index.
     SELECT d.id FROM webhook.deliveries d
-     WHERE d.id IN (SELECT id FROM pick) AND d.status = 'pending'
+     WHERE d.id IN (SELECT sized.id FROM sized WHERE sized.ord = 1 OR sized.running <= $11)
+       AND d.status = 'pending'
        FOR UPDATE SKIP LOCKED
 )
 UPDATE webhook.deliveries d
@@ -76,7 +83,7 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           ep.headers::text,
           COALESCE((extract(epoch FROM ep.timeout) * 1000)::int8, $5::int8),
           ep.max_attempts, ep.retry_schedule,
-          e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid
+          e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid, e.size
 "#;
 
 /// Milliseconds until the next pending delivery of an endpoint with room is due (an ordered
@@ -130,15 +137,29 @@ WITH r AS (
     SELECT id, attempt, endpoint_id, to_timestamp(started), micros * interval '1 microsecond', code, body, error FROM r
     ON CONFLICT (delivery_id, attempt) DO NOTHING
 )
+-- A retry for an endpoint that was disabled or dropped while the request was under way would
+-- never be claimed: it is cancelled instead, as disable_endpoint/drop_endpoint cancel the rest.
+, v AS (
+    SELECT r.*,
+           CASE WHEN r.status <> 'pending' THEN r.status
+                WHEN EXISTS (SELECT FROM webhook.endpoints e WHERE e.id = r.endpoint_id AND e.enabled) THEN 'pending'
+                ELSE 'cancelled' END AS final,
+           CASE WHEN r.status <> 'pending' THEN NULL
+                WHEN NOT EXISTS (SELECT FROM webhook.endpoints e WHERE e.id = r.endpoint_id) THEN 'endpoint dropped'
+                WHEN NOT EXISTS (SELECT FROM webhook.endpoints e WHERE e.id = r.endpoint_id AND e.enabled) THEN 'endpoint disabled'
+           END AS why
+      FROM r
+)
 UPDATE webhook.deliveries d
-   SET status = r.status::webhook.delivery_status,
-       attempts = r.attempt,
-       last_status_code = r.code,
-       last_error = r.error,
-       next_attempt_at = CASE WHEN r.status = 'pending' THEN clock_timestamp() + r.delay_ms * interval '1 ms' END,
-       delivered_at = CASE WHEN r.status = 'delivered' THEN clock_timestamp() END
-  FROM r
- WHERE d.id = r.id AND d.status = 'sending'
+   SET status = v.final::webhook.delivery_status,
+       attempts = v.attempt,
+       last_status_code = v.code,
+       last_error = CASE WHEN v.why IS NULL THEN v.error
+                         ELSE v.why || COALESCE(' (last attempt: ' || v.error || ')', '') END,
+       next_attempt_at = CASE WHEN v.final = 'pending' THEN clock_timestamp() + v.delay_ms * interval '1 ms' END,
+       delivered_at = CASE WHEN v.final = 'delivered' THEN clock_timestamp() END
+  FROM v
+ WHERE d.id = v.id AND d.status = 'sending'
 "#;
 
 /// Writes changed endpoint health (the circuit breaker's state and the delivered/failed counters).
@@ -198,3 +219,13 @@ pub const PURGE_STEP: &str = "SELECT webhook._purge_step(to_timestamp($1), $2)";
 
 /// Deletes up to $2 events older than $1 (unix seconds) that never had a delivery.
 pub const PURGE_ORPHANS: &str = "SELECT webhook._purge_orphans(to_timestamp($1), $2)";
+
+/// The subscription, if any, that replicates webhook's queue into this database (the catalog
+/// of a logical replication subscriber).
+pub const REPLICATED_BY: &str = r#"
+SELECT s.subname::text
+  FROM pg_catalog.pg_subscription_rel r
+  JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid
+ WHERE r.srrelid IN ('webhook.deliveries'::regclass, 'webhook._events'::regclass, 'webhook.endpoints'::regclass)
+ LIMIT 1
+"#;

@@ -1,0 +1,246 @@
+-- webhook_ext 0.2.0 -> 0.3.0: the security release.
+-- - webhook.enqueue() is SECURITY INVOKER: row images are built with the writer's rights, and only
+--   the finished values are written with the extension owner's.
+-- - Only tables allowed to publish to an endpoint produce deliveries (webhook._publishers, filled
+--   by subscribe() and allow_publish()); the triggers that exist now are allowed as they are.
+-- - install_id survives pg_dump/pg_restore (the oldest _meta row is in force).
+-- - Payload limits measure the body as sent; events record their size; send() measures as sent.
+
+ALTER FUNCTION webhook.enqueue() SECURITY INVOKER;
+
+ALTER TABLE webhook._meta DROP CONSTRAINT _meta_pkey;
+ALTER TABLE webhook._meta DROP COLUMN singleton;
+ALTER TABLE webhook._meta ADD COLUMN created_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp();
+ALTER TABLE webhook._meta ADD PRIMARY KEY (install_id);
+SELECT pg_catalog.pg_extension_config_dump('webhook._meta', '');
+
+ALTER TABLE webhook._events ADD COLUMN size integer;
+
+-- Tables allowed to publish to an endpoint: a trigger calling webhook.enqueue(endpoint) on a
+-- table that is not here (nor owned by a member of webhook_admin) is refused. subscribe() adds
+-- a row ('subscribe'), allow_publish() one for hand-written triggers ('allow_publish').
+CREATE TABLE webhook._publishers (
+    relid       regclass NOT NULL,
+    endpoint_id integer NOT NULL,
+    via         text NOT NULL CHECK (via IN ('subscribe', 'allow_publish')),
+    granted_by  name NOT NULL DEFAULT current_user,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (relid, endpoint_id, via)
+);
+CREATE INDEX publishers_endpoint_idx ON webhook._publishers (endpoint_id);
+SELECT pg_catalog.pg_extension_config_dump('webhook._publishers', '');
+CREATE TRIGGER publishers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON webhook._publishers
+    FOR EACH STATEMENT EXECUTE FUNCTION webhook._endpoints_changed();
+
+-- Every trigger that publishes today keeps doing so (temporary tables excepted: they were never
+-- made through the API and end with their session).
+INSERT INTO webhook._publishers (relid, endpoint_id, via, granted_by)
+SELECT DISTINCT s."table", e.id, 'subscribe', 'upgrade to 0.3.0'
+  FROM webhook.subscriptions s
+  JOIN webhook.endpoints e ON e.name = s.endpoint
+  JOIN pg_catalog.pg_class c ON c.oid = s."table"
+ WHERE c.relpersistence <> 't'
+ON CONFLICT DO NOTHING;
+
+-- A dropped table's publishing rights go with it (its oid may one day name another table).
+-- It reads only the oids Postgres reports as dropped.
+CREATE FUNCTION webhook._forget_dropped_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM webhook._publishers p
+     USING pg_catalog.pg_event_trigger_dropped_objects() o
+     WHERE o.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND o.objsubid = 0
+       AND p.relid::pg_catalog.oid = o.objid;
+END
+$$;
+CREATE EVENT TRIGGER webhook_ext_forget_dropped_tables ON sql_drop
+    EXECUTE FUNCTION webhook._forget_dropped_tables();
+
+CREATE OR REPLACE FUNCTION webhook.drop_endpoint(name text, cascade boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep integer := webhook._endpoint_id(drop_endpoint.name);
+    s record;
+    tables text;
+BEGIN
+    SELECT string_agg(format('%s', x."table"), ', ' ORDER BY x."table"::text) INTO tables
+      FROM webhook.subscriptions x WHERE x.endpoint = drop_endpoint.name;
+    IF tables IS NOT NULL AND NOT cascade THEN
+        RAISE EXCEPTION 'endpoint "%" is subscribed to %', drop_endpoint.name, tables
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Use webhook.unsubscribe() first, or webhook.drop_endpoint(name, cascade => true) to drop the triggers too.';
+    END IF;
+    FOR s IN SELECT x."table", x.trigger_name FROM webhook.subscriptions x WHERE x.endpoint = drop_endpoint.name LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
+    END LOOP;
+    UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
+     WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
+    DELETE FROM webhook._endpoint_state st WHERE st.endpoint_id = ep;
+    DELETE FROM webhook._publishers p WHERE p.endpoint_id = ep;
+    DELETE FROM webhook.endpoints e WHERE e.id = ep;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhook.subscribe(
+    tbl regclass,
+    endpoint text,
+    events text[] DEFAULT '{INSERT,UPDATE,DELETE}',
+    columns text[] DEFAULT NULL,
+    "when" text DEFAULT NULL)
+RETURNS name
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    trig text := 'webhook_' || endpoint;
+    ops text[];
+    missing text;
+    args text;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM webhook._endpoint_id(endpoint);
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
+        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    SELECT array_agg(DISTINCT upper(trim(e)) ORDER BY upper(trim(e))) INTO ops FROM unnest(events) e;
+    IF ops IS NULL OR NOT ops <@ ARRAY['INSERT', 'UPDATE', 'DELETE'] OR array_position(ops, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'events must be a non-empty list of INSERT, UPDATE and DELETE, not %', events
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF columns IS NOT NULL THEN
+        IF cardinality(columns) = 0 THEN
+            RAISE EXCEPTION 'columns must be NULL (all columns) or a non-empty list' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT c INTO missing FROM unnest(columns) c
+         WHERE c IS NULL OR NOT EXISTS (SELECT FROM pg_attribute a
+                                         WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped)
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'column "%" does not exist in table %', missing, tbl USING ERRCODE = 'undefined_column';
+        END IF;
+    END IF;
+    SELECT string_agg(quote_literal(a), ', ') INTO args FROM unnest(ARRAY[endpoint] || columns) a;
+    IF EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = trig) THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', trig, tbl);
+    END IF;
+    EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW %s EXECUTE FUNCTION webhook.enqueue(%s)',
+                   trig, array_to_string(ops, ' OR '), tbl,
+                   CASE WHEN "when" IS NOT NULL THEN 'WHEN (' || webhook._check_when("when") || E'\n)' ELSE '' END,
+                   args);
+    INSERT INTO webhook._publishers (relid, endpoint_id, via)
+    VALUES (tbl, webhook._endpoint_id(endpoint), 'subscribe')
+    ON CONFLICT DO NOTHING;
+    IF current_database() <> ALL (webhook._served_databases()) THEN
+        RAISE NOTICE 'database "%" is not in webhook.database: events are recorded but not delivered', current_database()
+            USING HINT = 'Add it to webhook.database in postgresql.conf and SELECT pg_reload_conf().';
+    END IF;
+    RETURN trig;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhook.unsubscribe(tbl regclass, endpoint text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    trig text;
+BEGIN
+    SELECT s.trigger_name INTO trig FROM webhook.subscriptions s
+     WHERE s."table" = tbl AND s.endpoint = unsubscribe.endpoint
+     ORDER BY s.trigger_name = 'webhook_' || unsubscribe.endpoint DESC
+     LIMIT 1;
+    IF trig IS NULL THEN
+        RAISE EXCEPTION 'table % has no subscription for endpoint "%"', tbl, endpoint USING ERRCODE = 'undefined_object';
+    END IF;
+    EXECUTE format('DROP TRIGGER %I ON %s', trig, tbl);
+    IF NOT EXISTS (SELECT FROM webhook.subscriptions s WHERE s."table" = tbl AND s.endpoint = unsubscribe.endpoint) THEN
+        DELETE FROM webhook._publishers p
+         WHERE p.relid = tbl AND p.endpoint_id = webhook._endpoint_id(unsubscribe.endpoint) AND p.via = 'subscribe';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhook.allow_publish(tbl regclass, endpoint text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
+        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    INSERT INTO webhook._publishers (relid, endpoint_id, via)
+    VALUES (tbl, webhook._endpoint_id(endpoint), 'allow_publish')
+    ON CONFLICT DO NOTHING;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhook.disallow_publish(tbl regclass, endpoint text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM webhook._publishers p
+     WHERE p.relid = tbl AND p.endpoint_id = webhook._endpoint_id(endpoint) AND p.via = 'allow_publish';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % was not allowed to publish to endpoint "%"', tbl, endpoint
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Subscriptions made with webhook.subscribe() are removed with webhook.unsubscribe().';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhook.send(event_type text, payload jsonb, endpoint text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep webhook.endpoints;
+    event_id bigint;
+    size bigint;
+    limit_bytes integer := webhook._max_payload_bytes();
+BEGIN
+    IF event_type IS NULL OR event_type = '' OR octet_length(event_type) > 255 THEN
+        RAISE EXCEPTION 'event_type must be between 1 and 255 bytes long' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed', HINT = 'Send ''{}'' or ''null''::jsonb for no data.';
+    END IF;
+    -- The body as sent: {"type":…,"timestamp":"<27 characters>","data":…} is 59 bytes besides
+    -- the type and the payload's text (where a control character takes six bytes).
+    size := 59 + octet_length(to_json(event_type)::text) + octet_length(payload::text);
+    IF size > limit_bytes THEN
+        RAISE EXCEPTION 'payload is % bytes, more than webhook.max_payload_bytes (%)', size, limit_bytes
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF endpoint IS NOT NULL THEN
+        SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
+    END IF;
+    INSERT INTO webhook._events (type, payload, size) VALUES (event_type, payload, size) RETURNING id INTO event_id;
+    INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
+    SELECT event_id, e.id,
+           CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
+           CASE WHEN e.enabled THEN now() END,
+           CASE WHEN NOT e.enabled THEN 'endpoint disabled' END
+      FROM webhook.endpoints e
+     WHERE CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END;
+    PERFORM webhook._wake();
+    RETURN event_id;
+END
+$$;
+
+REVOKE ALL ON webhook._publishers FROM PUBLIC;
+REVOKE ALL ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_publish(regclass, text),
+                       webhook._forget_dropped_tables() FROM PUBLIC;
+GRANT SELECT, INSERT, UPDATE, DELETE ON webhook._publishers TO webhook_admin;
+GRANT EXECUTE ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_publish(regclass, text),
+                          webhook._forget_dropped_tables() TO webhook_admin;
+
+-- Sessions drop their endpoint caches when this commits.
+DELETE FROM webhook.endpoints WHERE false;
