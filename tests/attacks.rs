@@ -1,0 +1,1332 @@
+//! End-to-end attacks on the extension's privilege model, one test per attack (security contract
+//! §1–§6 and §14): real clusters, real login roles that connect as themselves, real receivers.
+//! Each test asserts the outcome the fixed extension gives; against webhook_ext 0.2.0 each fails
+//! because the attack it names works there.
+
+mod common;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use postgres::error::SqlState;
+
+/// The key of 0.2.0's single-instance guard (src/worker.rs `WORKER_LOCK_KEY`, "webhook").
+const OLD_WORKER_LOCK_KEY: i64 = 0x0077_6562_686f_6f6b;
+
+fn connect(pg: &Cluster, role: &str, db: &str) -> postgres::Client {
+    postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={role} dbname={db} connect_timeout=10",
+            pg.port
+        ),
+        postgres::NoTls,
+    )
+    .unwrap()
+}
+
+fn connect_as(pg: &Cluster, role: &str) -> postgres::Client {
+    connect(pg, role, "app")
+}
+
+/// A superuser session that never resolves a name through `public` (for checking results in a
+/// database whose search_path an attacker has set).
+fn checker(pg: &Cluster) -> postgres::Client {
+    let mut db = pg.client();
+    db.batch_execute("SET search_path = pg_catalog").unwrap();
+    db
+}
+
+/// Every role with rolsuper, by name.
+fn superusers(db: &mut postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT rolname::text FROM pg_catalog.pg_roles WHERE rolsuper ORDER BY rolname",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn count(db: &mut postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// Polls `f` until it holds or `timeout` passes; says which.
+fn soft_wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The database error of a statement that had to fail; panics naming `what` if it succeeded.
+fn db_error(
+    r: Result<impl std::fmt::Debug, postgres::Error>,
+    what: &str,
+) -> postgres::error::DbError {
+    match r {
+        Ok(v) => panic!("{what}: succeeded ({v:?}) where it had to be refused"),
+        Err(e) => match e.as_db_error() {
+            Some(d) => d.clone(),
+            None => panic!("{what}: not a database error: {e}"),
+        },
+    }
+}
+
+/// (pid, state) of the app database's delivery worker.
+fn worker(db: &mut postgres::Client) -> (Option<i32>, String) {
+    let r = db
+        .query_one(
+            "SELECT pid, state FROM webhook.worker_status() WHERE database = 'app'",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// Waits until the app database's worker runs and has nothing to do; returns its pid.
+fn worker_ready(db: &mut postgres::Client) -> i32 {
+    wait_until(PATIENCE, "the worker to be idle", || match worker(db) {
+        (Some(pid), state) if state == "idle" => Some(pid),
+        _ => None,
+    })
+}
+
+/// Checks a publish refusal (§3): SQLSTATE 42501, the message and the hint the contract gives.
+fn assert_publish_refused(e: &postgres::error::DbError, endpoint: &str) {
+    assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{e:?}");
+    assert!(
+        e.message().contains(&format!(
+            "may not publish to webhook endpoint \"{endpoint}\""
+        )),
+        "{}",
+        e.message()
+    );
+    let hint = e.hint().unwrap_or_default();
+    assert!(
+        hint.contains("webhook.subscribe") && hint.contains("webhook.allow_publish"),
+        "hint: {hint:?}"
+    );
+}
+
+// §1 ------------------------------------------------------------------------------------------
+
+/// What the planted cast is reached through.
+#[derive(Clone, Copy, Debug)]
+enum Carrier {
+    Enum,
+    Domain,
+    Composite,
+    Array,
+    Range,
+}
+
+/// `app` owns a table of a type with a cast to json it wrote; an administrator subscribes the
+/// table; `app` inserts a row. The cast logs who runs it and tries to make `app` superuser.
+fn planted_cast(carrier: Carrier) {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE ROLE app LOGIN;
+         CREATE SCHEMA app AUTHORIZATION app;",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+
+    let mut app = connect_as(&pg, "app");
+    app.batch_execute(
+        r#"CREATE TABLE app.cast_log (who text NOT NULL, via text NOT NULL);
+           CREATE TYPE app.flag AS ENUM ('red', 'green');
+           CREATE FUNCTION app.log_and_escalate(via text) RETURNS void LANGUAGE plpgsql AS $$
+           BEGIN
+               INSERT INTO app.cast_log VALUES (current_user, via);
+               RAISE WARNING 'planted cast ran as %', current_user;
+               BEGIN
+                   EXECUTE 'ALTER ROLE app SUPERUSER';
+               EXCEPTION WHEN insufficient_privilege THEN NULL;
+               END;
+           END $$;"#,
+    )
+    .unwrap();
+    let (column, value, expected) = match carrier {
+        Carrier::Range => {
+            // The cast is on the range type itself; its subtype (the enum) has none.
+            app.batch_execute(
+                r#"CREATE TYPE app.flag_range AS RANGE (subtype = app.flag);
+                   CREATE FUNCTION app.flag_range_json(r app.flag_range) RETURNS json LANGUAGE plpgsql AS $$
+                   BEGIN
+                       PERFORM app.log_and_escalate('range');
+                       RETURN pg_catalog.json_build_object('range', r::text);
+                   END $$;
+                   CREATE CAST (app.flag_range AS json) WITH FUNCTION app.flag_range_json(app.flag_range);"#,
+            )
+            .unwrap();
+            (
+                "app.flag_range",
+                "'[red,green]'",
+                serde_json::json!({"range": "[red,green]"}),
+            )
+        }
+        _ => {
+            app.batch_execute(
+                r#"CREATE FUNCTION app.flag_json(f app.flag) RETURNS json LANGUAGE plpgsql AS $$
+                   BEGIN
+                       PERFORM app.log_and_escalate('flag');
+                       RETURN pg_catalog.json_build_object('flag', f::text);
+                   END $$;
+                   CREATE CAST (app.flag AS json) WITH FUNCTION app.flag_json(app.flag);
+                   CREATE DOMAIN app.flag_domain AS app.flag;
+                   CREATE TYPE app.tagged AS (label text, f app.flag);"#,
+            )
+            .unwrap();
+            match carrier {
+                Carrier::Enum => ("app.flag", "'red'", serde_json::json!({"flag": "red"})),
+                Carrier::Domain => (
+                    "app.flag_domain",
+                    "'red'",
+                    serde_json::json!({"flag": "red"}),
+                ),
+                Carrier::Composite => (
+                    "app.tagged",
+                    "ROW('x', 'red')",
+                    serde_json::json!({"label": "x", "f": {"flag": "red"}}),
+                ),
+                Carrier::Array => (
+                    "app.flag[]",
+                    "'{red}'",
+                    serde_json::json!([{"flag": "red"}]),
+                ),
+                Carrier::Range => unreachable!(),
+            }
+        }
+    };
+    app.batch_execute(&format!(
+        "CREATE TABLE app.t (id int PRIMARY KEY, f {column})"
+    ))
+    .unwrap();
+    db.execute("SELECT webhook.subscribe('app.t', 'crm')", &[])
+        .unwrap();
+
+    app.batch_execute(&format!("INSERT INTO app.t VALUES (1, {value})"))
+        .unwrap();
+
+    assert_eq!(
+        superusers(&mut db),
+        ["postgres"],
+        "{carrier:?}: the planted cast made app superuser"
+    );
+    let who: Vec<String> = db
+        .query("SELECT DISTINCT who FROM app.cast_log ORDER BY who", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        who,
+        ["app"],
+        "{carrier:?}: the row image is built with the rights of the inserting session"
+    );
+    assert!(
+        !pg.log().contains("planted cast ran as postgres"),
+        "{carrier:?}: the cast ran as postgres"
+    );
+    // The cast did build what was sent.
+    let req = rx.wait_for(1, PATIENCE).remove(0);
+    assert_eq!(req.json()["data"]["new"]["f"], expected, "{carrier:?}");
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(statuses(&mut db), ["delivered"]);
+    assert_eq!(rx.count(), 1);
+}
+
+#[test]
+fn s1_a_planted_cast_on_an_enum_runs_as_the_inserting_role() {
+    planted_cast(Carrier::Enum);
+}
+
+#[test]
+fn s1_a_planted_cast_reached_through_a_domain_runs_as_the_inserting_role() {
+    planted_cast(Carrier::Domain);
+}
+
+#[test]
+fn s1_a_planted_cast_reached_through_a_composite_runs_as_the_inserting_role() {
+    planted_cast(Carrier::Composite);
+}
+
+#[test]
+fn s1_a_planted_cast_reached_through_an_array_runs_as_the_inserting_role() {
+    planted_cast(Carrier::Array);
+}
+
+#[test]
+fn s1_a_planted_cast_on_a_range_type_runs_as_the_inserting_role() {
+    planted_cast(Carrier::Range);
+}
+
+/// A role with nothing but TEMP (every role has it) and USAGE on webhook: a temporary enum, a
+/// cast to json on it (Postgres accepts CREATE CAST on a pg_temp type), a temporary table and a
+/// hand-written trigger. The insert is refused (§3), and the cast never runs as a superuser.
+#[test]
+fn s1_a_temp_only_role_cannot_escalate_through_a_temporary_cast() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE ROLE user_usage LOGIN;
+         GRANT USAGE ON SCHEMA webhook TO user_usage;",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    let mut u = connect_as(&pg, "user_usage");
+    u.batch_execute(
+        r#"CREATE TYPE pg_temp.flag AS ENUM ('red', 'green');
+           CREATE FUNCTION pg_temp.flag_json(f pg_temp.flag) RETURNS json LANGUAGE plpgsql AS $$
+           BEGIN
+               RAISE WARNING 'planted cast ran as %', current_user;
+               BEGIN
+                   EXECUTE 'ALTER ROLE user_usage SUPERUSER';
+               EXCEPTION WHEN insufficient_privilege THEN NULL;
+               END;
+               RETURN pg_catalog.json_build_object('flag', f::text);
+           END $$;
+           CREATE CAST (pg_temp.flag AS json) WITH FUNCTION pg_temp.flag_json(pg_temp.flag);
+           CREATE TEMP TABLE forged (f pg_temp.flag);
+           CREATE TRIGGER t AFTER INSERT ON forged FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('crm');"#,
+    )
+    .unwrap();
+    let r = u.batch_execute("INSERT INTO forged VALUES ('red')");
+
+    assert_eq!(
+        superusers(&mut db),
+        ["postgres"],
+        "the temporary cast made user_usage superuser"
+    );
+    let log = pg.log();
+    let ran_as: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("planted cast ran as ").nth(1))
+        .map(str::trim)
+        .filter(|who| *who != "user_usage")
+        .collect();
+    assert_eq!(
+        ran_as,
+        Vec::<&str>::new(),
+        "the temporary cast ran as another role"
+    );
+    assert_publish_refused(&db_error(r, "INSERT into the forged table"), "crm");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(rx.count(), 0);
+    assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.events"), 0);
+}
+
+// §2 ------------------------------------------------------------------------------------------
+
+/// Operators the extension's SQL uses on built-in types (worker statements, trigger, API), each
+/// planted in public as (operator, left, right, result, the real thing in pg_catalog).
+const PLANTED_OPERATORS: &[(&str, &str, &str, &str, &str)] = &[
+    ("*", "bigint", "interval", "interval", "a::float8 * b"),
+    ("*", "integer", "interval", "interval", "a::float8 * b"),
+    ("*", "numeric", "integer", "numeric", "a * b::numeric"),
+    ("+", "timestamptz", "interval", "timestamptz", "a + b"),
+    ("-", "timestamptz", "timestamptz", "interval", "a - b"),
+    ("<=", "timestamptz", "timestamptz", "boolean", "a <= b"),
+    ("<", "timestamptz", "timestamptz", "boolean", "a < b"),
+    (">", "timestamptz", "timestamptz", "boolean", "a > b"),
+    ("||", "text", "text", "text", "a || b"),
+    ("=", "text", "text", "boolean", "a = b"),
+    ("=", "integer", "integer", "boolean", "a = b"),
+    ("=", "bigint", "bigint", "boolean", "a = b"),
+    ("+", "bigint", "integer", "bigint", "a + b"),
+    ("+", "bigint", "bigint", "bigint", "a + b"),
+    ("-", "integer", "integer", "integer", "a - b"),
+    (">", "integer", "integer", "boolean", "a > b"),
+    ("<=", "bigint", "integer", "boolean", "a <= b"),
+    ("=", "anyenum", "anyenum", "boolean", "a = b"),
+];
+
+/// Functions the extension's SQL calls by bare name, planted in public as (signature, result,
+/// the real thing).
+const PLANTED_FUNCTIONS: &[(&str, &str, &str)] = &[
+    ("now()", "timestamptz", "RETURN pg_catalog.now();"),
+    (
+        "clock_timestamp()",
+        "timestamptz",
+        "RETURN pg_catalog.clock_timestamp();",
+    ),
+    (
+        "to_timestamp(a double precision)",
+        "timestamptz",
+        "RETURN pg_catalog.to_timestamp(a);",
+    ),
+    (
+        "unnest(a integer[])",
+        "SETOF integer",
+        "RETURN QUERY SELECT pg_catalog.unnest(a);",
+    ),
+    (
+        "unnest(a bigint[])",
+        "SETOF bigint",
+        "RETURN QUERY SELECT pg_catalog.unnest(a);",
+    ),
+    (
+        "unnest(a text[])",
+        "SETOF text",
+        "RETURN QUERY SELECT pg_catalog.unnest(a);",
+    ),
+    (
+        "unnest(a double precision[])",
+        "SETOF double precision",
+        "RETURN QUERY SELECT pg_catalog.unnest(a);",
+    ),
+    (
+        "pg_try_advisory_lock(a bigint)",
+        "boolean",
+        "RETURN pg_catalog.pg_try_advisory_lock(a);",
+    ),
+    (
+        "current_setting(a text)",
+        "text",
+        "RETURN pg_catalog.current_setting(a);",
+    ),
+    (
+        "txid_current()",
+        "bigint",
+        "RETURN pg_catalog.txid_current();",
+    ),
+    (
+        "gen_random_uuid()",
+        "uuid",
+        "RETURN pg_catalog.gen_random_uuid();",
+    ),
+    (
+        "to_jsonb(a anyelement)",
+        "jsonb",
+        "RETURN pg_catalog.to_jsonb(a);",
+    ),
+];
+
+/// What the database owner plants: a log, a payload that logs and tries to make dbowner
+/// superuser, the operators and functions above, and a search_path that puts public first.
+fn plant_sql() -> String {
+    let mut sql = String::from(
+        r#"CREATE TABLE public.pwned (who text NOT NULL, what text NOT NULL);
+           GRANT SELECT, INSERT ON public.pwned TO PUBLIC;
+           CREATE FUNCTION public.pwn(what text) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
+           BEGIN
+               RAISE WARNING 'PLANTED % called by %', what, current_user;
+               BEGIN
+                   INSERT INTO public.pwned VALUES (current_user, what);
+               EXCEPTION WHEN OTHERS THEN NULL;
+               END;
+               BEGIN
+                   EXECUTE 'ALTER ROLE dbowner SUPERUSER';
+               EXCEPTION WHEN insufficient_privilege THEN NULL;
+               END;
+           END $f$;
+"#,
+    );
+    for (i, (op, left, right, result, real)) in PLANTED_OPERATORS.iter().enumerate() {
+        sql.push_str(&format!(
+            "CREATE FUNCTION public.planted_op_{i}(a {left}, b {right}) RETURNS {result}
+                 LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
+             BEGIN PERFORM public.pwn('{left} {op} {right}'); RETURN {real}; END $f$;
+             CREATE OPERATOR public.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = public.planted_op_{i});\n"
+        ));
+    }
+    for (signature, result, real) in PLANTED_FUNCTIONS {
+        let tag = signature.replace("a ", "");
+        sql.push_str(&format!(
+            "CREATE FUNCTION public.{signature} RETURNS {result}
+                 LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
+             BEGIN PERFORM public.pwn('{tag}'); {real} END $f$;\n"
+        ));
+    }
+    sql.push_str("ALTER DATABASE app SET search_path = public, pg_catalog;\n");
+    sql
+}
+
+#[test]
+fn s2_operators_and_functions_planted_in_public_are_never_called() {
+    let mut pg = Cluster::start(&[
+        ("webhook.circuit_breaker_threshold", "2"),
+        ("webhook.auto_disable_after", "1"),
+    ]);
+    // ok: always 200. flaky: 500, then 200 (a retry). down: 500 twice (its 2 attempts: failed,
+    // circuit open), then 200 (after retry()). dead: always 500 (disabled by the worker after
+    // failing for 1 s).
+    let rx_ok = Receiver::start(always(Reply::ok()));
+    let rx_flaky = Receiver::start(Arc::new(|_, n| {
+        if n == 0 {
+            Reply::status(500)
+        } else {
+            Reply::ok()
+        }
+    }));
+    let rx_down = Receiver::start(Arc::new(|_, n| {
+        if n < 2 {
+            Reply::status(500)
+        } else {
+            Reply::ok()
+        }
+    }));
+    let rx_dead = Receiver::start(always(Reply::status(500)));
+    {
+        let mut db = pg.client();
+        db.batch_execute(
+            "CREATE EXTENSION webhook_ext;
+             CREATE ROLE dbowner LOGIN;
+             CREATE ROLE app LOGIN;
+             CREATE ROLE admin LOGIN IN ROLE webhook_admin;
+             ALTER DATABASE app OWNER TO dbowner;
+             CREATE TABLE public.users (id bigserial PRIMARY KEY, email text);
+             ALTER TABLE public.users OWNER TO admin;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON public.users TO app;
+             GRANT USAGE ON SEQUENCE public.users_id_seq TO app;",
+        )
+        .unwrap();
+        let mut attacker = connect_as(&pg, "dbowner");
+        attacker.batch_execute(&plant_sql()).unwrap();
+    }
+    // The worker (and every session) starts again with the attacker's search_path, and with no
+    // plan made before the planting.
+    pg.restart("fast");
+    let mut su = checker(&pg);
+    worker_ready(&mut su);
+    let mut admin = connect_as(&pg, "admin");
+    let mut app = connect_as(&pg, "app");
+    let busy = "SELECT count(*) FROM webhook.deliveries WHERE status IN ('pending', 'sending')";
+
+    // admin and app run only API calls and plain DML with literal arguments, so any planted
+    // object that runs was called by the extension. Steps that fail are collected and reported
+    // after the attack's own assertions.
+    let mut failures: Vec<String> = Vec::new();
+    let mut step = |what: &str, r: Result<(), postgres::Error>| {
+        if let Err(e) = r {
+            failures.push(format!("{what}: {e}"));
+        }
+    };
+    for (name, rx, max_attempts) in [
+        ("ok", &rx_ok, None),
+        ("flaky", &rx_flaky, None),
+        ("down", &rx_down, Some(2)),
+        ("dead", &rx_dead, Some(100)),
+    ] {
+        step(
+            "create_endpoint",
+            admin
+                .execute(
+                    "SELECT webhook.create_endpoint($1, $2, max_attempts => $3)",
+                    &[&name, &rx.url("/"), &max_attempts],
+                )
+                .map(drop),
+        );
+    }
+    for name in ["ok", "flaky", "down"] {
+        step(
+            "subscribe",
+            admin
+                .execute("SELECT webhook.subscribe('users', $1)", &[&name])
+                .map(drop),
+        );
+    }
+    step(
+        "insert",
+        app.batch_execute("INSERT INTO users (email) VALUES ('ada@example.com')"),
+    );
+    step(
+        "send",
+        admin.batch_execute(
+            "SELECT webhook.send('app.note', '{\"n\": 1}', 'ok');
+             SELECT webhook.send('app.ping', '{}', 'dead');",
+        ),
+    );
+    let first_round = soft_wait(PATIENCE, || {
+        rx_ok.count() == 2
+            && rx_flaky.count() == 2
+            && rx_down.count() == 2
+            && count(
+                &mut su,
+                "SELECT count(*) FROM webhook.endpoints WHERE name = 'dead' AND NOT enabled",
+            ) == 1
+            && count(&mut su, busy) == 0
+    });
+    let outcome =
+        |su: &mut postgres::Client, name: &str| -> Option<(bool, String, Option<String>)> {
+            su.query_opt(
+                "SELECT e.enabled, d.status::text, d.last_error FROM webhook.deliveries d
+               JOIN webhook.endpoints e ON e.id = d.endpoint_id WHERE e.name = $1",
+                &[&name],
+            )
+            .unwrap()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+        };
+    let down_after_round_one = outcome(&mut su, "down");
+    let dead_after_round_one = outcome(&mut su, "dead");
+    let down_id: Option<i64> = su
+        .query_opt(
+            "SELECT d.id FROM webhook.deliveries d JOIN webhook.endpoints e ON e.id = d.endpoint_id
+              WHERE e.name = 'down'",
+            &[],
+        )
+        .unwrap()
+        .map(|r| r.get(0));
+    for view in [
+        "SELECT * FROM webhook.endpoint_stats",
+        "SELECT * FROM webhook.metrics",
+        "SELECT * FROM webhook.worker_status()",
+    ] {
+        step(view, admin.query(view, &[]).map(drop));
+    }
+    step(
+        "enable_endpoint",
+        admin.batch_execute("SELECT webhook.enable_endpoint('down')"),
+    );
+    if let Some(id) = down_id {
+        step(
+            "retry",
+            admin.execute("SELECT webhook.retry($1)", &[&id]).map(drop),
+        );
+    }
+    let replayed: Option<i64> = admin
+        .query_one("SELECT webhook.replay('ok', '-infinity')", &[])
+        .ok()
+        .map(|r| r.get(0));
+    step(
+        "rotate_secret",
+        admin.batch_execute("SELECT webhook.rotate_secret('ok')"),
+    );
+    step(
+        "alter_endpoint",
+        admin.batch_execute("SELECT webhook.alter_endpoint('ok', timeout => '5s')"),
+    );
+    step(
+        "disable/enable",
+        admin.batch_execute(
+            "SELECT webhook.disable_endpoint('flaky'); SELECT webhook.enable_endpoint('flaky')",
+        ),
+    );
+    step(
+        "update",
+        app.batch_execute("UPDATE users SET email = 'grace@example.com'"),
+    );
+    // ok: + 2 replays + the update; flaky: + the update; down: the retry + the update.
+    let second_round = soft_wait(PATIENCE, || {
+        rx_ok.count() == 5
+            && rx_flaky.count() == 3
+            && rx_down.count() == 4
+            && count(&mut su, busy) == 0
+    });
+    for view in [
+        "SELECT * FROM webhook.endpoint_stats",
+        "SELECT * FROM webhook.metrics",
+    ] {
+        step(view, admin.query(view, &[]).map(drop));
+    }
+    let purged: Option<i64> = admin
+        .query_one("SELECT webhook.purge('0s')", &[])
+        .ok()
+        .map(|r| r.get(0));
+    let left_after_purge = count(&mut su, "SELECT count(*) FROM webhook.deliveries");
+    step(
+        "unsubscribe",
+        admin.batch_execute("SELECT webhook.unsubscribe('users', 'flaky')"),
+    );
+    step(
+        "drop_endpoint",
+        admin.batch_execute("SELECT webhook.drop_endpoint('down', cascade => true)"),
+    );
+    step("delete", app.batch_execute("DELETE FROM users"));
+    let third_round = soft_wait(PATIENCE, || rx_ok.count() == 6 && count(&mut su, busy) == 0);
+    step(
+        "worker_status",
+        admin
+            .query("SELECT * FROM webhook.worker_status()", &[])
+            .map(drop),
+    );
+
+    // The attack: nothing planted ran, nobody was made superuser.
+    let pwned: Vec<String> = su
+        .query(
+            "SELECT who || ': ' || what || ' (' || count(*) || 'x)' FROM public.pwned
+              GROUP BY who, what ORDER BY who, what",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pwned, Vec::<String>::new(), "planted objects were called");
+    assert!(
+        !pg.log().contains("PLANTED"),
+        "a planted object ran (server log)"
+    );
+    assert_eq!(
+        superusers(&mut su),
+        ["postgres"],
+        "dbowner became superuser"
+    );
+
+    // Every step did what it should, so the absence above means something.
+    assert_eq!(failures, Vec::<String>::new());
+    let counts = || {
+        (
+            rx_ok.count(),
+            rx_flaky.count(),
+            rx_down.count(),
+            rx_dead.count(),
+        )
+    };
+    assert!(
+        first_round,
+        "first round (ok, flaky, down, dead): {:?}",
+        counts()
+    );
+    assert_eq!(
+        down_after_round_one.map(|(on, status, _)| (on, status)),
+        Some((true, "failed".to_string()))
+    );
+    let (dead_on, dead_status, dead_error) = dead_after_round_one.unwrap();
+    assert_eq!((dead_on, dead_status.as_str()), (false, "cancelled"));
+    assert!(
+        dead_error
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("endpoint disabled: failing without a success since "),
+        "{dead_error:?}"
+    );
+    assert_eq!(replayed, Some(2));
+    assert!(
+        second_round,
+        "second round (ok, flaky, down, dead): {:?}",
+        counts()
+    );
+    // users insert (3) + sends (2) + replays (2) + update (3); the retried delivery is one row.
+    assert_eq!(purged, Some(10));
+    assert_eq!(left_after_purge, 0);
+    assert!(
+        third_round,
+        "third round (ok, flaky, down, dead): {:?}",
+        counts()
+    );
+    assert_eq!(statuses(&mut su), ["delivered"]);
+    let (ok, flaky, down, _) = counts();
+    assert_eq!((ok, flaky, down), (6, 3, 4));
+    drop(admin);
+    drop(app);
+    drop(su);
+    pg.stop("fast");
+}
+
+// §3 ------------------------------------------------------------------------------------------
+
+/// The README's monitoring role forges a signed "invoice paid" from a temporary table.
+#[test]
+fn s3_a_monitoring_role_cannot_forge_deliveries_from_a_temp_table() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let secret = create_endpoint(&mut db, "billing", &rx.url("/"));
+    db.batch_execute(
+        "CREATE ROLE monitor LOGIN;
+         GRANT USAGE ON SCHEMA webhook TO monitor;
+         GRANT SELECT ON webhook.metrics, webhook.deliveries, webhook.attempts TO monitor;
+         GRANT SELECT (id, name, url, enabled, disabled_reason) ON webhook.endpoints TO monitor;",
+    )
+    .unwrap();
+    let mut monitor = connect_as(&pg, "monitor");
+    monitor
+        .batch_execute(
+            "CREATE TEMP TABLE forged (x text);
+             CREATE TRIGGER t AFTER INSERT ON forged FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');",
+        )
+        .unwrap();
+    let r = monitor.batch_execute("INSERT INTO forged VALUES ('invoice paid')");
+    if r.is_ok() {
+        std::thread::sleep(Duration::from_secs(2));
+        let signed: Vec<bool> = rx
+            .requests()
+            .iter()
+            .map(|q| verify_with_standardwebhooks(&secret, q).is_ok())
+            .collect();
+        panic!("the forged INSERT was accepted; billing received {} request(s), validly signed: {signed:?}", signed.len());
+    }
+    assert_publish_refused(&db_error(r, "the forged INSERT"), "billing");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(rx.count(), 0, "a forged request arrived");
+    assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.events"), 0);
+    assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.deliveries"), 0);
+}
+
+/// A table owner with USAGE on webhook writes the trigger on its own (persistent) table: refused
+/// until an admin allows it with allow_publish, refused again after disallow_publish. A table
+/// owned by a member of webhook_admin needs no allowance.
+#[test]
+fn s3_a_table_owner_cannot_publish_through_a_hand_written_trigger() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE ROLE owner LOGIN;
+         GRANT USAGE ON SCHEMA webhook TO owner;
+         GRANT CREATE ON SCHEMA public TO owner;
+         CREATE ROLE admin LOGIN IN ROLE webhook_admin;
+         GRANT CREATE ON SCHEMA public TO admin;",
+    )
+    .unwrap();
+    let secret = create_endpoint(&mut db, "billing", &rx.url("/"));
+    let mut owner = connect_as(&pg, "owner");
+    owner
+        .batch_execute(
+            "CREATE TABLE owned (id int PRIMARY KEY, note text);
+             CREATE TRIGGER t AFTER INSERT ON owned FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');",
+        )
+        .unwrap();
+    let r = owner.batch_execute("INSERT INTO owned VALUES (1, 'invoice paid')");
+    if r.is_ok() {
+        let req = rx.wait_for(1, Duration::from_secs(5)).remove(0);
+        panic!(
+            "owner's hand-written trigger published without an allowance: billing got {:?}, signature valid: {}",
+            String::from_utf8_lossy(&req.body),
+            verify_with_standardwebhooks(&secret, &req).is_ok()
+        );
+    }
+    assert_publish_refused(&db_error(r, "owner's INSERT"), "billing");
+
+    let mut admin = connect_as(&pg, "admin");
+    admin
+        .batch_execute("SELECT webhook.allow_publish('owned', 'billing')")
+        .unwrap();
+    owner
+        .batch_execute("INSERT INTO owned VALUES (2, 'allowed')")
+        .unwrap();
+    let req = rx.wait_for(1, PATIENCE).remove(0);
+    verify_with_standardwebhooks(&secret, &req).unwrap();
+    assert_eq!(req.json()["data"]["new"]["id"], 2);
+
+    admin
+        .batch_execute("SELECT webhook.disallow_publish('owned', 'billing')")
+        .unwrap();
+    let r = owner.batch_execute("INSERT INTO owned VALUES (3, 'no longer')");
+    assert_publish_refused(
+        &db_error(r, "owner's INSERT after disallow_publish"),
+        "billing",
+    );
+
+    // The admin's own table with a hand-written trigger publishes.
+    admin
+        .batch_execute(
+            "CREATE TABLE admins_own (id int PRIMARY KEY);
+             CREATE TRIGGER t AFTER INSERT ON admins_own FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');
+             INSERT INTO admins_own VALUES (4);",
+        )
+        .unwrap();
+    let reqs = rx.wait_for(2, PATIENCE);
+    assert_eq!(reqs[1].json()["data"]["table"], "admins_own");
+    wait_settled(&mut db, PATIENCE);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rx.count(), 2);
+    assert_eq!(statuses(&mut db), ["delivered", "delivered"]);
+}
+
+// §4 ------------------------------------------------------------------------------------------
+
+fn event_types(db: &mut postgres::Client) -> Vec<(String, String)> {
+    db.query(
+        "SELECT type, payload->>'table' FROM webhook.events ORDER BY id",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// One session: a partition's root changes under it (ATTACH), then changes back (DETACH, DROP).
+#[test]
+fn s4_events_follow_the_partition_root_as_it_changes() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE a (id int, v text) PARTITION BY RANGE (id);
+         CREATE TABLE a1 PARTITION OF a FOR VALUES FROM (0) TO (1000);",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.batch_execute("SELECT webhook.subscribe('a', 'crm')")
+        .unwrap();
+    db.batch_execute("INSERT INTO a VALUES (1, 'one')").unwrap();
+    db.batch_execute(
+        "CREATE TABLE b (id int, v text) PARTITION BY RANGE (id);
+         ALTER TABLE b ATTACH PARTITION a FOR VALUES FROM (0) TO (1000);",
+    )
+    .unwrap();
+    db.batch_execute("INSERT INTO a VALUES (2, 'two')").unwrap();
+    assert_eq!(
+        event_types(&mut db),
+        [
+            ("public.a.insert".to_string(), "a".to_string()),
+            ("public.b.insert".to_string(), "b".to_string())
+        ],
+        "after ATTACH the event is published under the new root"
+    );
+    db.batch_execute("ALTER TABLE b DETACH PARTITION a; DROP TABLE b;")
+        .unwrap();
+    db.batch_execute("INSERT INTO a VALUES (3, 'three')")
+        .unwrap();
+    assert_eq!(
+        event_types(&mut db),
+        [
+            ("public.a.insert".to_string(), "a".to_string()),
+            ("public.b.insert".to_string(), "b".to_string()),
+            ("public.a.insert".to_string(), "a".to_string())
+        ]
+    );
+    let tables: Vec<String> = rx
+        .wait_for(3, PATIENCE)
+        .iter()
+        .map(|r| r.json()["data"]["table"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = tables.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["a", "a", "b"]);
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(rx.count(), 3);
+}
+
+/// A session learns a partition's root while it is attached; the root is then detached and
+/// dropped. 0.2.0 kept the dropped root's oid and crashed the server on the next insert.
+#[test]
+fn s4_a_dropped_partition_root_does_not_crash_the_server() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE a (id int, v text) PARTITION BY RANGE (id);
+         CREATE TABLE a1 PARTITION OF a FOR VALUES FROM (0) TO (1000);",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.batch_execute(
+        "SELECT webhook.subscribe('a', 'crm');
+         CREATE TABLE b (id int, v text) PARTITION BY RANGE (id);
+         ALTER TABLE b ATTACH PARTITION a FOR VALUES FROM (0) TO (1000);",
+    )
+    .unwrap();
+    let mut bystander = pg.client();
+    let mut s = pg.client();
+    s.batch_execute("INSERT INTO a VALUES (1, 'one')").unwrap();
+    s.batch_execute("ALTER TABLE b DETACH PARTITION a; DROP TABLE b;")
+        .unwrap();
+    let r = s.batch_execute("INSERT INTO a VALUES (2, 'two')");
+    if let Err(e) = &r {
+        if e.as_db_error().is_none() {
+            let signal = soft_wait(Duration::from_secs(5), || {
+                pg.log().contains("terminated by signal")
+            });
+            panic!("the server crashed: the session was lost ({e}); postmaster reports a signal: {signal}");
+        }
+    }
+    r.unwrap();
+    bystander
+        .batch_execute("SELECT 1")
+        .expect("other sessions survive");
+    assert!(!pg.log().contains("terminated by signal"));
+    assert_eq!(
+        event_types(&mut db),
+        [
+            ("public.b.insert".to_string(), "b".to_string()),
+            ("public.a.insert".to_string(), "a".to_string())
+        ]
+    );
+    rx.wait_for(2, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(statuses(&mut db), ["delivered", "delivered"]);
+}
+
+// §5 ------------------------------------------------------------------------------------------
+
+/// Sessions whose REPEATABLE READ snapshot predates an endpoint (one that never read the
+/// endpoints, one that had them cached) publish to it once it is committed.
+#[test]
+fn s5a_an_endpoint_created_after_a_snapshot_is_not_missing() {
+    let pg = Cluster::start(&[]);
+    let rx_crm = Receiver::start(always(Reply::ok()));
+    let rx_late = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE users (id bigserial PRIMARY KEY, email text);
+         CREATE ROLE app LOGIN;
+         GRANT SELECT, INSERT ON users TO app;
+         GRANT USAGE ON SEQUENCE users_id_seq TO app;",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", &rx_crm.url("/"));
+    db.batch_execute("SELECT webhook.subscribe('users', 'crm')")
+        .unwrap();
+
+    let mut cold = connect_as(&pg, "app");
+    let mut warm = connect_as(&pg, "app");
+    warm.batch_execute("INSERT INTO users (email) VALUES ('warm-up')")
+        .unwrap();
+    rx_crm.wait_for(1, PATIENCE);
+    for s in [&mut cold, &mut warm] {
+        s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1 FROM users LIMIT 1;")
+            .unwrap();
+    }
+    create_endpoint(&mut db, "late", &rx_late.url("/"));
+    db.batch_execute("SELECT webhook.subscribe('users', 'late')")
+        .unwrap();
+    cold.batch_execute("INSERT INTO users (email) VALUES ('cold'); COMMIT")
+        .unwrap();
+    warm.batch_execute("INSERT INTO users (email) VALUES ('warm'); COMMIT")
+        .unwrap();
+    wait_settled(&mut db, PATIENCE);
+    let late: Vec<(String, Option<String>)> = db
+        .query(
+            "SELECT d.status::text, d.last_error FROM webhook.deliveries d
+               JOIN webhook.events ev ON ev.id = d.event_id
+              WHERE ev.payload->'new'->>'email' IN ('cold', 'warm')
+                AND d.endpoint_id IS DISTINCT FROM (SELECT id FROM webhook.endpoints WHERE name = 'crm')
+              ORDER BY d.id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        late,
+        [
+            ("delivered".to_string(), None),
+            ("delivered".to_string(), None)
+        ],
+        "deliveries to 'late' from the cold and the warm session"
+    );
+    let mut emails: Vec<String> = rx_late
+        .wait_for(2, PATIENCE)
+        .iter()
+        .map(|r| {
+            r.json()["data"]["new"]["email"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    emails.sort();
+    assert_eq!(emails, ["cold", "warm"]);
+    assert_eq!(rx_late.count(), 2);
+    assert_eq!(rx_crm.count(), 3);
+}
+
+/// An endpoint enabled by a prepared transaction: sessions that cached it as disabled see it
+/// enabled once COMMIT PREPARED has run.
+#[test]
+fn s5b_an_endpoint_enabled_by_a_prepared_transaction_is_not_stale() {
+    let pg = Cluster::start(&[("max_prepared_transactions", "10")]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE users (id bigserial PRIMARY KEY, email text);",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.batch_execute(
+        "SELECT webhook.subscribe('users', 'crm'); SELECT webhook.disable_endpoint('crm');",
+    )
+    .unwrap();
+    let mut s = pg.client();
+    s.batch_execute("INSERT INTO users (email) VALUES ('while disabled')")
+        .unwrap();
+    let mut admin = pg.client();
+    admin.batch_execute("BEGIN").unwrap();
+    admin
+        .batch_execute("SELECT webhook.enable_endpoint('crm')")
+        .unwrap();
+    admin.batch_execute("PREPARE TRANSACTION 'x'").unwrap();
+    admin.batch_execute("COMMIT PREPARED 'x'").unwrap();
+    s.batch_execute("INSERT INTO users (email) VALUES ('after enable')")
+        .unwrap();
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(
+        statuses(&mut db),
+        ["cancelled", "delivered"],
+        "the second insert saw the endpoint enabled"
+    );
+    let req = rx.wait_for(1, PATIENCE).remove(0);
+    assert_eq!(req.json()["data"]["new"]["email"], "after enable");
+    assert_eq!(rx.count(), 1);
+}
+
+// §6 ------------------------------------------------------------------------------------------
+
+fn mallory_cluster() -> (Cluster, Receiver, postgres::Client) {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE users (id bigserial PRIMARY KEY, email text);
+         CREATE ROLE mallory LOGIN;",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.batch_execute("SELECT webhook.subscribe('users', 'crm')")
+        .unwrap();
+    (pg, rx, db)
+}
+
+/// A role with no rights runs DROP DATABASE app: refused, and the worker never leaves.
+#[test]
+fn s6a_a_refused_drop_database_does_not_evict_the_worker() {
+    let (pg, rx, mut db) = mallory_cluster();
+    let pid = worker_ready(&mut db);
+    let mut mallory = connect(&pg, "mallory", "postgres");
+    let e = db_error(
+        mallory
+            .batch_execute("DROP DATABASE app")
+            .map(|_| "dropped"),
+        "mallory's DROP DATABASE",
+    );
+    let after = worker(&mut db);
+    assert_eq!(
+        after,
+        (Some(pid), "idle".to_string()),
+        "mallory's refused DROP DATABASE evicted the worker"
+    );
+    assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{e:?}");
+    let t = Instant::now();
+    db.batch_execute("INSERT INTO users (email) VALUES ('right after')")
+        .unwrap();
+    rx.wait_for(1, Duration::from_secs(2));
+    eprintln!(
+        "delivered {:?} after the refused DROP DATABASE",
+        t.elapsed()
+    );
+    assert_eq!(worker(&mut db).0, Some(pid));
+}
+
+/// The other commands 0.2.0 evicted the worker for: ALTER DATABASE app RENAME and
+/// CREATE DATABASE … TEMPLATE app, each refused for lack of rights.
+#[test]
+fn s6a_refused_rename_and_template_copy_do_not_evict_the_worker() {
+    let (pg, rx, mut db) = mallory_cluster();
+    let pid = worker_ready(&mut db);
+    let mut mallory = connect(&pg, "mallory", "postgres");
+    for sql in [
+        "ALTER DATABASE app RENAME TO gone",
+        "CREATE DATABASE copy TEMPLATE app",
+    ] {
+        let e = db_error(mallory.batch_execute(sql).map(|_| "done"), sql);
+        assert_eq!(
+            worker(&mut db),
+            (Some(pid), "idle".to_string()),
+            "mallory's refused {sql} evicted the worker"
+        );
+        assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{sql}: {e:?}");
+    }
+    db.batch_execute("INSERT INTO users (email) VALUES ('right after')")
+        .unwrap();
+    rx.wait_for(1, Duration::from_secs(2));
+}
+
+/// Mallory (a login role without rights) holds advisory locks in a session that stays open: the
+/// old fixed key, and with `keys_from_pg_locks` every advisory lock held in the database when
+/// she looked. The worker is terminated and restarted; delivery must go on.
+fn advisory_lock_squat(keys_from_pg_locks: bool) {
+    let (pg, rx, mut db) = mallory_cluster();
+    let pid = worker_ready(&mut db);
+    let mut mallory = connect_as(&pg, "mallory");
+    // Bigint keys (objsubid 1) and int4 pairs (objsubid 2) that anyone can read in pg_locks.
+    let mut bigint_keys = vec![OLD_WORKER_LOCK_KEY];
+    let mut pair_keys: Vec<(i32, i32)> = Vec::new();
+    if keys_from_pg_locks {
+        for r in mallory
+            .query(
+                "SELECT classid::int8, objid::int8, objsubid::int4 FROM pg_locks
+                  WHERE locktype = 'advisory' AND granted
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .unwrap()
+        {
+            let (hi, lo, sub): (i64, i64, i32) = (r.get(0), r.get(1), r.get(2));
+            if sub == 1 {
+                bigint_keys.push(((hi as u64) << 32 | lo as u64) as i64);
+            } else {
+                pair_keys.push((hi as u32 as i32, lo as u32 as i32));
+            }
+        }
+        bigint_keys.sort_unstable();
+        bigint_keys.dedup();
+    }
+    let (acquired_tx, acquired_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        for k in &bigint_keys {
+            mallory
+                .execute("SELECT pg_advisory_lock($1)", &[k])
+                .unwrap();
+        }
+        for (a, b) in &pair_keys {
+            mallory
+                .execute("SELECT pg_advisory_lock($1, $2)", &[a, b])
+                .unwrap();
+        }
+        acquired_tx.send(()).unwrap();
+        let _ = release_rx.recv();
+        drop(mallory);
+    });
+    // Let mallory queue behind the worker's locks, then end the worker.
+    std::thread::sleep(Duration::from_millis(300));
+    let terminated: bool = db
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    acquired_rx
+        .recv_timeout(PATIENCE)
+        .expect("mallory got the locks once the worker was gone");
+    let new_pid = wait_until(PATIENCE, "a new worker", || match worker(&mut db) {
+        (Some(p), _) if p != pid => Some(p),
+        _ => None,
+    });
+    db.batch_execute("INSERT INTO users (email) VALUES ('still delivered')")
+        .unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rx.wait_for(1, PATIENCE);
+    }));
+    let state = worker(&mut db);
+    let _ = release_tx.send(());
+    holder.join().unwrap();
+    assert!(
+        r.is_ok(),
+        "nothing delivered while mallory holds the advisory locks (worker {new_pid}: {state:?})"
+    );
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(statuses(&mut db), ["delivered"]);
+}
+
+#[test]
+fn s6b_the_old_advisory_lock_key_cannot_stop_a_restarted_worker() {
+    advisory_lock_squat(false);
+}
+
+/// The strongest form of §6b: mallory reads the keys the running worker holds from pg_locks
+/// (readable by every role) and squats on those.
+#[test]
+fn s6b_advisory_locks_read_from_pg_locks_cannot_stop_a_restarted_worker() {
+    advisory_lock_squat(true);
+}
+
+// §14 -----------------------------------------------------------------------------------------
+
+/// The refusal from inside the trigger reaches the client as one line with SQLSTATE 42501, and
+/// the server log has it as one ERROR line with no backtrace.
+#[test]
+fn s14_a_refusal_inside_the_trigger_is_one_message_with_a_sqlstate() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE ROLE user_usage LOGIN;
+         GRANT USAGE ON SCHEMA webhook TO user_usage;",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "billing", &rx.url("/"));
+    let mut u = connect_as(&pg, "user_usage");
+    u.batch_execute(
+        "CREATE TEMP TABLE forged (x text);
+         CREATE TRIGGER t AFTER INSERT ON forged FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');",
+    )
+    .unwrap();
+    let e = db_error(
+        u.batch_execute("INSERT INTO forged VALUES ('invoice paid')")
+            .map(|_| "inserted"),
+        "the forged INSERT",
+    );
+    assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE);
+    assert_publish_refused(&e, "billing");
+    let texts = [
+        e.message().to_string(),
+        e.detail().unwrap_or_default().to_string(),
+        e.hint().unwrap_or_default().to_string(),
+    ];
+    for t in &texts {
+        let lower = t.to_ascii_lowercase();
+        assert!(
+            !lower.contains("backtrace") && !lower.contains("stack") && !lower.contains("panicked"),
+            "{t:?}"
+        );
+    }
+    assert!(!e.message().contains('\n'), "{:?}", e.message());
+
+    // Misuse of the trigger function: also one line, no backtrace.
+    db.batch_execute(
+        "CREATE TABLE misuse (x int);
+         CREATE TRIGGER t BEFORE INSERT ON misuse FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');",
+    )
+    .unwrap();
+    let m = db_error(
+        db.batch_execute("INSERT INTO misuse VALUES (1)")
+            .map(|_| "inserted"),
+        "a BEFORE trigger",
+    );
+    assert!(!m.message().contains('\n'), "{:?}", m.message());
+    assert!(
+        !format!("{:?} {:?}", m.message(), m.detail())
+            .to_ascii_lowercase()
+            .contains("backtrace"),
+        "{m:?}"
+    );
+
+    let log = pg.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let errors: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("ERROR:") && l.contains("may not publish to webhook endpoint"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(errors.len(), 1, "one ERROR line for the refusal:\n{log}");
+    let i = errors[0];
+    assert!(
+        lines[i].trim_end().ends_with(e.message()),
+        "the log line is the message: {}",
+        lines[i]
+    );
+    // Its DETAIL/HINT/CONTEXT/STATEMENT lines carry no backtrace either.
+    for l in lines[i + 1..].iter().take_while(|l| {
+        l.starts_with('\t')
+            || ["DETAIL:", "HINT:", "CONTEXT:", "STATEMENT:"]
+                .iter()
+                .any(|k| l.contains(k))
+    }) {
+        let lower = l.to_ascii_lowercase();
+        assert!(
+            !lower.contains("backtrace") && !lower.contains("panicked"),
+            "{l}"
+        );
+    }
+    assert!(!log.to_ascii_lowercase().contains("stack backtrace"));
+    assert_eq!(rx.count(), 0);
+}
