@@ -427,6 +427,12 @@ BEGIN
         RAISE NOTICE 'delivery % is being sent right now', delivery_id;
         RETURN;
     END IF;
+    -- A row change without either image: it was over webhook.max_payload_bytes and not kept.
+    IF EXISTS (SELECT FROM webhook._events e
+                WHERE e.id = d.event_id AND e.op IS NOT NULL AND e.new IS NULL AND e.old IS NULL) THEN
+        RAISE EXCEPTION 'delivery % cannot be sent again: its event was too large (%), so its row was not kept', delivery_id, d.last_error
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
     SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = d.endpoint_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'delivery % has no endpoint (%)', delivery_id, COALESCE(d.last_error, 'it was dropped')

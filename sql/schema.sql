@@ -23,7 +23,8 @@ BEGIN
     SELECT pg_catalog.string_agg(pg_catalog.quote_ident(m.rolname), ', ' ORDER BY m.rolname) INTO members
       FROM pg_catalog.pg_auth_members am JOIN pg_catalog.pg_roles m ON m.oid = am.member
      WHERE am.roleid = (SELECT a.oid FROM pg_catalog.pg_roles a WHERE a.rolname = 'webhook_admin');
-    RAISE NOTICE 'webhook_ext: using the existing role webhook_admin (members: %)', COALESCE(members, 'none')
+    -- A WARNING: CREATE EXTENSION hides notices from its script.
+    RAISE WARNING 'webhook_ext: using the existing role webhook_admin (members: %)', COALESCE(members, 'none')
         USING DETAIL = 'Roles are shared by every database of the cluster: its members manage webhook endpoints in every database where webhook_ext is installed.';
 END
 $$;

@@ -235,6 +235,46 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION webhook.retry(delivery_id bigint)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d webhook.deliveries;
+    ep webhook.endpoints;
+BEGIN
+    SELECT * INTO d FROM webhook.deliveries x WHERE x.id = delivery_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'delivery % does not exist', delivery_id USING ERRCODE = 'undefined_object';
+    END IF;
+    IF d.status = 'delivered' THEN
+        RAISE EXCEPTION 'delivery % was already delivered', delivery_id
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Use webhook.replay() to send its event again as a new delivery.';
+    END IF;
+    IF d.status = 'sending' THEN
+        RAISE NOTICE 'delivery % is being sent right now', delivery_id;
+        RETURN;
+    END IF;
+    -- A row change without either image: it was over webhook.max_payload_bytes and not kept.
+    IF EXISTS (SELECT FROM webhook._events e
+                WHERE e.id = d.event_id AND e.op IS NOT NULL AND e.new IS NULL AND e.old IS NULL) THEN
+        RAISE EXCEPTION 'delivery % cannot be sent again: its event was too large (%), so its row was not kept', delivery_id, d.last_error
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = d.endpoint_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'delivery % has no endpoint (%)', delivery_id, COALESCE(d.last_error, 'it was dropped')
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF NOT ep.enabled THEN
+        RAISE EXCEPTION 'endpoint "%" is disabled', ep.name
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable it first with webhook.enable_endpoint().';
+    END IF;
+    UPDATE webhook.deliveries x SET status = 'pending', next_attempt_at = now() WHERE x.id = delivery_id;
+    PERFORM webhook._wake();
+END
+$$;
+
 REVOKE ALL ON webhook._publishers FROM PUBLIC;
 REVOKE ALL ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_publish(regclass, text),
                        webhook._forget_dropped_tables() FROM PUBLIC;
@@ -242,5 +282,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON webhook._publishers TO webhook_admin;
 GRANT EXECUTE ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_publish(regclass, text),
                           webhook._forget_dropped_tables() TO webhook_admin;
 
--- Sessions drop their endpoint caches when this commits.
+-- Sessions drop their endpoint caches when this commits, and the worker (waiting for this
+-- update) is woken.
 DELETE FROM webhook.endpoints WHERE false;
+SELECT webhook._wake();

@@ -48,8 +48,10 @@ WITH img AS (
 
 const RECORD_COLUMNS_SQL: &str = r#"
 WITH j AS (
-    SELECT (SELECT pg_catalog.jsonb_object_agg(u.k, u.v) FROM pg_catalog.unnest($5, $13) AS u(k, v)) AS new,
-           (SELECT pg_catalog.jsonb_object_agg(u.k, u.v) FROM pg_catalog.unnest($6, $14) AS u(k, v)) AS old
+    SELECT (SELECT pg_catalog.jsonb_object_agg(u.k, u.v)
+              FROM ROWS FROM (pg_catalog.unnest($5), pg_catalog.unnest($13)) AS u(k, v)) AS new,
+           (SELECT pg_catalog.jsonb_object_agg(u.k, u.v)
+              FROM ROWS FROM (pg_catalog.unnest($6), pg_catalog.unnest($14)) AS u(k, v)) AS old
 ), img AS (
     -- An UPDATE that changed none of the chosen columns records nothing.
     SELECT j.new, j.old FROM j
@@ -78,23 +80,32 @@ const RECORD_TAIL_SQL: &str = r#"
     SELECT $1, $2, $3, $4,
            CASE WHEN s.size OPERATOR(pg_catalog.<=) $10 THEN s.new END,
            CASE WHEN s.size OPERATOR(pg_catalog.<=) $10 THEN s.old END,
-           pg_catalog.int4(LEAST(s.size, 2147483647))
+           pg_catalog.int4(CASE WHEN s.size OPERATOR(pg_catalog.>) 2147483647 THEN 2147483647 ELSE s.size END)
       FROM s
-    RETURNING id, size
+    RETURNING id
 )
 INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
 SELECT ev.id, $7,
-       CASE WHEN ev.size IS NULL OR ev.size OPERATOR(pg_catalog.>) $10 THEN 'failed' ELSE $8 END::webhook.delivery_status,
-       CASE WHEN ev.size OPERATOR(pg_catalog.<=) $10 AND $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END,
-       CASE WHEN ev.size IS NULL THEN $12
-            WHEN ev.size OPERATOR(pg_catalog.>) $10
-            THEN pg_catalog.format('payload is %s bytes, more than webhook.max_payload_bytes (%s)', ev.size, $10)
+       CASE WHEN s.size IS NULL OR s.size OPERATOR(pg_catalog.>) $10 THEN 'failed' ELSE $8 END::webhook.delivery_status,
+       CASE WHEN s.size OPERATOR(pg_catalog.<=) $10 AND $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END,
+       CASE WHEN s.size IS NULL THEN $12
+            WHEN s.size OPERATOR(pg_catalog.>) $10
+            THEN pg_catalog.format('payload is %s bytes, more than webhook.max_payload_bytes (%s)', s.size, $10)
             ELSE $9 END
-  FROM ev
+  FROM ev, s
 "#;
 
+/// The same before 0.3.0's schema (no `_events.size`).
+fn legacy(sql: &str) -> String {
+    sql.replace("new, old, size)", "new, old)").replace(
+        "s.old END,\n           pg_catalog.int4(CASE WHEN s.size OPERATOR(pg_catalog.>) 2147483647 THEN 2147483647 ELSE s.size END)\n",
+        "s.old END\n",
+    )
+}
+
 /// Rows larger than this (before JSON encoding) are never built: jsonb holds at most 256 MB, and
-/// a bytea doubles in its JSON form.
+/// a bytea doubles in its JSON form. webhook.max_payload_bytes is at most 100 MB, so such a row
+/// is over the limit whatever its encoding.
 const LARGEST_ROW_BUILT: i64 = 120 * 1024 * 1024;
 
 /// What the trigger needs to know about an endpoint.
@@ -116,11 +127,15 @@ struct Cache {
 struct Roles {
     owner: pg_sys::Oid,
     admin: pg_sys::Oid,
+    /// The installed schema is from before 0.3.0 (this library is installed, ALTER EXTENSION …
+    /// UPDATE has not run yet): no webhook._publishers, no _events.size. The trigger keeps
+    /// working as that release did, so no write fails in between.
+    legacy: bool,
 }
 
 thread_local! {
     /// Kept plans: [plain, column-filtered].
-    static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; 2]> = const { RefCell::new([None, None]) };
+    static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; 4]> = const { RefCell::new([None; 4]) };
     /// Kept plans for reading the catalog and webhook's tables.
     static READS: RefCell<HashMap<&'static str, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
     /// Partition -> the root table its events are published under. Cleared on every relcache
@@ -227,7 +242,11 @@ fn enqueue<'a>(
             )
         });
         let (found, allowed) = found.map_or((None, false), |(f, a)| (Some(f), a));
-        if !allowed && !pg_sys::superuser_arg(home_owner) && !is_admin(home_owner, roles) {
+        if !allowed
+            && !roles.legacy
+            && !pg_sys::superuser_arg(home_owner)
+            && !is_admin(home_owner, roles)
+        {
             refuse_publishing(home, endpoint_name);
         }
         let (endpoint_id, status, reason) = match route(endpoint_name, found) {
@@ -248,8 +267,10 @@ fn enqueue<'a>(
         let limit = gucs::MAX_PAYLOAD_BYTES.get();
         let raw = raw_size(new_tuple, tupdesc, columns.as_deref())
             + raw_size(old_tuple, tupdesc, columns.as_deref());
-        let too_large = (raw > (i64::from(limit) * 8).min(LARGEST_ROW_BUILT)).then(|| {
-            format!("row is {raw} bytes, too large to publish within webhook.max_payload_bytes ({limit})")
+        let too_large = (raw > LARGEST_ROW_BUILT).then(|| {
+            format!(
+                "row is {raw} bytes before JSON encoding, too large to publish: more than webhook.max_payload_bytes ({limit})"
+            )
         });
         let txid = pg_sys::GetTopFullTransactionId().value;
         let base =
@@ -377,8 +398,9 @@ unsafe fn record(roles: Roles, with_columns: bool, r: Record<'_>) -> bool {
                 None,
             );
         }
-        let plan = record_plan(with_columns);
+        // Prepared as the owner too: resolving webhook's names needs USAGE on its schema.
         let rc = as_owner(roles, || {
+            let plan = record_plan(with_columns, roles.legacy);
             pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0)
         });
         if rc != pg_sys::SPI_OK_INSERT as i32 {
@@ -453,19 +475,26 @@ fn roles() -> Roles {
     if let Some(r) = ROLES.get() {
         return r;
     }
-    let owner = read_one_oid(
-        "SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'webhook_ext'",
-    )
-    .unwrap_or_else(|| {
+    let found = read_oids(
+        "SELECT e.extowner,
+                pg_catalog.int4(e.extversion OPERATOR(pg_catalog.=) ANY ('{0.1.0,0.2.0}'::pg_catalog.text[]))::pg_catalog.oid
+           FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'webhook_ext'",
+        &mut [],
+    );
+    let [Some(owner), Some(legacy)] = found.as_slice() else {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "webhook.enqueue: the webhook_ext extension is not installed in this database".into(),
             None,
         )
-    });
+    };
     // SAFETY: a catalog lookup inside a transaction.
     let admin = unsafe { pg_sys::get_role_oid(c"webhook_admin".as_ptr(), true) };
-    let r = Roles { owner, admin };
+    let r = Roles {
+        owner: *owner,
+        admin,
+        legacy: legacy.to_u32() == 1,
+    };
     ROLES.set(Some(r));
     r
 }
@@ -481,7 +510,7 @@ fn lookup<R>(name: &str, read: impl FnOnce(&Endpoint) -> R) -> (Roles, Option<R>
     if stale {
         ROLES.set(None);
         let roles = roles();
-        let endpoints = as_owner(roles, load_endpoints);
+        let endpoints = as_owner(roles, || load_endpoints(roles.legacy));
         ENDPOINTS.with(|cell| *cell.borrow_mut() = Some(Cache { version, endpoints }));
     }
     let roles = roles();
@@ -497,15 +526,22 @@ const LOAD_ENDPOINTS: &str = "\
 SELECT e.name, e.id, e.enabled, e.event_types,
        ARRAY(SELECT p.relid::pg_catalog.oid FROM webhook._publishers p WHERE p.endpoint_id OPERATOR(pg_catalog.=) e.id)
   FROM webhook.endpoints e";
+/// Before 0.3.0's schema: no publishers table.
+const LOAD_ENDPOINTS_LEGACY: &str = "\
+SELECT e.name, e.id, e.enabled, e.event_types, NULL::pg_catalog.oid[] FROM webhook.endpoints e";
 
 /// Reads webhook.endpoints and webhook._publishers with the latest snapshot, not the
 /// transaction's: a REPEATABLE READ transaction must still see an endpoint created after it began.
-fn load_endpoints() -> HashMap<String, Endpoint> {
+fn load_endpoints(legacy: bool) -> HashMap<String, Endpoint> {
     let mut out = HashMap::new();
     // SAFETY: SPI inside the trigger call; tuples are read before SPI_finish frees them.
     unsafe {
         connect();
-        let plan = read_plan(LOAD_ENDPOINTS);
+        let plan = read_plan(if legacy {
+            LOAD_ENDPOINTS_LEGACY
+        } else {
+            LOAD_ENDPOINTS
+        });
         let rc = pg_sys::SPI_execute_snapshot(
             plan,
             std::ptr::null_mut(),
@@ -569,11 +605,6 @@ unsafe fn connect() {
             None,
         );
     }
-}
-
-/// The first column of the first row of a catalog query (as the current user), as an oid.
-fn read_one_oid(sql: &'static str) -> Option<pg_sys::Oid> {
-    read_oids(sql, &mut []).first().copied().flatten()
 }
 
 /// Every row's columns of a catalog query with oid parameters, as oids.
@@ -641,8 +672,8 @@ unsafe fn prepare(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
 }
 
 /// The kept plan that records an event and its delivery.
-unsafe fn record_plan(with_columns: bool) -> pg_sys::SPIPlanPtr {
-    let i = usize::from(with_columns);
+unsafe fn record_plan(with_columns: bool, legacy: bool) -> pg_sys::SPIPlanPtr {
+    let i = usize::from(with_columns) + 2 * usize::from(legacy);
     if let Some(plan) = PLANS.with(|p| p.borrow()[i]) {
         return plan;
     }
@@ -675,7 +706,11 @@ unsafe fn record_plan(with_columns: bool) -> pg_sys::SPIPlanPtr {
         types.push(pg_sys::JSONBARRAYOID);
     }
     // SAFETY: inside SPI_connect.
-    let plan = unsafe { prepare(&format!("{head}{RECORD_TAIL_SQL}"), &mut types) };
+    let mut sql = format!("{head}{RECORD_TAIL_SQL}");
+    if legacy {
+        sql = self::legacy(&sql);
+    }
+    let plan = unsafe { prepare(&sql, &mut types) };
     PLANS.with(|p| p.borrow_mut()[i] = Some(plan));
     plan
 }
@@ -958,7 +993,17 @@ fn text_datum(s: &str) -> pg_sys::Datum {
 
 #[cfg(test)]
 mod tests {
-    use super::{route, Route};
+    use super::{legacy, route, Route, RECORD_SQL, RECORD_TAIL_SQL};
+
+    #[test]
+    fn the_legacy_statement_writes_no_size_column() {
+        let sql = legacy(&format!("{RECORD_SQL}{RECORD_TAIL_SQL}"));
+        assert!(sql.contains(
+            "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)\n"
+        ));
+        assert!(!sql.contains("2147483647"), "{sql}");
+        assert!(sql.contains("THEN s.old END\n      FROM s"), "{sql}");
+    }
 
     #[test]
     fn unknown_endpoints_fail_disabled_ones_cancel_filtered_ones_skip() {

@@ -122,7 +122,7 @@ pub fn init() {
         c"",
         &MAX_PAYLOAD_BYTES,
         1024,
-        i32::MAX,
+        100 * 1024 * 1024,
         GucContext::Suset,
         GucFlags::UNIT_BYTE,
     );

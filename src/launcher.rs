@@ -40,6 +40,16 @@ pub extern "C-unwind" fn webhook_launcher_main(_arg: pg_sys::Datum) {
         error!("webhook_ext launcher started without shared memory");
     };
     BackgroundWorker::connect_worker_to_spi(None, None);
+    // Like the worker: nothing it runs may resolve a name outside pg_catalog.
+    // SAFETY: setting a session GUC on the main thread after the connection is made.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        )
+    };
     shared
         .launcher_pid
         .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);

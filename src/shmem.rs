@@ -47,7 +47,7 @@ impl WorkerState {
             WorkerState::Idle => "idle",
             WorkerState::Working => "working",
             WorkerState::Stopping => "stopping",
-            WorkerState::Paused => "paused (webhook.paused is on)",
+            WorkerState::Paused => "paused",
             WorkerState::Replica => {
                 "not delivering: webhook's tables arrive here by logical replication"
             }

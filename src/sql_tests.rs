@@ -331,6 +331,21 @@ mod tests {
             3,
             "every event is kept"
         );
+        // ... but not the oversized row's image, so it cannot be sent again.
+        assert_eq!(
+            one::<bool>(
+                "SELECT payload->'new' = 'null' FROM webhook.events ORDER BY id DESC LIMIT 1"
+            ),
+            true
+        );
+        let id: i64 = one("SELECT id FROM webhook.deliveries ORDER BY id DESC LIMIT 1");
+        let msg = err(&format!("SELECT webhook.retry({id})")).unwrap_or_default();
+        assert!(
+            msg.starts_with(&format!(
+                "delivery {id} cannot be sent again: its event was too large (payload is "
+            )) && msg.ends_with("), so its row was not kept"),
+            "{msg}"
+        );
     }
 
     #[pg_test]

@@ -259,7 +259,6 @@ struct Worker {
     schedules: HashMap<String, Arc<Schedule>>,
     /// Deliveries whose result could not be written yet, and how often that failed.
     record_failures: HashMap<i64, u32>,
-    install_id: String,
     stats: StatsWatch,
     policies: Option<Policies>,
     /// Bytes of the request bodies under way.
@@ -280,7 +279,6 @@ impl Worker {
             buckets: HashMap::new(),
             schedules: HashMap::new(),
             record_failures: HashMap::new(),
-            install_id: String::new(),
             stats: StatsWatch::new(STATS_REFRESH_FLOOR),
             policies: None,
             bytes_in_flight: 0,
@@ -296,8 +294,17 @@ impl Worker {
             if shutdown_requested() {
                 return;
             }
-            match in_transaction(extension_installed) {
-                Ok(true) => {
+            match in_transaction(installed_version) {
+                Ok(Some(v)) if v != env!("CARGO_PKG_VERSION") => {
+                    if !told {
+                        log!(
+                            "webhook_ext worker: database \"{db}\" has webhook_ext {v}, this library is {}; waiting for ALTER EXTENSION webhook_ext UPDATE",
+                            env!("CARGO_PKG_VERSION")
+                        );
+                        told = true;
+                    }
+                }
+                Ok(Some(_)) => {
                     told = false;
                     match self.serve() {
                         Stop::Shutdown => return,
@@ -308,7 +315,7 @@ impl Worker {
                         }
                     }
                 }
-                Ok(false) => {
+                Ok(None) => {
                     if !told {
                         log!("webhook_ext worker: waiting for CREATE EXTENSION webhook_ext in database \"{db}\"");
                         told = true;
@@ -349,8 +356,7 @@ impl Worker {
             ))
         });
         match started {
-            Ok(Ok((id, health, rows))) => {
-                self.install_id = id;
+            Ok(Ok((_install_id, health, rows))) => {
                 self.health = health;
                 self.stats.refreshed(rows);
             }
@@ -359,6 +365,8 @@ impl Worker {
             }
             Ok(Err(e)) | Err(e) => {
                 warning!("webhook_ext worker: could not start serving: {e}");
+                // A persistent error must not spin.
+                wait(None, Some(ERROR_BACKOFF));
                 return Stop::ExtensionGone;
             }
         }
@@ -632,7 +640,8 @@ impl Worker {
         if room == 0 {
             return Ok(None);
         }
-        let byte_budget = if http.in_flight() == 0 {
+        let nothing_in_flight = self.tracked.is_empty();
+        let byte_budget = if nothing_in_flight {
             MAX_BYTES_IN_FLIGHT
         } else {
             MAX_BYTES_IN_FLIGHT - self.bytes_in_flight
@@ -664,7 +673,7 @@ impl Worker {
                     sql::CLAIM,
                     &[
                         INT4_ARRAY, INT4_ARRAY, INT4, INT4, INT4, INT8, INT4_ARRAY, INT4_ARRAY,
-                        INT4_ARRAY, INT4, INT8,
+                        INT4_ARRAY, INT4, INT8, BOOL,
                     ],
                     &[
                         a.busy_ids.into(),
@@ -678,6 +687,7 @@ impl Worker {
                         a.healthy.into(),
                         a.suspect_room.into(),
                         byte_budget.into(),
+                        nothing_in_flight.into(),
                     ],
                     |rows| {
                         rows.map(|row| Claimed::from_row(&row))
@@ -817,7 +827,7 @@ impl Worker {
             delivery_id: c.id,
             endpoint_id: c.endpoint_id,
             attempt,
-            msg_id: request::message_id(&self.install_id, c.id),
+            msg_id: request::message_id(&c.install_id, c.id),
             body: c.body(),
             url: c.url,
             keys,
@@ -1240,6 +1250,8 @@ struct Claimed {
     change: Option<RowChange>,
     /// The body's size as the event recorded it (0 for events from before 0.3.0).
     size: i64,
+    /// The install id in force (part of the webhook-id).
+    install_id: String,
 }
 
 struct RowChange {
@@ -1301,6 +1313,7 @@ impl Claimed {
                 }),
             },
             size: row.get::<i32>(20)?.map_or(0, i64::from),
+            install_id: row.get(21)?.unwrap_or_default(),
         })
     }
 }
@@ -1308,7 +1321,11 @@ impl Claimed {
 /// The subscription that replicates webhook's queue into this database, if one does.
 fn replicated_by() -> Result<Option<String>, String> {
     plans::run(sql::REPLICATED_BY, &[], &[], |rows| {
-        rows.first().get_one::<String>()
+        if rows.is_empty() {
+            Ok(None)
+        } else {
+            rows.first().get_one::<String>()
+        }
     })
 }
 
@@ -1328,6 +1345,18 @@ fn take_worker_lock() -> bool {
         let got = pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, true, true);
         got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
     }
+}
+
+/// The version of webhook_ext installed in this database, if it is.
+fn installed_version() -> Option<String> {
+    if !extension_installed() {
+        return None;
+    }
+    Spi::get_one::<String>(
+        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'webhook_ext'",
+    )
+    .ok()
+    .flatten()
 }
 
 fn extension_installed() -> bool {

@@ -8,7 +8,8 @@
 /// (circuit breaker, rate limit), and how many each may take now; $9: healthy endpoints (their
 /// last attempt succeeded), which go first; $10: how many the others may take in all, so that
 /// endpoints that hang or fail can never hold every request slot; $11: bytes of request bodies
-/// the claim may take (the first delivery is always taken), by the sizes events recorded.
+/// the claim may take, by the sizes events recorded; $12: take the first delivery even if it is
+/// larger (when nothing else is under way, so a large body is never stuck).
 pub const CLAIM: &str = r#"
 WITH cap AS (
     SELECT ep.id, ep.ordered, NOT (ep.id = ANY ($9::int[])) AS suspect,
@@ -67,7 +68,7 @@ WITH cap AS (
 ), locked AS (
     -- A primary-key lookup: `status = 'pending'` alone implies neither partial index.
     SELECT d.id FROM webhook.deliveries d
-     WHERE d.id IN (SELECT sized.id FROM sized WHERE sized.ord = 1 OR sized.running <= $11)
+     WHERE d.id IN (SELECT sized.id FROM sized WHERE (sized.ord = 1 AND $12) OR sized.running <= $11)
        AND d.status = 'pending'
        FOR UPDATE SKIP LOCKED
 )
@@ -83,7 +84,9 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           ep.headers::text,
           COALESCE((extract(epoch FROM ep.timeout) * 1000)::int8, $5::int8),
           ep.max_attempts, ep.retry_schedule,
-          e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid, e.size
+          e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid, e.size,
+          -- Read with every claim: a restore adds the source's (older) row after CREATE EXTENSION.
+          (SELECT m.install_id FROM webhook._meta m ORDER BY m.created_at, m.install_id LIMIT 1)
 "#;
 
 /// Milliseconds until the next pending delivery of an endpoint with room is due (an ordered

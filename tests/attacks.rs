@@ -1243,7 +1243,8 @@ fn s6b_advisory_locks_read_from_pg_locks_cannot_stop_a_restarted_worker() {
 /// the server log has it as one ERROR line with no backtrace.
 #[test]
 fn s14_a_refusal_inside_the_trigger_is_one_message_with_a_sqlstate() {
-    let pg = Cluster::start(&[]);
+    // The harness logs at `log`, which Postgres ranks above ERROR: log errors too.
+    let pg = Cluster::start(&[("log_min_messages", "error")]);
     let rx = Receiver::start(always(Reply::ok()));
     let mut db = pg.client();
     db.batch_execute(
@@ -1329,4 +1330,124 @@ fn s14_a_refusal_inside_the_trigger_is_one_message_with_a_sqlstate() {
     }
     assert!(!log.to_ascii_lowercase().contains("stack backtrace"));
     assert_eq!(rx.count(), 0);
+}
+
+// §9 (memory) --------------------------------------------------------------------------------
+
+/// A claim is bounded by bytes as well as rows: with bodies of about 20 MB and a receiver that
+/// holds each request, the worker has at most 64 MB of bodies (three requests) under way, however
+/// many the endpoint's max_in_flight allows.
+#[test]
+fn s9_claims_are_bounded_by_bytes() {
+    let pg = Cluster::start(&[("webhook.max_payload_bytes", "'32MB'")]);
+    let rx = Receiver::start(always(Reply::ok().after(Duration::from_millis(1500))));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE blobs (id int PRIMARY KEY, body text);",
+    )
+    .unwrap();
+    db.execute(
+        "SELECT webhook.create_endpoint('big', $1, max_in_flight => 100)",
+        &[&rx.url("/")],
+    )
+    .unwrap();
+    db.batch_execute(
+        "SELECT webhook.subscribe('blobs', 'big');
+         INSERT INTO blobs SELECT g, repeat(md5(g::text), 20 * 1024 * 1024 / 32) FROM generate_series(1, 8) g;",
+    )
+    .unwrap();
+    let got = rx.wait_for(8, Duration::from_secs(90));
+    assert_eq!(got.len(), 8);
+    for r in &got {
+        assert!(r.body.len() > 20 * 1024 * 1024, "{}", r.body.len());
+    }
+    assert_eq!(
+        rx.max_concurrent(),
+        3,
+        "20 MB bodies: 64 MB allows three at once"
+    );
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'"
+        ),
+        8
+    );
+}
+
+// §13 ----------------------------------------------------------------------------------------
+
+/// A `webhook_admin` role that exists before CREATE EXTENSION is never adopted silently: one that
+/// can log in (or has other attributes) is refused; a plain NOLOGIN one is used, and its members
+/// are named in a WARNING (CREATE EXTENSION hides a script's notices).
+#[test]
+fn s13_a_pre_existing_webhook_admin_is_not_adopted_silently() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    db.batch_execute("CREATE ROLE webhook_admin LOGIN").unwrap();
+    let e = db_error(
+        db.batch_execute("CREATE EXTENSION webhook_ext"),
+        "CREATE EXTENSION with a LOGIN webhook_admin",
+    );
+    assert_eq!(e.code(), &SqlState::DUPLICATE_OBJECT);
+    assert_eq!(
+        e.message(),
+        "role \"webhook_admin\" already exists with LOGIN, SUPERUSER, CREATEROLE, CREATEDB, REPLICATION or BYPASSRLS"
+    );
+    db.batch_execute(
+        "ALTER ROLE webhook_admin NOLOGIN; CREATE ROLE eve LOGIN IN ROLE webhook_admin",
+    )
+    .unwrap();
+    let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = notices.clone();
+    let mut config: postgres::Config = pg.connstr("app").parse().unwrap();
+    config.notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()));
+    let mut db = config.connect(postgres::NoTls).unwrap();
+    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let notices = notices.lock().unwrap().clone();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n == "webhook_ext: using the existing role webhook_admin (members: eve)"),
+        "{notices:?}"
+    );
+}
+
+// §10 ----------------------------------------------------------------------------------------
+
+/// Renaming a subscribed table changes its event types: a NOTICE says so (endpoints filtering
+/// by name stop receiving them); renaming a published column is refused.
+#[test]
+fn s10_renames_that_change_what_is_published_are_never_silent() {
+    let pg = Cluster::start(&[]);
+    let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = notices.clone();
+    let mut config: postgres::Config = pg.connstr("app").parse().unwrap();
+    config.notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()));
+    let mut db = config.connect(postgres::NoTls).unwrap();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE users (id int PRIMARY KEY, email text);
+         SELECT webhook.create_endpoint('crm', 'https://crm.example.com/', event_types => '{public.users.*}');
+         SELECT webhook.subscribe('users', 'crm', columns => '{id,email}');",
+    )
+    .unwrap();
+    notices.lock().unwrap().clear();
+    let e = db_error(
+        db.batch_execute("ALTER TABLE users RENAME COLUMN email TO mail"),
+        "renaming a published column",
+    );
+    assert_eq!(e.code(), &SqlState::DEPENDENT_OBJECTS_STILL_EXIST);
+    db.batch_execute("ALTER TABLE users RENAME TO customers")
+        .unwrap();
+    assert_eq!(
+        notices.lock().unwrap().clone(),
+        vec!["the events of this table will be published under its new name; endpoints \"crm\" receive them only if their event_types allow the new name".to_string()]
+    );
+    db.batch_execute("INSERT INTO customers VALUES (1, 'a@example.com')")
+        .unwrap();
+    // The filter no longer matches: no delivery, as the NOTICE said.
+    assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.deliveries"), 0);
 }

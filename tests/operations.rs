@@ -147,15 +147,15 @@ fn extension_dir() -> PathBuf {
 #[test]
 fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pending() {
     assert!(
-        extension_dir().join("webhook_ext--0.1.0.sql").exists(),
-        "the 0.1.0 install script is not installed: install with scripts/package (scripts/test does)"
+        extension_dir().join("webhook_ext--0.2.0.sql").exists(),
+        "the 0.2.0 install script is not installed: install with scripts/package (scripts/test does)"
     );
     let pg = Cluster::init(&conf("paused"));
     pg.create_database("app");
     let rx = Receiver::start(always(Reply::ok()));
     let mut db = pg.client();
     db.batch_execute(
-        "CREATE EXTENSION webhook_ext VERSION '0.1.0';
+        "CREATE EXTENSION webhook_ext VERSION '0.2.0';
          CREATE TABLE users (id int PRIMARY KEY, email text);",
     )
     .unwrap();
@@ -166,7 +166,8 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
         )
         .unwrap()
         .get(0);
-    assert_eq!(version, "0.1.0");
+    assert_eq!(version, "0.2.0");
+    // The new library is loaded before ALTER EXTENSION … UPDATE runs: writes must go on working.
     let secret = create_endpoint(&mut db, "crm", &rx.url("/"));
     db.batch_execute(
         "SELECT webhook.subscribe('users', 'crm');
@@ -192,7 +193,7 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
         )
         .unwrap()
         .get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version, "0.3.0");
     assert_eq!(counts(&mut db), before, "history intact");
     let pending: i64 = db
         .query_one(
