@@ -32,75 +32,26 @@ use pgrx::prelude::*;
 
 use crate::{gucs, request, shmem};
 
-/// Parameters shared by both statements: $1 type, $2 schema, $3 table, $4 op, $5/$6 the new and
-/// old row images (jsonb, NULL when absent or not built), $7 endpoint id (NULL if unknown),
-/// $8 status, $9 reason, $10 webhook.max_payload_bytes, $11 the request body's bytes besides the
-/// row images, $12 why the row was too large to build at all (NULL normally). The column-filtered
-/// statement takes the images as $5/$6 = keys and $13/$14 = values (jsonb[]) of the chosen columns.
-///
-/// The body is measured as it will be sent (the images' text, where a control character takes six
-/// bytes); only when the stored size times six could pass the limit is the text length computed.
-/// An oversized event keeps no row image.
+/// Writes the event and its delivery: $1 type, $2 schema, $3 table, $4 op, $5/$6 the new and
+/// old row images (jsonb, NULL when absent or not kept), $7 endpoint id (NULL if unknown),
+/// $8 status, $9 reason, $10 the body's size. Everything about the row was decided before (in
+/// Rust, with the writer's rights); this only stores finished values, so its plan stays small.
 const RECORD_SQL: &str = r#"
-WITH img AS (
-    SELECT $5 AS new, $6 AS old
-)"#;
-
-const RECORD_COLUMNS_SQL: &str = r#"
-WITH j AS (
-    SELECT (SELECT pg_catalog.jsonb_object_agg(u.k, u.v)
-              FROM ROWS FROM (pg_catalog.unnest($5), pg_catalog.unnest($13)) AS u(k, v)) AS new,
-           (SELECT pg_catalog.jsonb_object_agg(u.k, u.v)
-              FROM ROWS FROM (pg_catalog.unnest($6), pg_catalog.unnest($14)) AS u(k, v)) AS old
-), img AS (
-    -- An UPDATE that changed none of the chosen columns records nothing.
-    SELECT j.new, j.old FROM j
-     WHERE $4 OPERATOR(pg_catalog.<>) 'UPDATE'
-        OR pg_catalog.jsonb_ne(COALESCE(j.new, '{}'), COALESCE(j.old, '{}'))
-)"#;
-
-const RECORD_TAIL_SQL: &str = r#"
-, m AS (
-    SELECT img.new, img.old,
-           pg_catalog.int8(COALESCE(pg_catalog.pg_column_size(img.new), 0))
-             OPERATOR(pg_catalog.+) pg_catalog.int8(COALESCE(pg_catalog.pg_column_size(img.old), 0)) AS packed
-      FROM img
-), s AS (
-    SELECT m.new, m.old,
-           CASE WHEN $12 IS NOT NULL THEN NULL
-                WHEN m.packed OPERATOR(pg_catalog.*) 6 OPERATOR(pg_catalog.+) $11 OPERATOR(pg_catalog.<=) $10
-                THEN m.packed OPERATOR(pg_catalog.+) $11
-                ELSE pg_catalog.int8($11)
-                     OPERATOR(pg_catalog.+) COALESCE(pg_catalog.octet_length(pg_catalog.textin(pg_catalog.jsonb_out(m.new))), 4)
-                     OPERATOR(pg_catalog.+) COALESCE(pg_catalog.octet_length(pg_catalog.textin(pg_catalog.jsonb_out(m.old))), 4)
-           END AS size
-      FROM m
-), ev AS (
+WITH ev AS (
     INSERT INTO webhook._events (type, schema_name, table_name, op, new, old, size)
-    SELECT $1, $2, $3, $4,
-           CASE WHEN s.size OPERATOR(pg_catalog.<=) $10 THEN s.new END,
-           CASE WHEN s.size OPERATOR(pg_catalog.<=) $10 THEN s.old END,
-           pg_catalog.int4(CASE WHEN s.size OPERATOR(pg_catalog.>) 2147483647 THEN 2147483647 ELSE s.size END)
-      FROM s
+    VALUES ($1, $2, $3, $4, $5, $6, $10)
     RETURNING id
 )
 INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
-SELECT ev.id, $7,
-       CASE WHEN s.size IS NULL OR s.size OPERATOR(pg_catalog.>) $10 THEN 'failed' ELSE $8 END::webhook.delivery_status,
-       CASE WHEN s.size OPERATOR(pg_catalog.<=) $10 AND $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END,
-       CASE WHEN s.size IS NULL THEN $12
-            WHEN s.size OPERATOR(pg_catalog.>) $10
-            THEN pg_catalog.format('payload is %s bytes, more than webhook.max_payload_bytes (%s)', s.size, $10)
-            ELSE $9 END
-  FROM ev, s
+SELECT ev.id, $7, $8::webhook.delivery_status,
+       CASE WHEN $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, $9
+  FROM ev
 "#;
 
 /// The same before 0.3.0's schema (no `_events.size`).
 fn legacy(sql: &str) -> String {
-    sql.replace("new, old, size)", "new, old)").replace(
-        "s.old END,\n           pg_catalog.int4(CASE WHEN s.size OPERATOR(pg_catalog.>) 2147483647 THEN 2147483647 ELSE s.size END)\n",
-        "s.old END\n",
-    )
+    sql.replace("new, old, size)", "new, old)")
+        .replace("$5, $6, $10)", "$5, $6)")
 }
 
 /// Rows larger than this (before JSON encoding) are never built: jsonb holds at most 256 MB, and
@@ -135,7 +86,7 @@ struct Roles {
 
 thread_local! {
     /// Kept plans: [plain, column-filtered].
-    static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; 4]> = const { RefCell::new([None; 4]) };
+    static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; 2]> = const { RefCell::new([None; 2]) };
     /// Kept plans for reading the catalog and webhook's tables.
     static READS: RefCell<HashMap<&'static str, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
     /// Partition -> the root table its events are published under. Cleared on every relcache
@@ -143,6 +94,9 @@ thread_local! {
     static PARTITION_ROOTS: RefCell<HashMap<pg_sys::Oid, pg_sys::Oid>> = RefCell::new(HashMap::new());
     /// Cloned partition trigger -> (table it was created on, that table's owner). Cleared likewise.
     static TRIGGER_HOMES: RefCell<HashMap<pg_sys::Oid, (pg_sys::Oid, pg_sys::Oid)>> = RefCell::new(HashMap::new());
+    /// Records of a subscription's chosen columns, per (row type, columns). Cleared likewise.
+    static PROJECTIONS: RefCell<HashMap<(pg_sys::Oid, String), Option<Projection>>> =
+        RefCell::new(HashMap::new());
     /// `to_jsonb` set up for one argument type, per type.
     static TO_JSONB: RefCell<HashMap<pg_sys::Oid, *mut pg_sys::FmgrInfo>> = RefCell::new(HashMap::new());
     /// This session's copy of webhook.endpoints and webhook._publishers.
@@ -150,6 +104,9 @@ thread_local! {
     static ROLES: Cell<Option<Roles>> = const { Cell::new(None) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
+
+/// A record type of some of a row's columns, and which attributes of the row they are.
+type Projection = (pg_sys::TupleDesc, std::rc::Rc<Vec<usize>>);
 
 /// What the trigger decided about an endpoint (a pure rule, tested below).
 #[derive(Debug, PartialEq, Eq)]
@@ -267,47 +224,58 @@ fn enqueue<'a>(
         let limit = gucs::MAX_PAYLOAD_BYTES.get();
         let raw = raw_size(new_tuple, tupdesc, columns.as_deref())
             + raw_size(old_tuple, tupdesc, columns.as_deref());
-        let too_large = (raw > LARGEST_ROW_BUILT).then(|| {
-            format!(
-                "row is {raw} bytes before JSON encoding, too large to publish: more than webhook.max_payload_bytes ({limit})"
-            )
-        });
-        let txid = pg_sys::GetTopFullTransactionId().value;
-        let base =
-            request::row_change_body_len(&event_type, &schema, &table, op, 0, 0, txid as i64);
         // Built here, as the session's own user: the row images.
-        let images = if too_large.is_some() {
-            Images::None
+        let (new, old) = if raw > LARGEST_ROW_BUILT {
+            (None, None)
         } else if let Some(cols) = &columns {
-            Images::Columns(
+            let (new, old) = (
                 columns_json(new_tuple, tupdesc, cols),
                 columns_json(old_tuple, tupdesc, cols),
-            )
+            );
+            // An UPDATE that changed none of the chosen columns records nothing.
+            if let (Some(n), Some(o)) = (new, old) {
+                if jsonb_equal(n, o) {
+                    return Ok(None);
+                }
+            }
+            (new, old)
         } else {
             let reltype = (*(*rel).rd_rel).reltype;
-            Images::Rows(
+            (
                 row_json(new_tuple, tupdesc, reltype),
                 row_json(old_tuple, tupdesc, reltype),
             )
         };
-        let recorded = record(
-            roles,
-            columns.is_some(),
-            Record {
-                event_type: &event_type,
-                schema: &schema,
-                table: &table,
-                op,
-                images,
-                endpoint_id,
-                status,
-                reason: reason.as_deref(),
-                limit,
-                base: base as i32,
-                too_large: too_large.as_deref(),
-            },
-        );
-        recorded && status == "pending"
+        let txid = pg_sys::GetTopFullTransactionId().value as i64;
+        let base = request::row_change_body_len(&event_type, &schema, &table, op, 0, 0, txid);
+        let size = (raw <= LARGEST_ROW_BUILT).then(|| body_size(base as i64, new, old, limit));
+        let mut r = Record {
+            event_type: &event_type,
+            schema: &schema,
+            table: &table,
+            op,
+            new,
+            old,
+            endpoint_id,
+            status,
+            reason,
+            size: size.map(|n| n.min(i64::from(i32::MAX)) as i32),
+        };
+        match size {
+            None => {
+                r.fail(format!(
+                    "row is {raw} bytes before JSON encoding, too large to publish: more than webhook.max_payload_bytes ({limit})"
+                ));
+            }
+            Some(n) if n > i64::from(limit) => {
+                r.fail(format!(
+                    "payload is {n} bytes, more than webhook.max_payload_bytes ({limit})"
+                ));
+            }
+            Some(_) => {}
+        }
+        record(roles, &r);
+        r.status == "pending"
     };
     if wake {
         shmem::wake_at_commit();
@@ -315,92 +283,83 @@ fn enqueue<'a>(
     Ok(None)
 }
 
-/// The row images as the statement takes them.
-enum Images {
-    None,
-    Rows(Option<pg_sys::Datum>, Option<pg_sys::Datum>),
-    Columns(
-        Option<(Vec<String>, Vec<pg_sys::Datum>)>,
-        Option<(Vec<String>, Vec<pg_sys::Datum>)>,
-    ),
-}
-
+/// One event and its delivery, as they are written.
 struct Record<'r> {
     event_type: &'r str,
     schema: &'r str,
     table: &'r str,
     op: &'r str,
-    images: Images,
+    new: Option<pg_sys::Datum>,
+    old: Option<pg_sys::Datum>,
     endpoint_id: Option<i32>,
     status: &'static str,
-    reason: Option<&'r str>,
-    limit: i32,
-    base: i32,
-    too_large: Option<&'r str>,
+    reason: Option<String>,
+    size: Option<i32>,
 }
 
-/// Writes the event and its delivery as the extension's owner. Returns whether a row was written.
-unsafe fn record(roles: Roles, with_columns: bool, r: Record<'_>) -> bool {
+impl Record<'_> {
+    /// Too large to send: failed with the reason, and no row image kept.
+    fn fail(&mut self, reason: String) {
+        self.status = "failed";
+        self.reason = Some(reason);
+        self.new = None;
+        self.old = None;
+    }
+}
+
+/// The request body's size: exact (the images' text, as sent) where it could pass `limit`,
+/// else estimated from the images' stored size (the text is at most six times that).
+unsafe fn body_size(
+    base: i64,
+    new: Option<pg_sys::Datum>,
+    old: Option<pg_sys::Datum>,
+    limit: i32,
+) -> i64 {
+    let stored = |d: Option<pg_sys::Datum>| {
+        d.map_or(4, |d| unsafe { pg_sys::toast_raw_datum_size(d) } as i64)
+    };
+    let packed = stored(new) + stored(old);
+    if packed * 6 + base <= i64::from(limit) {
+        return packed + base;
+    }
+    let text = |d: Option<pg_sys::Datum>| {
+        d.map_or(4, |d| unsafe {
+            let out = pgrx::direct_function_call::<pg_sys::Datum>(pg_sys::jsonb_out, &[Some(d)])
+                .expect("jsonb_out never returns NULL");
+            CStr::from_ptr(out.cast_mut_ptr::<c_char>())
+                .to_bytes()
+                .len() as i64
+        })
+    };
+    base + text(new) + text(old)
+}
+
+/// Writes the event and its delivery as the extension's owner.
+unsafe fn record(roles: Roles, r: &Record<'_>) {
     let none = pg_sys::Datum::from(0);
     let opt = |d: Option<pg_sys::Datum>| (d.unwrap_or(none), d.is_some());
-    let mut values: Vec<pg_sys::Datum> = Vec::with_capacity(14);
-    let mut present: Vec<bool> = Vec::with_capacity(14);
-    let mut push = |(d, p): (pg_sys::Datum, bool)| {
-        values.push(d);
-        present.push(p);
-    };
-    push((text_datum(r.event_type), true));
-    push((text_datum(r.schema), true));
-    push((text_datum(r.table), true));
-    push((text_datum(r.op), true));
-    let mut column_values = [(none, false), (none, false)];
-    match r.images {
-        Images::None => {
-            push((none, false));
-            push((none, false));
-        }
-        Images::Rows(new, old) => {
-            push(opt(new));
-            push(opt(old));
-        }
-        Images::Columns(new, old) => {
-            for (i, image) in [new, old].into_iter().enumerate() {
-                match image {
-                    Some((keys, vals)) => {
-                        push((keys.into_datum().unwrap_or(none), true));
-                        column_values[i] = (jsonb_array(&vals), true);
-                    }
-                    None => push((none, false)),
-                }
-            }
-        }
-    }
-    push(opt(r.endpoint_id.map(pg_sys::Datum::from)));
-    push((text_datum(r.status), true));
-    push(opt(r.reason.map(text_datum)));
-    push((pg_sys::Datum::from(r.limit), true));
-    push((pg_sys::Datum::from(r.base), true));
-    push(opt(r.too_large.map(text_datum)));
-    if with_columns {
-        push(column_values[0]);
-        push(column_values[1]);
-    }
-    let nulls: Vec<c_char> = present
+    let params = [
+        (text_datum(r.event_type), true),
+        (text_datum(r.schema), true),
+        (text_datum(r.table), true),
+        (text_datum(r.op), true),
+        opt(r.new),
+        opt(r.old),
+        opt(r.endpoint_id.map(pg_sys::Datum::from)),
+        (text_datum(r.status), true),
+        opt(r.reason.as_deref().map(text_datum)),
+        opt(r.size.map(pg_sys::Datum::from)),
+    ];
+    let mut values: Vec<pg_sys::Datum> = params.iter().map(|p| p.0).collect();
+    let nulls: Vec<c_char> = params
         .iter()
-        .map(|&p| if p { b' ' } else { b'n' } as c_char)
+        .map(|p| if p.1 { b' ' } else { b'n' } as c_char)
         .collect();
-
     unsafe {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                "webhook.enqueue: SPI_connect failed".into(),
-                None,
-            );
-        }
+        connect();
         // Prepared as the owner too: resolving webhook's names needs USAGE on its schema.
         let rc = as_owner(roles, || {
-            let plan = record_plan(with_columns, roles.legacy);
+            let plan = record_plan(roles.legacy);
             pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0)
         });
         if rc != pg_sys::SPI_OK_INSERT as i32 {
@@ -410,9 +369,7 @@ unsafe fn record(roles: Roles, with_columns: bool, r: Record<'_>) -> bool {
                 None,
             );
         }
-        let recorded = pg_sys::SPI_processed > 0;
         pg_sys::SPI_finish();
-        recorded
     }
 }
 
@@ -672,44 +629,29 @@ unsafe fn prepare(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
 }
 
 /// The kept plan that records an event and its delivery.
-unsafe fn record_plan(with_columns: bool, legacy: bool) -> pg_sys::SPIPlanPtr {
-    let i = usize::from(with_columns) + 2 * usize::from(legacy);
+unsafe fn record_plan(legacy: bool) -> pg_sys::SPIPlanPtr {
+    let i = usize::from(legacy);
     if let Some(plan) = PLANS.with(|p| p.borrow()[i]) {
         return plan;
     }
-    let head = if with_columns {
-        RECORD_COLUMNS_SQL
-    } else {
-        RECORD_SQL
-    };
-    let image = if with_columns {
-        pg_sys::TEXTARRAYOID
-    } else {
-        pg_sys::JSONBOID
-    };
-    let mut types = vec![
+    let mut types = [
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
-        image,
-        image,
+        pg_sys::JSONBOID,
+        pg_sys::JSONBOID,
         pg_sys::INT4OID,
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
         pg_sys::INT4OID,
-        pg_sys::INT4OID,
-        pg_sys::TEXTOID,
     ];
-    if with_columns {
-        types.push(pg_sys::JSONBARRAYOID);
-        types.push(pg_sys::JSONBARRAYOID);
-    }
+    let sql = if legacy {
+        self::legacy(RECORD_SQL)
+    } else {
+        RECORD_SQL.to_string()
+    };
     // SAFETY: inside SPI_connect.
-    let mut sql = format!("{head}{RECORD_TAIL_SQL}");
-    if legacy {
-        sql = self::legacy(&sql);
-    }
     let plan = unsafe { prepare(&sql, &mut types) };
     PLANS.with(|p| p.borrow_mut()[i] = Some(plan));
     plan
@@ -742,6 +684,17 @@ fn register_invalidation_callback() {
 unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
     PARTITION_ROOTS.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
     TRIGGER_HOMES.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
+    // Blessed descriptors stay valid (the type cache holds its own copy); ours are freed.
+    PROJECTIONS.with(|m| {
+        m.try_borrow_mut()
+            .map(|mut m| {
+                for (desc, _) in m.drain().filter_map(|(_, v)| v) {
+                    // SAFETY: allocated by us in TopMemoryContext, referenced nowhere else.
+                    unsafe { pg_sys::FreeTupleDesc(desc) };
+                }
+            })
+            .ok()
+    });
 }
 
 /// The schema and table name events are published under: for a partition, its root table's.
@@ -849,6 +802,11 @@ unsafe fn raw_size(
         return 0;
     }
     unsafe {
+        // Without out-of-line values a row is at most a page, and whatever is compressed
+        // inline in it: far below LARGEST_ROW_BUILT. Only such rows need counting.
+        if (*(*tuple).t_data).t_infomask & pg_sys::HEAP_HASEXTERNAL as u16 == 0 {
+            return i64::from((*tuple).t_len);
+        }
         let natts = (*tupdesc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![false; natts];
@@ -894,39 +852,74 @@ unsafe fn row_json(
     }
 }
 
-/// (names, `to_jsonb` of each value) of the chosen columns, as the current user.
+/// `to_jsonb` of the chosen columns (an anonymous record of just those), as the current user;
+/// None for no row, or when none of the columns exists.
 unsafe fn columns_json(
     tuple: pg_sys::HeapTuple,
     tupdesc: pg_sys::TupleDesc,
     columns: &[String],
-) -> Option<(Vec<String>, Vec<pg_sys::Datum>)> {
+) -> Option<pg_sys::Datum> {
     if tuple.is_null() {
         return None;
     }
     unsafe {
+        let (desc, picked) = projection(tupdesc, columns)?;
         let natts = (*tupdesc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![false; natts];
         pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let mut keys = Vec::new();
-        let mut vals = Vec::new();
-        for i in 0..natts {
-            let att = (*tupdesc).attrs.as_ptr().add(i);
-            if (*att).attisdropped || !wanted(att, Some(columns)) {
-                continue;
+        let mut pv: Vec<pg_sys::Datum> = picked.iter().map(|&i| values[i]).collect();
+        let mut pn: Vec<bool> = picked.iter().map(|&i| nulls[i]).collect();
+        let row = pg_sys::heap_form_tuple(desc, pv.as_mut_ptr(), pn.as_mut_ptr());
+        let datum = pg_sys::heap_copy_tuple_as_datum(row, desc);
+        Some(to_jsonb(datum, pg_sys::RECORDOID))
+    }
+}
+
+/// The blessed descriptor of a record of the chosen columns of a row type, and which of the
+/// row's attributes they are; kept per (row type, columns) until the next relcache invalidation.
+unsafe fn projection(tupdesc: pg_sys::TupleDesc, columns: &[String]) -> Option<Projection> {
+    let key = (unsafe { (*tupdesc).tdtypeid }, columns.join("\0"));
+    if let Some(found) = PROJECTIONS.with(|m| m.borrow().get(&key).cloned()) {
+        return found;
+    }
+    let built = unsafe {
+        let natts = (*tupdesc).natts as usize;
+        let picked: Vec<usize> = (0..natts)
+            .filter(|&i| {
+                let att = (*tupdesc).attrs.as_ptr().add(i);
+                !(*att).attisdropped && wanted(att, Some(columns))
+            })
+            .collect();
+        if picked.is_empty() {
+            None
+        } else {
+            let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+            let desc = pg_sys::CreateTemplateTupleDesc(picked.len() as i32);
+            for (k, &i) in picked.iter().enumerate() {
+                let att = (*tupdesc).attrs.as_ptr().add(i);
+                pg_sys::TupleDescInitEntry(
+                    desc,
+                    (k + 1) as pg_sys::AttrNumber,
+                    (*att).attname.data.as_ptr(),
+                    (*att).atttypid,
+                    (*att).atttypmod,
+                    0,
+                );
             }
-            keys.push(
-                CStr::from_ptr((*att).attname.data.as_ptr())
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-            vals.push(if nulls[i] {
-                json_null()
-            } else {
-                to_jsonb(values[i], (*att).atttypid)
-            });
+            let desc = pg_sys::BlessTupleDesc(desc);
+            pg_sys::MemoryContextSwitchTo(old);
+            Some((desc, std::rc::Rc::new(picked)))
         }
-        Some((keys, vals))
+    };
+    PROJECTIONS.with(|m| m.borrow_mut().insert(key, built.clone()));
+    built
+}
+
+/// jsonb equality (the built-in `=`).
+unsafe fn jsonb_equal(a: pg_sys::Datum, b: pg_sys::Datum) -> bool {
+    unsafe {
+        pgrx::direct_function_call::<bool>(pg_sys::jsonb_eq, &[Some(a), Some(b)]).unwrap_or(false)
     }
 }
 
@@ -959,50 +952,29 @@ unsafe fn to_jsonb(value: pg_sys::Datum, typid: pg_sys::Oid) -> pg_sys::Datum {
     unsafe { pg_sys::FunctionCall1Coll(flinfo, pg_sys::InvalidOid, value) }
 }
 
-/// The jsonb `null`.
-unsafe fn json_null() -> pg_sys::Datum {
-    unsafe {
-        pgrx::direct_function_call::<pg_sys::Datum>(
-            pg_sys::jsonb_in,
-            &[Some(pg_sys::Datum::from(c"null".as_ptr()))],
-        )
-        .expect("jsonb_in never returns NULL")
-    }
-}
-
-/// A jsonb[] of the given jsonb values.
-unsafe fn jsonb_array(values: &[pg_sys::Datum]) -> pg_sys::Datum {
-    unsafe {
-        let mut elems = values.to_vec();
-        // jsonb: varlena, 'i' alignment, not by value.
-        let arr = pg_sys::construct_array(
-            elems.as_mut_ptr(),
-            elems.len() as i32,
-            pg_sys::JSONBOID,
-            -1,
-            false,
-            pg_sys::TYPALIGN_INT as c_char,
-        );
-        pg_sys::Datum::from(arr)
-    }
-}
-
 fn text_datum(s: &str) -> pg_sys::Datum {
     s.into_datum().expect("text is never NULL")
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{legacy, route, Route, RECORD_SQL, RECORD_TAIL_SQL};
+    use super::{legacy, route, Route, RECORD_SQL};
 
     #[test]
     fn the_legacy_statement_writes_no_size_column() {
-        let sql = legacy(&format!("{RECORD_SQL}{RECORD_TAIL_SQL}"));
+        let sql = legacy(RECORD_SQL);
         assert!(sql.contains(
-            "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)\n"
+            "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)
+"
         ));
-        assert!(!sql.contains("2147483647"), "{sql}");
-        assert!(sql.contains("THEN s.old END\n      FROM s"), "{sql}");
+        assert!(
+            sql.contains(
+                "VALUES ($1, $2, $3, $4, $5, $6)
+"
+            ),
+            "{sql}"
+        );
+        assert!(!sql.contains("$10"), "{sql}");
     }
 
     #[test]
