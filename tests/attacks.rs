@@ -1,6 +1,7 @@
-//! End-to-end attacks on the extension's privilege model, one test per attack (security contract
-//! §1–§6 and §14): real clusters, real login roles that connect as themselves, real receivers.
-//! Each test asserts the outcome the fixed extension gives; against webhook_ext 0.2.0 each fails
+//! End-to-end attacks on the extension's privilege model, one test per attack of the 0.2.0
+//! security review (test names carry its item numbers, §1–§14; README "Security" lists each
+//! threat with its test): real clusters, real login roles that connect as themselves, real
+//! receivers. Each test asserts the outcome 0.3.0 gives; against webhook_ext 0.2.0 each fails
 //! because the attack it names works there.
 
 mod common;
@@ -101,7 +102,7 @@ fn worker_ready(db: &mut postgres::Client) -> i32 {
     })
 }
 
-/// Checks a publish refusal (§3): SQLSTATE 42501, the message and the hint the contract gives.
+/// Checks a publish refusal (§3): SQLSTATE 42501, the message and the hint the README documents.
 fn assert_publish_refused(e: &postgres::error::DbError, endpoint: &str) {
     assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{e:?}");
     assert!(

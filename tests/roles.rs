@@ -1,5 +1,5 @@
-//! End-to-end, against the 0.3.0 security contract: what every kind of role may and may not do
-//! with schema webhook (the role matrix), and the contract's operational cases: logical
+//! End-to-end, against the 0.3.0 security model (README "Security"): what every kind of role may
+//! and may not do with schema webhook (the role matrix), and the review's operational cases: logical
 //! replication, dump and restore with `webhook.paused`, payload limits measured on the request
 //! body as sent, and a delivery in flight when its endpoint is disabled or dropped.
 
@@ -548,7 +548,7 @@ const SCHEMA_DENIED: &str = "permission denied for schema webhook";
 /// The Standard Webhooks test vector's secret: sign/verify need a well-formed one.
 const TEST_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
-/// Every public function of the contract, called as an admin would (in this order each
+/// Every public function of the API, called as an admin would (in this order each
 /// succeeds). `tbl` is a table the caller can name; `retry` a cancelled delivery.
 fn public_calls(tbl: &str, url: &str, retry: i64) -> Vec<(&'static str, String)> {
     vec![
@@ -614,7 +614,7 @@ fn public_calls(tbl: &str, url: &str, retry: i64) -> Vec<(&'static str, String)>
     ]
 }
 
-/// The contract's tables and views, with the noun Postgres uses for each.
+/// The public tables and views, with the noun Postgres uses for each.
 const PUBLIC_RELATIONS: [(&str, &str); 7] = [
     ("endpoints", "table"),
     ("events", "view"),
@@ -768,7 +768,7 @@ impl Matrix {
 
 /// Each kind of role tries every public function, every table and view of schema webhook (and,
 /// for roles that must have none, every private object too), and CREATE TRIGGER with
-/// webhook.enqueue; the outcome must be exactly the contract's. The database owner plants
+/// webhook.enqueue; the outcome must be exactly the README's role table. The database owner plants
 /// operators and functions in public, the table owner a cast on its row type: none of it runs
 /// with more rights than the role that triggered it.
 #[test]
@@ -1151,13 +1151,13 @@ fn every_role_gets_exactly_what_the_contract_grants() {
     );
 
     eprintln!(
-        "role matrix: {} cells, {} differ from the contract",
+        "role matrix: {} cells, {} differ from the README's role table",
         m.cells,
         m.diffs.len()
     );
     assert!(
         m.diffs.is_empty(),
-        "{} of {} cells differ from the contract:\n{}",
+        "{} of {} cells differ from the README's role table:\n{}",
         m.diffs.len(),
         m.cells,
         m.diffs.join("\n")
