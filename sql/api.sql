@@ -723,7 +723,8 @@ GRANT EXECUTE ON FUNCTION webhook.enqueue() TO PUBLIC;
 DO $$
 BEGIN
     IF current_database() <> ALL (webhook._served_databases()) THEN
-        RAISE NOTICE 'webhook_ext: database "%" is not served by the delivery worker', current_database()
+        -- A WARNING: CREATE EXTENSION hides notices from its script.
+        RAISE WARNING 'webhook_ext: database "%" is not served by the delivery worker', current_database()
             USING HINT = format('Add it to webhook.database (now %L) and reload: webhooks are queued but not sent until then.',
                                 current_setting('webhook.database'));
     END IF;

@@ -24,6 +24,7 @@ pub enum WorkerState {
     Stopping = 5,
     Paused = 6,
     Replica = 7,
+    WaitingForUpdate = 8,
 }
 
 impl WorkerState {
@@ -36,6 +37,7 @@ impl WorkerState {
             5 => WorkerState::Stopping,
             6 => WorkerState::Paused,
             7 => WorkerState::Replica,
+            8 => WorkerState::WaitingForUpdate,
             _ => WorkerState::Stopped,
         }
     }
@@ -48,6 +50,7 @@ impl WorkerState {
             WorkerState::Working => "working",
             WorkerState::Stopping => "stopping",
             WorkerState::Paused => "paused",
+            WorkerState::WaitingForUpdate => "waiting for ALTER EXTENSION webhook_ext UPDATE",
             WorkerState::Replica => {
                 "not delivering: webhook's tables arrive here by logical replication"
             }

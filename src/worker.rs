@@ -296,6 +296,7 @@ impl Worker {
             }
             match in_transaction(installed_version) {
                 Ok(Some(v)) if v != env!("CARGO_PKG_VERSION") => {
+                    self.slot.set_state(WorkerState::WaitingForUpdate);
                     if !told {
                         log!(
                             "webhook_ext worker: database \"{db}\" has webhook_ext {v}, this library is {}; waiting for ALTER EXTENSION webhook_ext UPDATE",
@@ -316,14 +317,17 @@ impl Worker {
                     }
                 }
                 Ok(None) => {
+                    self.slot.set_state(WorkerState::WaitingForExtension);
                     if !told {
                         log!("webhook_ext worker: waiting for CREATE EXTENSION webhook_ext in database \"{db}\"");
                         told = true;
                     }
                 }
-                Err(e) => warning!("webhook_ext worker: {e}"),
+                Err(e) => {
+                    self.slot.set_state(WorkerState::WaitingForExtension);
+                    warning!("webhook_ext worker: {e}");
+                }
             }
-            self.slot.set_state(WorkerState::WaitingForExtension);
             wait(None, Some(HOUSEKEEPING_EVERY));
             if reload_if_asked() {
                 self.settings = Settings::read();
