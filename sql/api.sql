@@ -20,10 +20,16 @@ CREATE FUNCTION webhook._forget_dropped_tables() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    DELETE FROM webhook._publishers p
-     USING pg_catalog.pg_event_trigger_dropped_objects() o
-     WHERE o.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND o.objsubid = 0
-       AND p.relid::pg_catalog.oid = o.objid;
+    -- Only when one of them had rights: a DELETE refreshes every session's endpoint cache.
+    IF EXISTS (SELECT FROM webhook._publishers p
+                 JOIN pg_catalog.pg_event_trigger_dropped_objects() o
+                   ON o.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND o.objsubid = 0
+                  AND p.relid::pg_catalog.oid = o.objid) THEN
+        DELETE FROM webhook._publishers p
+         USING pg_catalog.pg_event_trigger_dropped_objects() o
+         WHERE o.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND o.objsubid = 0
+           AND p.relid::pg_catalog.oid = o.objid;
+    END IF;
 END
 $$;
 CREATE EVENT TRIGGER webhook_ext_forget_dropped_tables ON sql_drop
@@ -204,14 +210,19 @@ DECLARE
     s record;
     tables text;
 BEGIN
-    SELECT string_agg(format('%s', x."table"), ', ' ORDER BY x."table"::text) INTO tables
-      FROM webhook.subscriptions x WHERE x.endpoint = drop_endpoint.name;
+    -- Only triggers on tables allowed to publish to it count: any role with USAGE on webhook can
+    -- put a (refused) trigger on a temporary table, and must not be able to block this.
+    SELECT string_agg(DISTINCT format('%s', x."table"), ', ') INTO tables
+      FROM webhook.subscriptions x JOIN webhook._publishers p ON p.relid = x."table" AND p.endpoint_id = ep
+     WHERE x.endpoint = drop_endpoint.name;
     IF tables IS NOT NULL AND NOT cascade THEN
         RAISE EXCEPTION 'endpoint "%" is subscribed to %', drop_endpoint.name, tables
             USING ERRCODE = 'dependent_objects_still_exist',
                   HINT = 'Use webhook.unsubscribe() first, or webhook.drop_endpoint(name, cascade => true) to drop the triggers too.';
     END IF;
-    FOR s IN SELECT x."table", x.trigger_name FROM webhook.subscriptions x WHERE x.endpoint = drop_endpoint.name LOOP
+    FOR s IN SELECT DISTINCT x."table", x.trigger_name
+               FROM webhook.subscriptions x JOIN webhook._publishers p ON p.relid = x."table" AND p.endpoint_id = ep
+              WHERE x.endpoint = drop_endpoint.name LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
     END LOOP;
     UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
@@ -273,6 +284,10 @@ BEGIN
     IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
+    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
+        RAISE EXCEPTION '% is a temporary table', tbl
+            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
+    END IF;
     SELECT array_agg(DISTINCT upper(trim(e)) ORDER BY upper(trim(e))) INTO ops FROM unnest(events) e;
     IF ops IS NULL OR NOT ops <@ ARRAY['INSERT', 'UPDATE', 'DELETE'] OR array_position(ops, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'events must be a non-empty list of INSERT, UPDATE and DELETE, not %', events
@@ -301,6 +316,9 @@ BEGIN
     INSERT INTO webhook._publishers (relid, endpoint_id, via)
     VALUES (tbl, webhook._endpoint_id(endpoint), 'subscribe')
     ON CONFLICT DO NOTHING;
+    -- Named in full: a table name is resolved with the caller's search_path.
+    RAISE NOTICE 'table % (owner %) publishes to endpoint "%"', tbl::oid::regclass,
+        (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl), endpoint;
     IF current_database() <> ALL (webhook._served_databases()) THEN
         RAISE NOTICE 'database "%" is not in webhook.database: events are recorded but not delivered', current_database()
             USING HINT = 'Add it to webhook.database in postgresql.conf and SELECT pg_reload_conf().';
@@ -332,8 +350,8 @@ END
 $$;
 
 -- Hand-written triggers (CREATE TRIGGER … EXECUTE FUNCTION webhook.enqueue('endpoint')) deliver
--- only on tables allowed to publish to that endpoint: subscribed ones, ones allowed here, and
--- tables owned by members of webhook_admin. Anything else is refused when the trigger fires.
+-- only on tables allowed to publish to that endpoint: subscribed ones and ones allowed here,
+-- whoever owns them. Anything else is refused when the trigger fires.
 CREATE FUNCTION webhook.allow_publish(tbl regclass, endpoint text)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -345,9 +363,16 @@ BEGIN
     IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
+    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
+        RAISE EXCEPTION '% is a temporary table', tbl
+            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
+    END IF;
     INSERT INTO webhook._publishers (relid, endpoint_id, via)
     VALUES (tbl, webhook._endpoint_id(endpoint), 'allow_publish')
     ON CONFLICT DO NOTHING;
+    -- Named in full: a table name is resolved with the caller's search_path.
+    RAISE NOTICE 'hand-written triggers on table % (owner %) may publish to endpoint "%"', tbl::oid::regclass,
+        (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl), endpoint;
 END
 $$;
 
@@ -709,6 +734,18 @@ $$;
 
 -- Privileges: nothing for PUBLIC; webhook_admin manages endpoints and reads everything.
 REVOKE ALL ON ALL TABLES IN SCHEMA webhook FROM PUBLIC;
+-- Nor the tables' row types: a column of one (in a temporary table, say) would block every
+-- ALTER TABLE of an upgrade.
+DO $$
+DECLARE
+    t regtype;
+BEGIN
+    FOR t IN SELECT c.reltype::regtype FROM pg_catalog.pg_class c
+              WHERE c.relnamespace = 'webhook'::regnamespace AND c.relkind IN ('r', 'v', 'p') LOOP
+        EXECUTE pg_catalog.format('REVOKE USAGE ON TYPE %s FROM PUBLIC', t);
+    END LOOP;
+END
+$$;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA webhook FROM PUBLIC;
 GRANT USAGE ON SCHEMA webhook TO webhook_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE

@@ -1,6 +1,18 @@
 -- webhook_ext: tables, types and indexes. The extension's schema is "webhook" (fixed by the
 -- control file). Objects whose names start with "_" are private, not part of the contract.
 
+-- Request bodies are JSON text, which is UTF-8: in a database of another encoding a row's text
+-- could not be sent as it is stored (and one such row would hold up the worker's claims).
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() <> 'UTF8' THEN
+        RAISE EXCEPTION 'webhook_ext needs a UTF8 database; "%" is %', pg_catalog.current_database(), pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create the database with ENCODING ''UTF8'' (e.g. CREATE DATABASE app ENCODING ''UTF8'' TEMPLATE template0).';
+    END IF;
+END
+$$;
+
 -- webhook_admin is cluster-wide (roles are), so it may exist already: from this extension in
 -- another database, or made by hand. It is used as it is, but never silently: a role that can
 -- log in or has more than NOLOGIN's rights is refused, and members are named.
@@ -156,7 +168,7 @@ CREATE TABLE webhook._endpoint_state (
 );
 
 -- Tables allowed to publish to an endpoint: a trigger calling webhook.enqueue(endpoint) on a
--- table that is not here (nor owned by a member of webhook_admin) is refused. subscribe() adds
+-- table that is not here is refused (whoever owns the table). subscribe() adds
 -- a row ('subscribe'), allow_publish() one for hand-written triggers ('allow_publish').
 CREATE TABLE webhook._publishers (
     relid       regclass NOT NULL,

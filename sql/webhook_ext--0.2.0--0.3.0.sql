@@ -17,7 +17,7 @@ SELECT pg_catalog.pg_extension_config_dump('webhook._meta', '');
 ALTER TABLE webhook._events ADD COLUMN size integer;
 
 -- Tables allowed to publish to an endpoint: a trigger calling webhook.enqueue(endpoint) on a
--- table that is not here (nor owned by a member of webhook_admin) is refused. subscribe() adds
+-- table that is not here is refused (whoever owns the table). subscribe() adds
 -- a row ('subscribe'), allow_publish() one for hand-written triggers ('allow_publish').
 CREATE TABLE webhook._publishers (
     relid       regclass NOT NULL,
@@ -48,10 +48,16 @@ CREATE FUNCTION webhook._forget_dropped_tables() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    DELETE FROM webhook._publishers p
-     USING pg_catalog.pg_event_trigger_dropped_objects() o
-     WHERE o.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND o.objsubid = 0
-       AND p.relid::pg_catalog.oid = o.objid;
+    -- Only when one of them had rights: a DELETE refreshes every session's endpoint cache.
+    IF EXISTS (SELECT FROM webhook._publishers p
+                 JOIN pg_catalog.pg_event_trigger_dropped_objects() o
+                   ON o.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND o.objsubid = 0
+                  AND p.relid::pg_catalog.oid = o.objid) THEN
+        DELETE FROM webhook._publishers p
+         USING pg_catalog.pg_event_trigger_dropped_objects() o
+         WHERE o.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND o.objsubid = 0
+           AND p.relid::pg_catalog.oid = o.objid;
+    END IF;
 END
 $$;
 CREATE EVENT TRIGGER webhook_ext_forget_dropped_tables ON sql_drop
@@ -66,14 +72,19 @@ DECLARE
     s record;
     tables text;
 BEGIN
-    SELECT string_agg(format('%s', x."table"), ', ' ORDER BY x."table"::text) INTO tables
-      FROM webhook.subscriptions x WHERE x.endpoint = drop_endpoint.name;
+    -- Only triggers on tables allowed to publish to it count: any role with USAGE on webhook can
+    -- put a (refused) trigger on a temporary table, and must not be able to block this.
+    SELECT string_agg(DISTINCT format('%s', x."table"), ', ') INTO tables
+      FROM webhook.subscriptions x JOIN webhook._publishers p ON p.relid = x."table" AND p.endpoint_id = ep
+     WHERE x.endpoint = drop_endpoint.name;
     IF tables IS NOT NULL AND NOT cascade THEN
         RAISE EXCEPTION 'endpoint "%" is subscribed to %', drop_endpoint.name, tables
             USING ERRCODE = 'dependent_objects_still_exist',
                   HINT = 'Use webhook.unsubscribe() first, or webhook.drop_endpoint(name, cascade => true) to drop the triggers too.';
     END IF;
-    FOR s IN SELECT x."table", x.trigger_name FROM webhook.subscriptions x WHERE x.endpoint = drop_endpoint.name LOOP
+    FOR s IN SELECT DISTINCT x."table", x.trigger_name
+               FROM webhook.subscriptions x JOIN webhook._publishers p ON p.relid = x."table" AND p.endpoint_id = ep
+              WHERE x.endpoint = drop_endpoint.name LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
     END LOOP;
     UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
@@ -106,6 +117,10 @@ BEGIN
     IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
+    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
+        RAISE EXCEPTION '% is a temporary table', tbl
+            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
+    END IF;
     SELECT array_agg(DISTINCT upper(trim(e)) ORDER BY upper(trim(e))) INTO ops FROM unnest(events) e;
     IF ops IS NULL OR NOT ops <@ ARRAY['INSERT', 'UPDATE', 'DELETE'] OR array_position(ops, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'events must be a non-empty list of INSERT, UPDATE and DELETE, not %', events
@@ -134,6 +149,9 @@ BEGIN
     INSERT INTO webhook._publishers (relid, endpoint_id, via)
     VALUES (tbl, webhook._endpoint_id(endpoint), 'subscribe')
     ON CONFLICT DO NOTHING;
+    -- Named in full: a table name is resolved with the caller's search_path.
+    RAISE NOTICE 'table % (owner %) publishes to endpoint "%"', tbl::oid::regclass,
+        (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl), endpoint;
     IF current_database() <> ALL (webhook._served_databases()) THEN
         RAISE NOTICE 'database "%" is not in webhook.database: events are recorded but not delivered', current_database()
             USING HINT = 'Add it to webhook.database in postgresql.conf and SELECT pg_reload_conf().';
@@ -175,9 +193,16 @@ BEGIN
     IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
+    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
+        RAISE EXCEPTION '% is a temporary table', tbl
+            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
+    END IF;
     INSERT INTO webhook._publishers (relid, endpoint_id, via)
     VALUES (tbl, webhook._endpoint_id(endpoint), 'allow_publish')
     ON CONFLICT DO NOTHING;
+    -- Named in full: a table name is resolved with the caller's search_path.
+    RAISE NOTICE 'hand-written triggers on table % (owner %) may publish to endpoint "%"', tbl::oid::regclass,
+        (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl), endpoint;
 END
 $$;
 
@@ -281,6 +306,18 @@ REVOKE ALL ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_p
 GRANT SELECT, INSERT, UPDATE, DELETE ON webhook._publishers TO webhook_admin;
 GRANT EXECUTE ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_publish(regclass, text),
                           webhook._forget_dropped_tables() TO webhook_admin;
+-- Nor the tables' row types: a column of one (in a temporary table, say) would block every
+-- ALTER TABLE of an upgrade.
+DO $$
+DECLARE
+    t regtype;
+BEGIN
+    FOR t IN SELECT c.reltype::regtype FROM pg_catalog.pg_class c
+              WHERE c.relnamespace = 'webhook'::regnamespace AND c.relkind IN ('r', 'v', 'p') LOOP
+        EXECUTE pg_catalog.format('REVOKE USAGE ON TYPE %s FROM PUBLIC', t);
+    END LOOP;
+END
+$$;
 
 -- Sessions drop their endpoint caches when this commits, and the worker (waiting for this
 -- update) is woken.

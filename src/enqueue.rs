@@ -10,9 +10,9 @@
 //!
 //! Publishing. A trigger delivers only where an administrator allowed its table to publish to
 //! that endpoint: `webhook.subscribe()` and `webhook.allow_publish()` record (table, endpoint) in
-//! `webhook._publishers`; a table owned by a role with the privileges of `webhook_admin` needs no
-//! record. Anything else is refused with SQLSTATE 42501, so no role can make the worker sign
-//! content for an endpoint it does not manage.
+//! `webhook._publishers`. Anything else is refused with SQLSTATE 42501, so no role can make the
+//! worker sign content for an endpoint it does not manage — not even through a table owned by
+//! an administrator, since a role holding TRIGGER on it could attach the trigger.
 //!
 //! It never fails the user's statement because of the receiver: an unknown endpoint or an
 //! oversized payload is recorded as a `failed` delivery with the reason, a disabled endpoint as
@@ -199,11 +199,12 @@ fn enqueue<'a>(
             )
         });
         let (found, allowed) = found.map_or((None, false), |(f, a)| (Some(f), a));
-        if !allowed
-            && !roles.legacy
-            && !pg_sys::superuser_arg(home_owner)
-            && !is_admin(home_owner, roles)
-        {
+        // Only tables an administrator subscribed or allowed publish. Not even a table owned by
+        // an administrator is exempt: anyone holding TRIGGER on it could attach the trigger.
+        // A trigger naming an endpoint that does not exist sends nothing; on an administrator's
+        // table it is recorded as a failed delivery (a typo), elsewhere refused like the rest.
+        let trusted_owner = || pg_sys::superuser_arg(home_owner) || is_admin(home_owner, roles);
+        if !allowed && !roles.legacy && (found.is_some() || !trusted_owner()) {
             refuse_publishing(home, endpoint_name);
         }
         let (endpoint_id, status, reason) = match route(endpoint_name, found) {
@@ -307,8 +308,10 @@ impl Record<'_> {
     }
 }
 
-/// The request body's size: exact (the images' text, as sent) where it could pass `limit`,
-/// else estimated from the images' stored size (the text is at most six times that).
+/// The request body's size: exact (the images' text, as sent) where it could pass `limit`, else
+/// the bound that proves it cannot (six times the images' stored size: a control character's
+/// one byte is six in JSON text). The worker budgets its memory by this figure, so it must
+/// never be below what is sent.
 unsafe fn body_size(
     base: i64,
     new: Option<pg_sys::Datum>,
@@ -320,7 +323,7 @@ unsafe fn body_size(
     };
     let packed = stored(new) + stored(old);
     if packed * 6 + base <= i64::from(limit) {
-        return packed + base;
+        return packed * 6 + base;
     }
     let text = |d: Option<pg_sys::Datum>| {
         d.map_or(4, |d| unsafe {

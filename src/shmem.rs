@@ -237,6 +237,15 @@ static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// Set when this backend's transaction created or renamed a database.
 static WAKE_LAUNCHER_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 
+/// The database whose worker this backend's transaction asked to leave (0: none). If the
+/// transaction fails, the worker may come back at once.
+static EVICTED_DB: AtomicU32 = AtomicU32::new(0);
+
+/// Remembers that this transaction evicted the worker of `dboid`.
+pub fn evicted_in_this_transaction(dboid: pg_sys::Oid) {
+    EVICTED_DB.store(u32::from(dboid), Ordering::Relaxed);
+}
+
 /// Set when this backend's transaction changed webhook.endpoints.
 static ENDPOINTS_CHANGED_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 
@@ -275,6 +284,7 @@ unsafe extern "C-unwind" fn xact_callback(
 ) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            EVICTED_DB.store(0, Ordering::Relaxed);
             if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 wake_my_worker();
             }
@@ -289,9 +299,22 @@ unsafe extern "C-unwind" fn xact_callback(
                 }
             }
         }
-        pg_sys::XactEvent::XACT_EVENT_ABORT
-        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
-        | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
+            let evicted = EVICTED_DB.swap(0, Ordering::Relaxed);
+            if evicted != 0 {
+                if let Some(s) = shared() {
+                    if let Some(slot) = s.slot_for_db(pg_sys::Oid::from(evicted)) {
+                        slot.evict_until.store(0, Ordering::Release);
+                    }
+                    s.wake_launcher();
+                }
+            }
+            WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            WAKE_LAUNCHER_AT_COMMIT.store(false, Ordering::Relaxed);
+            ENDPOINTS_CHANGED_AT_COMMIT.store(false, Ordering::Relaxed);
+        }
+        pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            EVICTED_DB.store(0, Ordering::Relaxed);
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             WAKE_LAUNCHER_AT_COMMIT.store(false, Ordering::Relaxed);
             ENDPOINTS_CHANGED_AT_COMMIT.store(false, Ordering::Relaxed);

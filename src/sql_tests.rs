@@ -185,7 +185,10 @@ mod tests {
     #[pg_test]
     fn allow_publish_records_who_may_publish_and_checks_its_arguments() {
         endpoint("crm");
-        Spi::run("CREATE TABLE t (id int); CREATE VIEW v AS SELECT 1 AS x").unwrap();
+        Spi::run(
+            "CREATE TABLE t (id int); CREATE VIEW v AS SELECT 1 AS x; CREATE TEMP TABLE tmp (id int)",
+        )
+        .unwrap();
         let cases = [
             (
                 "SELECT webhook.allow_publish(NULL, 'crm')",
@@ -202,6 +205,10 @@ mod tests {
             (
                 "SELECT webhook.allow_publish('missing', 'crm')",
                 "relation \"missing\" does not exist",
+            ),
+            (
+                "SELECT webhook.allow_publish('tmp', 'crm')",
+                "tmp is a temporary table",
             ),
             (
                 "SELECT webhook.disallow_publish('t', 'crm')",

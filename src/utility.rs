@@ -136,7 +136,8 @@ unsafe extern "C-unwind" fn before(node: *mut pg_sys::Node) {
             pg_sys::NodeTag::T_DropdbStmt => {
                 let stmt = node.cast::<pg_sys::DropdbStmt>();
                 let name = CStr::from_ptr((*stmt).dbname).to_string_lossy();
-                if allowed(&name, Command::Drop) {
+                let force = def_present((*stmt).options, c"force");
+                if allowed(&name, Command::Drop { force }) {
                     evict(&name);
                 }
             }
@@ -185,22 +186,38 @@ unsafe extern "C-unwind" fn before(node: *mut pg_sys::Node) {
 
 #[derive(Clone, Copy)]
 enum Command {
-    Drop,
+    Drop { force: bool },
     Rename,
     CopyFrom,
 }
 
-/// Whether the current role passes Postgres's own permission checks for `command` on database
-/// `dbname` (owner to drop; owner with CREATEDB to rename; CREATEDB, and owner unless it is a
-/// template, to copy). A database that does not exist: false (the command fails by itself).
+/// Whether `command` on database `dbname` will get past Postgres's own checks, the worker
+/// aside: the role's rights (owner to drop; owner with CREATEDB to rename; CREATEDB, and owner
+/// unless it is a template, to copy), not the database this session is connected to, not in a
+/// read-only transaction or (for DROP and CREATE) a transaction block, and no other session
+/// connected to it (unless DROP … WITH (FORCE)). A database that does not exist: false.
 fn allowed(dbname: &str, command: Command) -> bool {
     let Ok(name) = std::ffi::CString::new(dbname) else {
         return false;
     };
-    // SAFETY: catalog lookups in a backend inside a transaction.
+    // SAFETY: catalog lookups and reads of backend state, inside a transaction.
     unsafe {
         let oid = pg_sys::get_database_oid(name.as_ptr(), true);
-        if oid == pg_sys::InvalidOid {
+        if oid == pg_sys::InvalidOid || oid == pg_sys::MyDatabaseId || pg_sys::XactReadOnly {
+            return false;
+        }
+        if !matches!(command, Command::Rename) && pg_sys::IsTransactionBlock() {
+            return false;
+        }
+        // Sessions the command would find there besides the worker (autovacuum steps aside).
+        let others = Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM pg_catalog.pg_stat_activity a
+              WHERE a.datid OPERATOR(pg_catalog.=) $1
+                AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
+                AND a.backend_type OPERATOR(pg_catalog.<>) ALL ('{autovacuum worker,webhook_ext worker}'::pg_catalog.text[])",
+            &[oid.into()],
+        );
+        if !matches!(others, Ok(Some(0))) && !matches!(command, Command::Drop { force: true }) {
             return false;
         }
         let me = pg_sys::GetUserId();
@@ -215,7 +232,7 @@ fn allowed(dbname: &str, command: Command) -> bool {
         };
         let owns = pg_sys::has_privs_of_role(me, owner);
         match command {
-            Command::Drop => owns,
+            Command::Drop { .. } => owns,
             Command::Rename => owns && createdb,
             Command::CopyFrom => createdb && (template || owns),
         }
@@ -327,6 +344,15 @@ unsafe fn note_table_rename(relation: *mut pg_sys::RangeVar) {
     .report(PgLogLevel::NOTICE);
 }
 
+/// Whether option `name` is in a DefElem list (DROP DATABASE … WITH (FORCE)).
+unsafe fn def_present(options: *mut pg_sys::List, name: &CStr) -> bool {
+    unsafe { list_nodes(options) }.into_iter().any(|n| {
+        let def = n.cast::<pg_sys::DefElem>();
+        // SAFETY: the options of a DropdbStmt are DefElems.
+        !def.is_null() && unsafe { CStr::from_ptr((*def).defname) } == name
+    })
+}
+
 /// The string value of option `name` in a DefElem list, if present.
 unsafe fn def_string(options: *mut pg_sys::List, name: &CStr) -> Option<String> {
     if options.is_null() {
@@ -364,6 +390,8 @@ fn evict(dbname: &str) {
     };
     let until = shmem::now_micros() + EVICTION.as_micros() as i64;
     slot.evict_until.store(until, Ordering::Release);
+    // If the command fails after all, the worker comes back at once (not after EVICTION).
+    shmem::evicted_in_this_transaction(oid);
     shared.wake_launcher();
     let deadline = Instant::now() + EVICTION_WAIT;
     while slot.pid.load(Ordering::Acquire) != 0 && Instant::now() < deadline {

@@ -93,11 +93,28 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     // joins along the primary key, hash joins) look cheap where they cost a full pass per batch.
     // So the worker plans with index lookups and nested loops only; see also `StatsWatch` and the
     // statistics target of deliveries.status.
+    // The connection applied the database's settings (ALTER DATABASE … SET, which its owner
+    // controls): every one that could change who the worker is, make its writes fail, or stall
+    // it is overridden here.
     let settings = [
+        // Run as the bootstrap superuser, never as a role a database owner named.
+        (c"role", c"none"),
         // Everything the worker runs resolves in pg_catalog: no role can shadow an operator or
-        // function it calls (it runs as the bootstrap superuser), whatever the database's or a
-        // role's search_path says.
+        // function it calls, whatever the database's or a role's search_path says.
         (c"search_path", c"pg_catalog, pg_temp"),
+        (c"default_transaction_read_only", c"off"),
+        (c"default_transaction_isolation", c"read committed"),
+        (c"default_transaction_deferrable", c"off"),
+        (c"statement_timeout", c"0"),
+        (c"lock_timeout", c"0"),
+        (c"idle_in_transaction_session_timeout", c"0"),
+        (c"plan_cache_mode", c"auto"),
+        (c"enable_indexscan", c"on"),
+        (c"enable_indexonlyscan", c"on"),
+        (c"enable_bitmapscan", c"on"),
+        (c"enable_nestloop", c"on"),
+        (c"enable_sort", c"on"),
+        (c"enable_material", c"on"),
         (c"synchronous_commit", c"off"),
         (c"jit", c"off"),
         (c"enable_seqscan", c"off"),
@@ -116,6 +133,11 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
         };
     }
 
+    // SAFETY: plain reads of the backend's user ids on the main thread.
+    let (user, session) = unsafe { (pg_sys::GetUserId(), pg_sys::GetSessionUserId()) };
+    if user != session || user != pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID) {
+        error!("webhook_ext worker: not running as the bootstrap superuser (user {user:?}); refusing to serve");
+    }
     Worker::new(slot).run();
     slot.set_state(WorkerState::Stopping);
     // Exit code 0: the launcher, not the postmaster, decides whether to start us again.

@@ -61,7 +61,11 @@ WITH cap AS (
      ORDER BY c.suspect, c.rn, c.id
      LIMIT $4
 ), sized AS (
-    SELECT p.id, p.ord, sum(COALESCE(e.size, 0)) OVER (ORDER BY p.ord) AS running
+    -- Events from before 0.3.0 have no size: measured here (rare, and only until they drain).
+    SELECT p.id, p.ord,
+           sum(COALESCE(e.size, 64 + COALESCE(octet_length(e.payload::text), 0)
+                        + COALESCE(octet_length(e.new::text), 0) + COALESCE(octet_length(e.old::text), 0)))
+             OVER (ORDER BY p.ord) AS running
       FROM pick p
       JOIN webhook.deliveries x ON x.id = p.id
       JOIN webhook._events e ON e.id = x.event_id

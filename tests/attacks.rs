@@ -772,8 +772,9 @@ fn s3_a_monitoring_role_cannot_forge_deliveries_from_a_temp_table() {
 }
 
 /// A table owner with USAGE on webhook writes the trigger on its own (persistent) table: refused
-/// until an admin allows it with allow_publish, refused again after disallow_publish. A table
-/// owned by a member of webhook_admin needs no allowance.
+/// until an admin allows it with allow_publish, refused again after disallow_publish. Neither
+/// does a table owned by a member of webhook_admin publish without an allowance (a role holding
+/// TRIGGER on it — here GRANT ALL — could attach the trigger: the review of 0.3.0 found that).
 #[test]
 fn s3_a_table_owner_cannot_publish_through_a_hand_written_trigger() {
     let pg = Cluster::start(&[]);
@@ -827,11 +828,30 @@ fn s3_a_table_owner_cannot_publish_through_a_hand_written_trigger() {
         "billing",
     );
 
-    // The admin's own table with a hand-written trigger publishes.
+    // Not even an admin's own table publishes by hand until it is allowed: anyone holding
+    // TRIGGER on it could have attached the trigger.
     admin
         .batch_execute(
             "CREATE TABLE admins_own (id int PRIMARY KEY);
-             CREATE TRIGGER t AFTER INSERT ON admins_own FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');
+             GRANT ALL ON admins_own TO owner;",
+        )
+        .unwrap();
+    owner
+        .batch_execute(
+            "CREATE TRIGGER t AFTER INSERT ON admins_own FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');",
+        )
+        .unwrap();
+    let r = owner.batch_execute("INSERT INTO admins_own VALUES (3)");
+    assert_publish_refused(
+        &db_error(
+            r,
+            "a trigger attached by a TRIGGER grantee to an admin's table",
+        ),
+        "billing",
+    );
+    admin
+        .batch_execute(
+            "SELECT webhook.allow_publish('admins_own', 'billing');
              INSERT INTO admins_own VALUES (4);",
         )
         .unwrap();
@@ -1451,4 +1471,211 @@ fn s10_renames_that_change_what_is_published_are_never_silent() {
         .unwrap();
     // The filter no longer matches: no delivery, as the NOTICE said.
     assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.deliveries"), 0);
+}
+
+// Findings of the attacker review of 0.3.0 ---------------------------------------------------
+
+/// The database owner may drop its database, but not while Postgres would refuse the command:
+/// connected to it, inside a transaction block, or with another session connected. None of
+/// those evicts the worker.
+#[test]
+fn r1_a_database_owners_drop_that_postgres_refuses_does_not_evict_the_worker() {
+    let (pg, rx, mut db) = mallory_cluster();
+    db.batch_execute("ALTER DATABASE app OWNER TO mallory")
+        .unwrap();
+    let pid = worker_ready(&mut db);
+    let mut in_app = connect(&pg, "mallory", "app");
+    let mut elsewhere = connect(&pg, "mallory", "postgres");
+    let refused = [
+        (
+            true,
+            "DROP DATABASE app",
+            "cannot drop the currently open database",
+        ),
+        (
+            false,
+            "BEGIN; DROP DATABASE app",
+            "DROP DATABASE cannot run inside a transaction block",
+        ),
+        (
+            // `db` (a superuser session) stays connected to app.
+            false,
+            "DROP DATABASE app",
+            "database \"app\" is being accessed by other users",
+        ),
+    ];
+    for (from_app, sql, message) in refused {
+        let client = if from_app {
+            &mut in_app
+        } else {
+            &mut elsewhere
+        };
+        let e = db_error(client.batch_execute(sql).map(|_| "ran"), sql);
+        assert_eq!(e.message(), message);
+        client.batch_execute("ROLLBACK").unwrap();
+        assert_eq!(
+            worker(&mut db),
+            (Some(pid), "idle".to_string()),
+            "{sql} evicted the worker"
+        );
+    }
+    db.batch_execute("INSERT INTO users (email) VALUES ('after the refused drops')")
+        .unwrap();
+    rx.wait_for(1, Duration::from_secs(2));
+}
+
+/// The database owner sets database-level settings that would make the worker run as the owner,
+/// write nothing, or time out; the worker, restarted, overrides them and delivers.
+#[test]
+fn r2_database_settings_cannot_change_who_the_worker_is_or_stall_it() {
+    let (pg, rx, mut db) = mallory_cluster();
+    db.batch_execute(
+        "ALTER DATABASE app OWNER TO mallory;
+         GRANT USAGE, CREATE ON SCHEMA public TO mallory;",
+    )
+    .unwrap();
+    let pid = worker_ready(&mut db);
+    let mut mallory = connect(&pg, "mallory", "app");
+    mallory
+        .batch_execute(
+            "ALTER DATABASE app SET role = 'mallory';
+             ALTER DATABASE app SET default_transaction_read_only = on;
+             ALTER DATABASE app SET statement_timeout = '1ms';
+             ALTER DATABASE app SET lock_timeout = '1ms';
+             ALTER DATABASE app SET enable_indexscan = off;",
+        )
+        .unwrap();
+    // The settings apply to every new session in app: check from another database.
+    let mut admin = pg.client_to("postgres");
+    admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    let mut db = pg.client();
+    db.batch_execute(
+        "SET ROLE NONE; SET default_transaction_read_only = off; SET statement_timeout = 0;
+         SET lock_timeout = 0; SET enable_indexscan = on;",
+    )
+    .unwrap();
+    let new_pid = wait_until(PATIENCE, "a new worker", || match worker(&mut db) {
+        (Some(p), state) if p != pid && state == "idle" => Some(p),
+        _ => None,
+    });
+    let role: String = db
+        .query_one(
+            "SELECT usename::text FROM pg_stat_activity WHERE pid = $1",
+            &[&new_pid],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(role, "postgres");
+    db.batch_execute("INSERT INTO users (email) VALUES ('despite the settings')")
+        .unwrap();
+    rx.wait_for(1, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(statuses(&mut db), ["delivered"]);
+    assert!(!pg.log().contains("permission denied for schema webhook"));
+}
+
+/// Bodies much larger as JSON text than as stored (control characters) are budgeted at their
+/// worst case: the worker never holds more than 64 MB of them.
+#[test]
+fn r4_claims_budget_bodies_at_their_json_size() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok().after(Duration::from_millis(1500))));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE notes (id int PRIMARY KEY, note text);",
+    )
+    .unwrap();
+    db.execute(
+        "SELECT webhook.create_endpoint('n', $1, max_in_flight => 1000)",
+        &[&rx.url("/")],
+    )
+    .unwrap();
+    db.batch_execute(
+        "SELECT webhook.subscribe('notes', 'n');
+         INSERT INTO notes SELECT g, repeat(chr(1), 170000) FROM generate_series(1, 100) g;",
+    )
+    .unwrap();
+    let got = rx.wait_for(100, Duration::from_secs(120));
+    let body = got[0].body.len();
+    assert!(body > 1_000_000, "{body}");
+    let most = rx.max_concurrent();
+    assert!(
+        most * body <= 64 * 1024 * 1024 && most >= 32,
+        "{most} bodies of {body} bytes under way at once"
+    );
+}
+
+/// A role with USAGE on webhook cannot block drop_endpoint with a (refused) trigger on its
+/// temporary table, nor an upgrade with a column of one of webhook's row types; allow_publish
+/// and subscribe name the table they resolved, and refuse temporary tables.
+#[test]
+fn r6_a_usage_role_blocks_neither_drop_endpoint_nor_upgrades() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE ROLE monitor LOGIN;
+         GRANT USAGE ON SCHEMA webhook TO monitor;
+         CREATE TABLE orders (id int);
+         SELECT webhook.create_endpoint('billing', 'https://billing.example.com/');",
+    )
+    .unwrap();
+    let mut monitor = connect_as(&pg, "monitor");
+    monitor
+        .batch_execute(
+            "CREATE TEMP TABLE f (x int);
+             CREATE TRIGGER t AFTER INSERT ON f FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');",
+        )
+        .unwrap();
+    let e = db_error(
+        monitor.batch_execute("CREATE TEMP TABLE hold (m webhook._meta)"),
+        "a column of webhook's row type",
+    );
+    assert_eq!(e.message(), "permission denied for type webhook._meta");
+    let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = notices.clone();
+    let mut config: postgres::Config = pg.connstr("app").parse().unwrap();
+    config.notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()));
+    let mut admin = config.connect(postgres::NoTls).unwrap();
+    admin
+        .batch_execute("SELECT webhook.allow_publish('orders', 'billing')")
+        .unwrap();
+    assert_eq!(
+        notices.lock().unwrap().clone(),
+        vec!["hand-written triggers on table public.orders (owner postgres) may publish to endpoint \"billing\"".to_string()]
+    );
+    admin
+        .batch_execute("CREATE TEMP TABLE mine (x int)")
+        .unwrap();
+    let e = db_error(
+        admin.batch_execute("SELECT webhook.subscribe('mine', 'billing')"),
+        "subscribing a temporary table",
+    );
+    assert_eq!(e.message(), "mine is a temporary table");
+    admin
+        .batch_execute("SELECT webhook.disallow_publish('orders', 'billing'); SELECT webhook.drop_endpoint('billing')")
+        .unwrap();
+    assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.endpoints"), 0);
+}
+
+/// webhook_ext refuses to be installed in a database that is not UTF-8 (its bodies are JSON).
+#[test]
+fn r9_a_database_that_is_not_utf8_is_refused() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    db.batch_execute("CREATE DATABASE latin ENCODING 'SQL_ASCII' TEMPLATE template0")
+        .unwrap();
+    let mut latin = pg.client_to("latin");
+    let e = db_error(
+        latin.batch_execute("CREATE EXTENSION webhook_ext"),
+        "CREATE EXTENSION in a SQL_ASCII database",
+    );
+    assert_eq!(e.code(), &SqlState::FEATURE_NOT_SUPPORTED);
+    assert_eq!(
+        e.message(),
+        "webhook_ext needs a UTF8 database; \"latin\" is SQL_ASCII"
+    );
 }

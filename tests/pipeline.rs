@@ -189,6 +189,7 @@ fn when_condition_and_hand_written_trigger() {
         .unwrap();
     db.batch_execute(
         "CREATE TABLE orders (id int PRIMARY KEY, total numeric);
+         SELECT webhook.allow_publish('orders', 'pro');
          CREATE TRIGGER orders_hook AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('pro');
          INSERT INTO users (email, plan) VALUES ('free@example.com', 'free'), ('pro@example.com', 'pro');
          INSERT INTO orders VALUES (7, 12.50);",

@@ -1004,7 +1004,7 @@ fn every_role_gets_exactly_what_the_contract_grants() {
     }
 
     // webhook_admin: the whole API, every table and view, and hand-written triggers on its own
-    // tables publish.
+    // tables publish once it allows them.
     {
         let role = "admin";
         let mut c = connect_as(&pg, role);
@@ -1032,6 +1032,20 @@ fn every_role_gets_exactly_what_the_contract_grants() {
             role,
             "CREATE TRIGGER on adm.hand",
             "CREATE TRIGGER by_hand AFTER INSERT ON adm.hand FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing')",
+            &Outcome::Ok,
+        );
+        // Its own table too publishes only once allowed (a TRIGGER grantee could attach one).
+        m.refused(
+            &mut c,
+            role,
+            "INSERT INTO adm.hand before allow_publish",
+            "INSERT INTO adm.hand VALUES ('not yet')",
+        );
+        m.run(
+            &mut c,
+            role,
+            "allow_publish(adm.hand)",
+            "SELECT webhook.allow_publish('adm.hand', 'billing')",
             &Outcome::Ok,
         );
         m.run(
