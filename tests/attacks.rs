@@ -1679,3 +1679,62 @@ fn r9_a_database_that_is_not_utf8_is_refused() {
         "webhook_ext needs a UTF8 database; \"latin\" is SQL_ASCII"
     );
 }
+
+// §12 ----------------------------------------------------------------------------------------
+
+/// Forty receivers whose nameserver never answers do not hold up a receiver whose name
+/// resolves: lookups are asynchronous and hold no thread. Run through the worker, with
+/// `webhook.dns_servers` pointing at a nameserver on loopback.
+#[test]
+fn s12_receivers_whose_dns_never_answers_do_not_hold_up_others() {
+    let ns = common::dns::nameserver(&[("good.test", [127, 0, 0, 1])]);
+    let pg = Cluster::start(&[("webhook.dns_servers", &format!("'{ns}'"))]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    for i in 0..40 {
+        db.execute(
+            "SELECT webhook.create_endpoint($1, $2)",
+            &[
+                &format!("hang{i}"),
+                &format!("http://hang{i}.test:{}/", rx.port()),
+            ],
+        )
+        .unwrap();
+        db.execute(
+            "SELECT webhook.send('ping', '{}', $1)",
+            &[&format!("hang{i}")],
+        )
+        .unwrap();
+    }
+    db.execute(
+        "SELECT webhook.create_endpoint('good', $1)",
+        &[&format!("http://good.test:{}/", rx.port())],
+    )
+    .unwrap();
+    wait_until(PATIENCE, "the hanging lookups to be under way", || {
+        (count(
+            &mut db,
+            "SELECT count(*) FROM webhook.deliveries WHERE status = 'sending'",
+        ) == 40)
+            .then_some(())
+    });
+    let t = Instant::now();
+    db.execute(
+        "SELECT webhook.send('ping', '{\"good\": true}', 'good')",
+        &[],
+    )
+    .unwrap();
+    let got = rx.wait_for(1, Duration::from_secs(2));
+    assert_eq!(got[0].json()["data"]["good"], true);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // The hanging ones are still waiting for their nameserver, not failed by a stall elsewhere.
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM webhook.deliveries d JOIN webhook.endpoints e ON e.id = d.endpoint_id
+              WHERE d.status = 'sending' AND e.name LIKE 'hang%'"
+        ),
+        40
+    );
+}

@@ -2,6 +2,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod dns;
 pub mod receiver;
 pub mod tls;
 
