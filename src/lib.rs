@@ -1,21 +1,14 @@
 //! webhook_ext: PostgreSQL as a native webhook source.
 //!
-//! Pure logic (no Postgres): `signing`, `retry`, `policy`, `target`, `request`, `http`.
+//! Pure logic (no Postgres) lives in the `webhook_core` crate (`core/`): `signing`, `retry`,
+//! `policy`, `target`, `request`, `http`, re-exported here under the same names.
 //! Postgres-facing: `gucs`, `shmem`, `enqueue` (the trigger), `api` (SQL helpers),
 //! `launcher` and `worker` (background processes). Tables and the SQL API live in `sql/`.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-pub mod http;
-pub mod policy;
-pub mod request;
-pub mod retry;
-pub mod signing;
-pub mod target;
-
-#[cfg(test)]
-mod proptests;
+pub use webhook_core::{http, policy, request, retry, signing, target};
 
 mod api;
 mod bgutil;
