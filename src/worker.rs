@@ -24,8 +24,8 @@ use crate::bgutil::{
 };
 use crate::http::{Finished, HttpConfig, HttpRuntime, Job};
 use crate::plans;
-use crate::policy::{Gate, Health, StatsWatch, TokenBucket};
-use crate::retry::{self, Outcome, Schedule, Verdict};
+use crate::policy::{self, Gate, Health, StatsWatch, TokenBucket};
+use crate::retry::{Outcome, Schedule};
 use crate::shmem::{self, Slot, WorkerState};
 use crate::worker_sql as sql;
 
@@ -932,70 +932,30 @@ impl Worker {
                 continue;
             };
             let jitter = fastrand::f64() * 2.0 - 1.0;
-            let verdict = retry::decide(
+            let h = health
+                .entry(t.endpoint_id)
+                .or_insert_with(|| self.health.get(&t.endpoint_id).cloned().unwrap_or_default());
+            let j = policy::judge(
                 &f.outcome,
+                f.error.as_deref(),
                 f.attempt as u32,
                 t.max_attempts as u32,
                 &t.schedule,
                 jitter,
+                h,
+                now,
+                threshold,
+                self.settings.auto_disable_after,
             );
-            let h = health
-                .entry(t.endpoint_id)
-                .or_insert_with(|| self.health.get(&t.endpoint_id).cloned().unwrap_or_default());
-            let (status, delay, note) = match verdict {
-                Verdict::Delivered => {
-                    h.on_success(now);
-                    delivered += 1;
-                    ("delivered", 0, None)
-                }
-                Verdict::Retry(d) => {
-                    h.on_failure(now, false, threshold, &t.schedule, jitter);
-                    ("pending", d.as_millis() as i64, None)
-                }
-                Verdict::Failed => {
-                    h.on_failure(now, true, threshold, &t.schedule, jitter);
-                    failed += 1;
-                    let note = (!matches!(f.outcome, Outcome::Refused)).then(|| {
-                        format!(
-                            " (gave up after {} attempt{})",
-                            f.attempt,
-                            if f.attempt == 1 { "" } else { "s" }
-                        )
-                    });
-                    ("failed", 0, note)
-                }
-                Verdict::Gone => {
-                    h.on_failure(now, true, threshold, &t.schedule, jitter);
-                    failed += 1;
-                    disable.push((
-                        t.endpoint_id,
-                        format!(
-                            "receiver answered 410 Gone at {}",
-                            request::rfc3339_utc(shmem::now_micros())
-                        ),
-                    ));
-                    ("failed", 0, Some(": endpoint disabled".to_string()))
-                }
-            };
-            if h.should_auto_disable(now, self.settings.auto_disable_after, threshold) {
-                let since = h
-                    .failing_since
-                    .unwrap_or(now)
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default();
-                disable.push((
-                    t.endpoint_id,
-                    format!(
-                        "failing without a success since {} (webhook.auto_disable_after = {} s)",
-                        request::rfc3339_utc(since.as_micros() as i64),
-                        self.settings.auto_disable_after.as_secs()
-                    ),
-                ));
+            match j.status {
+                "delivered" => delivered += 1,
+                "failed" => failed += 1,
+                _ => {}
             }
-            let error = match (&f.error, note) {
-                (Some(e), Some(n)) => Some(format!("{e}{n}")),
-                (e, _) => e.clone(),
-            };
+            if let Some(reason) = j.disable {
+                disable.push((t.endpoint_id, reason));
+            }
+            let (status, delay, error) = (j.status, j.delay.as_millis() as i64, j.error);
             rows.push(f, t.endpoint_id, status, delay, error);
         }
         disable.sort_by_key(|(id, _)| *id);

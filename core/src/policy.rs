@@ -212,9 +212,294 @@ impl StatsWatch {
     }
 }
 
+/// What one finished attempt means for its delivery and its endpoint: the worker's decision,
+/// apart from writing it down.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    /// The delivery's new status: `delivered`, `pending` (a retry) or `failed`.
+    pub status: &'static str,
+    /// For a retry, how long until it is due.
+    pub delay: Duration,
+    /// The attempt's error with what the worker adds to it (why it gave up).
+    pub error: Option<String>,
+    /// The endpoint must be disabled, for this reason.
+    pub disable: Option<String>,
+}
+
+/// Judges one finished attempt (`attempt` of at most `max_attempts`) and updates the endpoint's
+/// `health` (the circuit breaker; `threshold` consecutive failures open it). `jitter` is in
+/// [-1, 1]; `auto_disable_after` is webhook.auto_disable_after (zero: never).
+#[allow(clippy::too_many_arguments)]
+pub fn judge(
+    outcome: &crate::retry::Outcome,
+    error: Option<&str>,
+    attempt: u32,
+    max_attempts: u32,
+    schedule: &Schedule,
+    jitter: f64,
+    health: &mut Health,
+    now: SystemTime,
+    threshold: u32,
+    auto_disable_after: Duration,
+) -> Judgement {
+    use crate::retry::{decide, Outcome, Verdict};
+    let micros = |t: SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as i64
+    };
+    let verdict = decide(outcome, attempt, max_attempts, schedule, jitter);
+    let (status, delay, note, mut disable) = match verdict {
+        Verdict::Delivered => {
+            health.on_success(now);
+            ("delivered", Duration::ZERO, None, None)
+        }
+        Verdict::Retry(d) => {
+            health.on_failure(now, false, threshold, schedule, jitter);
+            ("pending", d, None, None)
+        }
+        Verdict::Failed => {
+            health.on_failure(now, true, threshold, schedule, jitter);
+            let note = (!matches!(outcome, Outcome::Refused)).then(|| {
+                format!(
+                    " (gave up after {attempt} attempt{})",
+                    if attempt == 1 { "" } else { "s" }
+                )
+            });
+            ("failed", Duration::ZERO, note, None)
+        }
+        Verdict::Gone => {
+            health.on_failure(now, true, threshold, schedule, jitter);
+            let reason = format!(
+                "receiver answered 410 Gone at {}",
+                crate::request::rfc3339_utc(micros(now))
+            );
+            (
+                "failed",
+                Duration::ZERO,
+                Some(": endpoint disabled".to_string()),
+                Some(reason),
+            )
+        }
+    };
+    if disable.is_none() && health.should_auto_disable(now, auto_disable_after, threshold) {
+        disable = Some(format!(
+            "failing without a success since {} (webhook.auto_disable_after = {} s)",
+            crate::request::rfc3339_utc(micros(health.failing_since.unwrap_or(now))),
+            auto_disable_after.as_secs()
+        ));
+    }
+    let error = match (error, note) {
+        (Some(e), Some(n)) => Some(format!("{e}{n}")),
+        (e, _) => e.map(str::to_string),
+    };
+    Judgement {
+        status,
+        delay,
+        error,
+        disable,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod judge {
+        use super::super::*;
+        use crate::retry::Outcome;
+        use std::time::UNIX_EPOCH;
+
+        fn at(secs: u64) -> SystemTime {
+            UNIX_EPOCH + Duration::from_secs(secs)
+        }
+
+        fn schedule() -> Schedule {
+            Schedule::parse("5s,5min").unwrap()
+        }
+
+        fn status(code: u16) -> Outcome {
+            Outcome::Status {
+                code,
+                retry_after: None,
+            }
+        }
+
+        #[test]
+        fn success_is_delivered_and_closes_the_circuit() {
+            let mut h = Health::default();
+            h.on_failure(at(0), false, 10, &schedule(), 0.0);
+            let j = judge(
+                &status(204),
+                None,
+                2,
+                3,
+                &schedule(),
+                0.0,
+                &mut h,
+                at(9),
+                10,
+                Duration::ZERO,
+            );
+            assert_eq!(
+                j,
+                Judgement {
+                    status: "delivered",
+                    delay: Duration::ZERO,
+                    error: None,
+                    disable: None
+                }
+            );
+            assert_eq!(h.consecutive_failures, 0);
+            assert_eq!(h.last_success_at, Some(at(9)));
+        }
+
+        #[test]
+        fn a_failure_with_attempts_left_is_retried_on_the_schedule() {
+            let mut h = Health::default();
+            let j = judge(
+                &status(500),
+                Some("HTTP 500"),
+                1,
+                3,
+                &schedule(),
+                0.0,
+                &mut h,
+                at(1),
+                10,
+                Duration::ZERO,
+            );
+            assert_eq!(
+                j,
+                Judgement {
+                    status: "pending",
+                    delay: Duration::from_secs(5),
+                    error: Some("HTTP 500".into()),
+                    disable: None
+                }
+            );
+            assert_eq!(h.consecutive_failures, 1);
+            assert_eq!(h.failing_since, Some(at(1)));
+        }
+
+        #[test]
+        fn the_last_attempt_fails_and_says_so() {
+            let mut h = Health::default();
+            let j = judge(
+                &status(500),
+                Some("HTTP 500"),
+                3,
+                3,
+                &schedule(),
+                0.0,
+                &mut h,
+                at(1),
+                10,
+                Duration::ZERO,
+            );
+            assert_eq!(j.status, "failed");
+            assert_eq!(
+                j.error.as_deref(),
+                Some("HTTP 500 (gave up after 3 attempts)")
+            );
+            let j = judge(
+                &Outcome::Transport,
+                Some("connection refused"),
+                1,
+                1,
+                &schedule(),
+                0.0,
+                &mut h,
+                at(1),
+                10,
+                Duration::ZERO,
+            );
+            assert_eq!(
+                j.error.as_deref(),
+                Some("connection refused (gave up after 1 attempt)")
+            );
+            // A request refused before sending (SSRF guard, bad secret) fails as it is.
+            let j = judge(
+                &Outcome::Refused,
+                Some("refused to connect to 10.0.0.1"),
+                1,
+                8,
+                &schedule(),
+                0.0,
+                &mut h,
+                at(1),
+                10,
+                Duration::ZERO,
+            );
+            assert_eq!(j.status, "failed");
+            assert_eq!(j.error.as_deref(), Some("refused to connect to 10.0.0.1"));
+        }
+
+        #[test]
+        fn gone_fails_and_disables_the_endpoint() {
+            let mut h = Health::default();
+            let j = judge(
+                &status(410),
+                Some("HTTP 410"),
+                1,
+                8,
+                &schedule(),
+                0.0,
+                &mut h,
+                at(1_649_367_553),
+                10,
+                Duration::ZERO,
+            );
+            assert_eq!(
+                j,
+                Judgement {
+                    status: "failed",
+                    delay: Duration::ZERO,
+                    error: Some("HTTP 410: endpoint disabled".into()),
+                    disable: Some(
+                        "receiver answered 410 Gone at 2022-04-07T21:39:13.000000Z".into()
+                    )
+                }
+            );
+        }
+
+        #[test]
+        fn an_endpoint_failing_for_too_long_is_disabled() {
+            let mut h = Health::default();
+            let day = Duration::from_secs(86_400);
+            for i in 0..3 {
+                let j = judge(
+                    &status(500),
+                    Some("HTTP 500"),
+                    1,
+                    8,
+                    &schedule(),
+                    0.0,
+                    &mut h,
+                    at(i),
+                    2,
+                    day,
+                );
+                assert_eq!(j.disable, None);
+            }
+            let j = judge(
+                &status(500),
+                Some("HTTP 500"),
+                1,
+                8,
+                &schedule(),
+                0.0,
+                &mut h,
+                at(86_400),
+                2,
+                day,
+            );
+            assert_eq!(
+                j.disable.as_deref(),
+                Some("failing without a success since 1970-01-01T00:00:00.000000Z (webhook.auto_disable_after = 86400 s)")
+            );
+        }
+    }
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
