@@ -365,10 +365,11 @@ impl Worker {
             return Stop::Shutdown;
         }
         self.replicated_by = None;
+        // Before anything is written: a subscriber's copy of the queue is left alone.
+        if let Ok(Ok(Some(sub))) = in_transaction(replicated_by) {
+            return self.stay_away_from_replicated_tables(&sub);
+        }
         let started = in_transaction(|| -> Result<(String, HashMap<i32, Health>, f64), String> {
-            if let Some(sub) = replicated_by()? {
-                return Err(format!("__replica__{sub}"));
-            }
             let id = Spi::get_one::<String>(
                 "SELECT install_id FROM webhook._meta ORDER BY created_at, install_id LIMIT 1",
             )
@@ -385,9 +386,6 @@ impl Worker {
             Ok(Ok((_install_id, health, rows))) => {
                 self.health = health;
                 self.stats.refreshed(rows);
-            }
-            Ok(Err(e)) if e.starts_with("__replica__") => {
-                return self.stay_away_from_replicated_tables(&e["__replica__".len()..]);
             }
             Ok(Err(e)) | Err(e) => {
                 warning!("webhook_ext worker: could not start serving: {e}");
