@@ -85,7 +85,7 @@ struct Roles {
 }
 
 thread_local! {
-    /// Kept plans: [plain, column-filtered].
+    /// Kept plans of RECORD_SQL: [0.3.0's schema, an older schema not yet updated].
     static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; 2]> = const { RefCell::new([None; 2]) };
     /// Kept plans for reading the catalog and webhook's tables.
     static READS: RefCell<HashMap<&'static str, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());

@@ -264,15 +264,26 @@ unsafe fn webhook_triggers(relation: *mut pg_sys::RangeVar) -> Vec<(String, Stri
         {
             return out;
         }
+        // Looked up without a lock, and locked only for the table's owner, as Postgres's own
+        // RENAME does (RangeVarCallbackOwnsTable): a role the command will refuse neither waits
+        // for nor takes a lock on another's table here.
         let relid = pg_sys::RangeVarGetRelidExtended(
             relation,
-            pg_sys::AccessShareLock as i32,
+            pg_sys::NoLock as i32,
             pg_sys::RVROption::RVR_MISSING_OK,
             None,
             std::ptr::null_mut(),
         );
         if relid == pg_sys::InvalidOid {
             return out;
+        }
+        let owner = Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1",
+            &[relid.into()],
+        );
+        match owner {
+            Ok(Some(owner)) if pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner) => {}
+            _ => return out,
         }
         let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as i32);
         let desc = (*rel).trigdesc;

@@ -20,18 +20,18 @@ WITH cap AS (
       LEFT JOIN unnest($7::int[], $8::int[]) AS o(id, n) ON o.id = ep.id
      WHERE ep.enabled
 ), cand AS (
-    SELECT d.id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
+    SELECT d.id, d.event_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
       FROM cap
      CROSS JOIN LATERAL (
            -- New deliveries (due since they were made) oldest first, and retries that are due,
            -- each from its own index: retries waiting for later are never read.
-           SELECT u.id, u.endpoint_id FROM (
-               (SELECT x.id, x.endpoint_id FROM webhook.deliveries x
+           SELECT u.id, u.endpoint_id, u.event_id FROM (
+               (SELECT x.id, x.endpoint_id, x.event_id FROM webhook.deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = cap.id
                    AND x.next_attempt_at <= now()
                  ORDER BY x.id LIMIT cap.n)
                UNION ALL
-               (SELECT x.id, x.endpoint_id FROM webhook.deliveries x
+               (SELECT x.id, x.endpoint_id, x.event_id FROM webhook.deliveries x
                  WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = cap.id
                    AND x.next_attempt_at <= now()
                  ORDER BY x.next_attempt_at LIMIT cap.n)) u
@@ -39,15 +39,15 @@ WITH cap AS (
             LIMIT cap.n) d
      WHERE cap.n > 0 AND NOT cap.ordered AND (NOT cap.suspect OR $10 > 0)
     UNION ALL
-    SELECT h.id, cap.suspect, 1
+    SELECT h.id, h.event_id, cap.suspect, 1
       FROM cap
      CROSS JOIN LATERAL (
-           SELECT u.id, u.next_attempt_at FROM (
-               (SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
+           SELECT u.id, u.event_id, u.next_attempt_at FROM (
+               (SELECT x.id, x.event_id, x.next_attempt_at FROM webhook.deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = cap.id
                  ORDER BY x.id LIMIT 1)
                UNION ALL
-               (SELECT x.id, x.next_attempt_at FROM webhook.deliveries x
+               (SELECT x.id, x.event_id, x.next_attempt_at FROM webhook.deliveries x
                  WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = cap.id
                  -- "+ 0": from the retry index and a sort, never by walking the primary key.
                  ORDER BY x.id + 0 LIMIT 1)) u
@@ -55,7 +55,7 @@ WITH cap AS (
             LIMIT 1) h
      WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now() AND (NOT cap.suspect OR $10 > 0)
 ), pick AS (
-    SELECT c.id, row_number() OVER (ORDER BY c.suspect, c.rn, c.id) AS ord
+    SELECT c.id, c.event_id, row_number() OVER (ORDER BY c.suspect, c.rn, c.id) AS ord
       FROM (SELECT cand.*, row_number() OVER (PARTITION BY cand.suspect ORDER BY cand.rn, cand.id) AS k FROM cand) c
      WHERE NOT c.suspect OR c.k <= $10
      ORDER BY c.suspect, c.rn, c.id
@@ -67,8 +67,7 @@ WITH cap AS (
                         + COALESCE(octet_length(e.new::text), 0) + COALESCE(octet_length(e.old::text), 0)))
              OVER (ORDER BY p.ord) AS running
       FROM pick p
-      JOIN webhook.deliveries x ON x.id = p.id
-      JOIN webhook._events e ON e.id = x.event_id
+      JOIN webhook._events e ON e.id = p.event_id
 ), locked AS (
     -- A primary-key lookup: `status = 'pending'` alone implies neither partial index.
     SELECT d.id FROM webhook.deliveries d
