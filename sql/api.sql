@@ -262,6 +262,24 @@ BEGIN
 END
 $$;
 
+-- A table that may publish: an existing, permanent table (subscribe() and allow_publish()).
+CREATE FUNCTION webhook._check_publishing_table(tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
+        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
+        RAISE EXCEPTION '% is a temporary table', tbl
+            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION webhook.subscribe(
     tbl regclass,
     endpoint text,
@@ -281,13 +299,7 @@ BEGIN
         RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM webhook._endpoint_id(endpoint);
-    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
-        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
-    END IF;
-    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
-        RAISE EXCEPTION '% is a temporary table', tbl
-            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
-    END IF;
+    PERFORM webhook._check_publishing_table(tbl);
     SELECT array_agg(DISTINCT upper(trim(e)) ORDER BY upper(trim(e))) INTO ops FROM unnest(events) e;
     IF ops IS NULL OR NOT ops <@ ARRAY['INSERT', 'UPDATE', 'DELETE'] OR array_position(ops, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'events must be a non-empty list of INSERT, UPDATE and DELETE, not %', events
@@ -317,7 +329,7 @@ BEGIN
     VALUES (tbl, webhook._endpoint_id(endpoint), 'subscribe')
     ON CONFLICT DO NOTHING;
     -- Named in full: a table name is resolved with the caller's search_path.
-    RAISE NOTICE 'table % (owner %) publishes to endpoint "%"', tbl::oid::regclass,
+    RAISE NOTICE 'table % (owner %) publishes to endpoint "%"', tbl,
         (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl), endpoint;
     IF current_database() <> ALL (webhook._served_databases()) THEN
         RAISE NOTICE 'database "%" is not in webhook.database: events are recorded but not delivered', current_database()
@@ -357,21 +369,12 @@ RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF tbl IS NULL THEN
-        RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
-        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
-    END IF;
-    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
-        RAISE EXCEPTION '% is a temporary table', tbl
-            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
-    END IF;
+    PERFORM webhook._check_publishing_table(tbl);
     INSERT INTO webhook._publishers (relid, endpoint_id, via)
     VALUES (tbl, webhook._endpoint_id(endpoint), 'allow_publish')
     ON CONFLICT DO NOTHING;
     -- Named in full: a table name is resolved with the caller's search_path.
-    RAISE NOTICE 'hand-written triggers on table % (owner %) may publish to endpoint "%"', tbl::oid::regclass,
+    RAISE NOTICE 'hand-written triggers on table % (owner %) may publish to endpoint "%"', tbl,
         (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl), endpoint;
 END
 $$;

@@ -95,6 +95,24 @@ BEGIN
 END
 $$;
 
+-- A table that may publish: an existing, permanent table (subscribe() and allow_publish()).
+CREATE OR REPLACE FUNCTION webhook._check_publishing_table(tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
+        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
+        RAISE EXCEPTION '% is a temporary table', tbl
+            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION webhook.subscribe(
     tbl regclass,
     endpoint text,
@@ -114,13 +132,7 @@ BEGIN
         RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM webhook._endpoint_id(endpoint);
-    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
-        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
-    END IF;
-    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
-        RAISE EXCEPTION '% is a temporary table', tbl
-            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
-    END IF;
+    PERFORM webhook._check_publishing_table(tbl);
     SELECT array_agg(DISTINCT upper(trim(e)) ORDER BY upper(trim(e))) INTO ops FROM unnest(events) e;
     IF ops IS NULL OR NOT ops <@ ARRAY['INSERT', 'UPDATE', 'DELETE'] OR array_position(ops, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'events must be a non-empty list of INSERT, UPDATE and DELETE, not %', events
@@ -150,7 +162,7 @@ BEGIN
     VALUES (tbl, webhook._endpoint_id(endpoint), 'subscribe')
     ON CONFLICT DO NOTHING;
     -- Named in full: a table name is resolved with the caller's search_path.
-    RAISE NOTICE 'table % (owner %) publishes to endpoint "%"', tbl::oid::regclass,
+    RAISE NOTICE 'table % (owner %) publishes to endpoint "%"', tbl,
         (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl), endpoint;
     IF current_database() <> ALL (webhook._served_databases()) THEN
         RAISE NOTICE 'database "%" is not in webhook.database: events are recorded but not delivered', current_database()
@@ -187,21 +199,12 @@ RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF tbl IS NULL THEN
-        RAISE EXCEPTION 'table must not be NULL' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) NOT IN ('r', 'p', 'f') THEN
-        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
-    END IF;
-    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
-        RAISE EXCEPTION '% is a temporary table', tbl
-            USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
-    END IF;
+    PERFORM webhook._check_publishing_table(tbl);
     INSERT INTO webhook._publishers (relid, endpoint_id, via)
     VALUES (tbl, webhook._endpoint_id(endpoint), 'allow_publish')
     ON CONFLICT DO NOTHING;
     -- Named in full: a table name is resolved with the caller's search_path.
-    RAISE NOTICE 'hand-written triggers on table % (owner %) may publish to endpoint "%"', tbl::oid::regclass,
+    RAISE NOTICE 'hand-written triggers on table % (owner %) may publish to endpoint "%"', tbl,
         (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl), endpoint;
 END
 $$;
@@ -302,10 +305,10 @@ $$;
 
 REVOKE ALL ON webhook._publishers FROM PUBLIC;
 REVOKE ALL ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_publish(regclass, text),
-                       webhook._forget_dropped_tables() FROM PUBLIC;
+                       webhook._forget_dropped_tables(), webhook._check_publishing_table(regclass) FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON webhook._publishers TO webhook_admin;
 GRANT EXECUTE ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_publish(regclass, text),
-                          webhook._forget_dropped_tables() TO webhook_admin;
+                          webhook._forget_dropped_tables(), webhook._check_publishing_table(regclass) TO webhook_admin;
 -- Nor the tables' row types: a column of one (in a temporary table, say) would block every
 -- ALTER TABLE of an upgrade.
 DO $$

@@ -1232,7 +1232,7 @@ struct Claimed {
     retry_schedule: Option<String>,
     /// A row change (None for a send() event).
     change: Option<RowChange>,
-    /// The body's size as the event recorded it (0 for events from before 0.3.0).
+    /// The body's size, as the claim counted it against its byte budget.
     size: i64,
     /// The install id in force (part of the webhook-id).
     install_id: String,

@@ -62,18 +62,19 @@ WITH cap AS (
      LIMIT $4
 ), sized AS (
     -- Events from before 0.3.0 have no size: measured here (rare, and only until they drain).
-    SELECT p.id, p.ord,
-           sum(COALESCE(e.size, 64 + COALESCE(octet_length(e.payload::text), 0)
-                        + COALESCE(octet_length(e.new::text), 0) + COALESCE(octet_length(e.old::text), 0)))
-             OVER (ORDER BY p.ord) AS running
-      FROM pick p
-      JOIN webhook._events e ON e.id = p.event_id
+    SELECT z.*, sum(z.size) OVER (ORDER BY z.ord) AS running
+      FROM (SELECT p.id, p.ord,
+                   COALESCE(e.size, 64 + COALESCE(octet_length(e.payload::text), 0)
+                            + COALESCE(octet_length(e.new::text), 0) + COALESCE(octet_length(e.old::text), 0)) AS size
+              FROM pick p
+              JOIN webhook._events e ON e.id = p.event_id) z
 ), locked AS (
     -- A primary-key lookup: `status = 'pending'` alone implies neither partial index.
-    SELECT d.id FROM webhook.deliveries d
-     WHERE d.id IN (SELECT sized.id FROM sized WHERE (sized.ord = 1 AND $12) OR sized.running <= $11)
+    SELECT d.id, sized.size FROM webhook.deliveries d
+      JOIN sized ON sized.id = d.id
+     WHERE ((sized.ord = 1 AND $12) OR sized.running <= $11)
        AND d.status = 'pending'
-       FOR UPDATE SKIP LOCKED
+       FOR UPDATE OF d SKIP LOCKED
 )
 UPDATE webhook.deliveries d
    SET status = 'sending',
@@ -87,7 +88,7 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           ep.headers::text,
           COALESCE((extract(epoch FROM ep.timeout) * 1000)::int8, $5::int8),
           ep.max_attempts, ep.retry_schedule,
-          e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid, e.size,
+          e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid, locked.size,
           -- Read with every claim: a restore adds the source's (older) row after CREATE EXTENSION.
           (SELECT m.install_id FROM webhook._meta m ORDER BY m.created_at, m.install_id LIMIT 1)
 "#;
