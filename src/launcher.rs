@@ -12,8 +12,8 @@ use pgrx::bgworkers::{
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::gucs;
-use crate::shmem::{self, MAX_DATABASES};
+use crate::pg::gucs;
+use crate::pg::shmem::{self, MAX_DATABASES};
 
 /// Pause before starting a worker again after it exited.
 const RESTART_DELAY: Duration = Duration::from_secs(1);

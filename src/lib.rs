@@ -1,26 +1,28 @@
 //! webhook_ext: PostgreSQL as a native webhook source.
 //!
-//! Pure logic (no Postgres) lives in the `webhook_core` crate (`core/`): `signing`, `retry`,
-//! `policy`, `target`, `request`, `http`, re-exported here under the same names.
-//! Postgres-facing: `gucs`, `shmem`, `enqueue` (the trigger), `api` (SQL helpers),
-//! `launcher` and `worker` (background processes). Tables and the SQL API live in `sql/`.
+//! The folders are the architecture:
+//!
+//! ```text
+//! core/          webhook_core: pure logic, no pgrx (signing, retry, policy, target, request,
+//!                http), re-exported here under the same names
+//! src/pg/        Postgres plumbing: settings (gucs), shared memory and wake-ups (shmem), the
+//!                utility hook, process helpers (latch, reload, shutdown), statements (spi)
+//! src/sql_api/   what SQL calls: the trigger and the Rust half of the SQL API
+//! src/worker/    the delivery worker (one per served database)
+//! src/launcher.rs  the launcher (starts and stops the workers)
+//! sql/           tables and the plpgsql half of the SQL API, release and upgrade scripts
+//! ```
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 pub use webhook_core::{http, policy, request, retry, signing, target};
 
-mod api;
-mod bgutil;
-mod enqueue;
-mod gucs;
 mod launcher;
-mod plans;
-mod shmem;
+mod pg;
+mod sql_api;
 mod sql_tests;
-mod utility;
 mod worker;
-mod worker_sql;
 
 ::pgrx::pg_module_magic!();
 
@@ -39,9 +41,9 @@ pub extern "C-unwind" fn _PG_init() {
         .set_hint("Add webhook_ext to shared_preload_libraries in postgresql.conf, set webhook.database, and restart PostgreSQL.")
         .report(PgLogLevel::ERROR);
     }
-    gucs::init();
-    shmem::init();
-    utility::init();
+    pg::gucs::init();
+    pg::shmem::init();
+    pg::utility::init();
     launcher::register();
 }
 

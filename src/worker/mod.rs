@@ -19,15 +19,16 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::bgutil::{
+use crate::pg::process::{
     block_signals_while, in_transaction, reload_if_asked, shutdown_requested, spi_run, wait,
 };
 use crate::http::{Finished, HttpConfig, HttpRuntime, Job};
-use crate::plans;
+use crate::pg::spi as plans;
 use crate::policy::{self, Gate, Health, StatsWatch, TokenBucket};
 use crate::retry::{Outcome, Schedule};
-use crate::shmem::{self, Slot, WorkerState};
-use crate::worker_sql as sql;
+use crate::pg::shmem::{self, Slot, WorkerState};
+use queries as sql;
+mod queries;
 
 const INT4: pg_sys::Oid = pg_sys::INT4OID;
 const INT8: pg_sys::Oid = pg_sys::INT8OID;
@@ -36,7 +37,8 @@ const INT4_ARRAY: pg_sys::Oid = pg_sys::INT4ARRAYOID;
 const INT8_ARRAY: pg_sys::Oid = pg_sys::INT8ARRAYOID;
 const TEXT_ARRAY: pg_sys::Oid = pg_sys::TEXTARRAYOID;
 const FLOAT8_ARRAY: pg_sys::Oid = pg_sys::FLOAT8ARRAYOID;
-use crate::{gucs, request, signing};
+use crate::pg::gucs;
+use crate::{request, signing};
 
 /// How often the worker looks for expired leases and purges old history when nothing wakes it.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);

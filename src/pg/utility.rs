@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::shmem;
+use crate::pg::shmem;
 
 /// How long a worker stays away after being asked to leave its database.
 const EVICTION: Duration = Duration::from_secs(10);

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::{gucs, request, retry, shmem, signing, target};
+use crate::pg::{gucs, shmem};
+use crate::{request, retry, signing, target};
 
 /// Raises an "invalid parameter value" ERROR.
 fn invalid(msg: impl Into<String>) -> ! {

@@ -30,7 +30,8 @@ use std::ffi::{c_char, CStr, CString};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::{gucs, request, shmem};
+use crate::pg::{gucs, shmem};
+use crate::request;
 
 /// Writes the event and its delivery: $1 type, $2 schema, $3 table, $4 op, $5/$6 the new and
 /// old row images (jsonb, NULL when absent or not kept), $7 endpoint id (NULL if unknown),

@@ -1,0 +1,7 @@
+//! Postgres plumbing shared by the backends' code and the background processes.
+
+pub mod gucs;
+pub mod process;
+pub mod shmem;
+pub mod spi;
+pub mod utility;

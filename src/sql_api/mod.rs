@@ -1,0 +1,4 @@
+//! What SQL calls: the trigger (`webhook.enqueue`) and the Rust half of the SQL API.
+
+mod functions;
+mod trigger;
