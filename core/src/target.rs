@@ -1,7 +1,7 @@
 //! Where a webhook may be sent: URL validation and the SSRF guard's address policy.
 //!
 //! The guard is applied to the addresses a host name actually resolves to, at connect time
-//! (see `http.rs`), so a name that resolves to a private address is refused too.
+//! (see `http/resolver.rs`), so a name that resolves to a private address is refused too.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
