@@ -22,7 +22,7 @@ mod launcher;
 mod pg;
 mod sql_api;
 mod sql_tests;
-mod worker;
+pub(crate) mod worker;
 
 ::pgrx::pg_module_magic!();
 

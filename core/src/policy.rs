@@ -1,6 +1,7 @@
 //! Per-endpoint delivery policy that spans deliveries: the circuit breaker (with auto-disable)
 //! and the rate limiter. Pure logic; the worker persists `Health` in `webhook._endpoint_state`.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::retry::{Schedule, JITTER};
@@ -212,6 +213,107 @@ impl StatsWatch {
     }
 }
 
+/// What the next claim may take beyond each endpoint's own `max_in_flight`, by endpoint health:
+/// endpoints whose last attempt succeeded (and none failed since) go first; all the others
+/// (failing, hanging, or new) may hold at most `suspect_share_percent` of the worker's
+/// `max_in_flight` together, so they can never take every request slot from healthy ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRoom {
+    /// Healthy endpoints, sorted.
+    pub healthy: Vec<i32>,
+    /// How many more requests the other endpoints may start, in all.
+    pub suspect_room: i32,
+}
+
+pub fn claim_room(
+    health: &HashMap<i32, Health>,
+    busy: &HashMap<i32, i32>,
+    max_in_flight: usize,
+    suspect_share_percent: i32,
+) -> ClaimRoom {
+    let mut healthy: Vec<i32> = health
+        .iter()
+        .filter(|(_, h)| h.consecutive_failures == 0 && h.last_success_at.is_some())
+        .map(|(id, _)| *id)
+        .collect();
+    healthy.sort_unstable();
+    let suspect_busy: i32 = busy
+        .iter()
+        .filter(|(id, _)| healthy.binary_search(id).is_err())
+        .map(|(_, n)| *n)
+        .sum();
+    let share = (max_in_flight as i32 * suspect_share_percent / 100).max(1);
+    ClaimRoom {
+        healthy,
+        suspect_room: (share - suspect_busy).max(0),
+    }
+}
+
+/// The worker's own per-endpoint limits for the next claim, beyond `max_in_flight`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// Endpoints limited now (open circuit, rate limit), and how many requests each may start.
+    pub allowed: HashMap<i32, i32>,
+    /// When a limited endpoint may start more (a probe is due, a token refills).
+    pub wake: Option<Duration>,
+}
+
+/// Applies the circuit breaker and the rate limits: an endpoint changed by an operator (enabled,
+/// altered: `updated_at`) after its failures began gets a fresh start; an open circuit lets one
+/// probe through when due; a rate-limited endpoint may start as many requests as its bucket has
+/// tokens. Buckets of endpoints that lost their rate limit are dropped; a changed rate starts a
+/// new bucket.
+#[allow(clippy::too_many_arguments)]
+pub fn limits(
+    health: &mut HashMap<i32, Health>,
+    busy: &HashMap<i32, i32>,
+    updated_at: &HashMap<i32, SystemTime>,
+    rate_limits: &[(i32, i32)],
+    buckets: &mut HashMap<i32, TokenBucket>,
+    threshold: u32,
+    now: SystemTime,
+    clock: Instant,
+) -> Limits {
+    for (id, h) in health.iter_mut() {
+        if let Some(&changed) = updated_at.get(id) {
+            if h.is_open(threshold) && Some(changed) > h.failing_since {
+                *h = Health {
+                    dirty: true,
+                    ..Health::default()
+                };
+            }
+        }
+    }
+    let mut out = Limits::default();
+    let mut wake_in = |d: Duration| out.wake = Some(out.wake.map_or(d, |w: Duration| w.min(d)));
+    for (&id, h) in health.iter() {
+        let running = busy.get(&id).copied().unwrap_or(0);
+        if let Gate::Limited { allowed, wake_at } = h.gate(now, threshold, running) {
+            out.allowed.insert(id, allowed);
+            if let Some(at) = wake_at {
+                wake_in(at.duration_since(now).unwrap_or_default());
+            }
+        }
+    }
+    buckets.retain(|id, _| rate_limits.iter().any(|(p, _)| p == id));
+    for &(id, rate) in rate_limits {
+        let rate = rate.max(1) as u32;
+        let bucket = buckets
+            .entry(id)
+            .or_insert_with(|| TokenBucket::new(rate, clock));
+        if bucket.rate() != rate {
+            *bucket = TokenBucket::new(rate, clock);
+        }
+        let tokens = bucket.available(clock);
+        if tokens == 0 {
+            wake_in(bucket.next_token_in(clock));
+        }
+        let entry = out.allowed.entry(id).or_insert(tokens);
+        *entry = (*entry).min(tokens);
+    }
+    out
+}
+
 /// What one finished attempt means for its delivery and its endpoint: the worker's decision,
 /// apart from writing it down.
 #[derive(Debug, Clone, PartialEq)]
@@ -304,6 +406,168 @@ pub fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod claim_capacity {
+        use super::super::*;
+        use std::time::UNIX_EPOCH;
+
+        fn at(secs: u64) -> SystemTime {
+            UNIX_EPOCH + Duration::from_secs(secs)
+        }
+
+        fn healthy() -> Health {
+            Health {
+                last_success_at: Some(at(100)),
+                ..Health::default()
+            }
+        }
+
+        fn open(next_probe: u64) -> Health {
+            Health {
+                consecutive_failures: 5,
+                failing_since: Some(at(50)),
+                next_probe_at: Some(at(next_probe)),
+                ..Health::default()
+            }
+        }
+
+        #[test]
+        fn healthy_endpoints_go_first_and_the_others_share_ninety_percent() {
+            let health = HashMap::from([(1, healthy()), (2, open(0)), (3, Health::default())]);
+            let busy = HashMap::from([(1, 40), (2, 30), (3, 20)]);
+            let room = claim_room(&health, &busy, 100, 90);
+            assert_eq!(room.healthy, vec![1]);
+            // 90 of 100 slots for suspects; 2 and 3 (new) hold 50 of them.
+            assert_eq!(room.suspect_room, 40);
+            // An endpoint that failed after its last success is a suspect again.
+            let mut failing = healthy();
+            failing.consecutive_failures = 1;
+            let room = claim_room(&HashMap::from([(1, failing)]), &busy, 100, 90);
+            assert!(room.healthy.is_empty());
+            assert_eq!(room.suspect_room, 0, "90 - (40 + 30 + 20) busy");
+        }
+
+        #[test]
+        fn suspects_always_have_one_slot_of_a_tiny_worker_and_never_negative_room() {
+            let room = claim_room(&HashMap::new(), &HashMap::new(), 1, 90);
+            assert_eq!(room.suspect_room, 1);
+            let room = claim_room(&HashMap::new(), &HashMap::from([(7, 500)]), 100, 90);
+            assert_eq!(room.suspect_room, 0);
+        }
+
+        #[test]
+        fn an_open_circuit_lets_one_probe_through_when_due_and_says_when() {
+            let mut health = HashMap::from([(1, open(200)), (2, open(90)), (3, healthy())]);
+            let mut buckets = HashMap::new();
+            let clock = Instant::now();
+            let l = limits(
+                &mut health,
+                &HashMap::new(),
+                &HashMap::new(),
+                &[],
+                &mut buckets,
+                5,
+                at(100),
+                clock,
+            );
+            assert_eq!(l.allowed, HashMap::from([(1, 0), (2, 1)]));
+            assert_eq!(l.wake, Some(Duration::from_secs(100)));
+            // A probe under way: nothing more until its result.
+            let l = limits(
+                &mut health,
+                &HashMap::from([(2, 1)]),
+                &HashMap::new(),
+                &[],
+                &mut buckets,
+                5,
+                at(100),
+                clock,
+            );
+            assert_eq!(l.allowed.get(&2), Some(&0));
+        }
+
+        #[test]
+        fn an_operators_change_after_the_failures_began_closes_the_circuit() {
+            let mut health = HashMap::from([(1, open(500)), (2, open(500))]);
+            let updated = HashMap::from([(1, at(60)), (2, at(40))]);
+            let l = limits(
+                &mut health,
+                &HashMap::new(),
+                &updated,
+                &[],
+                &mut HashMap::new(),
+                5,
+                at(100),
+                Instant::now(),
+            );
+            assert_eq!(
+                health[&1],
+                Health {
+                    dirty: true,
+                    ..Health::default()
+                }
+            );
+            assert_eq!(
+                l.allowed,
+                HashMap::from([(2, 0)]),
+                "changed before the failures: still open"
+            );
+        }
+
+        #[test]
+        fn rate_limits_allow_the_bucket_and_the_lower_of_two_limits() {
+            let clock = Instant::now();
+            let mut buckets = HashMap::from([(9, TokenBucket::new(5, clock))]);
+            let mut health = HashMap::from([(1, open(90))]);
+            let l = limits(
+                &mut health,
+                &HashMap::new(),
+                &HashMap::new(),
+                &[(1, 100), (2, 10)],
+                &mut buckets,
+                5,
+                at(100),
+                clock,
+            );
+            assert!(
+                !buckets.contains_key(&9),
+                "a bucket without a rate limit is dropped"
+            );
+            assert_eq!(
+                l.allowed[&1], 1,
+                "the probe, fewer than the bucket's tokens"
+            );
+            assert_eq!(l.allowed[&2], buckets[&2].clone().available(clock));
+            buckets.get_mut(&2).unwrap().take(l.allowed[&2], clock);
+            let l = limits(
+                &mut health,
+                &HashMap::new(),
+                &HashMap::new(),
+                &[(2, 10)],
+                &mut buckets,
+                5,
+                at(100),
+                clock,
+            );
+            assert_eq!(l.allowed[&2], 0);
+            assert!(l
+                .wake
+                .is_some_and(|w| w > Duration::ZERO && w <= Duration::from_millis(100)));
+            // A changed rate starts a new bucket.
+            let l = limits(
+                &mut health,
+                &HashMap::new(),
+                &HashMap::new(),
+                &[(2, 20)],
+                &mut buckets,
+                5,
+                at(100),
+                clock,
+            );
+            assert_eq!(buckets[&2].rate(), 20);
+            assert!(l.allowed[&2] > 0);
+        }
+    }
 
     mod judge {
         use super::super::*;

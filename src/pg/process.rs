@@ -1,15 +1,29 @@
 //! Small pieces every background process here needs: transactions that survive errors, latch
-//! waits, and signal handling around thread creation.
+//! waits, reloads, shutdown, and the settings a process pins for itself.
 
+use std::ffi::CStr;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+/// A Postgres ERROR (or a panic) caught by `in_transaction`; its transaction was rolled back.
+#[derive(Debug, Clone)]
+pub struct Caught {
+    pub code: PgSqlErrorCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for Caught {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Runs `f` in its own transaction. A Postgres ERROR (or a panic) inside is caught: the
-/// transaction is rolled back and the message returned, so the process carries on.
-pub fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+/// transaction is rolled back and the error returned, so the process carries on.
+pub fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, Caught> {
     // SAFETY: the process's main thread, outside any transaction.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
@@ -35,18 +49,33 @@ pub fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     .execute()
 }
 
-/// Runs a statement that returns nothing we need.
-pub fn spi_run(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<(), String> {
-    Spi::connect_mut(|client| client.update(sql, None, args).map(|_| ())).map_err(|e| e.to_string())
-}
-
-fn describe(caught: pg_sys::panic::CaughtError) -> String {
+fn describe(caught: pg_sys::panic::CaughtError) -> Caught {
     match caught {
         pg_sys::panic::CaughtError::PostgresError(e)
-        | pg_sys::panic::CaughtError::ErrorReport(e) => e.message().to_string(),
-        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
-            format!("internal error: {}", ereport.message())
-        }
+        | pg_sys::panic::CaughtError::ErrorReport(e) => Caught {
+            code: e.sql_error_code(),
+            message: e.message().to_string(),
+        },
+        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => Caught {
+            code: ereport.sql_error_code(),
+            message: format!("internal error: {}", ereport.message()),
+        },
+    }
+}
+
+/// Sets session settings with the highest precedence (PGC_S_OVERRIDE): neither ALTER DATABASE
+/// nor ALTER ROLE … SET can change them for this process.
+pub fn override_settings(settings: &[(&CStr, &CStr)]) {
+    for (name, value) in settings {
+        // SAFETY: setting a session GUC on the main thread after the connection is made.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
     }
 }
 
@@ -95,19 +124,4 @@ pub fn wait(fd: Option<i32>, timeout: Option<Duration>) -> bool {
     }
     pg_sys::check_for_interrupts!();
     !shutdown_requested()
-}
-
-/// Runs `f` with every signal blocked, so threads it spawns start with signals blocked and
-/// Postgres's handlers only ever run on the main thread.
-pub fn block_signals_while<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: plain libc calls on locally owned signal sets.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
-    }
 }

@@ -30,30 +30,53 @@ use std::ffi::{c_char, CStr, CString};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::pg::spi::{Snapshot, SpiError, Statement};
 use crate::pg::{gucs, shmem};
 use crate::request;
+use pgrx::datum::DatumWithOid;
 
 /// Writes the event and its delivery: $1 type, $2 schema, $3 table, $4 op, $5/$6 the new and
 /// old row images (jsonb, NULL when absent or not kept), $7 endpoint id (NULL if unknown),
 /// $8 status, $9 reason, $10 the body's size. Everything about the row was decided before (in
 /// Rust, with the writer's rights); this only stores finished values, so its plan stays small.
-const RECORD_SQL: &str = r#"
-WITH ev AS (
-    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old, size)
-    VALUES ($1, $2, $3, $4, $5, $6, $10)
+/// `$size_column`/`$size_value` are empty for a schema from before 0.3.0 (no `_events.size`).
+macro_rules! record_sql {
+    ($size_column:literal, $size_value:literal) => {
+        concat!(
+            "WITH ev AS (
+    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old",
+            $size_column,
+            ")
+    VALUES ($1, $2, $3, $4, $5, $6",
+            $size_value,
+            ")
     RETURNING id
 )
 INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
 SELECT ev.id, $7, $8::webhook.delivery_status,
        CASE WHEN $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, $9
   FROM ev
-"#;
-
-/// The same before 0.3.0's schema (no `_events.size`).
-fn legacy(sql: &str) -> String {
-    sql.replace("new, old, size)", "new, old)")
-        .replace("$5, $6, $10)", "$5, $6)")
+"
+        )
+    };
 }
+
+const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
+const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
+const INT4: pg_sys::Oid = pg_sys::INT4OID;
+
+static RECORD: Statement = Statement::new(
+    "enqueue_record",
+    record_sql!(", size", ", $10"),
+    &[TEXT, TEXT, TEXT, TEXT, JSONB, JSONB, INT4, TEXT, TEXT, INT4],
+);
+
+/// RECORD before 0.3.0's schema was installed by ALTER EXTENSION UPDATE.
+static RECORD_LEGACY: Statement = Statement::new(
+    "enqueue_record_legacy",
+    record_sql!("", ""),
+    &[TEXT, TEXT, TEXT, TEXT, JSONB, JSONB, INT4, TEXT, TEXT],
+);
 
 /// Rows larger than this (before JSON encoding) are never built: jsonb holds at most 256 MB, and
 /// a bytea doubles in its JSON form. webhook.max_payload_bytes is at most 100 MB, so such a row
@@ -86,10 +109,6 @@ struct Roles {
 }
 
 thread_local! {
-    /// Kept plans of RECORD_SQL: [0.3.0's schema, an older schema not yet updated].
-    static PLANS: RefCell<[Option<pg_sys::SPIPlanPtr>; 2]> = const { RefCell::new([None; 2]) };
-    /// Kept plans for reading the catalog and webhook's tables.
-    static READS: RefCell<HashMap<&'static str, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
     /// Partition -> the root table its events are published under. Cleared on every relcache
     /// invalidation, so ATTACH / DETACH / DROP are seen at once.
     static PARTITION_ROOTS: RefCell<HashMap<pg_sys::Oid, pg_sys::Oid>> = RefCell::new(HashMap::new());
@@ -132,10 +151,7 @@ pub(crate) fn route(
         None => Route::Record {
             endpoint_id: None,
             status: "failed",
-            reason: Some(format!(
-                "endpoint '{}' does not exist",
-                name.replace('\'', "''")
-            )),
+            reason: Some(format!("endpoint '{name}' does not exist")),
         },
         Some((_, _, false)) => Route::Skip,
         Some((id, false, true)) => Route::Record {
@@ -339,41 +355,36 @@ unsafe fn body_size(
 }
 
 /// Writes the event and its delivery as the extension's owner.
-unsafe fn record(roles: Roles, r: &Record<'_>) {
-    let none = pg_sys::Datum::from(0);
-    let opt = |d: Option<pg_sys::Datum>| (d.unwrap_or(none), d.is_some());
-    let params = [
-        (text_datum(r.event_type), true),
-        (text_datum(r.schema), true),
-        (text_datum(r.table), true),
-        (text_datum(r.op), true),
-        opt(r.new),
-        opt(r.old),
-        opt(r.endpoint_id.map(pg_sys::Datum::from)),
-        (text_datum(r.status), true),
-        opt(r.reason.as_deref().map(text_datum)),
-        opt(r.size.map(pg_sys::Datum::from)),
+fn record(roles: Roles, r: &Record<'_>) {
+    let jsonb = |d: Option<pg_sys::Datum>| match d {
+        // SAFETY: a jsonb value built by to_jsonb in this call, bound as jsonb.
+        Some(d) => unsafe { DatumWithOid::new(d, JSONB) },
+        None => DatumWithOid::null_oid(JSONB),
+    };
+    let mut args: Vec<DatumWithOid> = vec![
+        r.event_type.into(),
+        r.schema.into(),
+        r.table.into(),
+        r.op.into(),
+        jsonb(r.new),
+        jsonb(r.old),
+        r.endpoint_id.into(),
+        r.status.into(),
+        r.reason.as_deref().into(),
     ];
-    let mut values: Vec<pg_sys::Datum> = params.iter().map(|p| p.0).collect();
-    let nulls: Vec<c_char> = params
-        .iter()
-        .map(|p| if p.1 { b' ' } else { b'n' } as c_char)
-        .collect();
-    unsafe {
-        connect();
-        // Prepared as the owner too: resolving webhook's names needs USAGE on its schema.
-        let rc = as_owner(roles, || {
-            let plan = record_plan(roles.legacy);
-            pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0)
-        });
-        if rc != pg_sys::SPI_OK_INSERT as i32 {
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                format!("webhook.enqueue: could not record the event (SPI code {rc})"),
-                None,
-            );
-        }
-        pg_sys::SPI_finish();
+    let statement = if roles.legacy {
+        &RECORD_LEGACY
+    } else {
+        args.push(r.size.into());
+        &RECORD
+    };
+    // Prepared as the owner too: resolving webhook's names needs USAGE on its schema.
+    if let Err(e) = as_owner(roles, || statement.run(&args)) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("webhook.enqueue: could not record the event: {e}"),
+            None,
+        );
     }
 }
 
@@ -431,18 +442,24 @@ fn is_admin(role: pg_sys::Oid, roles: Roles) -> bool {
     roles.admin != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(role, roles.admin) }
 }
 
+static ROLES_SQL: Statement = Statement::reading(
+    "enqueue_roles",
+    "SELECT e.extowner, e.extversion OPERATOR(pg_catalog.=) ANY ('{0.1.0,0.2.0}'::pg_catalog.text[])
+       FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'webhook_ext'",
+    &[],
+);
+
 /// The extension's owner and the webhook_admin role, read once per session.
 fn roles() -> Roles {
     if let Some(r) = ROLES.get() {
         return r;
     }
-    let found = read_oids(
-        "SELECT e.extowner,
-                pg_catalog.int4(e.extversion OPERATOR(pg_catalog.=) ANY ('{0.1.0,0.2.0}'::pg_catalog.text[]))::pg_catalog.oid
-           FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'webhook_ext'",
-        &mut [],
-    );
-    let [Some(owner), Some(legacy)] = found.as_slice() else {
+    let found = ROLES_SQL
+        .rows(&[], |row| {
+            Ok((row.get::<pg_sys::Oid>(1)?, row.get::<bool>(2)?))
+        })
+        .unwrap_or_else(|e| spi_failed(e));
+    let Some((Some(owner), Some(legacy))) = found.first().copied() else {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "webhook.enqueue: the webhook_ext extension is not installed in this database".into(),
@@ -452,12 +469,21 @@ fn roles() -> Roles {
     // SAFETY: a catalog lookup inside a transaction.
     let admin = unsafe { pg_sys::get_role_oid(c"webhook_admin".as_ptr(), true) };
     let r = Roles {
-        owner: *owner,
+        owner,
         admin,
-        legacy: legacy.to_u32() == 1,
+        legacy,
     };
     ROLES.set(Some(r));
     r
+}
+
+/// A statement that could not run or be read: an internal error, named.
+fn spi_failed(e: SpiError) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("webhook.enqueue: {e}"),
+        None,
+    )
 }
 
 /// `read` applied to the endpoint named `name` (None if there is none), from this session's
@@ -483,182 +509,54 @@ fn lookup<R>(name: &str, read: impl FnOnce(&Endpoint) -> R) -> (Roles, Option<R>
     (roles, found)
 }
 
-const LOAD_ENDPOINTS: &str = "\
-SELECT e.name, e.id, e.enabled, e.event_types,
+static LOAD_ENDPOINTS: Statement = Statement::reading(
+    "enqueue_endpoints",
+    "SELECT e.name, e.id, e.enabled, e.event_types,
        ARRAY(SELECT p.relid::pg_catalog.oid FROM webhook._publishers p WHERE p.endpoint_id OPERATOR(pg_catalog.=) e.id)
-  FROM webhook.endpoints e";
+  FROM webhook.endpoints e",
+    &[],
+);
 /// Before 0.3.0's schema: no publishers table.
-const LOAD_ENDPOINTS_LEGACY: &str = "\
-SELECT e.name, e.id, e.enabled, e.event_types, NULL::pg_catalog.oid[] FROM webhook.endpoints e";
+static LOAD_ENDPOINTS_LEGACY: Statement = Statement::reading(
+    "enqueue_endpoints_legacy",
+    "SELECT e.name, e.id, e.enabled, e.event_types, NULL::pg_catalog.oid[] FROM webhook.endpoints e",
+    &[],
+);
 
 /// Reads webhook.endpoints and webhook._publishers with the latest snapshot, not the
 /// transaction's: a REPEATABLE READ transaction must still see an endpoint created after it began.
 fn load_endpoints(legacy: bool) -> HashMap<String, Endpoint> {
-    let mut out = HashMap::new();
-    // SAFETY: SPI inside the trigger call; tuples are read before SPI_finish frees them.
-    unsafe {
-        connect();
-        let plan = read_plan(if legacy {
-            LOAD_ENDPOINTS_LEGACY
-        } else {
-            LOAD_ENDPOINTS
-        });
-        let rc = pg_sys::SPI_execute_snapshot(
-            plan,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            pg_sys::GetLatestSnapshot(),
-            std::ptr::null_mut(),
-            true,
-            false,
-            0,
-        );
-        if rc != pg_sys::SPI_OK_SELECT as i32 {
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                format!("webhook.enqueue: could not read webhook.endpoints (SPI code {rc})"),
-                None,
-            );
-        }
-        let table = pg_sys::SPI_tuptable;
-        for i in 0..pg_sys::SPI_processed as usize {
-            let tuple = *(*table).vals.add(i);
-            let get = |n: i32| {
-                let mut isnull = false;
-                let d = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, n, &mut isnull);
-                (d, isnull)
-            };
-            let (d, n) = get(1);
-            let name = String::from_datum(d, n).unwrap_or_default();
-            let (d, n) = get(2);
-            let id = i32::from_datum(d, n).unwrap_or_default();
-            let (d, n) = get(3);
-            let enabled = bool::from_datum(d, n).unwrap_or(false);
-            let (d, n) = get(4);
-            let event_types =
-                Vec::<Option<String>>::from_datum(d, n).map(|v| v.into_iter().flatten().collect());
-            let (d, n) = get(5);
-            let publishers = Vec::<Option<pg_sys::Oid>>::from_datum(d, n)
-                .unwrap_or_default()
-                .into_iter()
-                .flatten()
-                .collect();
-            out.insert(
-                name,
-                Endpoint {
-                    id,
-                    enabled,
-                    event_types,
-                    publishers,
-                },
-            );
-        }
-        pg_sys::SPI_finish();
-    }
-    out
-}
-
-unsafe fn connect() {
-    if unsafe { pg_sys::SPI_connect() } != pg_sys::SPI_OK_CONNECT as i32 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            "webhook.enqueue: SPI_connect failed".into(),
-            None,
-        );
-    }
-}
-
-/// Every row's columns of a catalog query with oid parameters, as oids.
-fn read_oids(sql: &'static str, args: &mut [pg_sys::Datum]) -> Vec<Option<pg_sys::Oid>> {
-    let mut out = Vec::new();
-    // SAFETY: SPI inside the trigger call; values are copied out before SPI_finish.
-    unsafe {
-        connect();
-        let plan = read_plan(sql);
-        let nulls = vec![b' ' as c_char; args.len()];
-        let rc = pg_sys::SPI_execute_plan(plan, args.as_mut_ptr(), nulls.as_ptr(), true, 0);
-        if rc != pg_sys::SPI_OK_SELECT as i32 {
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                format!("webhook.enqueue: catalog lookup failed (SPI code {rc})"),
-                None,
-            );
-        }
-        let table = pg_sys::SPI_tuptable;
-        let natts = (*(*table).tupdesc).natts;
-        for i in 0..pg_sys::SPI_processed as usize {
-            let tuple = *(*table).vals.add(i);
-            for c in 1..=natts {
-                let mut isnull = false;
-                let d = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, c, &mut isnull);
-                out.push((!isnull).then(|| pg_sys::Oid::from(d.value() as u32)));
-            }
-        }
-        pg_sys::SPI_finish();
-    }
-    out
-}
-
-/// A kept plan for a read-only statement with oid parameters ($1…), prepared on first use.
-unsafe fn read_plan(sql: &'static str) -> pg_sys::SPIPlanPtr {
-    if let Some(p) = READS.with(|r| r.borrow().get(sql).copied()) {
-        return p;
-    }
-    let nargs = (1..=9).filter(|i| sql.contains(&format!("${i}"))).count();
-    let mut types = vec![pg_sys::OIDOID; nargs];
-    let plan = unsafe { prepare(sql, &mut types) };
-    READS.with(|r| r.borrow_mut().insert(sql, plan));
-    plan
-}
-
-unsafe fn prepare(sql: &str, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
-    let text = CString::new(sql).expect("no NUL in SQL");
-    // SAFETY: inside SPI_connect; the types array outlives the call.
-    unsafe {
-        let plan = pg_sys::SPI_prepare(text.as_ptr(), types.len() as i32, types.as_mut_ptr());
-        if plan.is_null() {
-            let reason = CStr::from_ptr(pg_sys::SPI_result_code_string(pg_sys::SPI_result));
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                format!(
-                    "webhook.enqueue: could not prepare a statement: {}",
-                    reason.to_string_lossy()
-                ),
-                None,
-            );
-        }
-        pg_sys::SPI_keepplan(plan);
-        plan
-    }
-}
-
-/// The kept plan that records an event and its delivery.
-unsafe fn record_plan(legacy: bool) -> pg_sys::SPIPlanPtr {
-    let i = usize::from(legacy);
-    if let Some(plan) = PLANS.with(|p| p.borrow()[i]) {
-        return plan;
-    }
-    let mut types = [
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::JSONBOID,
-        pg_sys::JSONBOID,
-        pg_sys::INT4OID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::INT4OID,
-    ];
-    let sql = if legacy {
-        self::legacy(RECORD_SQL)
+    let statement = if legacy {
+        &LOAD_ENDPOINTS_LEGACY
     } else {
-        RECORD_SQL.to_string()
+        &LOAD_ENDPOINTS
     };
-    // SAFETY: inside SPI_connect.
-    let plan = unsafe { prepare(&sql, &mut types) };
-    PLANS.with(|p| p.borrow_mut()[i] = Some(plan));
-    plan
+    let mut out = HashMap::new();
+    let read = statement.query(&[], Snapshot::Latest, |row| {
+        let event_types = row
+            .get::<Vec<Option<String>>>(4)?
+            .map(|v| v.into_iter().flatten().collect());
+        let publishers = row
+            .get::<Vec<Option<pg_sys::Oid>>>(5)?
+            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .collect();
+        out.insert(
+            row.get::<String>(1)?.unwrap_or_default(),
+            Endpoint {
+                id: row.get(2)?.unwrap_or_default(),
+                enabled: row.get(3)?.unwrap_or(false),
+                event_types,
+                publishers,
+            },
+        );
+        Ok(())
+    });
+    if let Err(e) = read {
+        spi_failed(e);
+    }
+    out
 }
 
 /// Statement trigger on webhook.endpoints and webhook._publishers: every session's endpoint
@@ -761,14 +659,17 @@ unsafe fn qualified_name(relid: pg_sys::Oid) -> Option<String> {
     Some(format!("{}.{}", q(&nsp), q(&name)))
 }
 
-const TRIGGER_HOME: &str = "\
-WITH RECURSIVE t AS (
+static TRIGGER_HOME: Statement = Statement::reading(
+    "enqueue_trigger_home",
+    "WITH RECURSIVE t AS (
     SELECT g.oid, g.tgrelid, g.tgparentid FROM pg_catalog.pg_trigger g WHERE g.oid OPERATOR(pg_catalog.=) $1
     UNION ALL
     SELECT g.oid, g.tgrelid, g.tgparentid FROM pg_catalog.pg_trigger g JOIN t ON g.oid OPERATOR(pg_catalog.=) t.tgparentid
 )
 SELECT t.tgrelid, c.relowner FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.tgrelid
- WHERE t.tgparentid OPERATOR(pg_catalog.=) 0";
+ WHERE t.tgparentid OPERATOR(pg_catalog.=) 0",
+    &[pg_sys::OIDOID],
+);
 
 /// The table the firing trigger was created on, and its owner: the relation itself, or for a
 /// trigger a partition inherited, the partitioned table it was created on.
@@ -785,9 +686,13 @@ unsafe fn trigger_home(
         if let Some(h) = TRIGGER_HOMES.with(|m| m.borrow().get(&tgoid).copied()) {
             return h;
         }
-        let found = read_oids(TRIGGER_HOME, &mut [pg_sys::Datum::from(tgoid)]);
-        let home = match found.as_slice() {
-            [Some(relid), Some(owner)] => (*relid, *owner),
+        let found = TRIGGER_HOME
+            .rows(&[tgoid.into()], |row| {
+                Ok((row.get::<pg_sys::Oid>(1)?, row.get::<pg_sys::Oid>(2)?))
+            })
+            .unwrap_or_else(|e| spi_failed(e));
+        let home = match found.first() {
+            Some((Some(relid), Some(owner))) => (*relid, *owner),
             _ => own,
         };
         TRIGGER_HOMES.with(|m| m.borrow_mut().insert(tgoid, home));
@@ -956,17 +861,13 @@ unsafe fn to_jsonb(value: pg_sys::Datum, typid: pg_sys::Oid) -> pg_sys::Datum {
     unsafe { pg_sys::FunctionCall1Coll(flinfo, pg_sys::InvalidOid, value) }
 }
 
-fn text_datum(s: &str) -> pg_sys::Datum {
-    s.into_datum().expect("text is never NULL")
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{legacy, route, Route, RECORD_SQL};
+    use super::{route, Route, RECORD, RECORD_LEGACY};
 
     #[test]
     fn the_legacy_statement_writes_no_size_column() {
-        let sql = legacy(RECORD_SQL);
+        let sql = RECORD_LEGACY.sql;
         assert!(sql.contains(
             "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)
 "
@@ -979,6 +880,7 @@ mod tests {
             "{sql}"
         );
         assert!(!sql.contains("$10"), "{sql}");
+        assert!(RECORD.sql.contains("new, old, size)") && RECORD.sql.contains("$6, $10)"));
     }
 
     #[test]
@@ -988,7 +890,7 @@ mod tests {
             Route::Record {
                 endpoint_id: None,
                 status: "failed",
-                reason: Some("endpoint 'it''s' does not exist".into())
+                reason: Some("endpoint 'it's' does not exist".into())
             }
         );
         assert_eq!(route("crm", Some((3, true, false))), Route::Skip);

@@ -1,0 +1,58 @@
+//! The worker's one error type, so the serving loop can tell what to do about a failure without
+//! asking the catalog again.
+
+use pgrx::PgSqlErrorCode;
+
+use crate::pg::process::{in_transaction, Caught};
+use crate::pg::spi::SpiError;
+
+#[derive(Debug)]
+pub enum WorkerError {
+    /// webhook's schema, a table, type or function of it is gone (DROP EXTENSION): the worker
+    /// waits for the extension and serves again once it is back.
+    ExtensionGone(String),
+    /// A statement raised an ERROR; its transaction was rolled back.
+    Sql(String),
+    /// A statement ran but its result could not be used (SPI refused it, a column was not what
+    /// the worker reads).
+    BadRow(SpiError),
+    /// The worker could not start what it needs (its HTTP runtime, its state).
+    Start(String),
+}
+
+impl std::fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerError::ExtensionGone(m) | WorkerError::Sql(m) | WorkerError::Start(m) => {
+                f.write_str(m)
+            }
+            WorkerError::BadRow(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<SpiError> for WorkerError {
+    fn from(e: SpiError) -> Self {
+        WorkerError::BadRow(e)
+    }
+}
+
+impl From<Caught> for WorkerError {
+    fn from(e: Caught) -> Self {
+        use PgSqlErrorCode::*;
+        match e.code {
+            // Names that resolved when the worker began serving no longer do.
+            ERRCODE_UNDEFINED_TABLE
+            | ERRCODE_INVALID_SCHEMA_NAME
+            | ERRCODE_UNDEFINED_OBJECT
+            | ERRCODE_UNDEFINED_FUNCTION
+            | ERRCODE_UNDEFINED_COLUMN => WorkerError::ExtensionGone(e.message),
+            _ => WorkerError::Sql(e.message),
+        }
+    }
+}
+
+/// Runs `f` in its own transaction: committed if it returns Ok or Err, rolled back on an ERROR.
+pub fn transaction<R>(f: impl FnOnce() -> Result<R, WorkerError>) -> Result<R, WorkerError> {
+    in_transaction(f).map_err(WorkerError::from).and_then(|r| r)
+}

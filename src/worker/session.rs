@@ -1,0 +1,190 @@
+//! One serving session: from taking over a database's queue to shutdown, DROP EXTENSION or
+//! replication. The session owns everything that lives only while it serves (the HTTP runtime,
+//! what is under way, the endpoints' health, kept plans) and lets go of it when dropped.
+//!
+//! ```text
+//! open:  recover leases of a previous worker, load health, start the HTTP runtime
+//! loop { record  finished attempts                -- stage 1 (record.rs)
+//!        claim   due deliveries, hand them over   -- stage 2 (claim.rs), unless paused
+//!        housekeeping when due                    -- leases, retention, statistics
+//!        wait    latch | results pipe | next due time }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+
+use super::claim::Policies;
+use super::error::{transaction, WorkerError};
+use super::inflight::InFlight;
+use super::queries as sql;
+use super::record::load_health;
+use super::settings::Settings;
+use super::{Stop, ERROR_BACKOFF, STATS_REFRESH_FLOOR};
+use crate::http::{Finished, HttpRuntime};
+use crate::pg::process::{reload_if_asked, shutdown_requested, wait};
+use crate::pg::shmem::{self, Slot, WorkerState};
+use crate::pg::spi;
+use crate::policy::{Health, StatsWatch, TokenBucket};
+use crate::retry::Schedule;
+
+pub struct Session {
+    pub(super) slot: &'static Slot,
+    pub(super) settings: Settings,
+    http: Option<HttpRuntime>,
+    pub(super) in_flight: InFlight,
+    pub(super) health: HashMap<i32, Health>,
+    pub(super) buckets: HashMap<i32, TokenBucket>,
+    /// Endpoints' own retry schedules, parsed once.
+    pub(super) schedules: HashMap<String, Arc<Schedule>>,
+    /// Results not recorded yet (a failed batch is tried again next round).
+    pub(super) unrecorded: Vec<Finished>,
+    /// Deliveries whose result could not be written yet, and how often that failed.
+    pub(super) record_failures: HashMap<i64, u32>,
+    pub(super) stats: StatsWatch,
+    /// The endpoints' policies, re-read when endpoints changed (`shmem::endpoints_version`).
+    pub(super) policies: Option<Policies>,
+    /// The subscription that replicates webhook's tables into this database, once seen: the
+    /// session then finishes what is under way and ends.
+    pub(super) replicated_by: Option<String>,
+    next_housekeeping: Instant,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(http) = self.http.take() {
+            http.shutdown();
+        }
+        spi::forget_all();
+    }
+}
+
+impl Session {
+    /// Takes over the queue: deliveries a previous worker left `sending` are due again, the
+    /// endpoints' health is loaded, the HTTP runtime started.
+    pub fn open(slot: &'static Slot) -> Result<Session, WorkerError> {
+        spi::forget_all();
+        let (health, rows) = transaction(|| {
+            sql::RECOVER.run(&[Vec::<i64>::new().into(), true.into()])?;
+            let rows = sql::PLANNER_ROWS.one::<f64>(&[])?.unwrap_or(0.0);
+            Ok((load_health()?, rows))
+        })?;
+        let settings = Settings::read();
+        let http = HttpRuntime::start(Settings::http()).map_err(WorkerError::Start)?;
+        let mut stats = StatsWatch::new(STATS_REFRESH_FLOOR);
+        stats.refreshed(rows);
+        Ok(Session {
+            slot,
+            settings,
+            http: Some(http),
+            in_flight: InFlight::default(),
+            health,
+            buckets: HashMap::new(),
+            schedules: HashMap::new(),
+            unrecorded: Vec::new(),
+            record_failures: HashMap::new(),
+            stats,
+            policies: None,
+            replicated_by: None,
+            next_housekeeping: Instant::now(),
+        })
+    }
+
+    pub(super) fn http(&self) -> &HttpRuntime {
+        self.http
+            .as_ref()
+            .expect("the runtime lives as long as the session")
+    }
+
+    /// Serves until shutdown, DROP EXTENSION, or replication of webhook's tables.
+    pub fn serve(mut self) -> Stop {
+        loop {
+            if shutdown_requested() {
+                return Stop::Shutdown;
+            }
+            if reload_if_asked() {
+                self.reload();
+            }
+            self.slot.set_state(WorkerState::Working);
+            let mut sleep = None;
+            let mut failure = self.record_stage().err();
+            if self.settings.paused {
+                self.slot.set_state(WorkerState::Paused);
+            } else if failure.is_none() {
+                match self.claim_and_send() {
+                    Ok(next) => sleep = next,
+                    Err(e) => {
+                        warning!("webhook_ext worker: claiming deliveries failed: {e}");
+                        failure = Some(e);
+                    }
+                }
+            }
+            if let Some(sub) = &self.replicated_by {
+                if self.http().in_flight() == 0 && self.unrecorded.is_empty() {
+                    return Stop::Replica(sub.clone());
+                }
+            }
+            if let Some(e) = failure {
+                if let WorkerError::ExtensionGone(_) = e {
+                    return Stop::ExtensionGone;
+                }
+                // A kept plan or cached policy may be what failed: start those afresh.
+                spi::forget_all();
+                self.policies = None;
+                sleep = Some(ERROR_BACKOFF);
+            }
+            if Instant::now() >= self.next_housekeeping {
+                self.next_housekeeping = Instant::now() + self.settings.housekeeping_every();
+                self.housekeeping();
+            }
+            self.rest(sleep);
+        }
+    }
+
+    /// postgresql.conf changed: settings, schedules and HTTP settings are read again, and
+    /// housekeeping runs now (the retention may have changed).
+    fn reload(&mut self) {
+        self.settings = Settings::read();
+        self.schedules.clear();
+        self.next_housekeeping = Instant::now();
+        let http = self
+            .http
+            .as_mut()
+            .expect("the runtime lives as long as the session");
+        if let Err(e) = http.reconfigure(Settings::http()) {
+            warning!("webhook_ext worker: keeping the previous HTTP settings: {e}");
+        }
+    }
+
+    /// Publishes the gauges and waits for a result, a wake-up, `sleep` or housekeeping.
+    fn rest(&mut self, sleep: Option<Duration>) {
+        let http = self.http();
+        self.slot
+            .in_flight
+            .store(http.in_flight() as u32, Ordering::Relaxed);
+        let until_housekeeping = self
+            .next_housekeeping
+            .saturating_duration_since(Instant::now());
+        let timeout = sleep.map_or(until_housekeeping, |s| s.min(until_housekeeping));
+        if timeout.is_zero() {
+            return;
+        }
+        if !self.settings.paused {
+            self.slot.set_state(WorkerState::Idle);
+        }
+        wait(Some(http.wake_fd()), Some(timeout));
+        self.slot
+            .last_wake
+            .store(shmem::now_micros(), Ordering::Relaxed);
+    }
+
+    /// Stage 1: collects finished requests and records them.
+    fn record_stage(&mut self) -> Result<(), WorkerError> {
+        let finished = self.http().take_finished();
+        self.unrecorded.extend(finished);
+        self.record_all()
+    }
+}
