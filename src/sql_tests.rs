@@ -103,6 +103,98 @@ mod tests {
         }
     }
 
+    /// One source for an endpoint's limits (webhook_core::limits): the table's CHECKs, the
+    /// argument checks' messages and the settings' ranges all say the same figures.
+    #[pg_test]
+    fn endpoint_limits_are_the_same_everywhere() {
+        use crate::limits::{MAX_ATTEMPTS, MAX_IN_FLIGHT, MIN_RATE_LIMIT, TIMEOUT_MS};
+        let check = |column: &str| -> String {
+            one(&format!(
+                "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c
+                  WHERE c.conrelid = 'webhook.endpoints'::regclass AND c.contype = 'c'
+                    AND pg_get_constraintdef(c.oid) LIKE '%({column} %'"
+            ))
+        };
+        let (lo, hi) = MAX_ATTEMPTS;
+        assert_eq!(
+            check("max_attempts"),
+            format!("CHECK (((max_attempts >= {lo}) AND (max_attempts <= {hi})))")
+        );
+        let (lo, hi) = MAX_IN_FLIGHT;
+        assert_eq!(
+            check("max_in_flight"),
+            format!("CHECK (((max_in_flight >= {lo}) AND (max_in_flight <= {hi})))")
+        );
+        assert_eq!(
+            check("rate_limit"),
+            format!("CHECK ((rate_limit > {}))", MIN_RATE_LIMIT - 1)
+        );
+        let max_timeout: String = one(&format!(
+            "SELECT ({} * interval '1 ms')::text",
+            TIMEOUT_MS.1
+        ));
+        assert_eq!(check("timeout"), format!("CHECK (((timeout > '00:00:00'::interval) AND (timeout <= '{max_timeout}'::interval)))"));
+        let refused = |arg: &str| {
+            err(&format!(
+                "SELECT webhook.create_endpoint('x', 'https://x.example.com', {arg})"
+            ))
+            .unwrap_or_default()
+        };
+        let (lo, hi) = MAX_ATTEMPTS;
+        assert_eq!(
+            refused(&format!("max_attempts => {}", hi + 1)),
+            format!("max_attempts must be between {lo} and {hi}, not {}", hi + 1)
+        );
+        let (lo, hi) = MAX_IN_FLIGHT;
+        assert_eq!(
+            refused(&format!("max_in_flight => {}", lo - 1)),
+            format!(
+                "max_in_flight must be between {lo} and {hi}, not {}",
+                lo - 1
+            )
+        );
+        assert_eq!(
+            refused(&format!("rate_limit => {}", MIN_RATE_LIMIT - 1)),
+            format!(
+                "rate_limit must be at least {MIN_RATE_LIMIT} delivery per second, not {}",
+                MIN_RATE_LIMIT - 1
+            )
+        );
+        assert!(
+            refused(&format!("timeout => interval '{} ms'", TIMEOUT_MS.1 + 1))
+                .starts_with("timeout must be more than 0 and at most 5 minutes")
+        );
+        assert!(refused(&format!("timeout => interval '{} ms'", TIMEOUT_MS.1)).is_empty());
+        for (setting, (lo, hi)) in [
+            ("webhook.default_max_in_flight", MAX_IN_FLIGHT),
+            ("webhook.default_timeout", TIMEOUT_MS),
+            ("webhook.default_max_attempts", (0, MAX_ATTEMPTS.1)),
+        ] {
+            let range: String = one(&format!(
+                "SELECT min_val || '..' || max_val FROM pg_settings WHERE name = '{setting}'"
+            ));
+            assert_eq!(range, format!("{lo}..{hi}"), "{setting}");
+        }
+    }
+
+    /// The views' circuit rule (webhook._circuit_open) is the worker's (Health::is_open).
+    #[pg_test]
+    fn the_views_and_the_worker_agree_on_the_circuit() {
+        for threshold in [0u32, 1, 5] {
+            for failures in [0u32, 1, 4, 5, 6] {
+                let worker = crate::policy::Health {
+                    consecutive_failures: failures,
+                    ..Default::default()
+                }
+                .is_open(threshold);
+                let views: bool = one(&format!(
+                    "SELECT webhook._circuit_open({failures}, {threshold})"
+                ));
+                assert_eq!(views, worker, "{failures} failures, threshold {threshold}");
+            }
+        }
+    }
+
     #[pg_test]
     fn create_endpoint_generates_a_secret_and_returns_the_row() {
         let secret: String = one(

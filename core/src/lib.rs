@@ -2,10 +2,11 @@
 //! runs without pgrx or a server.
 //!
 //! `signing` (Standard Webhooks HMAC), `retry` (schedules, verdicts, Retry-After), `policy`
-//! (circuit breaker, rate limits), `target` (URL checks and the SSRF guard), `request` (request
+//! (circuit breaker, rate limits), `limits` (an endpoint's settings' ranges), `target` (URL checks and the SSRF guard), `request` (request
 //! bodies and headers), `http` (the HTTP runtime the worker hands requests to).
 
 pub mod http;
+pub mod limits;
 pub mod policy;
 pub mod request;
 pub mod retry;

@@ -7,7 +7,12 @@
 use std::time::{Duration, SystemTime};
 
 /// The default `webhook.retry_schedule`.
-pub const DEFAULT_SCHEDULE: &str = "5s,5min,30min,2h,5h,10h,10h";
+pub const DEFAULT_SCHEDULE_C: &std::ffi::CStr = c"5s,5min,30min,2h,5h,10h,10h";
+/// The same, as text.
+pub const DEFAULT_SCHEDULE: &str = match DEFAULT_SCHEDULE_C.to_str() {
+    Ok(s) => s,
+    Err(_) => panic!("the default schedule is ASCII"),
+};
 /// Jitter applied to every scheduled delay: ±20 %.
 pub const JITTER: f64 = 0.2;
 /// After a 429 or a timeout the receiver is overloaded: wait at least this long,

@@ -7,7 +7,8 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::retry::Schedule;
+use crate::limits;
+use crate::retry::{self, Schedule};
 use crate::target;
 
 pub static DATABASE: GucSetting<Option<CString>> =
@@ -18,7 +19,7 @@ pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static DEFAULT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(15_000);
 pub static DEFAULT_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static RETRY_SCHEDULE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"5s,5min,30min,2h,5h,10h,10h"));
+    GucSetting::<Option<CString>>::new(Some(retry::DEFAULT_SCHEDULE_C));
 pub static RESPONSE_BODY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
@@ -57,8 +58,8 @@ pub fn init() {
         c"Most requests under way at once to one endpoint, unless the endpoint sets max_in_flight.",
         c"",
         &DEFAULT_MAX_IN_FLIGHT,
-        1,
-        10_000,
+        limits::MAX_IN_FLIGHT.0,
+        limits::MAX_IN_FLIGHT.1,
         GucContext::Sighup,
         none,
     );
@@ -77,8 +78,8 @@ pub fn init() {
         c"How long one request may take (connect, send, answer, body), unless the endpoint sets timeout.",
         c"",
         &DEFAULT_TIMEOUT_MS,
-        1,
-        300_000,
+        limits::TIMEOUT_MS.0,
+        limits::TIMEOUT_MS.1,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
@@ -88,7 +89,7 @@ pub fn init() {
         c"",
         &DEFAULT_MAX_ATTEMPTS,
         0,
-        100,
+        limits::MAX_ATTEMPTS.1,
         GucContext::Sighup,
         none,
     );
@@ -96,7 +97,7 @@ pub fn init() {
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"webhook.retry_schedule",
-            c"Delays between attempts, comma-separated (e.g. 5s,5min,30min,2h,5h,10h,10h); ±20 % jitter is added.",
+            c"Delays between attempts, comma-separated, in units ms, s, min, h, d; ±20 % jitter is added.",
             c"",
             &RETRY_SCHEDULE,
             GucContext::Sighup,
