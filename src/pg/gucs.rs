@@ -33,6 +33,8 @@ pub static CIRCUIT_BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(1
 pub static AUTO_DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 24 * 3600);
 
 /// Defines every setting and reserves the `webhook` prefix (typos become errors, not silent no-ops).
+/// Long, and kept whole on purpose: one flat list of definitions, one per setting, in the order
+/// the README lists them; splitting it would only scatter the list.
 pub fn init() {
     let none = GucFlags::default();
     GucRegistry::define_string_guc(

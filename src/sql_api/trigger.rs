@@ -196,64 +196,141 @@ fn enqueue<'a>(
         );
     };
     let args = trigger.extra_args()?;
-    let endpoint_name = args.first().map(String::as_str).unwrap_or_default();
     register_invalidation_callback();
-
     // SAFETY: the trigger manager hands us a valid relation, trigger and tuples for the call.
-    let wake = unsafe {
-        let rel = data.tg_relation;
-        let (schema, table) = published_name(rel);
-        let event_type = format!("{schema}.{table}.{}", op.to_ascii_lowercase());
-        let (home, home_owner) = trigger_home(rel, data.tg_trigger);
-        let (roles, found) = lookup(endpoint_name, |ep| {
+    if unsafe { fire(data, op, &args) } {
+        shmem::wake_at_commit();
+    }
+    Ok(None)
+}
+
+/// Records the row change for the trigger's endpoint; true if a delivery is now pending.
+unsafe fn fire(data: &pg_sys::TriggerData, op: &'static str, args: &[String]) -> bool {
+    let endpoint_name = args.first().map(String::as_str).unwrap_or_default();
+    let rel = data.tg_relation;
+    // SAFETY: the relation and trigger of the call.
+    let (schema, table) = unsafe { published_name(rel) };
+    let event_type = format!("{schema}.{table}.{}", op.to_ascii_lowercase());
+    let (home, home_owner) = unsafe { trigger_home(rel, data.tg_trigger) };
+    let Some((roles, endpoint_id, status, reason)) =
+        endpoint_for(endpoint_name, &event_type, home, home_owner)
+    else {
+        return false;
+    };
+    let (new_tuple, old_tuple) = match op {
+        "INSERT" => (data.tg_trigtuple, std::ptr::null_mut()),
+        "UPDATE" => (data.tg_newtuple, data.tg_trigtuple),
+        _ => (std::ptr::null_mut(), data.tg_trigtuple),
+    };
+    let columns: Option<Vec<String>> = (args.len() > 1).then(|| args[1..].to_vec());
+    // SAFETY: the tuples and descriptor of the call.
+    let Some(images) = (unsafe { row_images(rel, new_tuple, old_tuple, columns.as_deref()) })
+    else {
+        // An UPDATE that changed none of the chosen columns records nothing.
+        return false;
+    };
+    let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
+    let base = request::row_change_body_len(&event_type, &schema, &table, op, 0, 0, txid);
+    let limit = gucs::MAX_PAYLOAD_BYTES.get();
+    let size = (images.raw <= LARGEST_ROW_BUILT)
+        .then(|| unsafe { body_size(base as i64, images.new, images.old, limit) });
+    let mut r = Record {
+        event_type: &event_type,
+        schema: &schema,
+        table: &table,
+        op,
+        new: images.new,
+        old: images.old,
+        endpoint_id,
+        status,
+        reason,
+        size: size.map(|n| n.min(i64::from(i32::MAX)) as i32),
+    };
+    match size {
+        None => r.fail(format!(
+            "row is {} bytes before JSON encoding, too large to publish: more than webhook.max_payload_bytes ({limit})",
+            images.raw
+        )),
+        Some(n) if n > i64::from(limit) => r.fail(format!(
+            "payload is {n} bytes, more than webhook.max_payload_bytes ({limit})"
+        )),
+        Some(_) => {}
+    }
+    record(roles, &r);
+    r.status == "pending"
+}
+
+/// What the trigger records for its endpoint (roles, endpoint id, status, reason), or None when
+/// the endpoint's event types leave this event out. Refuses (42501) a table that may not
+/// publish to the endpoint.
+fn endpoint_for(
+    name: &str,
+    event_type: &str,
+    home: pg_sys::Oid,
+    home_owner: pg_sys::Oid,
+) -> Option<(Roles, Option<i32>, &'static str, Option<String>)> {
+    let (roles, found) = lookup(name, |ep| {
+        (
             (
-                (
-                    ep.id,
-                    ep.enabled,
-                    request::type_matches(&event_type, ep.event_types.as_deref()),
-                ),
-                ep.publishers.contains(&home),
-            )
-        });
-        let (found, allowed) = found.map_or((None, false), |(f, a)| (Some(f), a));
-        // Only tables an administrator subscribed or allowed publish. Not even a table owned by
-        // an administrator is exempt: anyone holding TRIGGER on it could attach the trigger.
-        // A trigger naming an endpoint that does not exist sends nothing; on an administrator's
-        // table it is recorded as a failed delivery (a typo), elsewhere refused like the rest.
-        let trusted_owner = || pg_sys::superuser_arg(home_owner) || is_admin(home_owner, roles);
-        if !allowed && !roles.legacy && (found.is_some() || !trusted_owner()) {
-            refuse_publishing(home, endpoint_name);
-        }
-        let (endpoint_id, status, reason) = match route(endpoint_name, found) {
-            Route::Skip => return Ok(None),
-            Route::Record {
-                endpoint_id,
-                status,
-                reason,
-            } => (endpoint_id, status, reason),
-        };
+                ep.id,
+                ep.enabled,
+                request::type_matches(event_type, ep.event_types.as_deref()),
+            ),
+            ep.publishers.contains(&home),
+        )
+    });
+    let (found, allowed) = found.map_or((None, false), |(f, a)| (Some(f), a));
+    // Only tables an administrator subscribed or allowed publish. Not even a table owned by
+    // an administrator is exempt: anyone holding TRIGGER on it could attach the trigger.
+    // A trigger naming an endpoint that does not exist sends nothing; on an administrator's
+    // table it is recorded as a failed delivery (a typo), elsewhere refused like the rest.
+    // SAFETY: catalog lookups inside the trigger's transaction.
+    let trusted_owner =
+        || unsafe { pg_sys::superuser_arg(home_owner) } || is_admin(home_owner, roles);
+    if !allowed && !roles.legacy && (found.is_some() || !trusted_owner()) {
+        // SAFETY: as above.
+        unsafe { refuse_publishing(home, name) };
+    }
+    match route(name, found) {
+        Route::Skip => None,
+        Route::Record {
+            endpoint_id,
+            status,
+            reason,
+        } => Some((roles, endpoint_id, status, reason)),
+    }
+}
+
+/// A row change's images, built as the session's own user, and the row's size before JSON
+/// encoding (the images are not built above LARGEST_ROW_BUILT).
+struct Images {
+    new: Option<pg_sys::Datum>,
+    old: Option<pg_sys::Datum>,
+    raw: i64,
+}
+
+/// The images of the new and old row (all columns, or `columns`); None for an UPDATE that
+/// changed none of `columns`.
+unsafe fn row_images(
+    rel: pg_sys::Relation,
+    new_tuple: pg_sys::HeapTuple,
+    old_tuple: pg_sys::HeapTuple,
+    columns: Option<&[String]>,
+) -> Option<Images> {
+    // SAFETY: the relation and tuples of the trigger call.
+    unsafe {
         let tupdesc = (*rel).rd_att;
-        let (new_tuple, old_tuple) = match op {
-            "INSERT" => (data.tg_trigtuple, std::ptr::null_mut()),
-            "UPDATE" => (data.tg_newtuple, data.tg_trigtuple),
-            _ => (std::ptr::null_mut(), data.tg_trigtuple),
-        };
-        let columns: Option<Vec<String>> = (args.len() > 1).then(|| args[1..].to_vec());
-        let limit = gucs::MAX_PAYLOAD_BYTES.get();
-        let raw = raw_size(new_tuple, tupdesc, columns.as_deref())
-            + raw_size(old_tuple, tupdesc, columns.as_deref());
-        // Built here, as the session's own user: the row images.
+        let raw = raw_size(new_tuple, tupdesc, columns) + raw_size(old_tuple, tupdesc, columns);
         let (new, old) = if raw > LARGEST_ROW_BUILT {
             (None, None)
-        } else if let Some(cols) = &columns {
+        } else if let Some(cols) = columns {
             let (new, old) = (
                 columns_json(new_tuple, tupdesc, cols),
                 columns_json(old_tuple, tupdesc, cols),
             );
-            // An UPDATE that changed none of the chosen columns records nothing.
             if let (Some(n), Some(o)) = (new, old) {
                 if jsonb_equal(n, o) {
-                    return Ok(None);
+                    return None;
                 }
             }
             (new, old)
@@ -264,41 +341,8 @@ fn enqueue<'a>(
                 row_json(old_tuple, tupdesc, reltype),
             )
         };
-        let txid = pg_sys::GetTopFullTransactionId().value as i64;
-        let base = request::row_change_body_len(&event_type, &schema, &table, op, 0, 0, txid);
-        let size = (raw <= LARGEST_ROW_BUILT).then(|| body_size(base as i64, new, old, limit));
-        let mut r = Record {
-            event_type: &event_type,
-            schema: &schema,
-            table: &table,
-            op,
-            new,
-            old,
-            endpoint_id,
-            status,
-            reason,
-            size: size.map(|n| n.min(i64::from(i32::MAX)) as i32),
-        };
-        match size {
-            None => {
-                r.fail(format!(
-                    "row is {raw} bytes before JSON encoding, too large to publish: more than webhook.max_payload_bytes ({limit})"
-                ));
-            }
-            Some(n) if n > i64::from(limit) => {
-                r.fail(format!(
-                    "payload is {n} bytes, more than webhook.max_payload_bytes ({limit})"
-                ));
-            }
-            Some(_) => {}
-        }
-        record(roles, &r);
-        r.status == "pending"
-    };
-    if wake {
-        shmem::wake_at_commit();
+        Some(Images { new, old, raw })
     }
-    Ok(None)
 }
 
 /// One event and its delivery, as they are written.
