@@ -7,15 +7,16 @@
 //!   --only a,b       run only these sections: throughput, latency, trigger, memory, backlog
 //!   --out PATH       where to write the report (default BENCHMARKS.md)
 
-#[path = "../common/mod.rs"]
-mod common;
+// The end-to-end tests' harness: the same clusters, receivers and PostgreSQL programs.
+#[path = "../e2e/harness/mod.rs"]
+mod harness;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::*;
 
 struct Options {
     quick: bool,
@@ -274,7 +275,7 @@ fn pgbench(pg: &Cluster, script: &str, clients: u32, seconds: u32) -> f64 {
         .arg("644")
         .arg(&path)
         .status();
-    let out = std::process::Command::new(format!("{}/pgbench", common::cluster::BIN))
+    let out = std::process::Command::new(pg_bin("pgbench"))
         .args([
             "-h",
             "127.0.0.1",

@@ -4,32 +4,15 @@
 //! receivers. Each test asserts the outcome 0.3.0 gives; against webhook_ext 0.2.0 each fails
 //! because the attack it names works there.
 
-mod common;
-
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use postgres::error::SqlState;
 
 /// The key of 0.2.0's single-instance guard (src/worker.rs `WORKER_LOCK_KEY`, "webhook").
 const OLD_WORKER_LOCK_KEY: i64 = 0x0077_6562_686f_6f6b;
-
-fn connect(pg: &Cluster, role: &str, db: &str) -> postgres::Client {
-    postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user={role} dbname={db} connect_timeout=10",
-            pg.port
-        ),
-        postgres::NoTls,
-    )
-    .unwrap()
-}
-
-fn connect_as(pg: &Cluster, role: &str) -> postgres::Client {
-    connect(pg, role, "app")
-}
 
 /// A superuser session that never resolves a name through `public` (for checking results in a
 /// database whose search_path an attacker has set).
@@ -37,36 +20,6 @@ fn checker(pg: &Cluster) -> postgres::Client {
     let mut db = pg.client();
     db.batch_execute("SET search_path = pg_catalog").unwrap();
     db
-}
-
-/// Every role with rolsuper, by name.
-fn superusers(db: &mut postgres::Client) -> Vec<String> {
-    db.query(
-        "SELECT rolname::text FROM pg_catalog.pg_roles WHERE rolsuper ORDER BY rolname",
-        &[],
-    )
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
-fn count(db: &mut postgres::Client, sql: &str) -> i64 {
-    db.query_one(sql, &[]).unwrap().get(0)
-}
-
-/// Polls `f` until it holds or `timeout` passes; says which.
-fn soft_wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The database error of a statement that had to fail; panics naming `what` if it succeeded.
@@ -145,7 +98,7 @@ fn planted_cast(carrier: Carrier) {
     .unwrap();
     create_endpoint(&mut db, "crm", &rx.url("/"));
 
-    let mut app = connect_as(&pg, "app");
+    let mut app = pg.client_as("app", "app");
     app.batch_execute(
         r#"CREATE TABLE app.cast_log (who text NOT NULL, via text NOT NULL);
            CREATE TYPE app.flag AS ENUM ('red', 'green');
@@ -290,7 +243,7 @@ fn s1_a_temp_only_role_cannot_escalate_through_a_temporary_cast() {
     )
     .unwrap();
     create_endpoint(&mut db, "crm", &rx.url("/"));
-    let mut u = connect_as(&pg, "user_usage");
+    let mut u = pg.client_as("user_usage", "app");
     u.batch_execute(
         r#"CREATE TYPE pg_temp.flag AS ENUM ('red', 'green');
            CREATE FUNCTION pg_temp.flag_json(f pg_temp.flag) RETURNS json LANGUAGE plpgsql AS $$
@@ -497,7 +450,7 @@ fn s2_operators_and_functions_planted_in_public_are_never_called() {
              GRANT USAGE ON SEQUENCE public.users_id_seq TO app;",
         )
         .unwrap();
-        let mut attacker = connect_as(&pg, "dbowner");
+        let mut attacker = pg.client_as("dbowner", "app");
         attacker.batch_execute(&plant_sql()).unwrap();
     }
     // The worker (and every session) starts again with the attacker's search_path, and with no
@@ -505,9 +458,8 @@ fn s2_operators_and_functions_planted_in_public_are_never_called() {
     pg.restart("fast");
     let mut su = checker(&pg);
     worker_ready(&mut su);
-    let mut admin = connect_as(&pg, "admin");
-    let mut app = connect_as(&pg, "app");
-    let busy = "SELECT count(*) FROM webhook.deliveries WHERE status IN ('pending', 'sending')";
+    let mut admin = pg.client_as("admin", "app");
+    let mut app = pg.client_as("app", "app");
 
     // admin and app run only API calls and plain DML with literal arguments, so any planted
     // object that runs was called by the extension. Steps that fail are collected and reported
@@ -561,7 +513,7 @@ fn s2_operators_and_functions_planted_in_public_are_never_called() {
                 &mut su,
                 "SELECT count(*) FROM webhook.endpoints WHERE name = 'dead' AND NOT enabled",
             ) == 1
-            && count(&mut su, busy) == 0
+            && unfinished(&mut su) == 0
     });
     let outcome =
         |su: &mut postgres::Client, name: &str| -> Option<(bool, String, Option<String>)> {
@@ -627,7 +579,7 @@ fn s2_operators_and_functions_planted_in_public_are_never_called() {
         rx_ok.count() == 5
             && rx_flaky.count() == 3
             && rx_down.count() == 4
-            && count(&mut su, busy) == 0
+            && unfinished(&mut su) == 0
     });
     for view in [
         "SELECT * FROM webhook.endpoint_stats",
@@ -649,7 +601,7 @@ fn s2_operators_and_functions_planted_in_public_are_never_called() {
         admin.batch_execute("SELECT webhook.drop_endpoint('down', cascade => true)"),
     );
     step("delete", app.batch_execute("DELETE FROM users"));
-    let third_round = soft_wait(PATIENCE, || rx_ok.count() == 6 && count(&mut su, busy) == 0);
+    let third_round = soft_wait(PATIENCE, || rx_ok.count() == 6 && unfinished(&mut su) == 0);
     step(
         "worker_status",
         admin
@@ -737,8 +689,7 @@ fn s2_operators_and_functions_planted_in_public_are_never_called() {
 fn s3_a_monitoring_role_cannot_forge_deliveries_from_a_temp_table() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     let secret = create_endpoint(&mut db, "billing", &rx.url("/"));
     db.batch_execute(
         "CREATE ROLE monitor LOGIN;
@@ -747,7 +698,7 @@ fn s3_a_monitoring_role_cannot_forge_deliveries_from_a_temp_table() {
          GRANT SELECT (id, name, url, enabled, disabled_reason) ON webhook.endpoints TO monitor;",
     )
     .unwrap();
-    let mut monitor = connect_as(&pg, "monitor");
+    let mut monitor = pg.client_as("monitor", "app");
     monitor
         .batch_execute(
             "CREATE TEMP TABLE forged (x text);
@@ -790,7 +741,7 @@ fn s3_a_table_owner_cannot_publish_through_a_hand_written_trigger() {
     )
     .unwrap();
     let secret = create_endpoint(&mut db, "billing", &rx.url("/"));
-    let mut owner = connect_as(&pg, "owner");
+    let mut owner = pg.client_as("owner", "app");
     owner
         .batch_execute(
             "CREATE TABLE owned (id int PRIMARY KEY, note text);
@@ -808,7 +759,7 @@ fn s3_a_table_owner_cannot_publish_through_a_hand_written_trigger() {
     }
     assert_publish_refused(&db_error(r, "owner's INSERT"), "billing");
 
-    let mut admin = connect_as(&pg, "admin");
+    let mut admin = pg.client_as("admin", "app");
     admin
         .batch_execute("SELECT webhook.allow_publish('owned', 'billing')")
         .unwrap();
@@ -1003,8 +954,8 @@ fn s5a_an_endpoint_created_after_a_snapshot_is_not_missing() {
     db.batch_execute("SELECT webhook.subscribe('users', 'crm')")
         .unwrap();
 
-    let mut cold = connect_as(&pg, "app");
-    let mut warm = connect_as(&pg, "app");
+    let mut cold = pg.client_as("app", "app");
+    let mut warm = pg.client_as("app", "app");
     warm.batch_execute("INSERT INTO users (email) VALUES ('warm-up')")
         .unwrap();
     rx_crm.wait_for(1, PATIENCE);
@@ -1120,7 +1071,7 @@ fn mallory_cluster() -> (Cluster, Receiver, postgres::Client) {
 fn s6a_a_refused_drop_database_does_not_evict_the_worker() {
     let (pg, rx, mut db) = mallory_cluster();
     let pid = worker_ready(&mut db);
-    let mut mallory = connect(&pg, "mallory", "postgres");
+    let mut mallory = pg.client_as("mallory", "postgres");
     let e = db_error(
         mallory
             .batch_execute("DROP DATABASE app")
@@ -1151,7 +1102,7 @@ fn s6a_a_refused_drop_database_does_not_evict_the_worker() {
 fn s6a_refused_rename_and_template_copy_do_not_evict_the_worker() {
     let (pg, rx, mut db) = mallory_cluster();
     let pid = worker_ready(&mut db);
-    let mut mallory = connect(&pg, "mallory", "postgres");
+    let mut mallory = pg.client_as("mallory", "postgres");
     for sql in [
         "ALTER DATABASE app RENAME TO gone",
         "CREATE DATABASE copy TEMPLATE app",
@@ -1175,7 +1126,7 @@ fn s6a_refused_rename_and_template_copy_do_not_evict_the_worker() {
 fn advisory_lock_squat(keys_from_pg_locks: bool) {
     let (pg, rx, mut db) = mallory_cluster();
     let pid = worker_ready(&mut db);
-    let mut mallory = connect_as(&pg, "mallory");
+    let mut mallory = pg.client_as("mallory", "app");
     // Bigint keys (objsubid 1) and int4 pairs (objsubid 2) that anyone can read in pg_locks.
     let mut bigint_keys = vec![OLD_WORKER_LOCK_KEY];
     let mut pair_keys: Vec<(i32, i32)> = Vec::new();
@@ -1275,7 +1226,7 @@ fn s14_a_refusal_inside_the_trigger_is_one_message_with_a_sqlstate() {
     )
     .unwrap();
     create_endpoint(&mut db, "billing", &rx.url("/"));
-    let mut u = connect_as(&pg, "user_usage");
+    let mut u = pg.client_as("user_usage", "app");
     u.batch_execute(
         "CREATE TEMP TABLE forged (x text);
          CREATE TRIGGER t AFTER INSERT ON forged FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');",
@@ -1421,11 +1372,7 @@ fn s13_a_pre_existing_webhook_admin_is_not_adopted_silently() {
         "ALTER ROLE webhook_admin NOLOGIN; CREATE ROLE eve LOGIN IN ROLE webhook_admin",
     )
     .unwrap();
-    let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen = notices.clone();
-    let mut config: postgres::Config = pg.connstr("app").parse().unwrap();
-    config.notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()));
-    let mut db = config.connect(postgres::NoTls).unwrap();
+    let (mut db, notices) = pg.client_with_notices("app");
     db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
     let notices = notices.lock().unwrap().clone();
     assert!(
@@ -1443,11 +1390,7 @@ fn s13_a_pre_existing_webhook_admin_is_not_adopted_silently() {
 #[test]
 fn s10_renames_that_change_what_is_published_are_never_silent() {
     let pg = Cluster::start(&[]);
-    let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen = notices.clone();
-    let mut config: postgres::Config = pg.connstr("app").parse().unwrap();
-    config.notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()));
-    let mut db = config.connect(postgres::NoTls).unwrap();
+    let (mut db, notices) = pg.client_with_notices("app");
     db.batch_execute(
         "CREATE EXTENSION webhook_ext;
          CREATE TABLE users (id int PRIMARY KEY, email text);
@@ -1484,8 +1427,8 @@ fn r1_a_database_owners_drop_that_postgres_refuses_does_not_evict_the_worker() {
     db.batch_execute("ALTER DATABASE app OWNER TO mallory")
         .unwrap();
     let pid = worker_ready(&mut db);
-    let mut in_app = connect(&pg, "mallory", "app");
-    let mut elsewhere = connect(&pg, "mallory", "postgres");
+    let mut in_app = pg.client_as("mallory", "app");
+    let mut elsewhere = pg.client_as("mallory", "postgres");
     let refused = [
         (
             true,
@@ -1535,7 +1478,7 @@ fn r2_database_settings_cannot_change_who_the_worker_is_or_stall_it() {
     )
     .unwrap();
     let pid = worker_ready(&mut db);
-    let mut mallory = connect(&pg, "mallory", "app");
+    let mut mallory = pg.client_as("mallory", "app");
     mallory
         .batch_execute(
             "ALTER DATABASE app SET role = 'mallory';
@@ -1623,7 +1566,7 @@ fn r6_a_usage_role_blocks_neither_drop_endpoint_nor_upgrades() {
          SELECT webhook.create_endpoint('billing', 'https://billing.example.com/');",
     )
     .unwrap();
-    let mut monitor = connect_as(&pg, "monitor");
+    let mut monitor = pg.client_as("monitor", "app");
     monitor
         .batch_execute(
             "CREATE TEMP TABLE f (x int);
@@ -1635,11 +1578,7 @@ fn r6_a_usage_role_blocks_neither_drop_endpoint_nor_upgrades() {
         "a column of webhook's row type",
     );
     assert_eq!(e.message(), "permission denied for type webhook._meta");
-    let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen = notices.clone();
-    let mut config: postgres::Config = pg.connstr("app").parse().unwrap();
-    config.notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()));
-    let mut admin = config.connect(postgres::NoTls).unwrap();
+    let (mut admin, notices) = pg.client_with_notices("app");
     admin
         .batch_execute("SELECT webhook.allow_publish('orders', 'billing')")
         .unwrap();
@@ -1687,11 +1626,10 @@ fn r9_a_database_that_is_not_utf8_is_refused() {
 /// `webhook.dns_servers` pointing at a nameserver on loopback.
 #[test]
 fn s12_receivers_whose_dns_never_answers_do_not_hold_up_others() {
-    let ns = common::dns::nameserver(&[("good.test", [127, 0, 0, 1])]);
+    let ns = crate::harness::dns::nameserver(&[("good.test", [127, 0, 0, 1])]);
     let pg = Cluster::start(&[("webhook.dns_servers", &format!("'{ns}'"))]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     for i in 0..40 {
         db.execute(
             "SELECT webhook.create_endpoint($1, $2)",

@@ -2,14 +2,11 @@
 //! reloads, upgrades from the previous release, the installed artefact, and the README's own
 //! examples (its SQL, and its signature-verification snippets run against real requests).
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 fn conf(db: &str) -> Vec<(String, String)> {
     vec![
@@ -97,13 +94,7 @@ fn reloading_the_database_list_starts_and_stops_workers() {
     two.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
     create_endpoint(&mut two, "e", &rx.url("/"));
     // Not served yet: the events wait, and the API says why.
-    let mut status: String = two
-        .query_one(
-            "SELECT state FROM webhook.worker_status() WHERE database = 'two'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let mut status = worker_state(&mut two, "two").unwrap();
     assert_eq!(status, "not served: add this database to webhook.database");
     two.execute(
         "SELECT webhook.send('x', to_jsonb(g), 'e') FROM generate_series(1, 10) g",
@@ -116,13 +107,7 @@ fn reloading_the_database_list_starts_and_stops_workers() {
     pg.set("webhook.database", "'one, two'");
     pg.reload();
     rx.wait_for(10, PATIENCE);
-    status = two
-        .query_one(
-            "SELECT state FROM webhook.worker_status() WHERE database = 'two'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    status = worker_state(&mut two, "two").unwrap();
     assert!(status == "idle" || status == "working", "{status}");
 
     pg.set("webhook.database", "'one'");
@@ -134,14 +119,6 @@ fn reloading_the_database_list_starts_and_stops_workers() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(rx.count(), 10);
-}
-
-fn extension_dir() -> PathBuf {
-    let out = Command::new("/usr/bin/pg_config")
-        .arg("--sharedir")
-        .output()
-        .unwrap();
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("extension")
 }
 
 #[test]
@@ -181,7 +158,7 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
          SELECT id, 1, endpoint_id, now(), '5 ms', last_status_code FROM webhook.deliveries WHERE status <> 'pending';",
     )
     .unwrap();
-    let before: (i64, i64, i64) = counts(&mut db);
+    let before = history_counts(&mut db);
     assert_eq!(before, (30, 30, 15));
 
     let pending: i64 = db
@@ -219,15 +196,12 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
         .get(0);
     assert_eq!(version, "0.3.0");
     // History intact (the worker, now serving, may already be adding attempts of its own).
-    let after = counts(&mut db);
+    let after = history_counts(&mut db);
     assert_eq!((after.0, after.1), (before.0, before.1), "history intact");
-    let kept: i64 = db
-        .query_one(
-            "SELECT count(*) FROM webhook.attempts WHERE duration = '5 ms'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let kept = count(
+        &mut db,
+        "SELECT count(*) FROM webhook.attempts WHERE duration = '5 ms'",
+    );
     assert_eq!(kept, 15, "the old attempts are kept");
 
     let reqs = rx.wait_for(15, PATIENCE);
@@ -235,29 +209,15 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
     for r in &reqs {
         verify_with_standardwebhooks(&secret, r).unwrap();
     }
-    let delivered: i64 = db
-        .query_one(
-            "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let delivered = count(
+        &mut db,
+        "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'",
+    );
     assert_eq!(delivered, 25);
     // New rows after the upgrade go through too.
     db.execute("INSERT INTO users VALUES (31, 'new@example.com')", &[])
         .unwrap();
     rx.wait_for(16, PATIENCE);
-}
-
-fn counts(db: &mut postgres::Client) -> (i64, i64, i64) {
-    let r = db
-        .query_one(
-            "SELECT (SELECT count(*) FROM webhook.events), (SELECT count(*) FROM webhook.deliveries),
-                    (SELECT count(*) FROM webhook.attempts)",
-            &[],
-        )
-        .unwrap();
-    (r.get(0), r.get(1), r.get(2))
 }
 
 /// Everything in schema webhook, as text: what a fresh install and an upgraded one must agree on.
@@ -340,27 +300,25 @@ fn a_dump_restores_into_a_working_queue() {
     )
     .unwrap();
     let dump = pg.dir.join("src.sql");
-    let out = Command::new(format!("{}/pg_dump", common::cluster::BIN))
-        .args([
+    let dump = dump.to_str().unwrap();
+    let port = pg.port.to_string();
+    client_program(
+        "pg_dump",
+        &[
             "-h",
             "127.0.0.1",
             "-p",
-            &pg.port.to_string(),
+            &port,
             "-U",
             "postgres",
             "-f",
-        ])
-        .arg(&dump)
-        .arg("src")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            dump,
+            "src",
+        ],
     );
-    let out = Command::new(format!("{}/psql", common::cluster::BIN))
-        .args([
+    client_program(
+        "psql",
+        &[
             "-X",
             "-q",
             "-v",
@@ -368,20 +326,14 @@ fn a_dump_restores_into_a_working_queue() {
             "-h",
             "127.0.0.1",
             "-p",
-            &pg.port.to_string(),
+            &port,
             "-U",
             "postgres",
             "-d",
             "dst",
             "-f",
-        ])
-        .arg(&dump)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            dump,
+        ],
     );
     // The restored queue is delivered (dst is served), and new events get new ids.
     let mut dst = pg.client_to("dst");
@@ -393,10 +345,7 @@ fn a_dump_restores_into_a_working_queue() {
     .unwrap();
     rx.wait_for(10, PATIENCE);
     wait_settled(&mut dst, PATIENCE);
-    let events: i64 = dst
-        .query_one("SELECT count(DISTINCT id) FROM webhook.events", &[])
-        .unwrap()
-        .get(0);
+    let events = count(&mut dst, "SELECT count(DISTINCT id) FROM webhook.events");
     assert_eq!(events, 10);
     // The restored queue hands out new delivery ids: no webhook-id is sent twice.
     let ids: std::collections::HashSet<String> =
@@ -434,7 +383,7 @@ fn every_sql_example_in_the_readme_runs() {
     let blocks = readme_blocks("sql");
     assert!(blocks.len() >= 5, "the README has SQL examples");
     for block in blocks {
-        let out = Command::new(format!("{}/psql", common::cluster::BIN))
+        let out = Command::new(pg_bin("psql"))
             .args([
                 "-X",
                 "-q",
@@ -464,8 +413,7 @@ fn every_sql_example_in_the_readme_runs() {
 fn the_readme_snippets_verify_a_real_request() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     let secret = create_endpoint(&mut db, "e", &rx.url("/"));
     db.execute(
         "SELECT webhook.send('user.created', '{\"id\": 1, \"email\": \"ada@example.com\"}', 'e')",

@@ -1,14 +1,12 @@
 //! End-to-end: a real cluster with webhook_ext preloaded, real receivers on 127.0.0.1.
 //! The core pipeline: commit -> signed request -> recorded delivery; retries; crashes.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 fn users_table(db: &mut postgres::Client) {
     db.batch_execute(
@@ -111,10 +109,7 @@ fn rolled_back_insert_sends_nothing() {
     };
     assert_eq!(reqs.len(), 1);
     assert_eq!(reqs[0].json()["data"]["new"]["email"], "real@example.com");
-    let events: i64 = db
-        .query_one("SELECT count(*) FROM webhook.events", &[])
-        .unwrap()
-        .get(0);
+    let events = count(&mut db, "SELECT count(*) FROM webhook.events");
     assert_eq!(events, 1);
 }
 
@@ -223,8 +218,7 @@ fn send_reaches_named_and_matching_endpoints() {
     let pg = Cluster::start(&[]);
     let billing = Receiver::start(always(Reply::ok()));
     let audit = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     let secret = create_endpoint(&mut db, "billing", &billing.url("/"));
     db.execute(
         "SELECT webhook.create_endpoint('audit', $1, event_types => '{invoice.*}')",
@@ -336,7 +330,7 @@ fn receiver_down_then_back_is_delivered_and_the_insert_never_fails() {
         "webhook.retry_schedule",
         "'300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms'",
     )]);
-    let port = common::cluster::free_port();
+    let port = free_port();
     let mut db = pg.client();
     users_table(&mut db);
     let secret = create_endpoint(&mut db, "crm", &format!("http://127.0.0.1:{port}/"));
@@ -351,13 +345,10 @@ fn receiver_down_then_back_is_delivered_and_the_insert_never_fails() {
         .unwrap();
     }
     wait_until(PATIENCE, "a failed attempt", || {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM webhook.attempts WHERE error LIKE 'connection failed%'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
+        let n = count(
+            &mut db,
+            "SELECT count(*) FROM webhook.attempts WHERE error LIKE 'connection failed%'",
+        );
         (n >= 5).then_some(())
     });
     let rx = Receiver::start_at(port, always(Reply::ok()));
@@ -393,13 +384,10 @@ fn crash_with_two_thousand_in_flight_loses_nothing() {
     db.execute("INSERT INTO users (email) SELECT 'u' || g || '@example.com' FROM generate_series(1, 2500) g", &[])
         .unwrap();
     wait_until(PATIENCE, "2,000 requests in flight", || {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM webhook.deliveries WHERE status = 'sending'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
+        let n = count(
+            &mut db,
+            "SELECT count(*) FROM webhook.deliveries WHERE status = 'sending'",
+        );
         (n >= 2000).then_some(())
     });
     drop(db);
@@ -463,8 +451,7 @@ fn a_slow_receiver_does_not_stall_others() {
     let pg = Cluster::start(&[("webhook.default_timeout", "'20s'")]);
     let slow = Receiver::start(always(Reply::ok().after(Duration::from_secs(10))));
     let fast = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     create_endpoint(&mut db, "slow", &slow.url("/"));
     create_endpoint(&mut db, "fast", &fast.url("/"));
     db.execute(
@@ -503,13 +490,7 @@ fn worker_waits_for_its_database_and_extension_without_restart() {
     db.execute("SELECT webhook.send('hello', '{}')", &[])
         .unwrap();
     rx.wait_for(1, PATIENCE);
-    let state: String = db
-        .query_one(
-            "SELECT state FROM webhook.worker_status() WHERE database = 'later'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let state = worker_state(&mut db, "later").unwrap();
     assert!(state == "idle" || state == "working", "{state}");
     // Quiet while waiting: no error lines in the log.
     assert!(!pg.log().contains("ERROR"), "{}", pg.log());
@@ -595,8 +576,7 @@ fn deliveries_wait_for_capacity_and_all_arrive() {
         s.fetch_add(1, Ordering::SeqCst);
         Reply::ok().after(Duration::from_millis(20))
     }));
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     create_endpoint(&mut db, "e", &rx.url("/"));
     db.execute(
         "SELECT webhook.send('n', to_jsonb(g)) FROM generate_series(1, 200) g",

@@ -2,20 +2,12 @@
 //! Retry-After, 410, redirects, timeouts, dead letters and redelivery, per-endpoint limits, the
 //! circuit breaker, ordered endpoints, secret rotation, response caps, purge and retention.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::*;
-
-fn setup(pg: &Cluster) -> postgres::Client {
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
-    db
-}
+use crate::harness::*;
 
 fn send(db: &mut postgres::Client, endpoint: &str, n: i64) {
     db.execute(
@@ -43,7 +35,7 @@ fn gaps(reqs: &[Request]) -> Vec<Duration> {
 fn client_errors_are_retried_and_end_failed_after_the_endpoints_max_attempts() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::status(400).body("bad payload")));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, max_attempts => 2)",
         &[&rx.url("/")],
@@ -81,7 +73,7 @@ fn redirects_are_failures_and_never_followed() {
     let rx = Receiver::start(Arc::new(move |_, _| {
         Reply::status(301).header("location", &location)
     }));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, max_attempts => 2)",
         &[&rx.url("/")],
@@ -105,7 +97,7 @@ fn redirects_are_failures_and_never_followed() {
 fn gone_disables_the_endpoint_and_cancels_its_backlog() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::status(410).after(Duration::from_millis(200))));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, max_in_flight => 1)",
         &[&rx.url("/")],
@@ -158,7 +150,7 @@ fn retry_after_in_seconds_and_as_a_date_is_honoured_within_clamps() {
         2 => Reply::status(503).header("retry-after", "3600"),
         _ => Reply::ok(),
     }));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     create_endpoint(&mut db, "e", &rx.url("/"));
     send(&mut db, "e", 1);
     let reqs = rx.wait_for(4, PATIENCE);
@@ -190,7 +182,7 @@ fn timeouts_are_retried_and_the_endpoint_timeout_applies() {
             Reply::ok()
         }
     }));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, timeout => '500ms')",
         &[&rx.url("/")],
@@ -218,7 +210,7 @@ fn alter_endpoint_applies_to_pending_deliveries() {
         ("webhook.circuit_breaker_threshold", "0"),
     ]);
     let rx = Receiver::start(always(Reply::status(500)));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, max_attempts => 50)",
         &[&rx.url("/")],
@@ -245,7 +237,7 @@ fn retry_resends_a_dead_letter_with_the_same_id_and_replay_makes_new_ones() {
             Reply::status(500)
         }
     }));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, max_attempts => 1)",
         &[&rx.url("/")],
@@ -317,7 +309,7 @@ fn retry_resends_a_dead_letter_with_the_same_id_and_replay_makes_new_ones() {
 fn max_in_flight_is_never_exceeded() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::ok().after(Duration::from_millis(100))));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, max_in_flight => 5)",
         &[&rx.url("/")],
@@ -333,7 +325,7 @@ fn rate_limit_holds_and_does_not_starve_other_endpoints() {
     let pg = Cluster::start(&[]);
     let limited = Receiver::start(always(Reply::ok()));
     let other = Receiver::start(always(Reply::ok()));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('limited', $1, rate_limit => 20)",
         &[&limited.url("/")],
@@ -376,7 +368,7 @@ fn circuit_opens_after_consecutive_failures_probes_one_at_a_time_and_closes() {
             Reply::status(500).after(Duration::from_millis(20))
         }
     }));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, max_in_flight => 1)",
         &[&rx.url("/")],
@@ -428,7 +420,7 @@ fn an_endpoint_failing_too_long_is_disabled_with_the_reason() {
         ),
     ]);
     let rx = Receiver::start(always(Reply::status(502)));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     create_endpoint(&mut db, "e", &rx.url("/"));
     send(&mut db, "e", 5);
     let reason: String = wait_until(PATIENCE, "auto-disable", || {
@@ -479,7 +471,7 @@ fn ordered_endpoint_delivers_in_order_through_failures() {
             _ => Reply::ok().after(Duration::from_millis(5)),
         }
     }));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, ordered => true)",
         &[&rx.url("/")],
@@ -519,7 +511,7 @@ fn ordered_endpoint_delivers_in_order_through_failures() {
 fn both_signatures_verify_during_rotation_and_only_the_new_one_after() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     let old = create_endpoint(&mut db, "e", &rx.url("/"));
     let new: String = db
         .query_one(
@@ -565,7 +557,7 @@ fn both_signatures_verify_during_rotation_and_only_the_new_one_after() {
 fn a_one_gib_response_is_cut_at_the_cap() {
     let pg = Cluster::start(&[("webhook.response_body_limit", "'1kB'")]);
     let rx = Receiver::start(always(Reply::ok().streaming(1 << 30)));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     create_endpoint(&mut db, "e", &rx.url("/"));
     send(&mut db, "e", 3);
     wait_settled(&mut db, PATIENCE);
@@ -593,7 +585,7 @@ fn purge_and_retention_leave_pending_work_alone() {
     let pg = Cluster::start(&[("webhook.retry_schedule", "'1h'")]);
     let ok = Receiver::start(always(Reply::ok()));
     let down = Receiver::start(always(Reply::status(503)));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     create_endpoint(&mut db, "ok", &ok.url("/"));
     create_endpoint(&mut db, "down", &down.url("/"));
     send(&mut db, "ok", 20);
@@ -601,17 +593,11 @@ fn purge_and_retention_leave_pending_work_alone() {
     down.wait_for(5, PATIENCE);
     ok.wait_for(20, PATIENCE);
     wait_until(PATIENCE, "results recorded", || {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        let m: i64 = db
-            .query_one("SELECT count(*) FROM webhook.attempts", &[])
-            .unwrap()
-            .get(0);
+        let n = count(
+            &mut db,
+            "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'",
+        );
+        let m = count(&mut db, "SELECT count(*) FROM webhook.attempts");
         (n == 20 && m == 25).then_some(())
     });
     let purged: i64 = db
@@ -619,18 +605,8 @@ fn purge_and_retention_leave_pending_work_alone() {
         .unwrap()
         .get(0);
     assert_eq!(purged, 20);
-    let counts: (i64, i64, i64) = {
-        let r = db
-            .query_one(
-                "SELECT (SELECT count(*) FROM webhook.deliveries), (SELECT count(*) FROM webhook.events),
-                        (SELECT count(*) FROM webhook.attempts)",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1), r.get(2))
-    };
     assert_eq!(
-        counts,
+        history_counts(&mut db),
         (5, 5, 5),
         "the 5 pending deliveries, their events and attempts stay"
     );
@@ -641,27 +617,18 @@ fn purge_and_retention_leave_pending_work_alone() {
     pg.set("webhook.retention", "'2s'");
     pg.reload();
     wait_until(PATIENCE, "the worker to purge delivered history", || {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
+        let n = count(
+            &mut db,
+            "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'",
+        );
         (n == 0).then_some(())
     });
-    let pending: i64 = db
-        .query_one(
-            "SELECT count(*) FROM webhook.deliveries WHERE status = 'pending'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let pending = count(
+        &mut db,
+        "SELECT count(*) FROM webhook.deliveries WHERE status = 'pending'",
+    );
     assert_eq!(pending, 5);
-    let events: i64 = db
-        .query_one("SELECT count(*) FROM webhook.events", &[])
-        .unwrap()
-        .get(0);
+    let events = count(&mut db, "SELECT count(*) FROM webhook.events");
     assert_eq!(events, 5);
 }
 
@@ -675,7 +642,7 @@ fn endpoint_stats_reports_queue_outcomes_and_latency() {
             Reply::status(500)
         }
     }));
-    let mut db = setup(&pg);
+    let mut db = pg.client_with_extension();
     db.execute(
         "SELECT webhook.create_endpoint('e', $1, max_attempts => 1, max_in_flight => 1)",
         &[&rx.url("/")],

@@ -3,22 +3,11 @@
 //! replication, dump and restore with `webhook.paused`, payload limits measured on the request
 //! body as sent, and a delivery in flight when its endpoint is disabled or dropped.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-
-fn connect_as(pg: &Cluster, role: &str) -> postgres::Client {
-    postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user={role} dbname=app", pg.port),
-        postgres::NoTls,
-    )
-    .unwrap_or_else(|e| panic!("connecting as {role}: {e}"))
-}
+use crate::harness::*;
 
 /// What a statement did: succeeded, or failed with a SQLSTATE and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,38 +47,6 @@ fn denied(message: impl Into<String>) -> Outcome {
         code: "42501".into(),
         message: message.into(),
     }
-}
-
-fn state_of(db: &mut postgres::Client, database: &str) -> Option<String> {
-    db.query_opt(
-        "SELECT state FROM webhook.worker_status() WHERE database = $1",
-        &[&database],
-    )
-    .unwrap()
-    .map(|r| r.get(0))
-}
-
-fn unfinished(db: &mut postgres::Client) -> i64 {
-    db.query_one(
-        "SELECT count(*) FROM webhook.deliveries WHERE status IN ('pending', 'sending')",
-        &[],
-    )
-    .unwrap()
-    .get(0)
-}
-
-/// Runs a PostgreSQL client program (pg_dump, createdb, pg_restore) and insists it succeeds.
-fn client_program(program: &str, args: &[&str]) {
-    let out = Command::new(format!("{}/{program}", common::cluster::BIN))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,7 +136,7 @@ fn logical_replication_sends_each_webhook_once() {
     let state = wait_until(
         PATIENCE,
         "the subscriber's worker to report logical replication",
-        || state_of(&mut sub, "app").filter(|s| s.contains("logical replication")),
+        || worker_state(&mut sub, "app").filter(|s| s.contains("logical replication")),
     );
     eprintln!("subscriber worker state: {state}");
 
@@ -187,10 +144,7 @@ fn logical_replication_sends_each_webhook_once() {
     db.batch_execute("INSERT INTO users VALUES (100, 'late@example.com')")
         .unwrap();
     wait_until(PATIENCE, "the new row on the subscriber", || {
-        let n: i64 = sub
-            .query_one("SELECT count(*) FROM users WHERE id = 100", &[])
-            .unwrap()
-            .get(0);
+        let n = count(&mut sub, "SELECT count(*) FROM users WHERE id = 100");
         (n == 1).then_some(())
     });
     rx.wait_for(11, PATIENCE);
@@ -238,7 +192,7 @@ fn a_restored_copy_sends_pending_work_under_the_sources_webhook_ids() {
     );
     assert_eq!(statuses(&mut src), vec!["pending"; 8]);
     wait_until(PATIENCE, "the source's worker to say paused", || {
-        (state_of(&mut src, "app").as_deref() == Some("paused")).then_some(())
+        (worker_state(&mut src, "app").as_deref() == Some("paused")).then_some(())
     });
 
     let dump = src_pg.dir.join("app.dump");
@@ -279,7 +233,7 @@ fn a_restored_copy_sends_pending_work_under_the_sources_webhook_ids() {
     let mut dst = dst_pg.client_to("app2");
     assert_eq!(statuses(&mut dst), vec!["pending"; 8], "the restored queue");
     wait_until(PATIENCE, "the restored copy's worker to say paused", || {
-        (state_of(&mut dst, "app2").as_deref() == Some("paused")).then_some(())
+        (worker_state(&mut dst, "app2").as_deref() == Some("paused")).then_some(())
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
@@ -804,7 +758,7 @@ fn every_role_gets_exactly_what_the_contract_grants() {
     // The database owner plants operators and functions the worker or the API might pick up
     // (before the extension exists, so nothing of it was planned earlier), and puts public
     // first for every session of the database.
-    let mut dbowner = connect_as(&pg, "dbowner");
+    let mut dbowner = pg.client_as("dbowner", "app");
     dbowner
         .batch_execute(
             r#"
@@ -837,7 +791,7 @@ fn every_role_gets_exactly_what_the_contract_grants() {
         .unwrap();
     // The table owner: a cast to json for a column type of its table, which logs who runs it and
     // tries to make the owner superuser.
-    let mut owner = connect_as(&pg, "owner");
+    let mut owner = pg.client_as("owner", "app");
     owner
         .batch_execute(
             r#"
@@ -890,7 +844,7 @@ fn every_role_gets_exactly_what_the_contract_grants() {
 
     // Roles without USAGE on webhook: nothing in it can even be named.
     for role in NO_USAGE {
-        let mut c = connect_as(&pg, role);
+        let mut c = pg.client_as(role, "app");
         for (name, sql) in public_calls("public.uu_owned", &rx_api.url("/m"), retry_id) {
             m.run(&mut c, role, &format!("{name}()"), &sql, &schema_denied);
         }
@@ -945,7 +899,7 @@ fn every_role_gets_exactly_what_the_contract_grants() {
     // table and view are closed by their own privileges.
     {
         let role = "user_usage";
-        let mut c = connect_as(&pg, role);
+        let mut c = pg.client_as(role, "app");
         for (name, sql) in public_calls("public.uu_owned", &rx_api.url("/m"), retry_id) {
             m.run(
                 &mut c,
@@ -1007,7 +961,7 @@ fn every_role_gets_exactly_what_the_contract_grants() {
     // tables publish once it allows them.
     {
         let role = "admin";
-        let mut c = connect_as(&pg, role);
+        let mut c = pg.client_as(role, "app");
         m.run(
             &mut c,
             role,
@@ -1098,13 +1052,10 @@ fn every_role_gets_exactly_what_the_contract_grants() {
             format!("{}", r.json()["data"]["new"]),
         );
     }
-    let forged: i64 = db
-        .query_one(
-            "SELECT count(*) FROM webhook.events WHERE payload ->> 'table' IN ('forged', 'uu_owned', 'dbowner_t')",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let forged = count(
+        &mut db,
+        "SELECT count(*) FROM webhook.events WHERE payload ->> 'table' IN ('forged', 'uu_owned', 'dbowner_t')",
+    );
     m.fact(
         "events of refused triggers",
         forged == 0,
@@ -1113,15 +1064,7 @@ fn every_role_gets_exactly_what_the_contract_grants() {
 
     // Nobody was escalated: the only superuser is still postgres, no planted code ran as it, and
     // the cast ran as the role that wrote the row.
-    let supers: Vec<String> = db
-        .query(
-            "SELECT rolname::text FROM pg_roles WHERE rolsuper ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let supers = superusers(&mut db);
     m.fact("superusers", supers == ["postgres"], format!("{supers:?}"));
     let planted: Vec<String> = db
         .query(

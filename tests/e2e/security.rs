@@ -1,15 +1,13 @@
 //! End-to-end: least privilege, the SSRF guard, TLS, hostile receivers and hostile input, and no
 //! secret in any error or log line.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::tls::TlsReceiver;
-use common::*;
+use crate::harness::tls::TlsReceiver;
+use crate::harness::*;
 
 /// Fails if any of `secrets` appears in the server log.
 fn assert_log_clean(pg: &Cluster, secrets: &[&str]) {
@@ -60,11 +58,7 @@ fn an_application_role_fires_webhooks_without_any_right_on_webhook() {
     db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
         .unwrap();
 
-    let mut app = postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user=app dbname=app", pg.port),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let mut app = pg.client_as("app", "app");
     app.execute("INSERT INTO users (email) VALUES ('ada@example.com')", &[])
         .unwrap();
     let req = rx.wait_for(1, PATIENCE).remove(0);
@@ -105,11 +99,7 @@ fn an_application_role_fires_webhooks_without_any_right_on_webhook() {
         "permission denied for function create_endpoint"
     );
     // A member of webhook_admin manages endpoints and sees secrets.
-    let mut ops = postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user=ops dbname=app", pg.port),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let mut ops = pg.client_as("ops", "app");
     let seen: String = ops
         .query_one(
             "SELECT secret FROM webhook.endpoints WHERE name = 'crm'",
@@ -131,8 +121,7 @@ fn the_ssrf_guard_refuses_private_targets_after_resolution() {
     let mut pg = Cluster::start(&[("webhook.allow_private_networks", "off")]);
     let rx = Receiver::start(always(Reply::ok()));
     let port = rx.port();
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     let targets = [
         ("localhost", format!("http://localhost:{port}/"), "loopback"),
         ("v4", format!("http://127.0.0.1:{port}/"), "loopback"),
@@ -206,8 +195,7 @@ fn the_ssrf_guard_refuses_private_targets_after_resolution() {
 fn https_only_refuses_plain_http_at_creation_and_at_send() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     create_endpoint(&mut db, "old", &rx.url("/"));
     pg.set("webhook.https_only", "on");
     pg.reload();
@@ -239,8 +227,7 @@ fn tls_certificates_are_verified_and_extra_roots_can_be_trusted() {
         ("webhook.default_max_attempts", "2"),
     ]);
     let tls = TlsReceiver::start();
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     create_endpoint(&mut db, "tls", &tls.url());
     db.execute("SELECT webhook.send('x', '{}', 'tls')", &[])
         .unwrap();
@@ -290,8 +277,7 @@ fn hostile_receivers_are_cut_off_by_caps_and_timeouts() {
         ("webhook.response_body_limit", "'1kB'"),
         ("webhook.default_max_attempts", "1"),
     ]);
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     let endless_chunks = raw_server(|mut c| {
         read_some(&mut c);
         let _ = c.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
@@ -374,13 +360,7 @@ fn hostile_receivers_are_cut_off_by_caps_and_timeouts() {
         "a clear reason for a non-HTTP answer"
     );
     // The worker is fine afterwards.
-    let state: String = db
-        .query_one(
-            "SELECT state FROM webhook.worker_status() WHERE database = 'app'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let state = worker_state(&mut db, "app").unwrap();
     assert!(state == "idle" || state == "working");
 }
 
@@ -394,8 +374,7 @@ fn ten_thousand_hanging_endpoints_do_not_stop_a_healthy_one() {
     let h = held.clone();
     let hang = raw_server(move |c| h.lock().unwrap().push(c));
     let healthy = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client();
-    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    let mut db = pg.client_with_extension();
     create_endpoint(&mut db, "healthy", &healthy.url("/"));
     db.execute("SELECT webhook.send('warm-up', '{}', 'healthy')", &[])
         .unwrap();
@@ -585,10 +564,7 @@ fn bad_endpoint_input_is_refused_and_oversized_payloads_are_recorded() {
         .unwrap()
         .contains("more than webhook.max_payload_bytes (4096)"));
     assert_eq!(rows[1], ("delivered".into(), None));
-    let kept: i64 = db
-        .query_one("SELECT count(*) FROM docs", &[])
-        .unwrap()
-        .get(0);
+    let kept = count(&mut db, "SELECT count(*) FROM docs");
     assert_eq!(kept, 2);
     assert_log_clean(&pg, &[&secret, "tok_9f8e7d6c5b4a"]);
 }

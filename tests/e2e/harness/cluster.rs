@@ -5,9 +5,59 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// Where Debian's PostgreSQL 15 keeps its programs: used only when there is no `pg_config`.
+const FALLBACK_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// Debian's PostgreSQL 15 share directory: used only when there is no `pg_config`.
+const FALLBACK_SHARE: &str = "/usr/share/postgresql/15";
+
+/// `pg_config <flag>` (e.g. `--bindir`) of the PostgreSQL the tests run against: the `pg_config`
+/// named by `PG_CONFIG` if that is set, else the one on PATH. `None` only when `PG_CONFIG` is unset
+/// and there is no `pg_config` on PATH; a `pg_config` that exists but fails is an error.
+fn pg_config(flag: &str) -> Option<PathBuf> {
+    let (program, named) = match std::env::var_os("PG_CONFIG").filter(|v| !v.is_empty()) {
+        Some(p) => (PathBuf::from(p), true),
+        None => (PathBuf::from("pg_config"), false),
+    };
+    let out = match Command::new(&program).arg(flag).output() {
+        Ok(out) => out,
+        Err(e) if !named && e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("running {} {flag}: {e}", program.display()),
+    };
+    assert!(
+        out.status.success(),
+        "{} {flag} failed: {}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The directory of the PostgreSQL programs (initdb, pg_ctl, psql, pg_dump, …): `pg_config
+/// --bindir` (see [`pg_config`]), or /usr/lib/postgresql/15/bin when there is no `pg_config`.
+/// Asked once per process.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| pg_config("--bindir").unwrap_or_else(|| PathBuf::from(FALLBACK_BIN)))
+}
+
+/// The path of a PostgreSQL program in [`bin_dir`].
+pub fn pg_bin(program: &str) -> PathBuf {
+    bin_dir().join(program)
+}
+
+/// Where the installed extensions' control and script files are: `pg_config --sharedir` +
+/// `/extension`. Asked once per process.
+pub fn extension_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        pg_config("--sharedir")
+            .unwrap_or_else(|| PathBuf::from(FALLBACK_SHARE))
+            .join("extension")
+    })
+}
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -29,10 +79,10 @@ extern "C" {
 
 /// Runs a Postgres binary as the `postgres` user when we are root.
 pub fn pg_command(program: &str) -> Command {
-    let path = format!("{BIN}/{program}");
+    let path = pg_bin(program);
     let mut c = if is_root() {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", &path]);
+        c.args(["-u", "postgres", "--"]).arg(&path);
         c
     } else {
         Command::new(path)
@@ -216,8 +266,13 @@ impl Cluster {
     }
 
     pub fn connstr(&self, db: &str) -> String {
+        self.connstr_as("postgres", db)
+    }
+
+    /// A connection string for login role `role` to database `db`.
+    pub fn connstr_as(&self, role: &str, db: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10",
+            "host=127.0.0.1 port={} user={role} dbname={db} connect_timeout=10",
             self.port
         )
     }
@@ -230,6 +285,29 @@ impl Cluster {
         postgres::Client::connect(&self.connstr(db), postgres::NoTls).unwrap()
     }
 
+    /// A session of login role `role` (connecting as itself, no SET ROLE) in database `db`.
+    pub fn client_as(&self, role: &str, db: &str) -> postgres::Client {
+        postgres::Client::connect(&self.connstr_as(role, db), postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connecting as {role}: {e}"))
+    }
+
+    /// A superuser session in `app` in which `CREATE EXTENSION webhook_ext` has just run.
+    pub fn client_with_extension(&self) -> postgres::Client {
+        let mut db = self.client();
+        db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+        db
+    }
+
+    /// A superuser session in `db` that records the message of every notice (and warning) the
+    /// server sends it, in arrival order.
+    pub fn client_with_notices(&self, db: &str) -> (postgres::Client, Arc<Mutex<Vec<String>>>) {
+        let notices = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = notices.clone();
+        let mut config: postgres::Config = self.connstr(db).parse().unwrap();
+        config.notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()));
+        (config.connect(postgres::NoTls).unwrap(), notices)
+    }
+
     pub fn create_database(&self, db: &str) {
         self.client_to("postgres")
             .batch_execute(&format!("CREATE DATABASE {db}"))
@@ -238,7 +316,7 @@ impl Cluster {
 
     /// Runs a psql script and returns its output (stdout and stderr, interleaved as psql prints them).
     pub fn psql(&self, db: &str, script: &str) -> String {
-        let out = Command::new(format!("{BIN}/psql"))
+        let out = Command::new(pg_bin("psql"))
             .args([
                 "-X",
                 "-a",
@@ -312,6 +390,33 @@ fn append(path: &Path, text: &str) {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Runs a PostgreSQL client program from [`bin_dir`] (pg_dump, createdb, pg_restore, psql, …) as
+/// the current user and insists it succeeds.
+pub fn client_program(program: &str, args: &[&str]) {
+    let out = Command::new(pg_bin(program)).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Polls `f` until it holds or `timeout` passes; says which (for a wait whose failure the
+/// caller reports itself).
+pub fn soft_wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.

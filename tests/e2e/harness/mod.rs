@@ -1,4 +1,6 @@
-//! Shared by the end-to-end tests: real clusters, real receivers, independent verification.
+//! Shared by the end-to-end tests (and the benchmark, which includes this module by path): real
+//! clusters, real receivers, independent verification, and the small queries several tests ask.
+// The benchmark uses only part of the harness.
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
@@ -6,7 +8,9 @@ pub mod dns;
 pub mod receiver;
 pub mod tls;
 
-pub use cluster::{wait_until, Cluster};
+pub use cluster::{
+    bin_dir, client_program, extension_dir, free_port, pg_bin, soft_wait, wait_until, Cluster,
+};
 pub use receiver::{always, Receiver, Reply, Request};
 
 use std::time::Duration;
@@ -36,7 +40,6 @@ pub fn create_endpoint(db: &mut postgres::Client, name: &str, url: &str) -> Stri
     .get(0)
 }
 
-/// (status, attempts) of every delivery, by id.
 /// The status of every delivery, oldest first.
 pub fn statuses(db: &mut postgres::Client) -> Vec<String> {
     deliveries(db)
@@ -45,6 +48,7 @@ pub fn statuses(db: &mut postgres::Client) -> Vec<String> {
         .collect()
 }
 
+/// (id, status, attempts) of every delivery, by id.
 pub fn deliveries(db: &mut postgres::Client) -> Vec<(i64, String, i32)> {
     db.query(
         "SELECT id, status::text, attempts FROM webhook.deliveries ORDER BY id",
@@ -56,18 +60,58 @@ pub fn deliveries(db: &mut postgres::Client) -> Vec<(i64, String, i32)> {
     .collect()
 }
 
+/// The one `bigint` a query returns (a `count(*)`, say).
+pub fn count(db: &mut postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// How many deliveries are still pending or sending.
+pub fn unfinished(db: &mut postgres::Client) -> i64 {
+    count(
+        db,
+        "SELECT count(*) FROM webhook.deliveries WHERE status IN ('pending', 'sending')",
+    )
+}
+
+/// How many (events, deliveries, attempts) there are.
+pub fn history_counts(db: &mut postgres::Client) -> (i64, i64, i64) {
+    let r = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM webhook.events), (SELECT count(*) FROM webhook.deliveries),
+                    (SELECT count(*) FROM webhook.attempts)",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
 /// Waits until no delivery is pending or sending.
 pub fn wait_settled(db: &mut postgres::Client, timeout: Duration) {
     wait_until(timeout, "all deliveries to finish", || {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM webhook.deliveries WHERE status IN ('pending', 'sending')",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (n == 0).then_some(())
+        (unfinished(db) == 0).then_some(())
     });
+}
+
+/// The `state` that `webhook.worker_status()` reports for `database`; `None` if it has no row.
+pub fn worker_state(db: &mut postgres::Client, database: &str) -> Option<String> {
+    db.query_opt(
+        "SELECT state FROM webhook.worker_status() WHERE database = $1",
+        &[&database],
+    )
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
+/// Every role with rolsuper, by name (read through pg_catalog, whatever the search_path).
+pub fn superusers(db: &mut postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT rolname::text FROM pg_catalog.pg_roles WHERE rolsuper ORDER BY rolname",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// The delivery id at the end of a `webhook-id` (`msg_<install>_<delivery id>`).
