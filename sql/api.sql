@@ -651,13 +651,6 @@ BEGIN
 END
 $$;
 
--- The circuit breaker's rule, for the views: open after `threshold` consecutive failures (0: no
--- breaker). The worker applies the same rule to its own copy of the state (Health::is_open in
--- core/src/policy.rs); a #[pg_test] holds the two to the same answers.
-CREATE FUNCTION webhook._circuit_open(consecutive_failures integer, threshold integer) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT threshold OPERATOR(pg_catalog.>) 0 AND consecutive_failures OPERATOR(pg_catalog.>=) threshold $$;
-
 -- Per endpoint: queue, outcomes, the last hour's success rate and latency, the circuit breaker.
 CREATE VIEW webhook.endpoint_stats AS
 SELECT ep.id AS endpoint_id,
@@ -673,7 +666,7 @@ SELECT ep.id AS endpoint_id,
        h.latency_p95,
        COALESCE(s.consecutive_failures, 0) AS consecutive_failures,
        CASE WHEN NOT ep.enabled THEN 'disabled'
-            WHEN NOT webhook._circuit_open(COALESCE(s.consecutive_failures, 0), t.threshold) THEN 'closed'
+            WHEN t.threshold = 0 OR COALESCE(s.consecutive_failures, 0) < t.threshold THEN 'closed'
             WHEN EXISTS (SELECT FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') THEN 'half-open'
             ELSE 'open' END AS circuit,
        s.failing_since,
@@ -714,7 +707,7 @@ SELECT ep.name AS endpoint,
        COALESCE(s.delivered_total, 0) AS delivered_total,
        COALESCE(s.failed_total, 0) AS failed_total,
        COALESCE(s.consecutive_failures, 0) AS consecutive_failures,
-       webhook._circuit_open(COALESCE(s.consecutive_failures, 0), t.threshold)::int AS circuit_open,
+       (t.threshold > 0 AND COALESCE(s.consecutive_failures, 0) >= t.threshold)::int AS circuit_open,
        COALESCE(extract(epoch FROM now() - LEAST(
            (SELECT d.created_at FROM webhook.deliveries d
              WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0 ORDER BY d.id LIMIT 1),
@@ -764,8 +757,6 @@ GRANT SELECT, INSERT, UPDATE, DELETE
    TO webhook_admin;
 GRANT SELECT ON webhook.events, webhook.subscriptions, webhook.endpoint_stats, webhook.metrics TO webhook_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook TO webhook_admin;
--- A pure rule of two integers, for whoever may read the views that use it.
-GRANT EXECUTE ON FUNCTION webhook._circuit_open(integer, integer) TO PUBLIC;
 -- Firing the trigger needs no privilege on webhook.*; it refuses tables not allowed to publish.
 GRANT EXECUTE ON FUNCTION webhook.enqueue() TO PUBLIC;
 

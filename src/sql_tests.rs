@@ -177,21 +177,33 @@ mod tests {
         }
     }
 
-    /// The views' circuit rule (webhook._circuit_open) is the worker's (Health::is_open).
+    /// The views' circuit state (endpoint_stats.circuit, metrics.circuit_open) follows the
+    /// worker's rule (Health::is_open), at the test cluster's threshold.
     #[pg_test]
     fn the_views_and_the_worker_agree_on_the_circuit() {
-        for threshold in [0u32, 1, 5] {
-            for failures in [0u32, 1, 4, 5, 6] {
-                let worker = crate::policy::Health {
-                    consecutive_failures: failures,
-                    ..Default::default()
-                }
-                .is_open(threshold);
-                let views: bool = one(&format!(
-                    "SELECT webhook._circuit_open({failures}, {threshold})"
-                ));
-                assert_eq!(views, worker, "{failures} failures, threshold {threshold}");
+        endpoint("c");
+        let threshold: i32 =
+            one("SELECT current_setting('webhook.circuit_breaker_threshold')::int");
+        for failures in [0, 1, threshold - 1, threshold, threshold + 1] {
+            Spi::run(&format!(
+                "INSERT INTO webhook._endpoint_state (endpoint_id, consecutive_failures)
+                 SELECT id, {failures} FROM webhook.endpoints WHERE name = 'c'
+                 ON CONFLICT (endpoint_id) DO UPDATE SET consecutive_failures = excluded.consecutive_failures"
+            ))
+            .unwrap();
+            let worker = crate::policy::Health {
+                consecutive_failures: failures as u32,
+                ..Default::default()
             }
+            .is_open(threshold as u32);
+            let stats: String = one("SELECT circuit FROM webhook.endpoint_stats WHERE name = 'c'");
+            let metrics: i32 = one("SELECT circuit_open FROM webhook.metrics WHERE endpoint = 'c'");
+            assert_eq!(
+                stats != "closed",
+                worker,
+                "endpoint_stats, {failures} failures"
+            );
+            assert_eq!(metrics == 1, worker, "metrics, {failures} failures");
         }
     }
 

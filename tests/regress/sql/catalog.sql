@@ -31,9 +31,8 @@ SELECT p.proname AS name,
 \x off
 \pset format aligned
 
--- Every SQL and PL/pgSQL function, private ones included, pins search_path; the ones listed here
--- do not (webhook._circuit_open: an inlinable SQL function whose body names its operators with
--- their schema).
+-- Every SQL and PL/pgSQL function, private ones included, pins search_path (names listed here
+-- are the ones that do not: none).
 SELECT p.proname AS without_pinned_search_path
   FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
  WHERE p.pronamespace = 'webhook'::regnamespace AND l.lanname IN ('sql', 'plpgsql')

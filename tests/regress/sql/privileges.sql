@@ -29,8 +29,7 @@ SELECT p.proname AS function,
        has_function_privilege('regress_ops', p.oid, 'EXECUTE') AS ops
   FROM pg_proc p WHERE p.pronamespace = 'webhook'::regnamespace AND p.proname !~ '^_'
  ORDER BY 1;
--- Private functions executable by PUBLIC (webhook._circuit_open: the views call it, for whoever
--- may read them).
+-- Private functions executable by PUBLIC (none).
 SELECT p.proname AS private_function_public_may_execute
   FROM pg_proc p WHERE p.pronamespace = 'webhook'::regnamespace AND p.proname ~ '^_'
    AND has_function_privilege('public', p.oid, 'EXECUTE')
