@@ -54,13 +54,18 @@ pub fn generate_secret() -> Result<String, getrandom::Error> {
 
 /// One signature, `v1,<base64>`, over `msg_id.timestamp.body`.
 pub fn sign(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+    format!("v1,{}", B64.encode(digest(key, msg_id, timestamp, body)))
+}
+
+/// HMAC-SHA256 of `msg_id.timestamp.body`, the signed content of Standard Webhooks.
+fn digest(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> [u8; 32] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(msg_id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
+    mac.finalize().into_bytes().into()
 }
 
 /// The `webhook-signature` header value: one `v1,` signature per key, space-separated
@@ -74,13 +79,7 @@ pub fn signature_header(keys: &[Vec<u8>], msg_id: &str, timestamp: i64, body: &[
 
 /// True when any `v1,` signature in the space-separated `header` matches, compared in constant time.
 pub fn verify(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
-    mac.update(msg_id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let expected = mac.finalize().into_bytes();
+    let expected = digest(key, msg_id, timestamp, body);
     header.split_whitespace().any(|candidate| {
         candidate
             .strip_prefix("v1,")

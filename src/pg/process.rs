@@ -21,9 +21,10 @@ impl std::fmt::Display for Caught {
     }
 }
 
-/// Runs `f` in its own transaction. A Postgres ERROR (or a panic) inside is caught: the
-/// transaction is rolled back and the error returned, so the process carries on.
-pub fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, Caught> {
+/// Runs `f` in its own transaction: committed when `f` returns Ok, rolled back when it returns
+/// Err. A Postgres ERROR (or a panic) inside is caught and rolled back too, and returned as
+/// `Caught`, so the process carries on.
+pub fn in_transaction<R, E>(f: impl FnOnce() -> Result<R, E>) -> Result<Result<R, E>, Caught> {
     // SAFETY: the process's main thread, outside any transaction.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
@@ -37,7 +38,11 @@ pub fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, Caught> {
         // SAFETY: ends the transaction started above; an error while committing is caught below.
         unsafe {
             pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
+            if result.is_ok() {
+                pg_sys::CommitTransactionCommand();
+            } else {
+                pg_sys::AbortCurrentTransaction();
+            }
         }
         Ok(result)
     })

@@ -80,45 +80,44 @@ struct ClaimArgs {
 }
 
 impl ClaimArgs {
-    fn limit_columns(&self) -> (Vec<i32>, Vec<i32>) {
-        self.limits.allowed.iter().map(|(k, v)| (*k, *v)).unzip()
-    }
-
-    /// CLAIM's parameters, in order.
-    fn claim_params(
-        &self,
+    /// CLAIM's parameters, in order, and the limits they carried (NEXT_DUE uses them again).
+    fn into_claim(
+        self,
         limit: i32,
         default_timeout: i32,
         budget: i64,
         first: bool,
-    ) -> Vec<DatumWithOid<'static>> {
-        let (limit_ids, limit_counts) = self.limit_columns();
-        vec![
-            self.busy_ids.clone().into(),
-            self.busy_counts.clone().into(),
+    ) -> (Vec<DatumWithOid<'static>>, Limits) {
+        let (limit_ids, limit_counts): (Vec<i32>, Vec<i32>) =
+            self.limits.allowed.iter().map(|(k, v)| (*k, *v)).unzip();
+        let params = vec![
+            self.busy_ids.into(),
+            self.busy_counts.into(),
             self.default_max_in_flight.into(),
             limit.into(),
             default_timeout.into(),
             LEASE_MARGIN_MS.into(),
             limit_ids.into(),
             limit_counts.into(),
-            self.room.healthy.clone().into(),
+            self.room.healthy.into(),
             self.room.suspect_room.into(),
             budget.into(),
             first.into(),
-        ]
+        ];
+        (params, self.limits)
     }
 
     /// NEXT_DUE's parameters, in order.
-    fn next_due_params(&self) -> Vec<DatumWithOid<'static>> {
-        let (limit_ids, limit_counts) = self.limit_columns();
+    fn into_next_due(self) -> Vec<DatumWithOid<'static>> {
+        let (limit_ids, limit_counts): (Vec<i32>, Vec<i32>) =
+            self.limits.allowed.iter().map(|(k, v)| (*k, *v)).unzip();
         vec![
-            self.busy_ids.clone().into(),
-            self.busy_counts.clone().into(),
+            self.busy_ids.into(),
+            self.busy_counts.into(),
             self.default_max_in_flight.into(),
             limit_ids.into(),
             limit_counts.into(),
-            self.room.healthy.clone().into(),
+            self.room.healthy.into(),
             (self.room.suspect_room > 0).into(),
         ]
     }
@@ -161,12 +160,16 @@ impl Session {
             if self.policies.as_ref().is_none_or(|p| p.version != version) {
                 self.policies = Some(Policies::load(version)?);
             }
-            let args = self.claim_args();
-            let params = args.claim_params(limit, default_timeout, byte_budget, nothing_in_flight);
+            let (params, limits) = self.claim_args().into_claim(
+                limit,
+                default_timeout,
+                byte_budget,
+                nothing_in_flight,
+            );
             let rows = sql::CLAIM.rows(&params, Claimed::from_row)?;
-            Ok(Some((rows, args)))
+            Ok(Some((rows, limits)))
         })?;
-        let Some((claimed, args)) = claimed else {
+        let Some((claimed, limits)) = claimed else {
             return Ok(None);
         };
         let full = claimed.len() as i32 >= limit;
@@ -185,20 +188,19 @@ impl Session {
         if full {
             return Ok(Some(Duration::ZERO));
         }
-        self.next_due(&args)
+        self.next_due(limits)
     }
 
     /// How long until the next delivery that the claim would take is due, or until a limited
-    /// endpoint may start more.
-    fn next_due(&self, claimed_with: &ClaimArgs) -> Result<Option<Duration>, WorkerError> {
-        // Busy counts changed with the claim; the limits stay those the claim used.
-        let args = ClaimArgs {
-            limits: claimed_with.limits.clone(),
-            ..self.claim_args_with(Limits::default())
-        };
-        let next_ms = transaction(|| Ok(sql::NEXT_DUE.one::<i64>(&args.next_due_params())?))?;
+    /// endpoint may start more. Busy counts changed with the claim; the limits stay those the
+    /// claim used.
+    fn next_due(&self, limits: Limits) -> Result<Option<Duration>, WorkerError> {
+        let wake = limits.wake;
+        let args = self.claim_args_with(limits);
+        // The parameters are built inside the transaction: an array's type is a catalog lookup.
+        let next_ms = transaction(|| Ok(sql::NEXT_DUE.one::<i64>(&args.into_next_due())?))?;
         let due = next_ms.map(|ms| Duration::from_millis(ms.max(0) as u64 + 1));
-        Ok(match (due, args.limits.wake) {
+        Ok(match (due, wake) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         })

@@ -52,7 +52,8 @@ impl From<Caught> for WorkerError {
     }
 }
 
-/// Runs `f` in its own transaction: committed if it returns Ok or Err, rolled back on an ERROR.
+/// Runs `f` in its own transaction: committed if it returns Ok, rolled back if it returns Err or
+/// raises an ERROR (then classified, see `From<Caught>`).
 pub fn transaction<R>(f: impl FnOnce() -> Result<R, WorkerError>) -> Result<R, WorkerError> {
     in_transaction(f).map_err(WorkerError::from).and_then(|r| r)
 }

@@ -32,9 +32,7 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::pg::process::{
-    in_transaction, override_settings, reload_if_asked, shutdown_requested, wait,
-};
+use crate::pg::process::{override_settings, reload_if_asked, shutdown_requested, wait};
 use crate::pg::shmem::{self, Slot, WorkerState};
 use error::{transaction, WorkerError};
 use session::Session;
@@ -154,7 +152,7 @@ impl Worker {
             if shutdown_requested() {
                 return;
             }
-            match in_transaction(installed_version) {
+            match transaction(|| Ok(installed_version())) {
                 Ok(Some(v)) if v != env!("CARGO_PKG_VERSION") => {
                     self.slot.set_state(WorkerState::WaitingForUpdate);
                     if !told {
@@ -224,7 +222,7 @@ impl Worker {
     fn become_the_only_worker(&self) -> bool {
         let mut told = false;
         loop {
-            let got = in_transaction(take_worker_lock);
+            let got = transaction(|| Ok(take_worker_lock()));
             match got {
                 Ok(true) => {
                     if told {

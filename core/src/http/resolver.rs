@@ -127,11 +127,9 @@ impl reqwest::dns::Resolve for GuardedResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::testutil::{config, job, wait_one};
+    use crate::http::testutil::{config, job, ok_server, wait_one};
     use crate::http::HttpRuntime;
     use crate::retry::Outcome;
-    use std::io::{Read, Write};
-    use std::net::TcpListener;
     use std::time::Instant;
 
     #[test]
@@ -193,25 +191,7 @@ mod tests {
     /// reached at once while many lookups for a silent one are under way.
     #[test]
     fn a_silent_nameserver_does_not_hold_up_other_lookups() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let mut conn = conn.unwrap();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    let mut req = Vec::new();
-                    while !String::from_utf8_lossy(&req).contains("\r\n\r\n{}") {
-                        let n = conn.read(&mut buf).unwrap();
-                        if n == 0 {
-                            return;
-                        }
-                        req.extend_from_slice(&buf[..n]);
-                    }
-                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
-                });
-            }
-        });
+        let port = ok_server().port();
         let mut cfg = config(true);
         cfg.dns_servers = vec![nameserver()];
         let rt = HttpRuntime::start(cfg).unwrap();

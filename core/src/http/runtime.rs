@@ -196,42 +196,15 @@ fn nonblocking_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::testutil::{config, job};
+    use crate::http::testutil::{config, job, ok_server};
     use std::collections::HashSet;
-    use std::io::{Read, Write};
-    use std::net::TcpListener;
     use std::time::{Duration, Instant};
 
     /// The main thread sleeps on the wake pipe only; every result must wake it, however the
     /// results and the draining interleave.
     #[test]
     fn every_result_wakes_the_waiter() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let mut conn = conn.unwrap();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    let mut req = Vec::new();
-                    loop {
-                        while !String::from_utf8_lossy(&req).contains("\r\n\r\n{}") {
-                            match conn.read(&mut buf) {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => req.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        req.clear();
-                        if conn
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
+        let url = format!("http://{}/", ok_server());
         let rt = HttpRuntime::start(config(true)).unwrap();
         let total = 3000;
         let (mut submitted, mut done) = (0, 0);

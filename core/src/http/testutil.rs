@@ -1,5 +1,5 @@
-//! What the tests of `runtime`, `resolver` and `exchange` share: a config, a job, a one-shot
-//! HTTP server on loopback, and waiting for one result.
+//! What the tests of `runtime`, `resolver` and `exchange` share: a config, a job, HTTP servers
+//! on loopback (one-shot, and one that answers everything), and waiting for one result.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -35,6 +35,38 @@ pub(super) fn job(url: String) -> Job {
         headers: vec![("X-Extra".into(), "yes".into())],
         timeout: Duration::from_secs(5),
     }
+}
+
+/// An HTTP server on loopback that answers every request (`{}` bodies) 200, on kept-alive
+/// connections, until the test ends; its address.
+pub(super) fn ok_server() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut req = Vec::new();
+                loop {
+                    while !String::from_utf8_lossy(&req).contains("\r\n\r\n{}") {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    req.clear();
+                    if conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// A one-shot HTTP server on loopback that answers with `response` and returns the request it read.
