@@ -35,7 +35,10 @@ CREATE TRIGGER publishers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE O
 -- Every trigger that publishes today keeps doing so (temporary tables excepted: they were never
 -- made through the API and end with their session).
 INSERT INTO webhook._publishers (relid, endpoint_id, via, granted_by)
-SELECT DISTINCT s."table", e.id, 'subscribe', 'upgrade to 0.3.0'
+SELECT DISTINCT s."table", e.id,
+       -- subscribe()'s own trigger, or one written by hand (which allow_publish() governs now).
+       CASE WHEN s.trigger_name = 'webhook_' || s.endpoint THEN 'subscribe' ELSE 'allow_publish' END,
+       'upgrade to 0.3.0'
   FROM webhook.subscriptions s
   JOIN webhook.endpoints e ON e.name = s.endpoint
   JOIN pg_catalog.pg_class c ON c.oid = s."table"
@@ -187,10 +190,10 @@ BEGIN
         RAISE EXCEPTION 'table % has no subscription for endpoint "%"', tbl, endpoint USING ERRCODE = 'undefined_object';
     END IF;
     EXECUTE format('DROP TRIGGER %I ON %s', trig, tbl);
-    IF NOT EXISTS (SELECT FROM webhook.subscriptions s WHERE s."table" = tbl AND s.endpoint = unsubscribe.endpoint) THEN
-        DELETE FROM webhook._publishers p
-         WHERE p.relid = tbl AND p.endpoint_id = webhook._endpoint_id(unsubscribe.endpoint) AND p.via = 'subscribe';
-    END IF;
+    -- The right subscribe() gave goes with its trigger; a hand-written trigger left on the table
+    -- publishes only if allow_publish() allowed it.
+    DELETE FROM webhook._publishers p
+     WHERE p.relid = tbl AND p.endpoint_id = webhook._endpoint_id(unsubscribe.endpoint) AND p.via = 'subscribe';
 END
 $$;
 
@@ -303,6 +306,38 @@ BEGIN
 END
 $$;
 
+-- replay() leaves out events too large to keep (retry() refuses them).
+-- New deliveries (new webhook-ids) to an endpoint for the events it was sent in [since, until).
+CREATE OR REPLACE FUNCTION webhook.replay(endpoint text, since timestamptz, until timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep webhook.endpoints;
+    n bigint;
+BEGIN
+    SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
+    IF NOT ep.enabled THEN
+        RAISE EXCEPTION 'endpoint "%" is disabled', ep.name
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable it first with webhook.enable_endpoint().';
+    END IF;
+    IF since IS NULL OR until IS NULL OR since >= until THEN
+        RAISE EXCEPTION 'since must be earlier than until' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO webhook.deliveries (event_id, endpoint_id)
+    SELECT ev.id, ep.id
+      FROM webhook._events ev
+     WHERE ev.created_at >= since AND ev.created_at < until
+       AND EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)
+       -- Not a row change whose images were not kept (too large), as retry() refuses it.
+       AND NOT (ev.op IS NOT NULL AND ev.new IS NULL AND ev.old IS NULL)
+     ORDER BY ev.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM webhook._wake();
+    RETURN n;
+END
+$$;
+
 REVOKE ALL ON webhook._publishers FROM PUBLIC;
 REVOKE ALL ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_publish(regclass, text),
                        webhook._forget_dropped_tables(), webhook._check_publishing_table(regclass) FROM PUBLIC;
@@ -321,6 +356,7 @@ BEGIN
     END LOOP;
 END
 $$;
+REVOKE USAGE ON TYPE webhook.delivery_status FROM PUBLIC;
 
 -- Sessions drop their endpoint caches when this commits, and the worker (waiting for this
 -- update) is woken.

@@ -133,7 +133,8 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
     let mut db = pg.client();
     db.batch_execute(
         "CREATE EXTENSION webhook_ext VERSION '0.2.0';
-         CREATE TABLE users (id int PRIMARY KEY, email text);",
+         CREATE TABLE users (id int PRIMARY KEY, email text);
+         CREATE TABLE orders (id int);",
     )
     .unwrap();
     let version: String = db
@@ -148,6 +149,8 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
     let secret = create_endpoint(&mut db, "crm", &rx.url("/"));
     db.batch_execute(
         "SELECT webhook.subscribe('users', 'crm');
+         -- A hand-written trigger, which 0.2.0 let publish without asking.
+         CREATE TRIGGER orders_by_hand AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('crm');
          INSERT INTO users SELECT g, 'u' || g || '@example.com' FROM generate_series(1, 30) g;
          -- History as an earlier worker would have left it: 10 delivered, 5 failed, with attempts.
          UPDATE webhook.deliveries SET status = 'delivered', attempts = 1, last_status_code = 200,
@@ -218,6 +221,26 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
     db.execute("INSERT INTO users VALUES (31, 'new@example.com')", &[])
         .unwrap();
     rx.wait_for(16, PATIENCE);
+    // Each trigger kept its right, recorded as what it is: subscribe()'s own trigger, and the
+    // hand-written one as allowed (so unsubscribe() would not take it, disallow_publish() would).
+    let rights: Vec<(String, String)> = db
+        .query(
+            "SELECT relid::regclass::text, via FROM webhook._publishers ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rights,
+        [
+            ("orders".to_string(), "allow_publish".to_string()),
+            ("users".to_string(), "subscribe".to_string())
+        ]
+    );
+    db.batch_execute("INSERT INTO orders VALUES (1)").unwrap();
+    rx.wait_for(17, PATIENCE);
 }
 
 /// Everything in schema webhook, as text: what a fresh install and an upgraded one must agree on.
@@ -247,8 +270,9 @@ fn catalog(db: &mut postgres::Client) -> Vec<String> {
          WHERE c.relnamespace = 'webhook'::regnamespace
         UNION ALL
         SELECT 'type ' || t.typname || ' ' || coalesce(string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder), '')
+               || ' ' || coalesce(t.typacl::text, '')
           FROM pg_type t LEFT JOIN pg_enum e ON e.enumtypid = t.oid
-         WHERE t.typnamespace = 'webhook'::regnamespace AND t.typtype = 'e' GROUP BY t.typname
+         WHERE t.typnamespace = 'webhook'::regnamespace AND t.typtype = 'e' GROUP BY t.typname, t.typacl::text
         UNION ALL
         SELECT 'member ' || pg_describe_object(classid, objid, objsubid) FROM pg_depend
          WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'

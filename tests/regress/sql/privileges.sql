@@ -172,8 +172,8 @@ SELECT webhook.allow_publish('owned', 'crm');
 \echo SQLSTATE :SQLSTATE
 SELECT webhook.subscribe('owned', 'crm');
 \echo SQLSTATE :SQLSTATE
--- Nor use webhook's row types (a column of one would block an upgrade's ALTER TABLE); the
--- status enum it may use (reported: a column of it would block an upgrade that recreates the enum).
+-- Nor use webhook's row types or its status enum (a column of one would block an upgrade's
+-- ALTER TABLE or ALTER TYPE).
 CREATE TABLE holds_type (e webhook.endpoints);
 \echo SQLSTATE :SQLSTATE
 CREATE TABLE holds_enum (s webhook.delivery_status);

@@ -129,9 +129,8 @@ SELECT webhook.replay('crm', since => '1999-01-01 00:00+00', until => '1999-12-3
 -- An event replayed earlier is replayed again (each replay is a new delivery).
 SELECT webhook.replay('crm', since => '2020-01-01 00:00+00', until => '2020-01-02 00:00+00');
 
--- BUG (reported): retry() refuses a delivery of a row too large to send (above), because its
--- row was not kept; replay() makes a new pending delivery of that same event, which the worker
--- would send with "new": null and "old": null.
+-- retry() refuses a delivery of a row too large to send (above), because its row was not kept;
+-- replay() leaves that event out too (0), rather than send "new": null and "old": null.
 UPDATE webhook._events SET created_at = '2019-01-01 00:00+00'
  WHERE id = (SELECT event_id FROM webhook.deliveries WHERE id = 1009);
 SELECT webhook.replay('crm', since => '2019-01-01 00:00+00', until => '2019-01-02 00:00+00');

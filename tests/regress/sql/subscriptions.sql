@@ -205,10 +205,8 @@ SELECT * FROM subs WHERE "table" = 'orders'::regclass;
 SELECT webhook.disallow_publish('orders', 'billing');
 SELECT * FROM pubs WHERE "table" = 'orders'::regclass;
 SELECT "table", trigger_name FROM subs WHERE "table" = 'orders'::regclass;
--- BUG (reported): the README says unsubscribe() takes the table's right away and that a
--- hand-written trigger on a table not allowed to publish fails with 42501. But unsubscribe()
--- above kept the "subscribe" right because the hand-written trigger still names the endpoint,
--- so after disallow_publish() that trigger still publishes: this UPDATE is recorded, not refused.
+-- unsubscribe() took the right subscribe() gave, disallow_publish() the one allow_publish()
+-- gave: the hand-written trigger left on the table is refused with 42501 (the README's promise).
 -- (The trigger publishes column id: the UPDATE changes it.)
 INSERT INTO orders VALUES (1, 10);
 UPDATE orders SET id = 2 WHERE id = 1;
