@@ -1676,3 +1676,231 @@ fn s12_receivers_whose_dns_never_answers_do_not_hold_up_others() {
         40
     );
 }
+
+// Attacker review of the 0.3.0 change (e7f5dbe..): the trigger's kept plans, the utility hook,
+// the worker's statements, and the 0.3.0 library running against an older schema -----------
+
+/// The extension's library is replaced before `ALTER EXTENSION webhook_ext UPDATE` runs (the
+/// README's upgrade steps; the trigger deliberately keeps working on the old schema, see
+/// `Roles::legacy` in src/sql_api/trigger.rs). Until the update, `webhook.enqueue()` is still
+/// the 0.2.0 function: SECURITY DEFINER. The 0.3.0 trigger builds the row images with
+/// `to_jsonb` "as the current user", which inside a SECURITY DEFINER function is the extension
+/// owner: the table owner's cast to json runs as the superuser, as in 0.2.0 (§1), in every
+/// database not yet updated.
+#[test]
+fn x1_before_alter_extension_update_a_planted_cast_runs_as_the_inserting_role() {
+    assert!(
+        extension_dir().join("webhook_ext--0.2.0.sql").exists(),
+        "the 0.2.0 install script is not installed"
+    );
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext VERSION '0.2.0';
+         CREATE ROLE app LOGIN;
+         CREATE SCHEMA app AUTHORIZATION app;",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    let mut app = pg.client_as("app", "app");
+    app.batch_execute(
+        r#"CREATE TABLE app.cast_log (who text NOT NULL);
+           CREATE TYPE app.flag AS ENUM ('red', 'green');
+           CREATE FUNCTION app.flag_json(f app.flag) RETURNS json LANGUAGE plpgsql AS $$
+           BEGIN
+               INSERT INTO app.cast_log VALUES (current_user);
+               RAISE WARNING 'planted cast ran as %', current_user;
+               BEGIN
+                   EXECUTE 'ALTER ROLE app SUPERUSER';
+               EXCEPTION WHEN insufficient_privilege THEN NULL;
+               END;
+               RETURN pg_catalog.json_build_object('flag', f::text);
+           END $$;
+           CREATE CAST (app.flag AS json) WITH FUNCTION app.flag_json(app.flag);
+           CREATE TABLE app.t (id int PRIMARY KEY, f app.flag);"#,
+    )
+    .unwrap();
+    // An administrator subscribes the application's table, as before any upgrade.
+    db.execute("SELECT webhook.subscribe('app.t', 'crm')", &[])
+        .unwrap();
+
+    app.batch_execute("INSERT INTO app.t VALUES (1, 'red')")
+        .unwrap();
+
+    let who: Vec<String> = db
+        .query("SELECT DISTINCT who FROM app.cast_log ORDER BY who", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        superusers(&mut db),
+        ["postgres"],
+        "the 0.3.0 trigger on the 0.2.0 schema ran app's cast as {who:?}: app is superuser"
+    );
+    assert_eq!(
+        who,
+        ["app"],
+        "the row image is built with the rights of the inserting session"
+    );
+}
+
+/// Same window: a role with USAGE on webhook (the README's monitoring role) forges a webhook
+/// from a temporary table, and a table owner with USAGE writes a trigger on its own table. The
+/// 0.3.0 trigger does no publishing check on the old schema, so both are queued; after
+/// `ALTER EXTENSION webhook_ext UPDATE` the worker signs and sends the forged one, and the
+/// update script turns the hand-written trigger into a permanent allowance.
+#[test]
+fn x2_before_alter_extension_update_no_role_forges_a_delivery_that_is_sent_after_it() {
+    assert!(
+        extension_dir().join("webhook_ext--0.2.0.sql").exists(),
+        "the 0.2.0 install script is not installed"
+    );
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext VERSION '0.2.0';
+         CREATE ROLE monitor LOGIN;
+         GRANT USAGE ON SCHEMA webhook TO monitor;
+         CREATE ROLE owner LOGIN;
+         GRANT USAGE ON SCHEMA webhook TO owner;
+         GRANT CREATE ON SCHEMA public TO owner;
+         CREATE TABLE public.users (id int PRIMARY KEY);",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "billing", &rx.url("/"));
+    db.batch_execute("SELECT webhook.subscribe('public.users', 'billing')")
+        .unwrap();
+
+    let mut failures: Vec<String> = Vec::new();
+    let mut monitor = pg.client_as("monitor", "app");
+    let forged_temp = monitor.batch_execute(
+        "CREATE TEMP TABLE forged (x text);
+         CREATE TRIGGER t AFTER INSERT ON forged FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');
+         INSERT INTO forged VALUES ('invoice paid');",
+    );
+    if forged_temp.is_ok() {
+        failures.push(
+            "monitor's INSERT into a temporary table with webhook.enqueue('billing') was accepted"
+                .into(),
+        );
+    }
+    let mut owner = pg.client_as("owner", "app");
+    let forged_owned = owner.batch_execute(
+        "CREATE TABLE public.owned (id int PRIMARY KEY, note text);
+         CREATE TRIGGER t AFTER INSERT ON public.owned FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('billing');
+         INSERT INTO public.owned VALUES (1, 'invoice paid');",
+    );
+    if forged_owned.is_ok() {
+        failures.push("owner's INSERT through a hand-written trigger was accepted".into());
+    }
+
+    db.batch_execute("ALTER EXTENSION webhook_ext UPDATE")
+        .unwrap();
+    // A legitimate change after the update: once it arrives the worker has had its chance at
+    // everything queued before it.
+    db.batch_execute("INSERT INTO public.users VALUES (1)")
+        .unwrap();
+    wait_until(PATIENCE, "the legitimate delivery", || {
+        rx.requests()
+            .iter()
+            .any(|r| r.json()["data"]["table"] == "users")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    for r in rx.requests() {
+        let table = r.json()["data"]["table"].clone();
+        if table != "users" {
+            failures.push(format!(
+                "billing received a forged, signed webhook from table {table} (type {})",
+                r.json()["type"]
+            ));
+        }
+    }
+    let allowed: Vec<String> = db
+        .query(
+            "SELECT relid::text FROM webhook._publishers ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if allowed != ["users"] {
+        failures.push(format!(
+            "after the update these tables may publish to billing: {allowed:?}"
+        ));
+    }
+    assert_eq!(failures, Vec::<String>::new());
+}
+
+/// The utility hook runs SQL of its own inside DROP DATABASE (and ALTER DATABASE … RENAME,
+/// CREATE DATABASE … TEMPLATE), as the role running the command and with its search_path —
+/// which the database owner sets for every session (the §2 attack). `count(*)` in
+/// src/pg/utility.rs `allowed()` is not schema-qualified: the owner's `public.count(*)`
+/// aggregate runs as the superuser who drops some other database while connected to `app`,
+/// whether or not `app` has the extension (shared_preload_libraries puts the hook everywhere).
+#[test]
+fn x3_an_aggregate_planted_in_public_never_runs_inside_a_superusers_drop_database() {
+    let pg = Cluster::start(&[]);
+    pg.create_database("scratch");
+    {
+        let mut db = pg.client();
+        // No CREATE EXTENSION: the hook is loaded into every database of the cluster.
+        db.batch_execute(
+            "CREATE ROLE dbowner LOGIN;
+             ALTER DATABASE app OWNER TO dbowner;",
+        )
+        .unwrap();
+        let mut attacker = pg.client_as("dbowner", "app");
+        attacker
+            .batch_execute(
+                r#"CREATE TABLE public.pwned (who text NOT NULL, what text NOT NULL);
+                   GRANT SELECT, INSERT ON public.pwned TO PUBLIC;
+                   CREATE FUNCTION public.pwn_final(n bigint) RETURNS bigint LANGUAGE plpgsql
+                       SET search_path = pg_catalog AS $f$
+                   BEGIN
+                       RAISE WARNING 'PLANTED count(*) called by %', current_user;
+                       BEGIN
+                           INSERT INTO public.pwned VALUES (current_user, 'count(*)');
+                       EXCEPTION WHEN OTHERS THEN NULL;
+                       END;
+                       BEGIN
+                           EXECUTE 'ALTER ROLE dbowner SUPERUSER';
+                       EXCEPTION WHEN insufficient_privilege THEN NULL;
+                       END;
+                       RETURN n;
+                   END $f$;
+                   CREATE AGGREGATE public.count(*) (SFUNC = pg_catalog.int8inc, STYPE = bigint,
+                                                     INITCOND = '0', FINALFUNC = public.pwn_final);
+                   ALTER DATABASE app SET search_path = public, pg_catalog;"#,
+            )
+            .unwrap();
+    }
+    // A superuser's new session in app (it has the owner's search_path) drops another database:
+    // a command that, without the extension, calls no function at all.
+    let mut dba = pg.client();
+    let path: String = dba.query_one("SHOW search_path", &[]).unwrap().get(0);
+    assert_eq!(path, "public, pg_catalog");
+    dba.batch_execute("DROP DATABASE scratch").unwrap();
+
+    let mut su = checker(&pg);
+    let pwned: Vec<String> = su
+        .query("SELECT who || ': ' || what FROM public.pwned", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        superusers(&mut su),
+        ["postgres"],
+        "DROP DATABASE ran the planted count(*) ({pwned:?}): dbowner is superuser"
+    );
+    assert_eq!(pwned, Vec::<String>::new(), "planted objects were called");
+    assert!(
+        !pg.log().contains("PLANTED"),
+        "a planted object ran (server log)"
+    );
+}
