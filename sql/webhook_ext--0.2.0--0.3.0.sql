@@ -45,6 +45,31 @@ SELECT DISTINCT s."table", e.id,
  WHERE c.relpersistence <> 't'
 ON CONFLICT DO NOTHING;
 
+-- What a temporary table queued (any role with USAGE on webhook could) is never sent: no
+-- release lets a temporary table publish any more.
+UPDATE webhook.deliveries d
+   SET status = 'cancelled', next_attempt_at = NULL,
+       last_error = 'published by a temporary table, which webhook_ext 0.3.0 does not allow'
+  FROM webhook._events e
+ WHERE e.id = d.event_id AND d.status IN ('pending', 'sending') AND e.schema_name LIKE 'pg\_temp\_%';
+
+-- Hand-written triggers keep publishing (above); the administrator is told which, and how to stop one.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT s."table", s.trigger_name, s.endpoint, c.relowner::regrole AS owner
+               FROM webhook.subscriptions s JOIN pg_catalog.pg_class c ON c.oid = s."table"
+              WHERE s.trigger_name <> 'webhook_' || s.endpoint AND c.relpersistence <> 't'
+              ORDER BY 1, 2 LOOP
+        RAISE WARNING 'webhook_ext: trigger % on table % (owner %) may go on publishing to endpoint "%"',
+                      r.trigger_name, r."table", r.owner, r.endpoint
+            USING HINT = format('It was written by hand; if it should not publish, run SELECT webhook.disallow_publish(%L, %L).',
+                                r."table"::text, r.endpoint);
+    END LOOP;
+END
+$$;
+
 -- A dropped table's publishing rights go with it (its oid may one day name another table).
 -- It reads only the oids Postgres reports as dropped.
 CREATE FUNCTION webhook._forget_dropped_tables() RETURNS event_trigger

@@ -160,6 +160,8 @@ mod tests {
                 MIN_RATE_LIMIT - 1
             )
         );
+        // The argument check's message says "5 minutes" in words: the limit must be that.
+        assert_eq!(TIMEOUT_MS.1, 5 * 60 * 1000);
         assert!(
             refused(&format!("timeout => interval '{} ms'", TIMEOUT_MS.1 + 1))
                 .starts_with("timeout must be more than 0 and at most 5 minutes")
@@ -742,6 +744,10 @@ mod tests {
     fn worker_status_lists_the_served_database() {
         let state: String =
             one("SELECT state FROM webhook.worker_status() WHERE database = current_database()");
-        assert!(!state.is_empty());
+        assert!(!state.starts_with("not served"), "{state}");
+        let has_pid: bool = one(
+            "SELECT pid IS NOT NULL FROM webhook.worker_status() WHERE database = current_database()",
+        );
+        assert!(has_pid, "the worker of this database runs ({state})");
     }
 }

@@ -529,6 +529,10 @@ mod tests {
                 "the probe, fewer than the bucket's tokens"
             );
             assert_eq!(l.allowed[&2], buckets[&2].clone().available(clock));
+            assert_eq!(
+                l.allowed[&2], 1,
+                "a tenth of a second's worth of 10/s: one token"
+            );
             buckets.get_mut(&2).unwrap().take(l.allowed[&2], clock);
             let l = limits(
                 &mut health,
@@ -557,6 +561,7 @@ mod tests {
             );
             assert_eq!(buckets[&2].rate(), 20);
             assert!(l.allowed[&2] > 0);
+            assert_eq!(l.allowed[&2], 2, "a new, full bucket of 20/s: two tokens");
         }
     }
 

@@ -92,24 +92,39 @@ thread_local! {
     static KEPT: RefCell<HashMap<&'static str, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
 }
 
-/// The highest `$n` in `sql` (0 if none): how many parameters Postgres will see.
+/// The highest `$n` in `sql` (0 if none): how many parameters Postgres will see. `$` inside a
+/// quoted literal or identifier or a `--` comment is not a parameter. (Dollar-quoted strings are
+/// not recognised: no statement here uses them.)
 pub const fn highest_param(sql: &str) -> usize {
     let b = sql.as_bytes();
     let (mut i, mut max) = (0, 0);
     while i < b.len() {
-        if b[i] == b'$' {
-            let mut n = 0;
-            let mut j = i + 1;
-            while j < b.len() && b[j].is_ascii_digit() {
-                n = n * 10 + (b[j] - b'0') as usize;
-                j += 1;
+        match b[i] {
+            quote @ (b'\'' | b'"') => {
+                // To the closing quote; a doubled quote stays inside.
+                i += 1;
+                while i < b.len() && b[i] != quote {
+                    i += 1;
+                }
+                i += 1;
             }
-            if n > max {
-                max = n;
+            b'-' if i + 1 < b.len() && b[i + 1] == b'-' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
             }
-            i = j;
-        } else {
-            i += 1;
+            b'$' => {
+                let mut n = 0;
+                i += 1;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    n = n * 10 + (b[i] - b'0') as usize;
+                    i += 1;
+                }
+                if n > max {
+                    max = n;
+                }
+            }
+            _ => i += 1,
         }
     }
     max
@@ -374,5 +389,13 @@ mod tests {
         assert_eq!(highest_param("SELECT $10, $2, $1"), 10);
         assert_eq!(highest_param("SELECT $3 + $3"), 3);
         assert_eq!(highest_param("SELECT '$' || $1"), 1);
+        assert_eq!(highest_param("SELECT '$2' || $1"), 1, "inside a literal");
+        assert_eq!(
+            highest_param("SELECT 'it''s $3' || $1"),
+            1,
+            "a doubled quote"
+        );
+        assert_eq!(highest_param("SELECT \"$4\" FROM t WHERE a = $2"), 2);
+        assert_eq!(highest_param("SELECT $1 -- not $5\n + $2"), 2, "a comment");
     }
 }

@@ -211,7 +211,7 @@ fn allowed(dbname: &str, command: Command) -> bool {
         }
         // Sessions the command would find there besides the worker (autovacuum steps aside).
         let others = Spi::get_one_with_args::<i64>(
-            "SELECT count(*) FROM pg_catalog.pg_stat_activity a
+            "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity a
               WHERE a.datid OPERATOR(pg_catalog.=) $1
                 AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
                 AND a.backend_type OPERATOR(pg_catalog.<>) ALL ('{autovacuum worker,webhook_ext worker}'::pg_catalog.text[])",

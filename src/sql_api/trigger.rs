@@ -224,8 +224,27 @@ unsafe fn fire(data: &pg_sys::TriggerData, op: &'static str, args: &[String]) ->
     };
     let columns: Option<Vec<String>> = (args.len() > 1).then(|| args[1..].to_vec());
     // SAFETY: the tuples and descriptor of the call.
-    let Some(images) = (unsafe { row_images(rel, new_tuple, old_tuple, columns.as_deref()) })
-    else {
+    let build = || unsafe { row_images(rel, new_tuple, old_tuple, columns.as_deref()) };
+    // Before ALTER EXTENSION … UPDATE the trigger function is still the old release's SECURITY
+    // DEFINER one: this call runs as the extension's owner. A cast to json of a user-defined
+    // type is its owner's code, so such rows are built as the session's role, restricted.
+    // SAFETY: the relation of the call.
+    let images = if roles.legacy && unsafe { has_user_types(rel, columns.as_deref()) } {
+        let session = unsafe { pg_sys::GetOuterUserId() };
+        // A superuser's session may be running another role's SECURITY DEFINER code: nothing
+        // tells whose rights the row's writer had, so the write waits for the update.
+        if unsafe { pg_sys::superuser_arg(session) } {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("webhook.enqueue: table {schema}.{table} has columns of user-defined types, which webhook_ext publishes from a superuser's session only after ALTER EXTENSION webhook_ext UPDATE"),
+                Some("Run ALTER EXTENSION webhook_ext UPDATE in this database.".into()),
+            );
+        }
+        as_role(session, build)
+    } else {
+        build()
+    };
+    let Some(images) = images else {
         // An UPDATE that changed none of the chosen columns records nothing.
         return false;
     };
@@ -287,7 +306,14 @@ fn endpoint_for(
     // SAFETY: catalog lookups inside the trigger's transaction.
     let trusted_owner =
         || unsafe { pg_sys::superuser_arg(home_owner) } || is_admin(home_owner, roles);
-    if !allowed && !roles.legacy && (found.is_some() || !trusted_owner()) {
+    // Before ALTER EXTENSION … UPDATE there is no record of who may publish: tables publish as
+    // in the old release, except temporary ones, which no release lets publish.
+    // SAFETY: a catalog lookup of the trigger's table.
+    let temporary =
+        || unsafe { pg_sys::get_rel_persistence(home) } == pg_sys::RELPERSISTENCE_TEMP as c_char;
+    if (roles.legacy && temporary())
+        || (!allowed && !roles.legacy && (found.is_some() || !trusted_owner()))
+    {
         // SAFETY: as above.
         unsafe { refuse_publishing(home, name) };
     }
@@ -435,6 +461,12 @@ fn record(roles: Roles, r: &Record<'_>) {
 /// Runs `f` as the extension's owner in a security-restricted operation; the caller's user and
 /// security context come back however `f` ends (an ERROR unwinds through the guard).
 fn as_owner<R>(roles: Roles, f: impl FnOnce() -> R) -> R {
+    as_role(roles.owner, f)
+}
+
+/// Runs `f` as `role` in a security-restricted operation (as Postgres itself does for REFRESH
+/// MATERIALIZED VIEW); the caller's user and security context come back however `f` ends.
+fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     struct Restore(pg_sys::Oid, i32);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -450,7 +482,7 @@ fn as_owner<R>(roles: Roles, f: impl FnOnce() -> R) -> R {
         pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
         let _restore = Restore(uid, ctx);
         pg_sys::SetUserIdAndSecContext(
-            roles.owner,
+            role,
             ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
         );
@@ -788,6 +820,21 @@ unsafe fn wanted(att: *const pg_sys::FormData_pg_attribute, columns: Option<&[St
     };
     let name = unsafe { CStr::from_ptr((*att).attname.data.as_ptr()) };
     cols.iter().any(|c| c.as_bytes() == name.to_bytes())
+}
+
+/// True when a published column of `rel` (all, or `columns`) has a type created after initdb:
+/// its cast to json, if any, is code its owner wrote.
+unsafe fn has_user_types(rel: pg_sys::Relation, columns: Option<&[String]>) -> bool {
+    // SAFETY: the relation's descriptor, valid for the call.
+    unsafe {
+        let desc = (*rel).rd_att;
+        (0..(*desc).natts as usize).any(|i| {
+            let att = (*desc).attrs.as_ptr().add(i);
+            !(*att).attisdropped
+                && wanted(att, columns)
+                && (*att).atttypid.to_u32() >= pg_sys::FirstNormalObjectId
+        })
+    }
 }
 
 /// `to_jsonb` of the whole row, as the current user.
