@@ -10,7 +10,8 @@
 //! src/sql_api/   what SQL calls: the trigger and the Rust half of the SQL API
 //! src/worker/    the delivery worker (one per served database)
 //! src/launcher.rs  the launcher (starts and stops the workers)
-//! sql/           tables and the plpgsql half of the SQL API, release and upgrade scripts
+//! sql/           tables (schema.sql), the plpgsql half of the SQL API by topic (api/), release
+//!                and upgrade scripts
 //! ```
 
 use pgrx::pg_sys;
@@ -27,7 +28,39 @@ pub(crate) mod worker;
 ::pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-pgrx::extension_sql_file!("../sql/api.sql", name = "api", finalize);
+// The SQL API, by topic, in this order: each file requires the one before it, and the last is
+// emitted after every Rust function (`finalize`). A file whose statements name a Rust function
+// when they are created (a view's call, a trigger) requires that function too.
+pgrx::extension_sql_file!(
+    "../sql/api/endpoints.sql",
+    name = "api_endpoints",
+    requires = ["schema"]
+);
+pgrx::extension_sql_file!(
+    "../sql/api/subscriptions.sql",
+    name = "api_subscriptions",
+    requires = ["api_endpoints", _trigger_args, enqueue]
+);
+pgrx::extension_sql_file!(
+    "../sql/api/send.sql",
+    name = "api_send",
+    requires = ["api_subscriptions"]
+);
+pgrx::extension_sql_file!(
+    "../sql/api/retention.sql",
+    name = "api_retention",
+    requires = ["api_send"]
+);
+pgrx::extension_sql_file!(
+    "../sql/api/views.sql",
+    name = "api_views",
+    requires = ["api_retention", _worker_slots, _served_databases]
+);
+pgrx::extension_sql_file!(
+    "../sql/api/privileges.sql",
+    name = "api_privileges",
+    finalize
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

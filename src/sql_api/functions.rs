@@ -1,5 +1,5 @@
 //! The Rust half of the SQL API: validation, signing and status functions called by the
-//! plpgsql functions in `sql/api.sql` (which own the table writes) or directly by users.
+//! plpgsql functions in `sql/api/` (which own the table writes) or directly by users.
 
 use std::ffi::CString;
 use std::sync::atomic::Ordering;

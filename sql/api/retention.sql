@@ -1,0 +1,125 @@
+-- webhook_ext SQL API: retention (purge, and the steps the worker runs).
+
+-- The highest id in tbl (webhook.deliveries or webhook._events) created before cutoff: a binary
+-- search over the primary key, a few index probes instead of a scan or an index on created_at
+-- (which would cost every insert). It assumes created_at grows with id, which holds up to the
+-- length of a transaction; callers still check created_at row by row.
+CREATE FUNCTION webhook._last_id_before(tbl regclass, cutoff timestamptz)
+RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+    mid bigint;
+    at_id bigint;
+    t timestamptz;
+BEGIN
+    EXECUTE format('SELECT min(id), max(id) FROM %s', tbl) INTO lo, hi;
+    IF lo IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT created_at FROM %s WHERE id = $1', tbl) INTO t USING lo;
+    IF t >= cutoff THEN
+        RETURN lo - 1;
+    END IF;
+    WHILE lo < hi LOOP
+        mid := lo + (hi - lo + 1) / 2;
+        EXECUTE format('SELECT id, created_at FROM %s WHERE id >= $1 ORDER BY id LIMIT 1', tbl) INTO at_id, t USING mid;
+        IF t < cutoff THEN
+            lo := at_id;
+        ELSE
+            hi := mid - 1;
+        END IF;
+    END LOOP;
+    RETURN lo;
+END
+$$;
+
+-- Deletes up to max_rows finished deliveries created before cutoff, with their attempts and the
+-- events they leave without deliveries. Returns how many deliveries went.
+CREATE FUNCTION webhook._purge_step(cutoff timestamptz, max_rows integer)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    bound bigint := webhook._last_id_before('webhook.deliveries', cutoff);
+    gone bigint[];
+    evs bigint[];
+BEGIN
+    IF bound IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH d AS (
+        DELETE FROM webhook.deliveries x
+         WHERE x.id IN (SELECT y.id FROM webhook.deliveries y
+                         WHERE y.id <= bound AND y.created_at < cutoff
+                           AND y.status IN ('delivered', 'failed', 'cancelled')
+                         ORDER BY y.id
+                         LIMIT max_rows
+                           FOR UPDATE SKIP LOCKED)
+        RETURNING x.id, x.event_id)
+    SELECT array_agg(d.id), array_agg(DISTINCT d.event_id) INTO gone, evs FROM d;
+    IF gone IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM webhook.attempts a WHERE a.delivery_id = ANY (gone);
+    DELETE FROM webhook._events e
+     WHERE e.id = ANY (evs) AND NOT EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = e.id);
+    RETURN cardinality(gone);
+END
+$$;
+
+-- Events older than cutoff that never had a delivery (no endpoint matched them).
+CREATE FUNCTION webhook._purge_orphans(cutoff timestamptz, max_rows integer)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    bound bigint := webhook._last_id_before('webhook._events', cutoff);
+    n bigint;
+BEGIN
+    IF bound IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM webhook._events e
+     WHERE e.id IN (SELECT x.id FROM webhook._events x
+                     WHERE x.id <= bound AND x.created_at < cutoff
+                       AND NOT EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = x.id)
+                     ORDER BY x.id
+                     LIMIT max_rows);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Deletes finished deliveries (delivered, failed, cancelled) older than older_than (default:
+-- webhook.retention), their attempts, and events no delivery needs any more; pending and sending
+-- deliveries and their events are never touched. Works in batches; returns the deliveries deleted.
+CREATE FUNCTION webhook.purge(older_than interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keep interval := COALESCE(older_than, make_interval(secs => webhook._retention_seconds()));
+    cutoff timestamptz;
+    n bigint;
+    total bigint := 0;
+BEGIN
+    IF keep < '0' THEN
+        RAISE EXCEPTION 'older_than must not be negative, not %', older_than USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF older_than IS NULL AND keep = '0' THEN
+        RAISE EXCEPTION 'webhook.retention is 0 (keep forever)' USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'Pass older_than, e.g. webhook.purge(''30 days'').';
+    END IF;
+    cutoff := now() - keep;
+    LOOP
+        n := webhook._purge_step(cutoff, 10000);
+        total := total + n;
+        EXIT WHEN n < 10000;
+    END LOOP;
+    PERFORM webhook._purge_orphans(cutoff, 2147483647);
+    RETURN total;
+END
+$$;

@@ -1,0 +1,113 @@
+-- webhook_ext SQL API: application events and redelivery (send, retry, replay).
+
+-- Application events that are not row changes. Returns the event id.
+CREATE FUNCTION webhook.send(event_type text, payload jsonb, endpoint text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep webhook.endpoints;
+    event_id bigint;
+    size bigint;
+    limit_bytes integer := webhook._max_payload_bytes();
+BEGIN
+    IF event_type IS NULL OR event_type = '' OR octet_length(event_type) > 255 THEN
+        RAISE EXCEPTION 'event_type must be between 1 and 255 bytes long' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed', HINT = 'Send ''{}'' or ''null''::jsonb for no data.';
+    END IF;
+    -- The body as sent: {"type":…,"timestamp":"<27 characters>","data":…} is 59 bytes besides
+    -- the type and the payload's text (where a control character takes six bytes).
+    size := 59 + octet_length(to_json(event_type)::text) + octet_length(payload::text);
+    IF size > limit_bytes THEN
+        RAISE EXCEPTION 'payload is % bytes, more than webhook.max_payload_bytes (%)', size, limit_bytes
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF endpoint IS NOT NULL THEN
+        SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
+    END IF;
+    INSERT INTO webhook._events (type, payload, size) VALUES (event_type, payload, size) RETURNING id INTO event_id;
+    INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
+    SELECT event_id, e.id,
+           CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
+           CASE WHEN e.enabled THEN now() END,
+           CASE WHEN NOT e.enabled THEN 'endpoint disabled' END
+      FROM webhook.endpoints e
+     WHERE CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END;
+    PERFORM webhook._wake();
+    RETURN event_id;
+END
+$$;
+
+-- Sends a delivery again: same webhook-id, attempts continue from where they stopped.
+CREATE FUNCTION webhook.retry(delivery_id bigint)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d webhook.deliveries;
+    ep webhook.endpoints;
+BEGIN
+    SELECT * INTO d FROM webhook.deliveries x WHERE x.id = delivery_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'delivery % does not exist', delivery_id USING ERRCODE = 'undefined_object';
+    END IF;
+    IF d.status = 'delivered' THEN
+        RAISE EXCEPTION 'delivery % was already delivered', delivery_id
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Use webhook.replay() to send its event again as a new delivery.';
+    END IF;
+    IF d.status = 'sending' THEN
+        RAISE NOTICE 'delivery % is being sent right now', delivery_id;
+        RETURN;
+    END IF;
+    -- A row change without either image: it was over webhook.max_payload_bytes and not kept.
+    IF EXISTS (SELECT FROM webhook._events e
+                WHERE e.id = d.event_id AND e.op IS NOT NULL AND e.new IS NULL AND e.old IS NULL) THEN
+        RAISE EXCEPTION 'delivery % cannot be sent again: its event was too large (%), so its row was not kept', delivery_id, d.last_error
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = d.endpoint_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'delivery % has no endpoint (%)', delivery_id, COALESCE(d.last_error, 'it was dropped')
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF NOT ep.enabled THEN
+        RAISE EXCEPTION 'endpoint "%" is disabled', ep.name
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable it first with webhook.enable_endpoint().';
+    END IF;
+    UPDATE webhook.deliveries x SET status = 'pending', next_attempt_at = now() WHERE x.id = delivery_id;
+    PERFORM webhook._wake();
+END
+$$;
+
+-- New deliveries (new webhook-ids) to an endpoint for the events it was sent in [since, until).
+CREATE FUNCTION webhook.replay(endpoint text, since timestamptz, until timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep webhook.endpoints;
+    n bigint;
+BEGIN
+    SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
+    IF NOT ep.enabled THEN
+        RAISE EXCEPTION 'endpoint "%" is disabled', ep.name
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable it first with webhook.enable_endpoint().';
+    END IF;
+    IF since IS NULL OR until IS NULL OR since >= until THEN
+        RAISE EXCEPTION 'since must be earlier than until' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO webhook.deliveries (event_id, endpoint_id)
+    SELECT ev.id, ep.id
+      FROM webhook._events ev
+     WHERE ev.created_at >= since AND ev.created_at < until
+       AND EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)
+       -- Not a row change whose images were not kept (too large), as retry() refuses it.
+       AND NOT (ev.op IS NOT NULL AND ev.new IS NULL AND ev.old IS NULL)
+     ORDER BY ev.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM webhook._wake();
+    RETURN n;
+END
+$$;

@@ -1,0 +1,85 @@
+-- webhook_ext SQL API: what operators watch (endpoint_stats, metrics, worker_status).
+
+-- Per endpoint: queue, outcomes, the last hour's success rate and latency, the circuit breaker.
+CREATE VIEW webhook.endpoint_stats AS
+SELECT ep.id AS endpoint_id,
+       ep.name,
+       ep.enabled,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)) AS pending,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') AS sending,
+       COALESCE(s.delivered_total, 0) AS delivered,
+       COALESCE(s.failed_total, 0) AS failed,
+       COALESCE(h.attempts, 0) AS attempts_last_hour,
+       h.success_rate,
+       h.latency_p50,
+       h.latency_p95,
+       COALESCE(s.consecutive_failures, 0) AS consecutive_failures,
+       CASE WHEN NOT ep.enabled THEN 'disabled'
+            WHEN t.threshold = 0 OR COALESCE(s.consecutive_failures, 0) < t.threshold THEN 'closed'
+            WHEN EXISTS (SELECT FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') THEN 'half-open'
+            ELSE 'open' END AS circuit,
+       s.failing_since,
+       s.last_success_at,
+       s.last_failure_at,
+       CASE WHEN ep.ordered
+            THEN (SELECT u.next_attempt_at FROM (
+                      (SELECT d.id, d.next_attempt_at FROM webhook.deliveries d
+                        WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0 ORDER BY d.id LIMIT 1)
+                      UNION ALL
+                      (SELECT d.id, d.next_attempt_at FROM webhook.deliveries d
+                        WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts > 0 ORDER BY d.id + 0 LIMIT 1)) u
+                   ORDER BY u.id LIMIT 1)
+            ELSE LEAST((SELECT d.next_attempt_at FROM webhook.deliveries d
+                         WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0 ORDER BY d.id LIMIT 1),
+                       (SELECT d.next_attempt_at FROM webhook.deliveries d
+                         WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts > 0 ORDER BY d.next_attempt_at LIMIT 1))
+            END AS next_attempt_at,
+       s.next_probe_at
+  FROM webhook.endpoints ep
+ CROSS JOIN (SELECT current_setting('webhook.circuit_breaker_threshold')::int AS threshold) t
+  LEFT JOIN webhook._endpoint_state s ON s.endpoint_id = ep.id
+  LEFT JOIN (SELECT a.endpoint_id,
+                    count(*) AS attempts,
+                    round(avg(CASE WHEN a.status_code BETWEEN 200 AND 299 THEN 1 ELSE 0 END), 4) AS success_rate,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration) AS latency_p50,
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration) AS latency_p95
+               FROM webhook.attempts a
+              WHERE a.started_at > now() - interval '1 hour'
+              GROUP BY a.endpoint_id) h ON h.endpoint_id = ep.id;
+
+-- Counters and gauges for monitoring, one row per endpoint (see sql/postgres_exporter.yaml).
+CREATE VIEW webhook.metrics AS
+SELECT ep.name AS endpoint,
+       ep.enabled,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)) AS pending,
+       (SELECT count(*) FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') AS sending,
+       COALESCE(s.delivered_total, 0) AS delivered_total,
+       COALESCE(s.failed_total, 0) AS failed_total,
+       COALESCE(s.consecutive_failures, 0) AS consecutive_failures,
+       (t.threshold > 0 AND COALESCE(s.consecutive_failures, 0) >= t.threshold)::int AS circuit_open,
+       COALESCE(extract(epoch FROM now() - LEAST(
+           (SELECT d.created_at FROM webhook.deliveries d
+             WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0 ORDER BY d.id LIMIT 1),
+           (SELECT min(d.created_at) FROM webhook.deliveries d
+             WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts > 0))), 0)::float8 AS oldest_pending_seconds
+  FROM webhook.endpoints ep
+ CROSS JOIN (SELECT current_setting('webhook.circuit_breaker_threshold')::int AS threshold) t
+  LEFT JOIN webhook._endpoint_state s ON s.endpoint_id = ep.id;
+
+CREATE FUNCTION webhook.worker_status()
+RETURNS TABLE (database text, pid integer, state text, started_at timestamptz, last_wake timestamptz,
+               in_flight integer, queue_depth bigint, attempts bigint, delivered bigint, failed bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.database, s.pid, s.state, to_timestamp(s.started_us / 1e6), to_timestamp(s.last_wake_us / 1e6),
+           s.in_flight,
+           CASE WHEN s.database = current_database()
+                THEN (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)) END,
+           s.attempts, s.delivered, s.failed
+      FROM webhook._worker_slots() s
+    UNION ALL
+    SELECT current_database(), NULL, 'not served: add this database to webhook.database',
+           NULL, NULL, 0, (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)), 0, 0, 0
+     WHERE current_database() <> ALL (webhook._served_databases())
+    ORDER BY 1
+$$;
