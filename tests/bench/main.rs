@@ -7,8 +7,10 @@
 //!   --only a,b       run only these sections: throughput, latency, trigger, memory, backlog
 //!   --out PATH       where to write the report (default BENCHMARKS.md)
 
-// The end-to-end tests' harness: the same clusters, receivers and PostgreSQL programs.
+// The end-to-end tests' harness: the same clusters, receivers and PostgreSQL programs. The
+// benchmark uses only part of it (the tests, which use all of it, still see dead code).
 #[path = "../e2e/harness/mod.rs"]
+#[allow(dead_code, unused_imports)]
 mod harness;
 
 use std::collections::HashMap;

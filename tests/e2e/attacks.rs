@@ -22,37 +22,24 @@ fn checker(pg: &Cluster) -> postgres::Client {
     db
 }
 
-/// The database error of a statement that had to fail; panics naming `what` if it succeeded.
-fn db_error(
-    r: Result<impl std::fmt::Debug, postgres::Error>,
-    what: &str,
-) -> postgres::error::DbError {
-    match r {
-        Ok(v) => panic!("{what}: succeeded ({v:?}) where it had to be refused"),
-        Err(e) => match e.as_db_error() {
-            Some(d) => d.clone(),
-            None => panic!("{what}: not a database error: {e}"),
-        },
-    }
+/// Waits until the app database's worker runs and has nothing to do; returns its pid.
+fn worker_ready(db: &mut postgres::Client) -> i32 {
+    wait_until(PATIENCE, "the worker to be idle", || {
+        match worker(db, "app") {
+            Worker {
+                pid: Some(pid),
+                state,
+                ..
+            } if state == "idle" => Some(pid),
+            _ => None,
+        }
+    })
 }
 
 /// (pid, state) of the app database's delivery worker.
-fn worker(db: &mut postgres::Client) -> (Option<i32>, String) {
-    let r = db
-        .query_one(
-            "SELECT pid, state FROM webhook.worker_status() WHERE database = 'app'",
-            &[],
-        )
-        .unwrap();
-    (r.get(0), r.get(1))
-}
-
-/// Waits until the app database's worker runs and has nothing to do; returns its pid.
-fn worker_ready(db: &mut postgres::Client) -> i32 {
-    wait_until(PATIENCE, "the worker to be idle", || match worker(db) {
-        (Some(pid), state) if state == "idle" => Some(pid),
-        _ => None,
-    })
+fn pid_and_state(db: &mut postgres::Client) -> (Option<i32>, String) {
+    let w = worker(db, "app");
+    (w.pid, w.state)
 }
 
 /// Checks a publish refusal (§3): SQLSTATE 42501, the message and the hint the README documents.
@@ -231,9 +218,16 @@ fn s1_a_planted_cast_on_a_range_type_runs_as_the_inserting_role() {
 /// A role with nothing but TEMP (every role has it) and USAGE on webhook: a temporary enum, a
 /// cast to json on it (Postgres accepts CREATE CAST on a pg_temp type), a temporary table and a
 /// hand-written trigger. The insert is refused (§3), and the cast never runs as a superuser.
+///
+/// Only the refusal is exercised here: the trigger refuses the temporary table before it builds
+/// the row image, so the cast never runs at all (asserted below, so that the "ran as" checks are
+/// known to hold because nothing ran). What a planted cast runs as when it does run is covered
+/// by the other s1_* tests (`planted_cast`).
 #[test]
 fn s1_a_temp_only_role_cannot_escalate_through_a_temporary_cast() {
-    let pg = Cluster::start(&[]);
+    // The harness logs from LOG up, which leaves WARNINGs out: the cast's WARNING must reach the
+    // server log for the checks below to see it.
+    let pg = Cluster::start(&[("log_min_messages", "warning")]);
     let rx = Receiver::start(always(Reply::ok()));
     let mut db = pg.client();
     db.batch_execute(
@@ -279,10 +273,35 @@ fn s1_a_temp_only_role_cannot_escalate_through_a_temporary_cast() {
         Vec::<&str>::new(),
         "the temporary cast ran as another role"
     );
+    // No line of the cast's WARNING in the server log names a superuser ...
+    for su in superusers(&mut db) {
+        assert!(
+            !log.contains(&format!("planted cast ran as {su}")),
+            "the temporary cast ran as superuser {su}"
+        );
+    }
+    // ... and there is no line of it at all: the refusal comes before the cast could run.
+    let ran: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("planted cast ran as"))
+        .collect();
+    assert_eq!(
+        ran,
+        Vec::<&str>::new(),
+        "the trigger built the row image (running the cast) before refusing the temporary table"
+    );
     assert_publish_refused(&db_error(r, "INSERT into the forged table"), "crm");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(rx.count(), 0);
     assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.events"), 0);
+    // The checks above can see the cast: run by user_usage itself, it logs its line.
+    u.batch_execute("SELECT 'red'::pg_temp.flag::json").unwrap();
+    wait_until(PATIENCE, "the cast's WARNING in the server log", || {
+        pg.log()
+            .contains("WARNING:  planted cast ran as user_usage")
+            .then_some(())
+    });
+    assert_eq!(superusers(&mut db), ["postgres"]);
 }
 
 // §2 ------------------------------------------------------------------------------------------
@@ -1078,7 +1097,7 @@ fn s6a_a_refused_drop_database_does_not_evict_the_worker() {
             .map(|_| "dropped"),
         "mallory's DROP DATABASE",
     );
-    let after = worker(&mut db);
+    let after = pid_and_state(&mut db);
     assert_eq!(
         after,
         (Some(pid), "idle".to_string()),
@@ -1093,7 +1112,7 @@ fn s6a_a_refused_drop_database_does_not_evict_the_worker() {
         "delivered {:?} after the refused DROP DATABASE",
         t.elapsed()
     );
-    assert_eq!(worker(&mut db).0, Some(pid));
+    assert_eq!(pid_and_state(&mut db).0, Some(pid));
 }
 
 /// The other commands 0.2.0 evicted the worker for: ALTER DATABASE app RENAME and
@@ -1109,7 +1128,7 @@ fn s6a_refused_rename_and_template_copy_do_not_evict_the_worker() {
     ] {
         let e = db_error(mallory.batch_execute(sql).map(|_| "done"), sql);
         assert_eq!(
-            worker(&mut db),
+            pid_and_state(&mut db),
             (Some(pid), "idle".to_string()),
             "mallory's refused {sql} evicted the worker"
         );
@@ -1131,15 +1150,21 @@ fn advisory_lock_squat(keys_from_pg_locks: bool) {
     let mut bigint_keys = vec![OLD_WORKER_LOCK_KEY];
     let mut pair_keys: Vec<(i32, i32)> = Vec::new();
     if keys_from_pg_locks {
-        for r in mallory
+        let held = mallory
             .query(
                 "SELECT classid::int8, objid::int8, objsubid::int4 FROM pg_locks
                   WHERE locktype = 'advisory' AND granted
                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                 &[],
             )
-            .unwrap()
-        {
+            .unwrap();
+        // The running worker holds its own advisory lock: with none read, this variant would
+        // silently be the fixed-key one.
+        assert!(
+            !held.is_empty(),
+            "pg_locks showed mallory no advisory lock held in app to squat on"
+        );
+        for r in held {
             let (hi, lo, sub): (i64, i64, i32) = (r.get(0), r.get(1), r.get(2));
             if sub == 1 {
                 bigint_keys.push(((hi as u64) << 32 | lo as u64) as i64);
@@ -1177,7 +1202,7 @@ fn advisory_lock_squat(keys_from_pg_locks: bool) {
     acquired_rx
         .recv_timeout(PATIENCE)
         .expect("mallory got the locks once the worker was gone");
-    let new_pid = wait_until(PATIENCE, "a new worker", || match worker(&mut db) {
+    let new_pid = wait_until(PATIENCE, "a new worker", || match pid_and_state(&mut db) {
         (Some(p), _) if p != pid => Some(p),
         _ => None,
     });
@@ -1186,7 +1211,7 @@ fn advisory_lock_squat(keys_from_pg_locks: bool) {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         rx.wait_for(1, PATIENCE);
     }));
-    let state = worker(&mut db);
+    let state = pid_and_state(&mut db);
     let _ = release_tx.send(());
     holder.join().unwrap();
     assert!(
@@ -1457,7 +1482,7 @@ fn r1_a_database_owners_drop_that_postgres_refuses_does_not_evict_the_worker() {
         assert_eq!(e.message(), message);
         client.batch_execute("ROLLBACK").unwrap();
         assert_eq!(
-            worker(&mut db),
+            pid_and_state(&mut db),
             (Some(pid), "idle".to_string()),
             "{sql} evicted the worker"
         );
@@ -1499,7 +1524,7 @@ fn r2_database_settings_cannot_change_who_the_worker_is_or_stall_it() {
          SET lock_timeout = 0; SET enable_indexscan = on;",
     )
     .unwrap();
-    let new_pid = wait_until(PATIENCE, "a new worker", || match worker(&mut db) {
+    let new_pid = wait_until(PATIENCE, "a new worker", || match pid_and_state(&mut db) {
         (Some(p), state) if p != pid && state == "idle" => Some(p),
         _ => None,
     });
@@ -1746,14 +1771,12 @@ fn x1_before_alter_extension_update_a_planted_cast_runs_as_the_inserting_role() 
     );
     // A superuser's session may be running app's SECURITY DEFINER code: such rows wait for the
     // update rather than run app's cast with a superuser's rights.
-    let refused = db
-        .batch_execute("INSERT INTO app.t VALUES (2, 'green')")
-        .expect_err("a superuser's write of user-defined types before the update");
-    let refused = refused
-        .as_db_error()
-        .expect("an ERROR")
-        .message()
-        .to_string();
+    let refused = db_error(
+        db.batch_execute("INSERT INTO app.t VALUES (2, 'green')"),
+        "a superuser's write of user-defined types before the update",
+    )
+    .message()
+    .to_string();
     assert!(
         refused.contains("after ALTER EXTENSION webhook_ext UPDATE"),
         "{refused}"

@@ -177,14 +177,8 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
     pg.set("webhook.database", "'app'");
     pg.reload();
     wait_until(PATIENCE, "the worker to wait for the update", || {
-        let state: Option<String> = db
-            .query_one(
-                "SELECT state FROM webhook.worker_status() WHERE database = 'app'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (state.as_deref() == Some("waiting for ALTER EXTENSION webhook_ext UPDATE")).then_some(())
+        (worker(&mut db, "app").state == "waiting for ALTER EXTENSION webhook_ext UPDATE")
+            .then_some(())
     });
     assert_eq!(rx.count(), 0);
 
@@ -406,7 +400,11 @@ fn every_sql_example_in_the_readme_runs() {
     pg.create_database("app");
     let blocks = readme_blocks("sql");
     assert!(blocks.len() >= 5, "the README has SQL examples");
-    for block in blocks {
+    // The README has exactly this many ```sql blocks (the quick start, SQL API, Security): a
+    // block the parser stops seeing fails here rather than going untested.
+    assert_eq!(blocks.len(), 7, "```sql blocks in README.md");
+    let mut ran = 0;
+    for block in &blocks {
         let out = Command::new(pg_bin("psql"))
             .args([
                 "-X",
@@ -422,7 +420,7 @@ fn every_sql_example_in_the_readme_runs() {
                 "-d",
                 "app",
             ])
-            .args(["-c", &block])
+            .args(["-c", block])
             .output()
             .unwrap();
         assert!(
@@ -430,7 +428,9 @@ fn every_sql_example_in_the_readme_runs() {
             "README example failed:\n{block}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        ran += 1;
     }
+    assert_eq!(ran, blocks.len(), "every README SQL block ran");
 }
 
 #[test]
@@ -470,14 +470,14 @@ fn the_readme_snippets_verify_a_real_request() {
         .args(["-m", "pip", "install", "-q", "--target"])
         .arg(&site)
         .arg("standardwebhooks"));
-    let program = format!(
+    let py_program = format!(
         "import json, pathlib\nd = pathlib.Path({dir:?})\nrequest_body_bytes = (d / 'body').read_bytes()\n\
          request_headers = json.loads((d / 'headers.json').read_text())\n{py}\nprint(json.dumps(payload))\n",
         dir = dir.display().to_string()
     );
     let out = run(Command::new("python3")
         .arg("-c")
-        .arg(&program)
+        .arg(&py_program)
         .env("PYTHONPATH", &site));
     assert!(out.contains("ada@example.com"), "{out}");
 
@@ -515,6 +515,24 @@ fn the_readme_snippets_verify_a_real_request() {
         .status()
         .unwrap()
         .success());
+    let tampered = Command::new("python3")
+        .arg("-c")
+        .arg(&py_program)
+        .env("PYTHONPATH", &site)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&tampered.stderr);
+    assert!(
+        !tampered.status.success(),
+        "the Python snippet accepted a tampered body: {}",
+        String::from_utf8_lossy(&tampered.stdout)
+    );
+    // It fails in verify() (the library's verification error), not for some other reason.
+    assert!(
+        stderr.contains("WebhookVerificationError"),
+        "the Python snippet failed otherwise: {stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&tampered.stdout).contains("eve@example.com"));
 }
 
 fn run(cmd: &mut Command) -> String {

@@ -158,12 +158,6 @@ fn logical_replication_sends_each_webhook_once() {
 // §8 Dump and restore, webhook.paused
 // ---------------------------------------------------------------------------------------------
 
-fn pause_off(db: &mut postgres::Client) {
-    db.batch_execute("ALTER SYSTEM SET webhook.paused = off")
-        .unwrap();
-    db.batch_execute("SELECT pg_reload_conf()").unwrap();
-}
-
 /// A paused source with pending work is dumped (`pg_dump -Fc`) and restored (`pg_restore`) into
 /// a paused cluster: neither sends anything while paused; once unpaused, the copy sends the
 /// pending work with exactly the webhook-ids (and bodies) the source sends it with.
@@ -243,12 +237,14 @@ fn a_restored_copy_sends_pending_work_under_the_sources_webhook_ids() {
     );
 
     // The copy first, then the source: each sends the 8 deliveries once.
-    pause_off(&mut dst);
+    dst_pg.set("webhook.paused", "off");
+    dst_pg.reload();
     rx.wait_for(8, PATIENCE);
     wait_settled(&mut dst, PATIENCE);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(rx.count(), 8);
-    pause_off(&mut src);
+    src_pg.set("webhook.paused", "off");
+    src_pg.reload();
     rx.wait_for(16, PATIENCE);
     wait_settled(&mut src, PATIENCE);
     std::thread::sleep(Duration::from_millis(500));

@@ -313,38 +313,6 @@ impl Cluster {
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .unwrap();
     }
-
-    /// Runs a psql script and returns its output (stdout and stderr, interleaved as psql prints them).
-    pub fn psql(&self, db: &str, script: &str) -> String {
-        let out = Command::new(pg_bin("psql"))
-            .args([
-                "-X",
-                "-a",
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
-            ])
-            .args(["-v", "VERBOSITY=terse"])
-            .arg("-f")
-            .arg("-")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child.stdin.take().unwrap().write_all(script.as_bytes())?;
-                child.wait_with_output()
-            })
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-    }
 }
 
 impl Drop for Cluster {

@@ -1,7 +1,5 @@
 //! Shared by the end-to-end tests (and the benchmark, which includes this module by path): real
 //! clusters, real receivers, independent verification, and the small queries several tests ask.
-// The benchmark uses only part of the harness.
-#![allow(dead_code, unused_imports)]
 
 pub mod cluster;
 pub mod dns;
@@ -9,7 +7,7 @@ pub mod receiver;
 pub mod tls;
 
 pub use cluster::{
-    bin_dir, client_program, extension_dir, free_port, pg_bin, soft_wait, wait_until, Cluster,
+    client_program, extension_dir, free_port, pg_bin, soft_wait, wait_until, Cluster,
 };
 pub use receiver::{always, Receiver, Reply, Request};
 
@@ -100,6 +98,44 @@ pub fn worker_state(db: &mut postgres::Client, database: &str) -> Option<String>
     )
     .unwrap()
     .map(|r| r.get(0))
+}
+
+/// A database's row in `webhook.worker_status()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    pub pid: Option<i32>,
+    pub state: String,
+    pub in_flight: i32,
+}
+
+/// `database`'s row in `webhook.worker_status()`; panics if it has none.
+pub fn worker(db: &mut postgres::Client, database: &str) -> Worker {
+    let r = db
+        .query_one(
+            "SELECT pid, state, in_flight FROM webhook.worker_status() WHERE database = $1",
+            &[&database],
+        )
+        .unwrap();
+    Worker {
+        pid: r.get(0),
+        state: r.get(1),
+        in_flight: r.get(2),
+    }
+}
+
+/// The database error of a statement that had to fail; panics naming `what` if it succeeded or
+/// failed without one (a lost connection, say).
+pub fn db_error(
+    r: Result<impl std::fmt::Debug, postgres::Error>,
+    what: &str,
+) -> postgres::error::DbError {
+    match r {
+        Ok(v) => panic!("{what}: succeeded ({v:?}) where it had to be refused"),
+        Err(e) => match e.as_db_error() {
+            Some(d) => d.clone(),
+            None => panic!("{what}: not a database error: {e}"),
+        },
+    }
 }
 
 /// Every role with rolsuper, by name (read through pg_catalog, whatever the search_path).
