@@ -1,5 +1,17 @@
 -- webhook_ext SQL API: what operators watch (endpoint_stats, metrics, worker_status).
 
+-- Whether each endpoint's circuit is open, by the worker's rule (Health::is_open in
+-- core/src/policy.rs; a #[pg_test] holds the two to the same answers): after
+-- webhook.circuit_breaker_threshold consecutive failures, never with a threshold of 0. The two
+-- views below read it from here. Not for PUBLIC (like every relation here); they read it with
+-- their owner's rights.
+CREATE VIEW webhook._circuits AS
+SELECT ep.id AS endpoint_id,
+       t.threshold > 0 AND COALESCE(s.consecutive_failures, 0) >= t.threshold AS open
+  FROM webhook.endpoints ep
+ CROSS JOIN (SELECT current_setting('webhook.circuit_breaker_threshold')::int AS threshold) t
+  LEFT JOIN webhook._endpoint_state s ON s.endpoint_id = ep.id;
+
 -- Per endpoint: queue, outcomes, the last hour's success rate and latency, the circuit breaker.
 CREATE VIEW webhook.endpoint_stats AS
 SELECT ep.id AS endpoint_id,
@@ -15,7 +27,7 @@ SELECT ep.id AS endpoint_id,
        h.latency_p95,
        COALESCE(s.consecutive_failures, 0) AS consecutive_failures,
        CASE WHEN NOT ep.enabled THEN 'disabled'
-            WHEN t.threshold = 0 OR COALESCE(s.consecutive_failures, 0) < t.threshold THEN 'closed'
+            WHEN NOT c.open THEN 'closed'
             WHEN EXISTS (SELECT FROM webhook.deliveries d WHERE d.endpoint_id = ep.id AND d.status = 'sending') THEN 'half-open'
             ELSE 'open' END AS circuit,
        s.failing_since,
@@ -36,7 +48,7 @@ SELECT ep.id AS endpoint_id,
             END AS next_attempt_at,
        s.next_probe_at
   FROM webhook.endpoints ep
- CROSS JOIN (SELECT current_setting('webhook.circuit_breaker_threshold')::int AS threshold) t
+ JOIN webhook._circuits c ON c.endpoint_id = ep.id
   LEFT JOIN webhook._endpoint_state s ON s.endpoint_id = ep.id
   LEFT JOIN (SELECT a.endpoint_id,
                     count(*) AS attempts,
@@ -56,14 +68,14 @@ SELECT ep.name AS endpoint,
        COALESCE(s.delivered_total, 0) AS delivered_total,
        COALESCE(s.failed_total, 0) AS failed_total,
        COALESCE(s.consecutive_failures, 0) AS consecutive_failures,
-       (t.threshold > 0 AND COALESCE(s.consecutive_failures, 0) >= t.threshold)::int AS circuit_open,
+       c.open::int AS circuit_open,
        COALESCE(extract(epoch FROM now() - LEAST(
            (SELECT d.created_at FROM webhook.deliveries d
              WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0 ORDER BY d.id LIMIT 1),
            (SELECT min(d.created_at) FROM webhook.deliveries d
              WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts > 0))), 0)::float8 AS oldest_pending_seconds
   FROM webhook.endpoints ep
- CROSS JOIN (SELECT current_setting('webhook.circuit_breaker_threshold')::int AS threshold) t
+ JOIN webhook._circuits c ON c.endpoint_id = ep.id
   LEFT JOIN webhook._endpoint_state s ON s.endpoint_id = ep.id;
 
 CREATE FUNCTION webhook.worker_status()

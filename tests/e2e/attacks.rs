@@ -74,7 +74,8 @@ enum Carrier {
 /// `app` owns a table of a type with a cast to json it wrote; an administrator subscribes the
 /// table; `app` inserts a row. The cast logs who runs it and tries to make `app` superuser.
 fn planted_cast(carrier: Carrier) {
-    let pg = Cluster::start(&[]);
+    // The planted code's WARNINGs reach the log (the harness logs above ERROR otherwise).
+    let pg = Cluster::start(&[("log_min_messages", "warning")]);
     let rx = Receiver::start(always(Reply::ok()));
     let mut db = pg.client();
     db.batch_execute(
@@ -433,6 +434,8 @@ fn plant_sql() -> String {
 #[test]
 fn s2_operators_and_functions_planted_in_public_are_never_called() {
     let mut pg = Cluster::start(&[
+        // The planted code's WARNINGs reach the log (the harness logs above ERROR otherwise).
+        ("log_min_messages", "warning"),
         ("webhook.circuit_breaker_threshold", "2"),
         ("webhook.auto_disable_after", "1"),
     ]);
@@ -1898,7 +1901,8 @@ fn x2_before_alter_extension_update_no_role_forges_a_delivery_that_is_sent_after
 /// whether or not `app` has the extension (shared_preload_libraries puts the hook everywhere).
 #[test]
 fn x3_an_aggregate_planted_in_public_never_runs_inside_a_superusers_drop_database() {
-    let pg = Cluster::start(&[]);
+    // The planted code's WARNINGs reach the log (the harness logs above ERROR otherwise).
+    let pg = Cluster::start(&[("log_min_messages", "warning")]);
     pg.create_database("scratch");
     {
         let mut db = pg.client();
