@@ -476,6 +476,22 @@ mod tests {
                 assert!(unlisted.recheck, "{handle:?} {pid}");
             }
         }
+        // The same, spelled out rather than computed: freed only when no pid holds the slot and
+        // the worker was not last seen alive.
+        for (handle, pid, freed) in [
+            (Handle::Absent, 0, true),
+            (Handle::Exited, 0, true),
+            (Handle::Alive, 0, false),
+            (Handle::Absent, 42, false),
+            (Handle::Exited, 42, false),
+            (Handle::Alive, 42, false),
+        ] {
+            assert_eq!(
+                after_stop(false, true, handle, pid).free_slot,
+                freed,
+                "{handle:?} {pid}"
+            );
+        }
     }
 
     #[test]

@@ -852,6 +852,9 @@ mod tests {
             h.on_failure(at(i), false, 0, &schedule, 0.0);
         }
         assert_eq!(h.gate(at(100), 0, 0), Gate::Open);
+        // The views' rule (webhook._circuits) says the same: never open with a threshold of 0;
+        // the golden settings test shows the views at that setting.
+        assert!(!h.is_open(0));
     }
 
     #[test]

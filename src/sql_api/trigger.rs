@@ -956,6 +956,9 @@ unsafe fn to_jsonb(value: pg_sys::Datum, typid: pg_sys::Oid) -> pg_sys::Datum {
 mod tests {
     use super::{route, Route, RECORD, RECORD_LEGACY};
 
+    /// Pins the two statements' text against edits; that they run against their schemas is the
+    /// upgrade test's job (tests/e2e/operations.rs writes through the new library on 0.2.0's
+    /// schema before the update).
     #[test]
     fn the_legacy_statement_writes_no_size_column() {
         let sql = RECORD_LEGACY.sql;

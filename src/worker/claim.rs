@@ -256,7 +256,7 @@ impl Session {
         let (delivery_id, endpoint_id) = (c.id, c.endpoint_id);
         match c.job(attempt) {
             Ok(job) => self.http().submit(job),
-            Err(reason) => self.http().push_finished(Finished {
+            Err(unsendable) => self.http().push_finished(Finished {
                 delivery_id,
                 endpoint_id,
                 attempt,
@@ -264,7 +264,7 @@ impl Session {
                 duration: Duration::ZERO,
                 outcome: Outcome::Refused,
                 response_body: None,
-                error: Some(reason),
+                error: Some(unsendable.to_string()),
             }),
         }
     }
@@ -281,6 +281,23 @@ impl Session {
                     Arc::new(Schedule::parse(text).unwrap_or_else(|_| (**default).clone()))
                 })
                 .clone(),
+        }
+    }
+}
+
+/// Why a claimed delivery cannot be sent at all: recorded as its attempt's error.
+enum Unsendable {
+    Secret(signing::SecretError),
+    PreviousSecret(signing::SecretError),
+    Headers(request::HeaderError),
+}
+
+impl std::fmt::Display for Unsendable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unsendable::Secret(e) => write!(f, "endpoint {e}"),
+            Unsendable::PreviousSecret(e) => write!(f, "endpoint previous {e}"),
+            Unsendable::Headers(e) => write!(f, "endpoint headers: {e}"),
         }
     }
 }
@@ -372,14 +389,12 @@ impl Claimed {
     }
 
     /// The signed request for this attempt, or why it cannot be sent.
-    fn job(self, attempt: i32) -> Result<Job, String> {
-        let mut keys =
-            vec![signing::decode_secret(&self.secret).map_err(|e| format!("endpoint {e}"))?];
+    fn job(self, attempt: i32) -> Result<Job, Unsendable> {
+        let mut keys = vec![signing::decode_secret(&self.secret).map_err(Unsendable::Secret)?];
         if let Some(prev) = &self.previous_secret {
-            keys.push(signing::decode_secret(prev).map_err(|e| format!("endpoint previous {e}"))?);
+            keys.push(signing::decode_secret(prev).map_err(Unsendable::PreviousSecret)?);
         }
-        let headers =
-            request::parse_headers(&self.headers).map_err(|e| format!("endpoint headers: {e}"))?;
+        let headers = request::parse_headers(&self.headers).map_err(Unsendable::Headers)?;
         Ok(Job {
             delivery_id: self.id,
             endpoint_id: self.endpoint_id,

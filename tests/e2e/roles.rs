@@ -834,6 +834,19 @@ fn every_role_gets_exactly_what_the_contract_grants() {
     let cat = catalog(&mut db);
     assert!(cat.functions.iter().any(|(n, _)| n == "enqueue"));
     assert!(cat.relations.len() >= PUBLIC_RELATIONS.len());
+    // The matrix's lists name what exists: a renamed function or view cannot drop out unseen.
+    for (name, _) in PUBLIC_RELATIONS {
+        assert!(
+            cat.relations.iter().any(|(n, _)| n == name),
+            "{name} is not in schema webhook"
+        );
+    }
+    for (name, _) in public_calls("public.t", "http://127.0.0.1/", retry_id) {
+        assert!(
+            cat.functions.iter().any(|(n, _)| n == name),
+            "{name}() is not in schema webhook, or cannot be called from SQL"
+        );
+    }
 
     let mut m = Matrix::default();
     let schema_denied = denied(SCHEMA_DENIED);
