@@ -103,6 +103,34 @@ proptest! {
         }
     }
 
+    /// Addresses drawn FROM each refused range (uniform 32- or 128-bit addresses almost never
+    /// land in 169.254/16, 192.168/16, ::1 or CGNAT): every one is refused with its range's
+    /// reason, as IPv4 and as IPv4-mapped IPv6, unless the range is opened.
+    #[test]
+    fn every_address_of_every_refused_range_is_refused(
+        (range, ip) in refused_address(), other in any::<u32>()
+    ) {
+        let strict = AddressPolicy::default();
+        let err = strict.check(ip).expect_err(&format!("{ip} ({range}) must be refused"));
+        prop_assert!(err.starts_with(&format!("refused to connect to {ip}: ")), "{}", err);
+        prop_assert!(err.contains(reason_word(range)), "{} ({}): {}", ip, range, err);
+        if let IpAddr::V4(v4) = ip {
+            let mapped = IpAddr::V6(v4.to_ipv6_mapped());
+            let err = strict.check(mapped).expect_err(&format!("{mapped} ({range}) must be refused"));
+            prop_assert!(err.contains(reason_word(range)), "{} ({}): {}", mapped, range, err);
+        }
+        // Opening the range (and only it) lets the address through; another range stays shut.
+        let opened = AddressPolicy { allow_private: false, allowed: vec![Cidr::parse(range).unwrap()] };
+        prop_assert!(opened.check(ip).is_ok(), "{} with {} opened", ip, range);
+        let elsewhere = AddressPolicy {
+            allow_private: false,
+            allowed: vec![Cidr::parse(&format!("{}/32", Ipv4Addr::from(other | 1))).unwrap()],
+        };
+        if !Cidr::parse(&format!("{}/32", Ipv4Addr::from(other | 1))).unwrap().contains(ip) {
+            prop_assert!(elsewhere.check(ip).is_err(), "{} with only {} opened", ip, Ipv4Addr::from(other | 1));
+        }
+    }
+
     #[test]
     fn cidr_ranges_contain_their_own_network(a in any::<u32>(), prefix in 0u8..=32, text in "\\PC{0,24}") {
         let net = Ipv4Addr::from(a & (u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)));
@@ -165,6 +193,60 @@ proptest! {
         }
     }
 
+    /// Real `whsec_` secrets (base64 of 24-64 random bytes, as generated or as Svix issues them),
+    /// and the same damaged the ways a paste goes wrong: whatever the error (refused, too short,
+    /// too long), it names neither the secret nor its base64 key nor any 8 characters of it.
+    #[test]
+    fn errors_never_echo_a_whsec_secret_or_its_key(
+        key in prop::collection::vec(any::<u8>(), 24..=64),
+        damage in 0u8..6, at in any::<prop::sample::Index>(), cut in 1usize..20,
+        junk in prop::sample::select(vec!['!', '*', ' ', '-', '_', '.', '\u{e9}', '%']),
+    ) {
+        let secret = signing::encode_secret(&key);
+        let b64 = secret.strip_prefix("whsec_").unwrap().to_string();
+        prop_assert!(secret.starts_with("whsec_") && b64.len() >= 32);
+        let pos = at.index(b64.len());
+        let damaged = match damage {
+            0 => secret.clone(),                                                 // as issued
+            1 => format!("whsec_{}{junk}{}", &b64[..pos], &b64[pos..]),           // a stray char
+            2 => format!("whsec_{}", &b64[..b64.len().saturating_sub(cut)]),     // cut short
+            3 => format!("whsec_{b64}{b64}"),                                   // pasted twice
+            4 => format!("whsec_{}", &b64[..pos.min(20)]),                       // far too short
+            _ => b64.clone(),                                                   // no prefix
+        };
+        let key_part = damaged.strip_prefix("whsec_").unwrap_or(&damaged).to_string();
+        let mut errors = vec![];
+        match signing::decode_secret(&damaged) {
+            Err(e) => errors.push(e.to_string()),
+            // As issued (with or without its prefix), it decodes to its key.
+            Ok(k) => prop_assert!(damage > 0 && damage < 5 || k == key),
+        }
+        if damage == 4 {
+            prop_assert!(signing::decode_secret(&damaged).is_err(), "{} is far too short", damaged);
+        }
+        // The secret in the places a user might put it by mistake: a URL, a header value.
+        if let Err(e) = target::validate_url(&format!("https://x.example/#{damaged}"), false) {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = target::validate_url(&format!("https://u:{damaged}@x.example/"), false) {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = request::parse_headers(&serde_json::json!({ "Authorization": format!("{damaged}\r\n") }).to_string()) {
+            errors.push(e.to_string());
+        }
+        prop_assert!(errors.len() >= 2, "{} refused in fewer places than expected: {:?}", damaged, errors);
+        for msg in &errors {
+            prop_assert!(!msg.contains(&secret) && !msg.contains(&b64), "{}", msg);
+            // (A damaged key cut to nothing leaves only the prefix, which errors may name.)
+            prop_assert!(key_part.len() < 8 || !msg.contains(&damaged) && !msg.contains(&key_part), "{}", msg);
+            let chars: Vec<char> = key_part.chars().collect();
+            for w in chars.windows(8) {
+                let w: String = w.iter().collect();
+                prop_assert!(!msg.contains(&w), "the error {:?} contains {:?} of the key", msg, w);
+            }
+        }
+    }
+
     #[test]
     fn accepted_headers_cannot_smuggle_lines(
         pairs in prop::collection::vec(("\\PC{0,12}|[A-Za-z-]{1,12}", "\\PC{0,20}|[\\x00-\\x7f]{0,20}"), 0..40)
@@ -181,6 +263,46 @@ proptest! {
                 prop_assert!(http_header_ok(&name, &value));
             }
         }
+    }
+}
+
+/// The ranges the README says the guard refuses, as CIDR text, each with an address drawn from
+/// inside it (uniformly over the range's host bits).
+fn refused_address() -> impl Strategy<Value = (&'static str, IpAddr)> {
+    fn v4(net: [u8; 4], prefix: u32) -> impl Strategy<Value = IpAddr> {
+        let base = u32::from(Ipv4Addr::from(net));
+        let host_mask = u32::MAX >> prefix;
+        any::<u32>().prop_map(move |r| IpAddr::V4(Ipv4Addr::from(base | (r & host_mask))))
+    }
+    fn v6(net: u128, prefix: u32) -> impl Strategy<Value = IpAddr> {
+        let host_mask = u128::MAX.checked_shr(prefix).unwrap_or(0);
+        any::<u128>().prop_map(move |r| IpAddr::V6(Ipv6Addr::from(net | (r & host_mask))))
+    }
+    prop_oneof![
+        v4([169, 254, 0, 0], 16).prop_map(|ip| ("169.254.0.0/16", ip)),
+        v4([192, 168, 0, 0], 16).prop_map(|ip| ("192.168.0.0/16", ip)),
+        v4([10, 0, 0, 0], 8).prop_map(|ip| ("10.0.0.0/8", ip)),
+        v4([172, 16, 0, 0], 12).prop_map(|ip| ("172.16.0.0/12", ip)),
+        v4([127, 0, 0, 0], 8).prop_map(|ip| ("127.0.0.0/8", ip)),
+        v4([100, 64, 0, 0], 10).prop_map(|ip| ("100.64.0.0/10", ip)),
+        Just(("::1/128", IpAddr::V6(Ipv6Addr::LOCALHOST))),
+        v6(0xfc00 << 112, 7).prop_map(|ip| ("fc00::/7", ip)),
+        v6(0xfe80 << 112, 10).prop_map(|ip| ("fe80::/10", ip)),
+    ]
+}
+
+/// The word the guard's refusal uses for a range.
+fn reason_word(range: &str) -> &'static str {
+    match range {
+        "169.254.0.0/16" => "link-local",
+        "192.168.0.0/16" => "private (192.168.0.0/16)",
+        "10.0.0.0/8" => "private (10.0.0.0/8)",
+        "172.16.0.0/12" => "private (172.16.0.0/12)",
+        "127.0.0.0/8" | "::1/128" => "loopback",
+        "100.64.0.0/10" => "carrier-grade NAT",
+        "fc00::/7" => "unique local",
+        "fe80::/10" => "link-local",
+        _ => unreachable!("{range}"),
     }
 }
 
