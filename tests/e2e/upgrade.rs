@@ -350,6 +350,23 @@ fn times_sent(reqs: &[Request]) -> BTreeMap<String, usize> {
     m
 }
 
+/// (type, new row's id) of each request, sorted, each verified with `secret`.
+fn new_rows(reqs: &[Request], secret: &str) -> Vec<(String, i64)> {
+    let mut rows: Vec<(String, i64)> = reqs
+        .iter()
+        .map(|r| {
+            verify_with_standardwebhooks(secret, r).unwrap();
+            let j = r.json();
+            (
+                j["type"].as_str().unwrap().to_string(),
+                j["data"]["new"]["id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
 /// The `install` part of a `webhook-id` (`msg_<install>_<delivery id>`).
 fn install_of(req: &Request) -> String {
     let id = req.webhook_id();
@@ -502,6 +519,19 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
         "nothing is sent before the update"
     );
     assert_eq!(metrics(&mut db, "later"), (3, 1, 0, 0));
+    // Writes go on under the current library on the 0.2.0 schema, through subscribe()'s trigger
+    // and the hand-written one; what they record waits for the update too.
+    db.batch_execute(
+        "INSERT INTO users VALUES (11, 'before@example.com');
+         INSERT INTO orders VALUES (3);",
+    )
+    .unwrap();
+    assert_eq!(with_status(&mut db, "crm", "pending"), 2);
+    assert_eq!(
+        (rx_crm.count(), rx_bad.count(), rx_later.count()),
+        (12, 6, 1),
+        "nothing is sent before the update"
+    );
 
     db.batch_execute("ALTER EXTENSION webhook_ext UPDATE")
         .unwrap();
@@ -520,8 +550,9 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
     );
 
     // What was pending goes out: the request that was under way once more, the three behind it
-    // once, each with its original webhook-id.
+    // once, each with its original webhook-id; and the two rows written before the update.
     let reqs = rx_later.wait_for(5, PATIENCE);
+    let crm = rx_crm.wait_for(14, PATIENCE);
     wait_settled(&mut db, PATIENCE);
     let sent = times_sent(&reqs);
     let expected: BTreeMap<String, usize> = in_flight
@@ -566,11 +597,22 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
     }
     assert_eq!(
         attempts_after.len(),
-        attempts.len() + 4,
-        "one attempt more per pending delivery"
+        attempts.len() + 6,
+        "one attempt more per delivery pending at the update"
     );
-    assert_eq!(event_rows(&mut db), events, "events intact");
-    assert_eq!(metrics(&mut db, "crm"), (0, 0, 12, 0));
+    let events_after = event_rows(&mut db);
+    for (id, row) in &events {
+        assert_eq!(events_after.get(id), Some(row), "event {id}");
+    }
+    assert_eq!(events_after.len(), events.len() + 2);
+    assert_eq!(
+        new_rows(&crm[12..], &secret),
+        [
+            ("public.orders.insert".to_string(), 3),
+            ("public.users.insert".to_string(), 11)
+        ]
+    );
+    assert_eq!(metrics(&mut db, "crm"), (0, 0, 14, 0));
     assert_eq!(metrics(&mut db, "bad"), (0, 0, 0, 3));
     assert_eq!(metrics(&mut db, "later"), (0, 0, 4, 0));
 
@@ -596,38 +638,25 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
             right("users", "crm", "subscribe"),
         ]
     );
-    // New rows go through, through subscribe()'s trigger and the hand-written one.
+    // New rows after the update go through, through subscribe()'s trigger and the hand-written one.
     db.batch_execute(
-        "INSERT INTO users VALUES (11, 'new@example.com');
-         INSERT INTO orders VALUES (3);",
+        "INSERT INTO users VALUES (12, 'after@example.com');
+         INSERT INTO orders VALUES (4);",
     )
     .unwrap();
-    let crm = rx_crm.wait_for(14, PATIENCE);
+    let crm = rx_crm.wait_for(16, PATIENCE);
     wait_settled(&mut db, PATIENCE);
-    let new: Vec<(String, i64)> = crm[12..]
-        .iter()
-        .map(|r| {
-            verify_with_standardwebhooks(&secret, r).unwrap();
-            let j = r.json();
-            (
-                j["type"].as_str().unwrap().to_string(),
-                j["data"]["new"]["id"].as_i64().unwrap(),
-            )
-        })
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
     assert_eq!(
-        new,
+        new_rows(&crm[14..], &secret),
         [
-            ("public.orders.insert".to_string(), 3),
-            ("public.users.insert".to_string(), 11)
+            ("public.orders.insert".to_string(), 4),
+            ("public.users.insert".to_string(), 12)
         ]
     );
-    assert_eq!(metrics(&mut db, "crm"), (0, 0, 14, 0));
+    assert_eq!(metrics(&mut db, "crm"), (0, 0, 16, 0));
     // Nothing sent twice beyond the request that was under way.
     let crm_ids = times_sent(&rx_crm.requests());
-    assert_eq!(crm_ids.len(), 14);
+    assert_eq!(crm_ids.len(), 16);
     assert!(crm_ids.values().all(|&n| n == 1), "{crm_ids:?}");
     assert!(old_crm_ids.keys().all(|k| crm_ids.contains_key(k)));
     assert_eq!(times_sent(&rx_bad.requests()), old_bad_ids);
