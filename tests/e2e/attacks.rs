@@ -394,40 +394,57 @@ const PLANTED_FUNCTIONS: &[(&str, &str, &str)] = &[
 /// What the database owner plants: a log, a payload that logs and tries to make dbowner
 /// superuser, the operators and functions above, and a search_path that puts public first.
 fn plant_sql() -> String {
-    let mut sql = String::from(
-        r#"CREATE TABLE public.pwned (who text NOT NULL, what text NOT NULL);
-           GRANT SELECT, INSERT ON public.pwned TO PUBLIC;
-           CREATE FUNCTION public.pwn(what text) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
+    let mut sql = plant_sql_in("public", "dbowner", &[], &[]);
+    sql.push_str("ALTER DATABASE app SET search_path = public, pg_catalog;\n");
+    sql
+}
+
+/// The planted objects of [`plant_sql`], in `schema`: a log table `<schema>.pwned` anyone may
+/// write, `<schema>.pwn(what)` (a WARNING `PLANTED … called by <role>`, a row in the log, and an
+/// attempt to make `attacker` superuser), and every operator and function of
+/// [`PLANTED_OPERATORS`] and [`PLANTED_FUNCTIONS`], plus `extra_operators` and `extra_functions`,
+/// each calling `pwn` and then doing the real thing.
+fn plant_sql_in(
+    schema: &str,
+    attacker: &str,
+    extra_operators: &[(&str, &str, &str, &str, &str)],
+    extra_functions: &[(&str, &str, &str)],
+) -> String {
+    let mut sql = format!(
+        r#"CREATE TABLE {schema}.pwned (who text NOT NULL, what text NOT NULL);
+           GRANT SELECT, INSERT ON {schema}.pwned TO PUBLIC;
+           CREATE FUNCTION {schema}.pwn(what text) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
            BEGIN
                RAISE WARNING 'PLANTED % called by %', what, current_user;
                BEGIN
-                   INSERT INTO public.pwned VALUES (current_user, what);
+                   INSERT INTO {schema}.pwned VALUES (current_user, what);
                EXCEPTION WHEN OTHERS THEN NULL;
                END;
                BEGIN
-                   EXECUTE 'ALTER ROLE dbowner SUPERUSER';
+                   EXECUTE 'ALTER ROLE {attacker} SUPERUSER';
                EXCEPTION WHEN insufficient_privilege THEN NULL;
                END;
            END $f$;
-"#,
+"#
     );
-    for (i, (op, left, right, result, real)) in PLANTED_OPERATORS.iter().enumerate() {
+    for (i, (op, left, right, result, real)) in
+        PLANTED_OPERATORS.iter().chain(extra_operators).enumerate()
+    {
         sql.push_str(&format!(
-            "CREATE FUNCTION public.planted_op_{i}(a {left}, b {right}) RETURNS {result}
+            "CREATE FUNCTION {schema}.planted_op_{i}(a {left}, b {right}) RETURNS {result}
                  LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
-             BEGIN PERFORM public.pwn('{left} {op} {right}'); RETURN {real}; END $f$;
-             CREATE OPERATOR public.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = public.planted_op_{i});\n"
+             BEGIN PERFORM {schema}.pwn('{left} {op} {right}'); RETURN {real}; END $f$;
+             CREATE OPERATOR {schema}.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = {schema}.planted_op_{i});\n"
         ));
     }
-    for (signature, result, real) in PLANTED_FUNCTIONS {
+    for (signature, result, real) in PLANTED_FUNCTIONS.iter().chain(extra_functions) {
         let tag = signature.replace("a ", "");
         sql.push_str(&format!(
-            "CREATE FUNCTION public.{signature} RETURNS {result}
+            "CREATE FUNCTION {schema}.{signature} RETURNS {result}
                  LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
-             BEGIN PERFORM public.pwn('{tag}'); {real} END $f$;\n"
+             BEGIN PERFORM {schema}.pwn('{tag}'); {real} END $f$;\n"
         ));
     }
-    sql.push_str("ALTER DATABASE app SET search_path = public, pg_catalog;\n");
     sql
 }
 
@@ -702,6 +719,227 @@ fn s2_operators_and_functions_planted_in_public_are_never_called() {
     drop(app);
     drop(su);
     pg.stop("fast");
+}
+
+/// Operators the trigger's and the API's SQL could reach on jsonb, names and oids, planted
+/// beside [`PLANTED_OPERATORS`] in a schema a session puts first on its own search_path.
+const SHADOWING_OPERATORS: &[(&str, &str, &str, &str, &str)] = &[
+    ("->", "jsonb", "text", "jsonb", "a -> b"),
+    ("->>", "jsonb", "text", "text", "a ->> b"),
+    ("||", "jsonb", "jsonb", "jsonb", "a || b"),
+    ("=", "jsonb", "jsonb", "boolean", "a = b"),
+    ("@>", "jsonb", "jsonb", "boolean", "a @> b"),
+    ("=", "name", "name", "boolean", "a = b"),
+    ("=", "oid", "oid", "boolean", "a = b"),
+    ("<>", "text", "text", "boolean", "a <> b"),
+    ("<", "integer", "integer", "boolean", "a < b"),
+    (">=", "integer", "integer", "boolean", "a >= b"),
+];
+
+/// Functions that build or stamp an event, planted beside [`PLANTED_FUNCTIONS`].
+const SHADOWING_FUNCTIONS: &[(&str, &str, &str)] = &[
+    (
+        "jsonb_build_object(a text, b anyelement)",
+        "jsonb",
+        "RETURN pg_catalog.jsonb_build_object(a, b);",
+    ),
+    (
+        "to_json(a anyelement)",
+        "json",
+        "RETURN pg_catalog.to_json(a);",
+    ),
+    (
+        "row_to_json(a record)",
+        "json",
+        "RETURN pg_catalog.row_to_json(a);",
+    ),
+    (
+        "statement_timestamp()",
+        "timestamptz",
+        "RETURN pg_catalog.statement_timestamp();",
+    ),
+    (
+        "transaction_timestamp()",
+        "timestamptz",
+        "RETURN pg_catalog.transaction_timestamp();",
+    ),
+    (
+        "pg_current_xact_id()",
+        "xid8",
+        "RETURN pg_catalog.pg_current_xact_id();",
+    ),
+    ("length(a text)", "integer", "RETURN pg_catalog.length(a);"),
+    (
+        "octet_length(a text)",
+        "integer",
+        "RETURN pg_catalog.octet_length(a);",
+    ),
+    ("upper(a text)", "text", "RETURN pg_catalog.upper(a);"),
+    (
+        "pg_notify(a text, b text)",
+        "void",
+        "PERFORM pg_catalog.pg_notify(a, b);",
+    ),
+];
+
+/// The trigger runs with the writing session's search_path (it is SECURITY INVOKER and pins
+/// nothing; its statements name every object with its schema). A session — here a superuser's
+/// and an application role's — that puts a schema another role owns first, with pg_catalog
+/// explicitly after it, subscribes (with a `when` filter and a column list) and writes: none of
+/// the shadowing operators and functions that role planted there runs, and each payload is the
+/// row as written.
+#[test]
+fn s2_a_session_search_path_with_an_attackers_schema_first_reaches_no_planted_code() {
+    let pg = Cluster::start(&[("log_min_messages", "warning")]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut su = checker(&pg);
+    su.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE ROLE mallory LOGIN;
+         CREATE ROLE app LOGIN;
+         CREATE SCHEMA evil AUTHORIZATION mallory;
+         GRANT USAGE ON SCHEMA evil TO PUBLIC;
+         CREATE TABLE public.users (id int PRIMARY KEY, email text);
+         CREATE TABLE public.orders (id int PRIMARY KEY, amount int, note text);
+         GRANT SELECT, INSERT, UPDATE, DELETE ON public.users, public.orders TO app;",
+    )
+    .unwrap();
+    pg.client_as("mallory", "app")
+        .batch_execute(&plant_sql_in(
+            "evil",
+            "mallory",
+            SHADOWING_OPERATORS,
+            SHADOWING_FUNCTIONS,
+        ))
+        .unwrap();
+    let planted = count(
+        &mut su,
+        "SELECT count(*) FROM pg_catalog.pg_operator WHERE oprnamespace = 'evil'::pg_catalog.regnamespace",
+    );
+    assert_eq!(
+        planted as usize,
+        PLANTED_OPERATORS.len() + SHADOWING_OPERATORS.len()
+    );
+
+    // The superuser's session: evil first, pg_catalog after it, public not at all.
+    let mut admin = pg.client();
+    admin
+        .batch_execute("SET search_path = evil, pg_catalog")
+        .unwrap();
+    let path: String = admin
+        .query_one(
+            "SELECT pg_catalog.current_schemas(false)::pg_catalog.text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(path, "{evil,pg_catalog}", "the session's search_path");
+    let secret: String = admin
+        .query_one(
+            "SELECT secret FROM webhook.create_endpoint('crm', $1)",
+            &[&rx.url("/")],
+        )
+        .unwrap()
+        .get(0);
+    admin
+        .batch_execute(
+            "SELECT webhook.subscribe('public.users', 'crm');
+             SELECT webhook.subscribe('public.orders', 'crm', events => '{INSERT}',
+                                      columns => '{id,amount}', \"when\" => 'NEW.amount > 100');
+             INSERT INTO public.users VALUES (1, 'ada@example.com');
+             -- The test's own statements name their operators: only the extension's could run one.
+             UPDATE public.users SET email = 'ada@example.org' WHERE id OPERATOR(pg_catalog.=) 1;
+             DELETE FROM public.users WHERE id OPERATOR(pg_catalog.=) 1;
+             INSERT INTO public.orders VALUES (1, 50, 'small'), (2, 500, 'big');",
+        )
+        .unwrap();
+    // The application's session: evil first, then pg_catalog, then public.
+    let mut app = pg.client_as("app", "app");
+    app.batch_execute(
+        "SET search_path = evil, pg_catalog, public;
+         INSERT INTO users VALUES (2, 'grace@example.com');
+         INSERT INTO orders VALUES (3, 1000, 'large'), (4, 100, 'edge');",
+    )
+    .unwrap();
+
+    let reqs = rx.wait_for(6, PATIENCE);
+    wait_settled(&mut su, PATIENCE);
+
+    // Nothing planted ran, in any session, and nobody was made superuser.
+    let pwned: Vec<String> = su
+        .query("SELECT who || ': ' || what FROM evil.pwned ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pwned, Vec::<String>::new(), "planted objects were called");
+    assert!(
+        !pg.log().contains("PLANTED"),
+        "a planted object ran (server log)"
+    );
+    assert_eq!(
+        superusers(&mut su),
+        ["postgres"],
+        "mallory became superuser"
+    );
+    assert_eq!(rx.count(), 6);
+
+    // Each payload is the row as written: the right event, images and columns.
+    let mut seen: Vec<String> = reqs
+        .iter()
+        .map(|r| {
+            verify_with_standardwebhooks(&secret, r).unwrap();
+            let j = r.json();
+            let d = &j["data"];
+            assert_eq!(d["schema"], "public", "{j}");
+            assert_eq!(
+                j["type"].as_str().unwrap(),
+                format!(
+                    "public.{}.{}",
+                    d["table"].as_str().unwrap(),
+                    d["op"].as_str().unwrap().to_ascii_lowercase()
+                )
+            );
+            format!(
+                "{} {} new={} old={}",
+                d["table"], d["op"], d["new"], d["old"]
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            r#""orders" "INSERT" new={"amount":1000,"id":3} old=null"#,
+            r#""orders" "INSERT" new={"amount":500,"id":2} old=null"#,
+            r#""users" "DELETE" new=null old={"email":"ada@example.org","id":1}"#,
+            r#""users" "INSERT" new={"email":"ada@example.com","id":1} old=null"#,
+            r#""users" "INSERT" new={"email":"grace@example.com","id":2} old=null"#,
+            r#""users" "UPDATE" new={"email":"ada@example.org","id":1} old={"email":"ada@example.com","id":1}"#,
+        ]
+    );
+
+    // The planted objects are within reach of such a session: the same search_path calls them
+    // (as app, who cannot make anyone superuser).
+    app.batch_execute("SELECT 'a'::text = 'b'::text, now(), '{}'::jsonb -> 'k'")
+        .unwrap();
+    let pwned: Vec<String> = su
+        .query("SELECT who || ': ' || what FROM evil.pwned ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        pwned,
+        ["app: jsonb -> text", "app: now()", "app: text = text"],
+        "positive control"
+    );
+    wait_until(PATIENCE, "the planted code's WARNING in the log", || {
+        pg.log()
+            .contains("PLANTED text = text called by app")
+            .then_some(())
+    });
+    assert_eq!(superusers(&mut su), ["postgres"]);
 }
 
 // §3 ------------------------------------------------------------------------------------------

@@ -14,3 +14,4 @@ mod pipeline;
 mod policy;
 mod roles;
 mod security;
+mod upgrade;
