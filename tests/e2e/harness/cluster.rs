@@ -132,7 +132,10 @@ impl Cluster {
         c
     }
 
-    /// A new cluster with exactly these webhook settings and no database created.
+    /// A new cluster with exactly these webhook settings and no database created. `settings` are
+    /// written after the harness's own lines, so they override them: `("fsync", "on")` for a
+    /// crash test with production's durability (the default here is `fsync = off`), or
+    /// `("shared_preload_libraries", "''")` for a server without the library preloaded.
     pub fn init(settings: &[(String, String)]) -> Cluster {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/tmp/webhook_ext_test_{}_{n}", std::process::id()));
