@@ -253,6 +253,44 @@ fn send_reaches_named_and_matching_endpoints() {
     wait_settled(&mut db, PATIENCE);
     assert_eq!(audit.count(), 1);
     assert_eq!(a[0].json()["type"], "invoice.voided");
+    // Naming an endpoint is explicit: its event_types filter only what is routed by type.
+    db.execute(
+        "SELECT webhook.send('user.login', '{\"user\": 2}', endpoint => 'audit')",
+        &[],
+    )
+    .unwrap();
+    let a = audit.wait_for(2, PATIENCE);
+    assert_eq!(a[1].json()["type"], "user.login");
+    assert_eq!(a[1].json()["data"], serde_json::json!({"user": 2}));
+}
+
+#[test]
+fn a_subscriptions_events_pass_the_endpoints_event_types() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    db.execute(
+        "SELECT webhook.create_endpoint('updates', $1, event_types => '{public.items.update}')",
+        &[&rx.url("/")],
+    )
+    .unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         SELECT webhook.subscribe('items', 'updates');
+         INSERT INTO items VALUES (1, 'a'), (2, 'b');
+         UPDATE items SET v = 'c' WHERE id = 1;
+         DELETE FROM items WHERE id = 2;",
+    )
+    .unwrap();
+    let got = rx.wait_for(1, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    assert_eq!(rx.count(), 1, "only the update passes the filter");
+    assert_eq!(got[0].json()["type"], "public.items.update");
+    let deliveries: i64 = db
+        .query_one("SELECT count(*) FROM webhook.deliveries", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(deliveries, 1, "filtered events make no delivery rows");
 }
 
 #[test]
