@@ -1117,8 +1117,8 @@ fn drop_endpoint_cancels_pending_work_and_keeps_history() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
+    assert_eq!(after.len(), 7, "attempts kept: {after:?}");
     assert_eq!(&after[..6], &before[..]);
-    assert_eq!(after.len(), 7);
     assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.events"), 7);
 }
 
