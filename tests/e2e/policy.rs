@@ -129,9 +129,11 @@ fn gone_disables_the_endpoint_and_cancels_its_backlog() {
         reason.starts_with("receiver answered 410 Gone at "),
         "{reason}"
     );
-    let rows = deliveries(&mut db);
-    assert_eq!(rows.iter().filter(|(_, s, _)| s == "failed").count(), 1);
-    assert_eq!(rows.iter().filter(|(_, s, _)| s == "cancelled").count(), 4);
+    // One at a time, oldest first: the first got the 410, the other four were cancelled.
+    assert_eq!(
+        statuses(&mut db),
+        vec!["failed", "cancelled", "cancelled", "cancelled", "cancelled"]
+    );
     let err: String = db
         .query_one(
             "SELECT last_error FROM webhook.deliveries WHERE status = 'failed'",
@@ -354,12 +356,17 @@ fn retry_resends_a_dead_letter_with_the_same_id_and_replay_makes_new_ones() {
         replayed.is_disjoint(&earlier),
         "replays are new deliveries with new ids"
     );
+    // The retried one delivered, the other two dead letters left alone, three replays delivered.
     assert_eq!(
-        deliveries(&mut db)
-            .iter()
-            .filter(|(_, s, _)| s == "delivered")
-            .count(),
-        4
+        statuses(&mut db),
+        vec![
+            "delivered",
+            "failed",
+            "failed",
+            "delivered",
+            "delivered",
+            "delivered"
+        ]
     );
 }
 
@@ -739,10 +746,12 @@ fn a_one_gib_response_is_cut_at_the_cap() {
         .collect();
     assert_eq!(lens, vec![1024; 3]);
     assert_eq!(statuses(&mut db), vec!["delivered"; 3]);
-    // The worker read the cap and dropped the connection: nowhere near a GiB crossed the wire.
+    // The worker read the cap and dropped the connection. What the receiver could write is what
+    // the loopback connection's kernel buffers took besides (a few MiB each: 5-12 MiB for the
+    // three were seen), so more than 16 MiB a response means the worker read on past the cap.
     assert!(
-        rx.streamed() < 3 * 64 * 1024 * 1024,
-        "{} bytes streamed",
+        rx.streamed() < 3 * 16 * 1024 * 1024,
+        "{} bytes streamed for three responses cut at 1 kB",
         rx.streamed()
     );
 }
