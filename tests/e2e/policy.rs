@@ -790,22 +790,21 @@ fn purge_and_retention_leave_pending_work_alone() {
     // Retention: the worker purges finished history on its own.
     send(&mut db, "ok", 10);
     ok.wait_for(30, PATIENCE);
-    pg.set("webhook.retention", "'2s'");
-    pg.reload();
-    wait_until(PATIENCE, "the worker to purge delivered history", || {
+    // Recorded first: deliveries still `sending` would pass for purged ones below.
+    wait_until(PATIENCE, "the 10 new deliveries recorded", || {
         let n = count(
             &mut db,
             "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'",
         );
-        (n == 0).then_some(())
+        (n == 10).then_some(())
     });
-    let pending = count(
-        &mut db,
-        "SELECT count(*) FROM webhook.deliveries WHERE status = 'pending'",
-    );
-    assert_eq!(pending, 5);
-    let events = count(&mut db, "SELECT count(*) FROM webhook.events");
-    assert_eq!(events, 5);
+    assert_eq!(history_counts(&mut db), (15, 15, 15));
+    pg.set("webhook.retention", "'2s'");
+    pg.reload();
+    wait_until(PATIENCE, "the worker to purge delivered history", || {
+        (history_counts(&mut db) == (5, 5, 5)).then_some(())
+    });
+    assert_eq!(statuses(&mut db), vec!["pending"; 5]);
 }
 
 #[test]
