@@ -1,5 +1,6 @@
 //! A real HTTP/1.1 receiver on 127.0.0.1 whose answers a test scripts: status, headers, body,
-//! delay, or a misbehaviour. It records every request and the most it ever handled at once.
+//! delay, or a misbehaviour. It records every request, what it answered and when the answer went
+//! out ([`Receiver::exchanges`]), and the most it ever handled at once.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -79,6 +80,44 @@ impl Reply {
     }
 }
 
+/// One request as the receiver handled it: what came in, what went out, and when.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub request: Request,
+    /// The status answered; `None` when the connection was closed without an answer.
+    pub status: Option<u16>,
+    /// When the answer started to go out (or the connection was dropped): the client cannot
+    /// have had it earlier. `None` while still busy.
+    pub done: Option<Instant>,
+}
+
+impl Exchange {
+    /// When the request had arrived (read in full).
+    pub fn at(&self) -> Instant {
+        self.request.at
+    }
+}
+
+/// The most exchanges open (arrived, not yet answered) at one instant; an exchange still
+/// busy counts as open to the end.
+pub fn most_at_once(exchanges: &[Exchange]) -> usize {
+    let mut edges: Vec<(Instant, i32)> = Vec::new();
+    for e in exchanges {
+        edges.push((e.at(), 1));
+        if let Some(d) = e.done {
+            edges.push((d, -1));
+        }
+    }
+    // At the same instant an end comes before a start: touching spans do not overlap.
+    edges.sort_by_key(|&(t, d)| (t, d));
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
 /// Decides the reply to the `n`th request (0-based, counted over the receiver's life).
 pub type Behavior = Arc<dyn Fn(&Request, usize) -> Reply + Send + Sync>;
 
@@ -88,6 +127,8 @@ pub fn always(reply: Reply) -> Behavior {
 
 struct State {
     requests: Mutex<Vec<Request>>,
+    /// Per request, in the order of `requests`: the status answered and when it was done.
+    answers: Mutex<Vec<(Option<u16>, Option<Instant>)>>,
     arrived: Condvar,
     active: AtomicUsize,
     max_active: AtomicUsize,
@@ -115,6 +156,7 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             requests: Mutex::new(Vec::new()),
+            answers: Mutex::new(Vec::new()),
             arrived: Condvar::new(),
             active: AtomicUsize::new(0),
             max_active: AtomicUsize::new(0),
@@ -147,6 +189,20 @@ impl Receiver {
 
     pub fn requests(&self) -> Vec<Request> {
         self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Every request with its answer and when that was done, in arrival order.
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        let reqs = self.state.requests.lock().unwrap();
+        let answers = self.state.answers.lock().unwrap();
+        reqs.iter()
+            .zip(answers.iter())
+            .map(|(r, &(status, done))| Exchange {
+                request: r.clone(),
+                status,
+                done,
+            })
+            .collect()
     }
 
     pub fn count(&self) -> usize {
@@ -210,16 +266,21 @@ fn serve(conn: TcpStream, state: Arc<State>, behavior: Behavior) {
         state.max_active.fetch_max(now_active, Ordering::SeqCst);
         let n = state.count.fetch_add(1, Ordering::SeqCst);
         let reply = behavior(&req, n);
-        {
+        let index = {
             let mut reqs = state.requests.lock().unwrap();
+            let status = (!reply.hang_up).then_some(reply.status);
+            state.answers.lock().unwrap().push((status, None));
             reqs.push(req);
             state.arrived.notify_all();
-        }
+            reqs.len() - 1
+        };
+
         if !reply.delay.is_zero() {
             std::thread::sleep(reply.delay);
         }
         // Not counted as open any more from here: the client may send its next request as soon
         // as it has read this answer.
+        state.answers.lock().unwrap()[index].1 = Some(Instant::now());
         state.active.fetch_sub(1, Ordering::SeqCst);
         if reply.hang_up {
             return;
