@@ -731,7 +731,24 @@ fn drop_extension_and_create_it_again_without_a_restart() {
         .unwrap();
     rx.wait_for(1, PATIENCE);
     wait_settled(&mut db, PATIENCE);
+    let worker_pid = |db: &mut postgres::Client| -> i32 {
+        db.query_one(
+            "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = 'webhook_ext worker'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let pid = worker_pid(&mut db);
     db.batch_execute("DROP EXTENSION webhook_ext").unwrap();
+    // A reload makes the worker run its housekeeping now, which finds the tables gone: it says
+    // so and waits for the extension (the same process, not a restart).
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_until(PATIENCE, "the worker to notice the DROP", || {
+        pg.log()
+            .contains("the extension was dropped in database \"app\"; waiting for it")
+            .then_some(())
+    });
     db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
     let secret = create_endpoint(&mut db, "e", &rx.url("/"));
     db.execute("SELECT webhook.send('after', '{}', 'e')", &[])
@@ -744,6 +761,11 @@ fn drop_extension_and_create_it_again_without_a_restart() {
         postmaster_start(&mut db),
         started,
         "the server was restarted"
+    );
+    assert_eq!(
+        worker_pid(&mut db),
+        pid,
+        "the worker waited for the extension"
     );
 }
 
