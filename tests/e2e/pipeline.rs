@@ -368,10 +368,14 @@ fn receiver_down_then_back_is_delivered_and_the_insert_never_fails() {
         "webhook.retry_schedule",
         "'300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms'",
     )]);
-    let port = free_port();
+    let down = Down::new();
     let mut db = pg.client();
     users_table(&mut db);
-    let secret = create_endpoint(&mut db, "crm", &format!("http://127.0.0.1:{port}/"));
+    let secret = create_endpoint(
+        &mut db,
+        "crm",
+        &format!("http://127.0.0.1:{}/", down.port()),
+    );
     db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
         .unwrap();
     // Nothing listens: the user's statements still succeed.
@@ -389,7 +393,7 @@ fn receiver_down_then_back_is_delivered_and_the_insert_never_fails() {
         );
         (n >= 5).then_some(())
     });
-    let rx = Receiver::start_at(port, always(Reply::ok()));
+    let rx = Receiver::start_at(down, always(Reply::ok()));
     let reqs = rx.wait_for(5, PATIENCE);
     wait_settled(&mut db, PATIENCE);
     for r in &reqs {

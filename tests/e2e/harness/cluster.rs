@@ -185,8 +185,23 @@ impl Cluster {
             port,
             stopped: true,
         };
-        c.start_again();
-        c.stopped = false;
+        // The port was free when asked for, but Postgres binds it only now: if another process
+        // took it meanwhile, take another (a later `port` line overrides the earlier one).
+        for _ in 0..5 {
+            match c.try_start() {
+                Ok(()) => break,
+                Err(e) if c.log().contains("could not bind") => {
+                    eprintln!("port {} was taken before Postgres bound it: {e}", c.port);
+                    c.port = free_port();
+                    append(
+                        &c.data().join("postgresql.conf"),
+                        &format!("port = {}\n", c.port),
+                    );
+                }
+                Err(e) => panic!("pg_ctl start failed: {e}"),
+            }
+        }
+        assert!(!c.stopped, "no free port for the cluster after 5 tries");
         c
     }
 
@@ -204,23 +219,34 @@ impl Cluster {
     }
 
     pub fn start_again(&mut self) {
-        check(
-            pg_command("pg_ctl")
-                .args([
-                    "-D",
-                    self.data().to_str().unwrap(),
-                    "-l",
-                    self.log_path().to_str().unwrap(),
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ])
-                .output()
-                .unwrap(),
-            "pg_ctl start",
-        );
+        if let Err(e) = self.try_start() {
+            panic!("pg_ctl start failed: {e}");
+        }
+    }
+
+    fn try_start(&mut self) -> Result<(), String> {
+        let out = pg_command("pg_ctl")
+            .args([
+                "-D",
+                self.data().to_str().unwrap(),
+                "-l",
+                self.log_path().to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
         self.stopped = false;
+        Ok(())
     }
 
     /// `pg_ctl stop -m <mode>`; returns how long it took.

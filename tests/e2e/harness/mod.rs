@@ -6,10 +6,8 @@ pub mod dns;
 pub mod receiver;
 pub mod tls;
 
-pub use cluster::{
-    client_program, extension_dir, free_port, pg_bin, soft_wait, wait_until, Cluster,
-};
-pub use receiver::{always, Receiver, Reply, Request};
+pub use cluster::{client_program, extension_dir, pg_bin, soft_wait, wait_until, Cluster};
+pub use receiver::{always, Down, Receiver, Reply, Request};
 
 use std::time::Duration;
 

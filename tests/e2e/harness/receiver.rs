@@ -147,9 +147,11 @@ impl Receiver {
         Receiver::start_on(TcpListener::bind("127.0.0.1:0").unwrap(), behavior)
     }
 
-    /// Listens on a given port (to bring a receiver "back" where it was).
-    pub fn start_at(port: u16, behavior: Behavior) -> Receiver {
-        Receiver::start_on(TcpListener::bind(("127.0.0.1", port)).unwrap(), behavior)
+    /// Starts listening on a port held since `Down::new()` (a receiver that was down comes up
+    /// where it was; no other process can have taken the port meanwhile).
+    pub fn start_at(down: Down, behavior: Behavior) -> Receiver {
+        down.0.listen(128).unwrap();
+        Receiver::start_on(down.0.into(), behavior)
     }
 
     fn start_on(listener: TcpListener, behavior: Behavior) -> Receiver {
@@ -351,4 +353,26 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
         body,
         at: Instant::now(),
     })
+}
+
+/// A receiver that is down: a loopback port bound but not listening, so connections to it are
+/// refused, and held, so nothing else can take it before `Receiver::start_at` brings it up.
+pub struct Down(socket2::Socket);
+
+impl Down {
+    pub fn new() -> Down {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        Down(s)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0
+            .local_addr()
+            .unwrap()
+            .as_socket()
+            .expect("an IP socket")
+            .port()
+    }
 }
