@@ -463,6 +463,47 @@ END
 $$;
 REVOKE USAGE ON TYPE webhook.delivery_status FROM PUBLIC;
 
+-- webhook.workers: worker_status() has a row per worker, with its number (a new last column).
+DROP FUNCTION webhook.worker_status();
+DROP FUNCTION webhook._worker_slots();
+CREATE FUNCTION webhook."_worker_slots"() RETURNS TABLE (
+	"database" TEXT,
+	"pid" INT,
+	"state" TEXT,
+	"started_us" bigint,
+	"last_wake_us" bigint,
+	"in_flight" INT,
+	"attempts" bigint,
+	"delivered" bigint,
+	"failed" bigint,
+	"worker" INT
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_worker_slots_wrapper';
+
+CREATE FUNCTION webhook.worker_status()
+RETURNS TABLE (database text, pid integer, state text, started_at timestamptz, last_wake timestamptz,
+               in_flight integer, queue_depth bigint, attempts bigint, delivered bigint, failed bigint,
+               worker integer)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.database, s.pid, s.state, to_timestamp(s.started_us / 1e6), to_timestamp(s.last_wake_us / 1e6),
+           s.in_flight,
+           CASE WHEN s.database = current_database()
+                THEN (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)) END,
+           s.attempts, s.delivered, s.failed, s.worker
+      FROM webhook._worker_slots() s
+    UNION ALL
+    SELECT current_database(), NULL, 'not served: add this database to webhook.database',
+           NULL, NULL, 0, (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)), 0, 0, 0, NULL
+     WHERE current_database() <> ALL (webhook._served_databases())
+    ORDER BY 1, 11
+$$;
+
+REVOKE ALL ON FUNCTION webhook._worker_slots(), webhook.worker_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhook._worker_slots(), webhook.worker_status() TO webhook_admin;
+
 -- Sessions drop their endpoint caches when this commits, and the worker (waiting for this
 -- update) is woken.
 DELETE FROM webhook.endpoints WHERE false;

@@ -1,6 +1,7 @@
-//! The launcher: a background worker connected to no database that keeps one delivery worker
-//! running per database named in `webhook.database` — starting it once the database exists,
-//! restarting it if it dies, stopping it when the database leaves the list or is being dropped.
+//! The launcher: a background worker connected to no database that keeps `webhook.workers`
+//! delivery workers running per database named in `webhook.database` — starting them once the
+//! database exists, restarting one that dies, stopping them when the database leaves the list or
+//! is being dropped, and stopping the surplus when `webhook.workers` goes down.
 //!
 //! Each shared-memory slot has a [`Runner`] at the same index: the launcher's handle on the
 //! worker it started there and the pause before the next start. A round stops what must go
@@ -20,7 +21,7 @@ use pgrx::prelude::*;
 
 use crate::pg::gucs;
 use crate::pg::process;
-use crate::pg::shmem::{self, Shared, Slot, MAX_DATABASES};
+use crate::pg::shmem::{self, Shared, Slot, MAX_SLOTS};
 
 /// Pause before starting a worker again after it exited.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -74,7 +75,7 @@ pub extern "C-unwind" fn webhook_launcher_main(_arg: pg_sys::Datum) {
 /// The launcher's own state across rounds.
 struct Launcher {
     /// One per shared-memory slot, at the same index.
-    runners: [Runner; MAX_DATABASES],
+    runners: [Runner; MAX_SLOTS],
     /// Whether "no free background worker slot" was already said; a successful start resets
     /// it, so the warning comes once per shortage rather than once per retry.
     warned_full: bool,
@@ -92,28 +93,48 @@ impl Launcher {
     fn round(&mut self, shared: &Shared) -> Option<Duration> {
         let names = gucs::databases();
         let wanted = lookup_databases(&names);
+        let workers = gucs::WORKERS.get().max(1) as u32;
         let any_missing = wanted.iter().any(|(_, oid)| oid.is_none());
         let now_us = shmem::now_micros();
         // Both passes run every round, whatever the first one found.
-        let stopping = self.stop_unwanted(shared, &wanted, now_us);
-        let starting = self.start_wanted(shared, &wanted, now_us);
+        let stopping = self.stop_unwanted(shared, &wanted, workers, now_us);
+        let starting = self.start_wanted(shared, &wanted, workers, now_us);
         next_timeout(stopping || starting, any_missing)
     }
 
-    /// Stops the workers whose database left the list, is gone, or is being dropped, and
-    /// notices the ones that exited. True if a slot needs another look soon.
-    fn stop_unwanted(&mut self, shared: &Shared, wanted: &Wanted, now_us: i64) -> bool {
+    /// Stops the workers whose database left the list, is gone, or is being dropped, and those
+    /// beyond `workers`, and notices the ones that exited. True if a slot needs another look soon.
+    fn stop_unwanted(
+        &mut self,
+        shared: &Shared,
+        wanted: &Wanted,
+        workers: u32,
+        now_us: i64,
+    ) -> bool {
         let mut retry_soon = false;
         for (slot, runner) in shared.slots.iter().zip(self.runners.iter_mut()) {
             let dboid = slot.dboid.load(Ordering::Acquire);
             if dboid == 0 {
                 continue;
             }
-            let listed = wanted
+            let db_listed = wanted
                 .iter()
                 .any(|(_, oid)| oid.map(u32::from) == Some(dboid));
             let evicted = is_evicted(slot, now_us);
             let handle = runner.handle();
+            if db_listed && !evicted && slot.part.load(Ordering::Acquire) >= workers {
+                // webhook.workers went down: the surplus worker leaves on its own once its
+                // requests under way are recorded (a SIGTERM would cut them off, to be sent
+                // again); the slot is freed after it has gone.
+                if slot.pid.load(Ordering::Acquire) == 0 && handle != Handle::Alive {
+                    runner.worker = None;
+                    slot.dboid.store(0, Ordering::Release);
+                } else {
+                    retry_soon = true;
+                }
+                continue;
+            }
+            let listed = db_listed;
             match verdict(listed, evicted, handle) {
                 Verdict::Keep => {}
                 Verdict::Restart => {
@@ -137,12 +158,25 @@ impl Launcher {
     }
 
     /// Starts the workers that should run and do not. True if one must be tried again soon.
-    fn start_wanted(&mut self, shared: &Shared, wanted: &Wanted, now_us: i64) -> bool {
+    fn start_wanted(
+        &mut self,
+        shared: &Shared,
+        wanted: &Wanted,
+        workers: u32,
+        now_us: i64,
+    ) -> bool {
         let mut retry_soon = false;
-        for (name, oid) in wanted {
+        for ((name, oid), part) in wanted
+            .iter()
+            .flat_map(|w| (0..workers).map(move |part| (w, part)))
+        {
             let Some(oid) = oid else { continue };
-            let Some(index) = claim_slot(shared, name, u32::from(*oid)) else {
-                warning!("webhook_ext: more than {MAX_DATABASES} databases listed in webhook.database; \"{name}\" is not served");
+            // A database being dropped or renamed gets no new worker, whichever part.
+            if shared.slots_of_db(*oid).any(|s| is_evicted(s, now_us)) {
+                continue;
+            }
+            let Some(index) = claim_slot(shared, name, u32::from(*oid), part) else {
+                warning!("webhook_ext: no free worker slot for database \"{name}\" (at most {MAX_SLOTS} workers in all: lower webhook.workers or the number of databases)");
                 continue;
             };
             let slot = &shared.slots[index];
@@ -253,13 +287,12 @@ fn is_evicted(slot: &Slot, now_us: i64) -> bool {
     slot.evict_until.load(Ordering::Acquire) > now_us
 }
 
-/// The slot serving `dboid`, or else a free one prepared for it; `None` when all are taken.
-fn claim_slot(shared: &Shared, name: &str, dboid: u32) -> Option<usize> {
-    if let Some(i) = shared
-        .slots
-        .iter()
-        .position(|s| s.dboid.load(Ordering::Acquire) == dboid)
-    {
+/// The slot of worker `part` of `dboid`, or else a free one prepared for it; `None` when all
+/// are taken.
+fn claim_slot(shared: &Shared, name: &str, dboid: u32, part: u32) -> Option<usize> {
+    if let Some(i) = shared.slots.iter().position(|s| {
+        s.dboid.load(Ordering::Acquire) == dboid && s.part.load(Ordering::Acquire) == part
+    }) {
         return Some(i);
     }
     let i = shared
@@ -267,6 +300,7 @@ fn claim_slot(shared: &Shared, name: &str, dboid: u32) -> Option<usize> {
         .iter()
         .position(|s| s.dboid.load(Ordering::Acquire) == 0)?;
     shared.slots[i].reset(name);
+    shared.slots[i].part.store(part, Ordering::Release);
     shared.slots[i].dboid.store(dboid, Ordering::Release);
     Some(i)
 }

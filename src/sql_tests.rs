@@ -103,6 +103,41 @@ mod tests {
         }
     }
 
+    /// The worker's SQL takes the endpoints of its share (`id % parts = part`) exactly as
+    /// `split::Split::owns` decides: each endpoint in exactly one share.
+    #[pg_test]
+    fn a_workers_statements_take_the_endpoints_its_split_owns() {
+        use crate::split::Split;
+        use crate::worker::queries as q;
+        for n in 1..=7 {
+            endpoint(&format!("s{n}"));
+        }
+        let all: Vec<i32> = Spi::connect(|c| {
+            c.select("SELECT id FROM webhook.endpoints ORDER BY id", None, &[])
+                .unwrap()
+                .map(|r| r.get::<i32>(1).unwrap().unwrap())
+                .collect()
+        });
+        assert_eq!(all.len(), 7);
+        for parts in 1..=3 {
+            let mut seen = Vec::new();
+            for part in 0..parts {
+                let split = Split::new(part, parts).unwrap();
+                let mut ids = q::POLICIES
+                    .rows(&[parts.into(), part.into()], |row| {
+                        Ok(row.get::<i32>(1)?.unwrap())
+                    })
+                    .unwrap();
+                ids.sort();
+                let owned: Vec<i32> = all.iter().copied().filter(|&id| split.owns(id)).collect();
+                assert_eq!(ids, owned, "part {part} of {parts}");
+                seen.extend(ids);
+            }
+            seen.sort();
+            assert_eq!(seen, all, "every endpoint in exactly one share of {parts}");
+        }
+    }
+
     /// One source for an endpoint's limits (webhook_core::limits): the table's CHECKs, the
     /// argument checks' messages and the settings' ranges all say the same figures.
     #[pg_test]

@@ -11,6 +11,7 @@ pub mod policy;
 pub mod request;
 pub mod retry;
 pub mod signing;
+pub mod split;
 pub mod target;
 
 #[cfg(test)]

@@ -9,10 +9,12 @@ use pgrx::prelude::*;
 
 use crate::limits;
 use crate::retry::{self, Schedule};
+use crate::split;
 use crate::target;
 
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static DEFAULT_MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
@@ -42,6 +44,16 @@ pub fn init() {
         c"Database(s) the delivery worker serves (comma-separated).",
         c"One worker runs per listed database; it waits until the database exists and CREATE EXTENSION webhook_ext has run there.",
         &DATABASE,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.workers",
+        c"Delivery workers per served database; endpoints are split between them.",
+        c"Each endpoint is served by one of them (its limits, circuit breaker and order stay in one process); more workers spread the HTTP and TLS work over more cores.",
+        &WORKERS,
+        1,
+        split::MAX_WORKERS,
         GucContext::Sighup,
         none,
     );

@@ -1,5 +1,6 @@
-//! State shared between backends, the launcher and the delivery workers: one slot per served
-//! database, with the worker's latch, so a committing backend can wake its worker directly.
+//! State shared between backends, the launcher and the delivery workers: one slot per delivery
+//! worker (`webhook.workers` of them per served database), with the worker's latch, so a
+//! committing backend can wake its database's workers directly.
 
 use std::sync::atomic::{
     AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering,
@@ -8,8 +9,8 @@ use std::sync::atomic::{
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-/// Most databases served at once (each needs a background worker slot too).
-pub const MAX_DATABASES: usize = 64;
+/// Most delivery workers at once, over all databases (each needs a background worker slot too).
+pub const MAX_SLOTS: usize = 128;
 const NAME_LEN: usize = 64;
 
 /// What a worker is doing, for `worker_status()`.
@@ -58,10 +59,15 @@ impl WorkerState {
     }
 }
 
-/// One served database. The launcher assigns `dboid`; the worker fills in the rest.
+/// One delivery worker. The launcher assigns `dboid` and `part`; the worker fills in the rest.
 #[repr(C)]
 pub struct Slot {
     pub dboid: AtomicU32,
+    /// Which of its database's workers this is (`split::Split::part`).
+    pub part: AtomicU32,
+    /// How many workers the running worker splits endpoints between (0 while none runs): a
+    /// worker starts serving only once no other worker of its database splits them otherwise.
+    pub parts: AtomicU32,
     pub pid: AtomicI32,
     pub latch: AtomicPtr<pg_sys::Latch>,
     pub state: AtomicU32,
@@ -135,6 +141,7 @@ impl Slot {
     pub fn clear_worker(&self) {
         self.latch.store(std::ptr::null_mut(), Ordering::Release);
         self.pid.store(0, Ordering::Release);
+        self.parts.store(0, Ordering::Release);
         self.in_flight.store(0, Ordering::Relaxed);
         self.set_state(WorkerState::Stopped);
     }
@@ -147,15 +154,16 @@ pub struct Shared {
     pub endpoints_version: AtomicU64,
     pub launcher_latch: AtomicPtr<pg_sys::Latch>,
     pub launcher_pid: AtomicI32,
-    pub slots: [Slot; MAX_DATABASES],
+    pub slots: [Slot; MAX_SLOTS],
 }
 
 impl Shared {
-    pub fn slot_for_db(&self, dboid: pg_sys::Oid) -> Option<&Slot> {
+    /// The slots of the workers serving `dboid`.
+    pub fn slots_of_db(&self, dboid: pg_sys::Oid) -> impl Iterator<Item = &Slot> {
         let want = u32::from(dboid);
         self.slots
             .iter()
-            .find(|s| s.dboid.load(Ordering::Acquire) == want)
+            .filter(move |s| want != 0 && s.dboid.load(Ordering::Acquire) == want)
     }
 
     pub fn wake_launcher(&self) {
@@ -268,12 +276,12 @@ pub fn wake_at_commit() {
     WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
 }
 
-/// Wakes this database's worker now.
+/// Wakes this database's workers now.
 pub fn wake_my_worker() {
     // SAFETY: MyDatabaseId is a plain process-global read on the main thread.
     let db = unsafe { pg_sys::MyDatabaseId };
-    if let Some(slot) = shared().and_then(|s| s.slot_for_db(db)) {
-        slot.wake();
+    if let Some(s) = shared() {
+        s.slots_of_db(db).for_each(Slot::wake);
     }
 }
 
@@ -303,7 +311,7 @@ unsafe extern "C-unwind" fn xact_callback(
             let evicted = EVICTED_DB.swap(0, Ordering::Relaxed);
             if evicted != 0 {
                 if let Some(s) = shared() {
-                    if let Some(slot) = s.slot_for_db(pg_sys::Oid::from(evicted)) {
+                    for slot in s.slots_of_db(pg_sys::Oid::from(evicted)) {
                         slot.evict_until.store(0, Ordering::Release);
                     }
                     s.wake_launcher();

@@ -386,7 +386,7 @@ unsafe fn def_string(options: *mut pg_sys::List, name: &CStr) -> Option<String> 
     None
 }
 
-/// Asks the worker serving `dbname` (if any) to leave, and waits briefly until it has.
+/// Asks the workers serving `dbname` (if any) to leave, and waits briefly until they have.
 fn evict(dbname: &str) {
     let Some(shared) = shmem::shared() else {
         return;
@@ -396,16 +396,23 @@ fn evict(dbname: &str) {
     };
     // SAFETY: catalog lookup in a backend inside a transaction.
     let oid = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
-    let Some(slot) = shared.slot_for_db(oid) else {
+    if shared.slots_of_db(oid).next().is_none() {
         return;
-    };
+    }
     let until = shmem::now_micros() + EVICTION.as_micros() as i64;
-    slot.evict_until.store(until, Ordering::Release);
-    // If the command fails after all, the worker comes back at once (not after EVICTION).
+    for slot in shared.slots_of_db(oid) {
+        slot.evict_until.store(until, Ordering::Release);
+    }
+    // If the command fails after all, the workers come back at once (not after EVICTION).
     shmem::evicted_in_this_transaction(oid);
     shared.wake_launcher();
     let deadline = Instant::now() + EVICTION_WAIT;
-    while slot.pid.load(Ordering::Acquire) != 0 && Instant::now() < deadline {
+    let running = || {
+        shared
+            .slots_of_db(oid)
+            .any(|s| s.pid.load(Ordering::Acquire) != 0)
+    };
+    while running() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
         // Lets the user cancel the wait.
         pg_sys::check_for_interrupts!();

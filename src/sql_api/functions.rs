@@ -132,7 +132,8 @@ fn verify(secret: &str, msg_id: &str, ts: i64, body: &str, signature: &str) -> b
     signing::verify(&key, msg_id, ts, body.as_bytes(), signature)
 }
 
-/// One row per database the launcher serves, read from shared memory.
+/// One row per delivery worker the launcher runs (`webhook.workers` per served database), read
+/// from shared memory.
 #[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_safe)]
 fn _worker_slots() -> TableIterator<
@@ -147,6 +148,7 @@ fn _worker_slots() -> TableIterator<
         name!(attempts, i64),
         name!(delivered, i64),
         name!(failed, i64),
+        name!(worker, i32),
     ),
 > {
     let Some(shared) = shmem::shared() else {
@@ -169,6 +171,7 @@ fn _worker_slots() -> TableIterator<
                 s.attempts.load(Ordering::Relaxed) as i64,
                 s.delivered.load(Ordering::Relaxed) as i64,
                 s.failed.load(Ordering::Relaxed) as i64,
+                s.part.load(Ordering::Acquire) as i32,
             )
         })
         .collect();

@@ -24,6 +24,7 @@ use crate::pg::shmem;
 use crate::pg::spi::{Row, SpiError};
 use crate::policy::{self, ClaimRoom, Limits};
 use crate::retry::{Outcome, Schedule};
+use crate::split::Split;
 use crate::{request, signing};
 
 /// How long a claimed delivery stays `sending` beyond its timeout before it is due again.
@@ -46,19 +47,21 @@ pub struct Policies {
 }
 
 impl Policies {
-    fn load(version: u64) -> Result<Policies, WorkerError> {
+    fn load(version: u64, split: Split) -> Result<Policies, WorkerError> {
         let mut p = Policies {
             version,
             rate_limits: Vec::new(),
             updated_at: HashMap::new(),
         };
-        for (id, rate, at) in sql::POLICIES.rows(&[], |row| {
-            Ok((
-                row.get::<i32>(1)?.unwrap_or_default(),
-                row.get::<i32>(2)?,
-                from_epoch(row.get(3)?),
-            ))
-        })? {
+        for (id, rate, at) in
+            sql::POLICIES.rows(&[split.parts.into(), split.part.into()], |row| {
+                Ok((
+                    row.get::<i32>(1)?.unwrap_or_default(),
+                    row.get::<i32>(2)?,
+                    from_epoch(row.get(3)?),
+                ))
+            })?
+        {
             if let Some(rate) = rate {
                 p.rate_limits.push((id, rate));
             }
@@ -77,6 +80,7 @@ struct ClaimArgs {
     default_max_in_flight: i32,
     limits: Limits,
     room: ClaimRoom,
+    split: Split,
 }
 
 impl ClaimArgs {
@@ -103,6 +107,8 @@ impl ClaimArgs {
             self.room.suspect_room.into(),
             budget.into(),
             first.into(),
+            self.split.parts.into(),
+            self.split.part.into(),
         ];
         (params, self.limits)
     }
@@ -119,6 +125,8 @@ impl ClaimArgs {
             limit_counts.into(),
             self.room.healthy.into(),
             (self.room.suspect_room > 0).into(),
+            self.split.parts.into(),
+            self.split.part.into(),
         ]
     }
 }
@@ -158,7 +166,7 @@ impl Session {
                 return Ok(None);
             }
             if self.policies.as_ref().is_none_or(|p| p.version != version) {
-                self.policies = Some(Policies::load(version)?);
+                self.policies = Some(Policies::load(version, self.split)?);
             }
             let (params, limits) = self.claim_args().into_claim(
                 limit,
@@ -235,6 +243,7 @@ impl Session {
                 SUSPECT_SHARE_PERCENT,
             ),
             limits,
+            split: self.split,
         }
     }
 

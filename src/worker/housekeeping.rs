@@ -21,10 +21,20 @@ impl Session {
             return;
         }
         let ids = self.in_flight.ids();
-        if let Err(e) = transaction(|| Ok(sql::RECOVER.run(&[ids.into(), false.into()])?)) {
+        let split = self.split;
+        let recovered = transaction(|| {
+            Ok(sql::RECOVER.run(&[
+                ids.into(),
+                false.into(),
+                split.parts.into(),
+                split.part.into(),
+            ])?)
+        });
+        if let Err(e) = recovered {
             warning!("webhook_ext worker: recovering expired leases failed: {e}");
         }
-        if self.settings.retention.is_zero() {
+        // Retention is the database's, not an endpoint's: one worker keeps it.
+        if self.settings.retention.is_zero() || !split.is_first() {
             return;
         }
         let cutoff = SystemTime::now() - self.settings.retention;

@@ -1,4 +1,5 @@
-//! The delivery worker: one background process per served database.
+//! The delivery worker: `webhook.workers` background processes per served database, each
+//! delivering to its own share of the endpoints (`split::Split`).
 //!
 //! ```text
 //! webhook_worker_main       pins its settings, runs as the bootstrap superuser
@@ -32,8 +33,10 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::pg::gucs;
 use crate::pg::process::{override_settings, reload_if_asked, shutdown_requested, wait};
 use crate::pg::shmem::{self, Slot, WorkerState};
+use crate::split::Split;
 use error::{transaction, WorkerError};
 use session::Session;
 
@@ -113,7 +116,13 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     if user != session || user != pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID) {
         error!("webhook_ext worker: not running as the bootstrap superuser (user {user:?}); refusing to serve");
     }
-    Worker { slot }.run();
+    // Its share of the endpoints, for the whole of its life: when webhook.workers changes, the
+    // worker exits and the launcher starts the new set.
+    let part = slot.part.load(Ordering::Acquire) as i32;
+    if let Some(split) = Split::new(part, gucs::WORKERS.get()) {
+        slot.parts.store(split.parts as u32, Ordering::Release);
+        Worker { slot, split }.run();
+    }
     slot.set_state(WorkerState::Stopping);
     // Exit code 0: the launcher, not the postmaster, decides whether to start us again.
     // SAFETY: ends this process.
@@ -133,6 +142,8 @@ unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
 /// Why a serving session ended.
 pub enum Stop {
     Shutdown,
+    /// webhook.workers changed: the endpoints are split anew by a new set of workers.
+    Resplit,
     ExtensionGone,
     /// webhook's tables arrive by logical replication (this subscription): step aside.
     Replica(String),
@@ -141,6 +152,7 @@ pub enum Stop {
 /// The worker's life outside serving: waiting for the extension, the lock, a replica's end.
 struct Worker {
     slot: &'static Slot,
+    split: Split,
 }
 
 impl Worker {
@@ -150,6 +162,13 @@ impl Worker {
         let mut told = false;
         loop {
             if shutdown_requested() {
+                return;
+            }
+            if gucs::WORKERS.get() != self.split.parts {
+                log!(
+                    "webhook_ext worker: webhook.workers changed from {}; leaving database \"{db}\" to the new set of workers",
+                    self.split.parts
+                );
                 return;
             }
             match transaction(|| Ok(installed_version())) {
@@ -167,6 +186,8 @@ impl Worker {
                     told = false;
                     match self.serve() {
                         Stop::Shutdown => return,
+                        // Said and done at the top of the loop.
+                        Stop::Resplit => continue,
                         Stop::Replica(sub) => {
                             if !self.stay_away_from_replicated_tables(&sub) {
                                 return;
@@ -202,11 +223,14 @@ impl Worker {
         if !self.become_the_only_worker() {
             return Stop::Shutdown;
         }
+        if !self.wait_for_the_same_split() {
+            return Stop::Resplit;
+        }
         // Before anything is written: a subscriber's copy of the queue is left alone.
         if let Ok(Some(sub)) = transaction(replicated_by) {
             return Stop::Replica(sub);
         }
-        match Session::open(self.slot) {
+        match Session::open(self.slot, self.split) {
             Ok(session) => session.serve(),
             Err(e) => {
                 warning!("webhook_ext worker: could not start serving: {e}");
@@ -217,12 +241,45 @@ impl Worker {
         }
     }
 
-    /// Takes the session advisory lock that makes this the database's only worker (a previous
-    /// worker may still be exiting).
+    /// Waits until no other worker of this database splits the endpoints otherwise (one of a
+    /// previous `webhook.workers` still finishing): until then two processes could deliver to
+    /// the same endpoint. False if this worker's own split is out of date by then.
+    fn wait_for_the_same_split(&self) -> bool {
+        let Some(shared) = shmem::shared() else {
+            return false;
+        };
+        // SAFETY: a plain read of a process global.
+        let (db, me) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
+        let mut told = false;
+        loop {
+            let other = shared.slots_of_db(db).any(|s| {
+                let pid = s.pid.load(Ordering::Acquire);
+                let parts = s.parts.load(Ordering::Acquire);
+                pid != 0 && pid != me && parts != 0 && parts != self.split.parts as u32
+            });
+            if !other {
+                return true;
+            }
+            if !told {
+                log!("webhook_ext worker: waiting for the workers of the previous webhook.workers to leave database \"{}\"", self.slot.name());
+                told = true;
+            }
+            if !wait(None, Some(Duration::from_millis(100))) {
+                return false;
+            }
+            reload_if_asked();
+            if gucs::WORKERS.get() != self.split.parts {
+                return false;
+            }
+        }
+    }
+
+    /// Takes the session advisory lock that makes this the only worker of its part of the
+    /// database (a previous worker of the same part may still be exiting).
     fn become_the_only_worker(&self) -> bool {
         let mut told = false;
         loop {
-            let got = transaction(|| Ok(take_worker_lock()));
+            let got = transaction(|| Ok(take_worker_lock(self.split.part)));
             match got {
                 Ok(true) => {
                     if told {
@@ -261,6 +318,9 @@ impl Worker {
                 return false;
             }
             reload_if_asked();
+            if gucs::WORKERS.get() != self.split.parts {
+                return true;
+            }
             match transaction(replicated_by) {
                 Ok(Some(_)) => continue,
                 Ok(None) => {
@@ -278,15 +338,16 @@ fn replicated_by() -> Result<Option<String>, WorkerError> {
     Ok(queries::REPLICATED_BY.one::<String>(&[])?)
 }
 
-/// Takes this database's worker lock (a session lock, held until the process exits).
-fn take_worker_lock() -> bool {
+/// Takes the worker lock of this database's part `part` (a session lock, held until the process
+/// exits).
+fn take_worker_lock(part: i32) -> bool {
     // SAFETY: MyDatabaseId is set once connected; LockAcquire with a session lock and
     // dontWait is safe inside a transaction on the main thread.
     unsafe {
         let tag = pg_sys::LOCKTAG {
             locktag_field1: pg_sys::MyDatabaseId.to_u32(),
             locktag_field2: WORKER_LOCK_KEY.0,
-            locktag_field3: WORKER_LOCK_KEY.1,
+            locktag_field3: WORKER_LOCK_KEY.1.wrapping_add(part as u32),
             locktag_field4: WORKER_LOCK_SPACE,
             locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
             locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,

@@ -65,7 +65,8 @@ macro_rules! head_of {
 /// last attempt succeeded), which go first; $10: how many the others may take in all, so that
 /// endpoints that hang or fail can never hold every request slot; $11: bytes of request bodies
 /// the claim may take, by the sizes events recorded; $12: take the first delivery even if it is
-/// larger (when nothing else is under way, so a large body is never stuck).
+/// larger (when nothing else is under way, so a large body is never stuck); $13/$14: this
+/// worker's share of the endpoints (`split::Split`: `id % parts = part`).
 pub static CLAIM: Statement = Statement::new(
     "claim",
     concat!(
@@ -77,7 +78,7 @@ WITH cap AS (
       FROM webhook.endpoints ep
       LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
       LEFT JOIN unnest($7::int[], $8::int[]) AS o(id, n) ON o.id = ep.id
-     WHERE ep.enabled
+     WHERE ep.enabled AND ep.id % $13 = $14
 ), cand AS (
     SELECT d.id, d.event_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
       FROM cap
@@ -145,13 +146,14 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
     ),
     &[
         INT4_ARRAY, INT4_ARRAY, INT4, INT4, INT4, INT8, INT4_ARRAY, INT4_ARRAY, INT4_ARRAY, INT4,
-        INT8, BOOL,
+        INT8, BOOL, INT4, INT4,
     ],
 );
 
 /// Milliseconds until the next pending delivery of an endpoint with room is due (an ordered
 /// endpoint: its head). $1/$2 busy, $3 default limit, $4/$5 limits, as for CLAIM; $6 healthy
-/// endpoints and $7 whether the others have room left.
+/// endpoints and $7 whether the others have room left; $8/$9 this worker's share of the
+/// endpoints (`split::Split`).
 pub static NEXT_DUE: Statement = Statement::new(
     "next_due",
     concat!(
@@ -172,27 +174,28 @@ SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
           FROM webhook.endpoints ep
           LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
           LEFT JOIN unnest($4::int[], $5::int[]) AS o(id, n) ON o.id = ep.id
-         WHERE ep.enabled
+         WHERE ep.enabled AND ep.id % $8 = $9
            AND CASE WHEN ep.ordered THEN 1 ELSE COALESCE(ep.max_in_flight, $3) END > COALESCE(b.n, 0)
            AND COALESCE(o.n, 1) > 0
            AND (ep.id = ANY ($6::int[]) OR $7)) s
 "#
     ),
     &[
-        INT4_ARRAY, INT4_ARRAY, INT4, INT4_ARRAY, INT4_ARRAY, INT4_ARRAY, BOOL,
+        INT4_ARRAY, INT4_ARRAY, INT4, INT4_ARRAY, INT4_ARRAY, INT4_ARRAY, BOOL, INT4, INT4,
     ],
 );
 
-/// What the worker needs to know about endpoints to limit them itself: rate limits, and when
-/// each was last changed (an operator's change resets an open circuit).
+/// What the worker needs to know about its endpoints ($1/$2: its share, as for CLAIM) to limit
+/// them itself: rate limits, and when each was last changed (an operator's change resets an
+/// open circuit).
 pub static POLICIES: Statement = Statement::new(
     "policies",
     r#"
 SELECT id, rate_limit, extract(epoch FROM updated_at)::float8
   FROM webhook.endpoints
- WHERE enabled
+ WHERE enabled AND id % $1 = $2
 "#,
-    &[],
+    &[INT4, INT4],
 );
 
 /// Writes a batch of finished attempts: a row each in `attempts`, and the deliveries' new state.
@@ -315,14 +318,16 @@ UPDATE webhook.deliveries d
 );
 
 /// Deliveries left `sending` by a worker that is gone, or whose lease expired: due again now,
-/// with the same `webhook-id`. $1: deliveries this worker still has under way; $2: all of them.
+/// with the same `webhook-id`. $1: deliveries this worker still has under way; $2: all of them;
+/// $3/$4: this worker's share of the endpoints (`split::Split`).
 pub static RECOVER: Statement = Statement::new(
     "recover",
     r#"
 UPDATE webhook.deliveries SET status = 'pending', next_attempt_at = now()
  WHERE status = 'sending' AND NOT (id = ANY($1)) AND ($2 OR next_attempt_at < now())
+   AND endpoint_id % $3 = $4
 "#,
-    &[INT8_ARRAY, BOOL],
+    &[INT8_ARRAY, BOOL, INT4, INT4],
 );
 
 /// Deletes up to $2 finished deliveries created before $1 (unix seconds), their attempts, and

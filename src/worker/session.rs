@@ -25,14 +25,25 @@ use super::record::load_health;
 use super::settings::Settings;
 use super::{Stop, ERROR_BACKOFF, STATS_REFRESH_FLOOR};
 use crate::http::{Finished, HttpRuntime};
+use crate::pg::gucs;
 use crate::pg::process::{reload_if_asked, shutdown_requested, wait};
 use crate::pg::shmem::{self, Slot, WorkerState};
 use crate::pg::spi;
 use crate::policy::{Health, StatsWatch, TokenBucket};
 use crate::retry::Schedule;
+use crate::split::Split;
+
+/// How long a worker whose `webhook.workers` changed waits for its requests under way before it
+/// leaves (those still running are sent again by their endpoint's new worker, same webhook-id).
+const RESPLIT_GRACE: Duration = Duration::from_secs(5);
 
 pub struct Session {
     pub(super) slot: &'static Slot,
+    /// This worker's share of the endpoints.
+    pub(super) split: Split,
+    /// Set when webhook.workers changed: claim nothing more, leave once what is under way is
+    /// recorded (or at this deadline).
+    leaving_by: Option<Instant>,
     pub(super) settings: Settings,
     http: Option<HttpRuntime>,
     pub(super) in_flight: InFlight,
@@ -65,10 +76,15 @@ impl Drop for Session {
 impl Session {
     /// Takes over the queue: deliveries a previous worker left `sending` are due again, the
     /// endpoints' health is loaded, the HTTP runtime started.
-    pub fn open(slot: &'static Slot) -> Result<Session, WorkerError> {
+    pub fn open(slot: &'static Slot, split: Split) -> Result<Session, WorkerError> {
         spi::forget_all();
         let (health, rows) = transaction(|| {
-            sql::RECOVER.run(&[Vec::<i64>::new().into(), true.into()])?;
+            sql::RECOVER.run(&[
+                Vec::<i64>::new().into(),
+                true.into(),
+                split.parts.into(),
+                split.part.into(),
+            ])?;
             let rows = sql::PLANNER_ROWS.one::<f64>(&[])?.unwrap_or(0.0);
             Ok((load_health()?, rows))
         })?;
@@ -78,6 +94,8 @@ impl Session {
         stats.refreshed(rows);
         Ok(Session {
             slot,
+            split,
+            leaving_by: None,
             settings,
             http: Some(http),
             in_flight: InFlight::default(),
@@ -107,11 +125,19 @@ impl Session {
             }
             if reload_if_asked() {
                 self.reload();
+                if self.leaving_by.is_none() && gucs::WORKERS.get() != self.split.parts {
+                    self.leaving_by = Some(Instant::now() + RESPLIT_GRACE);
+                }
             }
             self.slot.set_state(WorkerState::Working);
             let mut sleep = None;
             let mut failure = self.record_stage().err();
-            if self.settings.paused {
+            if let Some(deadline) = self.leaving_by {
+                if self.drained() || (Instant::now() >= deadline && failure.is_none()) {
+                    return Stop::Resplit;
+                }
+                sleep = Some(Duration::from_millis(100));
+            } else if self.settings.paused {
                 self.slot.set_state(WorkerState::Paused);
             } else if failure.is_none() {
                 match self.claim_and_send() {
@@ -122,10 +148,8 @@ impl Session {
                     }
                 }
             }
-            if let Some(sub) = &self.replicated_by {
-                if self.http().in_flight() == 0 && self.unrecorded.is_empty() {
-                    return Stop::Replica(sub.clone());
-                }
+            if self.replicated_by.is_some() && self.drained() {
+                return Stop::Replica(self.replicated_by.clone().unwrap_or_default());
             }
             if let Some(e) = failure {
                 if let WorkerError::ExtensionGone(_) = e {
@@ -179,6 +203,17 @@ impl Session {
         self.slot
             .last_wake
             .store(shmem::now_micros(), Ordering::Relaxed);
+    }
+
+    /// Nothing under way and every result recorded. The results that arrived since the last
+    /// record stage are recorded first: a request that finished after it would otherwise be
+    /// lost with the session, and sent again. (The runtime counts a request out only after its
+    /// result is queued, so none can arrive after `in_flight()` says 0.)
+    fn drained(&mut self) -> bool {
+        if self.http().in_flight() != 0 {
+            return false;
+        }
+        self.record_stage().is_ok() && self.unrecorded.is_empty()
     }
 
     /// Stage 1: collects finished requests and records them.

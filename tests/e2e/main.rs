@@ -15,3 +15,4 @@ mod policy;
 mod roles;
 mod security;
 mod upgrade;
+mod workers;

@@ -1283,6 +1283,30 @@ fn p_database(r: &mut Reloads) -> bool {
     soft_wait(Duration::from_secs(5), || r.two_rx.count() > before)
 }
 
+fn p_workers(r: &mut Reloads) -> bool {
+    // Two workers of `app`, each running, and each delivering to its share of the endpoints
+    // (consecutive endpoint ids belong to different workers).
+    let pids: Vec<Option<i32>> =
+        r.db.query(
+            "SELECT pid FROM webhook.worker_status() WHERE database = 'app' ORDER BY worker",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if pids.len() != 2 || pids.iter().any(Option::is_none) || pids[0] == pids[1] {
+        return false;
+    }
+    let url = r.ok.url("/");
+    let (a, b) = (r.endpoint(&url, ""), r.endpoint(&url, ""));
+    let (a, b) = (r.send(&a), r.send(&b));
+    [a, b].into_iter().all(|id| {
+        r.finished(id, Duration::from_secs(5))
+            .is_some_and(|(status, _, _)| status == "delivered")
+    })
+}
+
 fn p_paused(r: &mut Reloads) -> bool {
     if worker_state(&mut r.db, "app").as_deref() != Some("paused") {
         return false;
@@ -1551,6 +1575,7 @@ fn every_setting_takes_effect_on_reload() {
             true,
             p_database as ReloadProbe,
         ),
+        case("webhook.workers", "2", true, p_workers),
         case("webhook.max_in_flight", "3", true, p_max_in_flight),
         case(
             "webhook.default_max_in_flight",
