@@ -5,7 +5,7 @@
 //!
 //! Run with `scripts/bench` (installs the release build first). Options:
 //!   --quick          smaller sizes, for a smoke run
-//!   --only a,b       run only these sections: throughput, ceiling, latency, snapshot, trigger,
+//!   --only a,b       run only these sections: throughput, ceiling, workers, latency, snapshot, trigger,
 //!                    memory, backlog (trigger-bulk: only the trigger section's 20,000-row rows)
 //!   --out PATH       where to write the report (default BENCHMARKS.md)
 
@@ -94,7 +94,11 @@ impl Report {
 }
 
 fn bench_cluster() -> Cluster {
-    Cluster::start(&[
+    bench_cluster_with(&[])
+}
+
+fn bench_cluster_with(extra: &[(&str, &str)]) -> Cluster {
+    let mut settings = vec![
         ("webhook.max_in_flight", "2000"),
         ("webhook.batch_size", "1000"),
         ("shared_buffers", "'512MB'"),
@@ -102,7 +106,59 @@ fn bench_cluster() -> Cluster {
         ("synchronous_commit", "on"),
         ("fsync", "on"),
         ("log_min_messages", "warning"),
-    ])
+    ];
+    settings.extend_from_slice(extra);
+    Cluster::start(&settings)
+}
+
+/// `webhook.workers` = 1 against 2: one table subscribed to two endpoints (ids 1 and 2, which two
+/// workers split between them) at the same fast receiver; deliveries/s over `events` × 2.
+fn workers(report: &mut Report, events: i64) {
+    let mut rates = Vec::new();
+    for n in [1, 2] {
+        let pg = bench_cluster_with(&[("webhook.workers", if n == 1 { "1" } else { "2" })]);
+        let (rx, _) = timed_receiver(Duration::ZERO);
+        let mut db = pg.client();
+        setup_table(&mut db, &rx.url("/"), 1000);
+        db.execute(
+            "SELECT webhook.create_endpoint('bench2', $1, max_in_flight => 1000)",
+            &[&rx.url("/")],
+        )
+        .unwrap();
+        db.execute(
+            "SELECT webhook.subscribe('t', 'bench2', events => '{INSERT}')",
+            &[],
+        )
+        .unwrap();
+        wait_until(Duration::from_secs(30), "the workers", || {
+            let running: i64 = db
+                .query_one(
+                    "SELECT count(pid) FROM webhook.worker_status() WHERE database = 'app'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (running == n).then_some(())
+        });
+        db.execute("INSERT INTO t (v, note) SELECT g, 'user' || g || '@example.com' FROM generate_series(1, $1::bigint) g", &[&events])
+            .unwrap();
+        let committed = Instant::now();
+        rx.wait_for(2 * events as usize, Duration::from_secs(600));
+        let secs = committed.elapsed().as_secs_f64();
+        let rate = 2.0 * events as f64 / secs;
+        wait_settled(&mut db, Duration::from_secs(600));
+        report.add(
+            "workers",
+            format!("{events} events × 2 endpoints, fast receiver, webhook.workers = {n}"),
+            format!("{rate:.0} deliveries/s ({secs:.2} s)"),
+            "",
+        );
+        rates.push(rate);
+    }
+    report.notes.push(format!(
+        "workers: 2 workers deliver {:.2}x what 1 does (each endpoint max_in_flight 1000, webhook.max_in_flight 2000 per worker, batch_size 1000; the receiver runs in the benchmark's own process on the same 2 cores).",
+        rates[1] / rates[0]
+    ));
 }
 
 /// A receiver that answers 200 after `delay` and remembers when each payload's `new.v` arrived.
@@ -970,6 +1026,9 @@ fn main() {
                 "≥ 70 %",
             );
         }
+    }
+    if opts.wants("workers") {
+        workers(&mut report, if opts.quick { 10_000 } else { 50_000 });
     }
     if opts.wants("snapshot") {
         snapshot(&mut report, 500, if opts.quick { 30 } else { 120 });
