@@ -464,6 +464,14 @@ $$;
 REVOKE USAGE ON TYPE webhook.delivery_status FROM PUBLIC;
 
 -- webhook.workers: worker_status() has a row per worker, with its number (a new last column).
+-- Its result type changes, so it is made anew; the EXECUTE grants operators gave on it (a
+-- monitoring role, say) are given again below.
+SELECT pg_catalog.set_config('webhook_ext.worker_status_grantees',
+         COALESCE(pg_catalog.string_agg(a.grantee::pg_catalog.text, ' '), ''), true)
+  FROM pg_catalog.pg_proc p, LATERAL pg_catalog.aclexplode(p.proacl) a
+ WHERE p.oid = 'webhook.worker_status()'::pg_catalog.regprocedure
+   AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+   AND a.grantee <> 'webhook_admin'::pg_catalog.regrole;
 DROP FUNCTION webhook.worker_status();
 DROP FUNCTION webhook._worker_slots();
 CREATE FUNCTION webhook."_worker_slots"() RETURNS TABLE (
@@ -503,6 +511,19 @@ $$;
 
 REVOKE ALL ON FUNCTION webhook._worker_slots(), webhook.worker_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION webhook._worker_slots(), webhook.worker_status() TO webhook_admin;
+DO $$
+DECLARE
+    g pg_catalog.oid;
+BEGIN
+    FOR g IN SELECT x::pg_catalog.oid
+               FROM pg_catalog.regexp_split_to_table(pg_catalog.current_setting('webhook_ext.worker_status_grantees', true), ' ') x
+              WHERE x <> ''
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION webhook._worker_slots(), webhook.worker_status() TO %I',
+                                  (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = g));
+    END LOOP;
+END
+$$;
 
 -- Sessions drop their endpoint caches when this commits, and the worker (waiting for this
 -- update) is woken.

@@ -94,6 +94,11 @@ impl Launcher {
         let names = gucs::databases();
         let wanted = lookup_databases(&names);
         let workers = gucs::WORKERS.get().max(1) as u32;
+        // Published before any worker starts this round: every worker splits by this value. A
+        // change wakes them all (each then sees it is out of date and leaves).
+        if shared.workers.swap(workers, Ordering::AcqRel) != workers {
+            shared.slots.iter().for_each(Slot::wake);
+        }
         let any_missing = wanted.iter().any(|(_, oid)| oid.is_none());
         let now_us = shmem::now_micros();
         // Both passes run every round, whatever the first one found.
@@ -138,8 +143,12 @@ impl Launcher {
             match verdict(listed, evicted, handle) {
                 Verdict::Keep => {}
                 Verdict::Restart => {
-                    // It exited (crashed or asked to): start it again after a pause.
+                    // It exited: after a pause if it crashed, at once if it left because
+                    // webhook.workers changed (its successor has endpoints waiting).
                     runner.exited();
+                    if slot.resplit.swap(false, Ordering::AcqRel) {
+                        runner.not_before = None;
+                    }
                     retry_soon = true;
                 }
                 Verdict::Stop => {
@@ -299,7 +308,17 @@ fn claim_slot(shared: &Shared, name: &str, dboid: u32, part: u32) -> Option<usiz
         .slots
         .iter()
         .position(|s| s.dboid.load(Ordering::Acquire) == 0)?;
+    // A DROP or RENAME of the database may be evicting its other workers right now: the new
+    // slot is evicted as long as they are.
+    let evicting = shared
+        .slots_of_db(pg_sys::Oid::from(dboid))
+        .map(|s| s.evict_until.load(Ordering::Acquire))
+        .max()
+        .unwrap_or(0);
     shared.slots[i].reset(name);
+    shared.slots[i]
+        .evict_until
+        .store(evicting, Ordering::Release);
     shared.slots[i].part.store(part, Ordering::Release);
     shared.slots[i].dboid.store(dboid, Ordering::Release);
     Some(i)

@@ -32,7 +32,7 @@ impl Split {
         endpoint_id.rem_euclid(self.parts) == self.part
     }
 
-    /// The worker that keeps the database's shared chores (retention, statistics).
+    /// The worker that keeps the database's shared chores (retention).
     pub fn is_first(self) -> bool {
         self.part == 0
     }

@@ -26,6 +26,7 @@ pub enum WorkerState {
     Paused = 6,
     Replica = 7,
     WaitingForUpdate = 8,
+    Leaving = 9,
 }
 
 impl WorkerState {
@@ -39,6 +40,7 @@ impl WorkerState {
             6 => WorkerState::Paused,
             7 => WorkerState::Replica,
             8 => WorkerState::WaitingForUpdate,
+            9 => WorkerState::Leaving,
             _ => WorkerState::Stopped,
         }
     }
@@ -52,6 +54,7 @@ impl WorkerState {
             WorkerState::Stopping => "stopping",
             WorkerState::Paused => "paused",
             WorkerState::WaitingForUpdate => "waiting for ALTER EXTENSION webhook_ext UPDATE",
+            WorkerState::Leaving => "leaving: webhook.workers changed",
             WorkerState::Replica => {
                 "not delivering: webhook's tables arrive here by logical replication"
             }
@@ -68,6 +71,9 @@ pub struct Slot {
     /// How many workers the running worker splits endpoints between (0 while none runs): a
     /// worker starts serving only once no other worker of its database splits them otherwise.
     pub parts: AtomicU32,
+    /// Set by a worker that left because webhook.workers changed: the launcher starts its
+    /// successor at once rather than after the pause that follows a crash.
+    pub resplit: AtomicBool,
     pub pid: AtomicI32,
     pub latch: AtomicPtr<pg_sys::Latch>,
     pub state: AtomicU32,
@@ -129,6 +135,7 @@ impl Slot {
     /// Prepares a free slot for a new database: counters start from zero.
     pub fn reset(&self, name: &str) {
         self.evict_until.store(0, Ordering::Release);
+        self.resplit.store(false, Ordering::Release);
         self.started_at.store(0, Ordering::Relaxed);
         self.last_wake.store(0, Ordering::Relaxed);
         self.attempts.store(0, Ordering::Relaxed);
@@ -137,10 +144,17 @@ impl Slot {
         self.set_name(name);
     }
 
-    /// Frees the slot's worker-owned fields when the worker exits.
-    pub fn clear_worker(&self) {
+    /// Frees the slot's worker-owned fields when worker `pid` exits (only if the slot is still
+    /// its own: a slot freed and taken again meanwhile belongs to another worker).
+    pub fn clear_worker(&self, pid: i32) {
+        if self
+            .pid
+            .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
         self.latch.store(std::ptr::null_mut(), Ordering::Release);
-        self.pid.store(0, Ordering::Release);
         self.parts.store(0, Ordering::Release);
         self.in_flight.store(0, Ordering::Relaxed);
         self.set_state(WorkerState::Stopped);
@@ -152,12 +166,20 @@ pub struct Shared {
     /// Bumped whenever a transaction that changed webhook.endpoints commits (any database):
     /// sessions refresh their endpoint cache when it moves.
     pub endpoints_version: AtomicU64,
+    /// `webhook.workers` as the launcher last read it (0 before its first round): the one value
+    /// every worker splits endpoints by, so that no worker acts on a setting it alone missed.
+    pub workers: AtomicU32,
     pub launcher_latch: AtomicPtr<pg_sys::Latch>,
     pub launcher_pid: AtomicI32,
     pub slots: [Slot; MAX_SLOTS],
 }
 
 impl Shared {
+    /// The number of workers per database every worker splits endpoints by (at least 1).
+    pub fn workers(&self) -> i32 {
+        self.workers.load(Ordering::Acquire).max(1) as i32
+    }
+
     /// The slots of the workers serving `dboid`.
     pub fn slots_of_db(&self, dboid: pg_sys::Oid) -> impl Iterator<Item = &Slot> {
         let want = u32::from(dboid);

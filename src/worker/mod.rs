@@ -33,7 +33,6 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::pg::gucs;
 use crate::pg::process::{override_settings, reload_if_asked, shutdown_requested, wait};
 use crate::pg::shmem::{self, Slot, WorkerState};
 use crate::split::Split;
@@ -116,12 +115,19 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     if user != session || user != pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID) {
         error!("webhook_ext worker: not running as the bootstrap superuser (user {user:?}); refusing to serve");
     }
-    // Its share of the endpoints, for the whole of its life: when webhook.workers changes, the
-    // worker exits and the launcher starts the new set.
+    // Its share of the endpoints, for the whole of its life: when webhook.workers changes (as
+    // the launcher published it), the worker exits and the launcher starts the new set.
     let part = slot.part.load(Ordering::Acquire) as i32;
-    if let Some(split) = Split::new(part, gucs::WORKERS.get()) {
-        slot.parts.store(split.parts as u32, Ordering::Release);
-        Worker { slot, split }.run();
+    let parts = shmem::shared().map_or(1, |s| s.workers());
+    match Split::new(part, parts) {
+        Some(split) => {
+            slot.parts.store(split.parts as u32, Ordering::SeqCst);
+            Worker { slot, split }.run();
+        }
+        None => log!(
+            "webhook_ext worker: worker {part} of database \"{}\" is not needed with webhook.workers = {parts}; leaving",
+            slot.name()
+        ),
     }
     slot.set_state(WorkerState::Stopping);
     // Exit code 0: the launcher, not the postmaster, decides whether to start us again.
@@ -133,7 +139,8 @@ pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
 unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
     if let Some(shared) = shmem::shared() {
         if let Some(slot) = shared.slots.get(arg.value()) {
-            slot.clear_worker();
+            // SAFETY: a plain read of this process's pid.
+            slot.clear_worker(unsafe { pg_sys::MyProcPid });
         }
         shared.wake_launcher();
     }
@@ -164,11 +171,12 @@ impl Worker {
             if shutdown_requested() {
                 return;
             }
-            if gucs::WORKERS.get() != self.split.parts {
+            if stale(self.split) {
                 log!(
                     "webhook_ext worker: webhook.workers changed from {}; leaving database \"{db}\" to the new set of workers",
                     self.split.parts
                 );
+                self.slot.resplit.store(true, Ordering::Release);
                 return;
             }
             match transaction(|| Ok(installed_version())) {
@@ -252,9 +260,12 @@ impl Worker {
         let (db, me) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
         let mut told = false;
         loop {
+            if stale(self.split) {
+                return false;
+            }
             let other = shared.slots_of_db(db).any(|s| {
-                let pid = s.pid.load(Ordering::Acquire);
-                let parts = s.parts.load(Ordering::Acquire);
+                let pid = s.pid.load(Ordering::SeqCst);
+                let parts = s.parts.load(Ordering::SeqCst);
                 pid != 0 && pid != me && parts != 0 && parts != self.split.parts as u32
             });
             if !other {
@@ -268,9 +279,6 @@ impl Worker {
                 return false;
             }
             reload_if_asked();
-            if gucs::WORKERS.get() != self.split.parts {
-                return false;
-            }
         }
     }
 
@@ -318,7 +326,7 @@ impl Worker {
                 return false;
             }
             reload_if_asked();
-            if gucs::WORKERS.get() != self.split.parts {
+            if stale(self.split) {
                 return true;
             }
             match transaction(replicated_by) {
@@ -336,6 +344,11 @@ impl Worker {
 /// The subscription that replicates webhook's queue into this database, if one does.
 fn replicated_by() -> Result<Option<String>, WorkerError> {
     Ok(queries::REPLICATED_BY.one::<String>(&[])?)
+}
+
+/// Whether webhook.workers (as the launcher published it) no longer matches `split`.
+pub(crate) fn stale(split: Split) -> bool {
+    shmem::shared().is_some_and(|s| s.workers() != split.parts)
 }
 
 /// Takes the worker lock of this database's part `part` (a session lock, held until the process

@@ -31,6 +31,14 @@ macro_rules! pending {
     };
 }
 
+/// The endpoints of one worker's share (`split::Split::owns`): `$id mod $parts = $part`, the
+/// remainder taken non-negative (as Rust's `rem_euclid`), whatever the id's sign.
+macro_rules! owned_by {
+    ($id:literal, $parts:literal, $part:literal) => {
+        concat!("(", $id, " % ", $parts, " + ", $parts, ") % ", $parts, " = ", $part)
+    };
+}
+
 /// The head of the endpoint whose id is `$ep`: its oldest pending delivery, new or retry, due
 /// or not (an ordered endpoint sends only its head). Columns `id, event_id, next_attempt_at`.
 /// The oldest new one (id order) and the oldest retry — the latter sorted by `id + 0`, so it is
@@ -66,7 +74,8 @@ macro_rules! head_of {
 /// endpoints that hang or fail can never hold every request slot; $11: bytes of request bodies
 /// the claim may take, by the sizes events recorded; $12: take the first delivery even if it is
 /// larger (when nothing else is under way, so a large body is never stuck); $13/$14: this
-/// worker's share of the endpoints (`split::Split`: `id % parts = part`).
+/// worker's share of the endpoints (`split::Split`: `id mod parts = part`, the remainder taken
+/// non-negative as Rust's `rem_euclid`, whatever the id's sign).
 pub static CLAIM: Statement = Statement::new(
     "claim",
     concat!(
@@ -78,7 +87,9 @@ WITH cap AS (
       FROM webhook.endpoints ep
       LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
       LEFT JOIN unnest($7::int[], $8::int[]) AS o(id, n) ON o.id = ep.id
-     WHERE ep.enabled AND ep.id % $13 = $14
+     WHERE ep.enabled AND "#,
+        owned_by!("ep.id", "$13", "$14"),
+        r#"
 ), cand AS (
     SELECT d.id, d.event_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
       FROM cap
@@ -174,7 +185,9 @@ SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
           FROM webhook.endpoints ep
           LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
           LEFT JOIN unnest($4::int[], $5::int[]) AS o(id, n) ON o.id = ep.id
-         WHERE ep.enabled AND ep.id % $8 = $9
+         WHERE ep.enabled AND "#,
+        owned_by!("ep.id", "$8", "$9"),
+        r#"
            AND CASE WHEN ep.ordered THEN 1 ELSE COALESCE(ep.max_in_flight, $3) END > COALESCE(b.n, 0)
            AND COALESCE(o.n, 1) > 0
            AND (ep.id = ANY ($6::int[]) OR $7)) s
@@ -190,11 +203,14 @@ SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
 /// open circuit).
 pub static POLICIES: Statement = Statement::new(
     "policies",
-    r#"
+    concat!(
+        r#"
 SELECT id, rate_limit, extract(epoch FROM updated_at)::float8
   FROM webhook.endpoints
- WHERE enabled AND id % $1 = $2
-"#,
+ WHERE enabled AND "#,
+        owned_by!("id", "$1", "$2"),
+        "\n"
+    ),
     &[INT4, INT4],
 );
 
@@ -322,11 +338,14 @@ UPDATE webhook.deliveries d
 /// $3/$4: this worker's share of the endpoints (`split::Split`).
 pub static RECOVER: Statement = Statement::new(
     "recover",
-    r#"
+    concat!(
+        r#"
 UPDATE webhook.deliveries SET status = 'pending', next_attempt_at = now()
  WHERE status = 'sending' AND NOT (id = ANY($1)) AND ($2 OR next_attempt_at < now())
-   AND endpoint_id % $3 = $4
-"#,
+   AND "#,
+        owned_by!("endpoint_id", "$3", "$4"),
+        "\n"
+    ),
     &[INT8_ARRAY, BOOL, INT4, INT4],
 );
 

@@ -25,7 +25,6 @@ use super::record::load_health;
 use super::settings::Settings;
 use super::{Stop, ERROR_BACKOFF, STATS_REFRESH_FLOOR};
 use crate::http::{Finished, HttpRuntime};
-use crate::pg::gucs;
 use crate::pg::process::{reload_if_asked, shutdown_requested, wait};
 use crate::pg::shmem::{self, Slot, WorkerState};
 use crate::pg::spi;
@@ -125,18 +124,23 @@ impl Session {
             }
             if reload_if_asked() {
                 self.reload();
-                if self.leaving_by.is_none() && gucs::WORKERS.get() != self.split.parts {
-                    self.leaving_by = Some(Instant::now() + RESPLIT_GRACE);
-                }
+            }
+            if self.leaving_by.is_none() && super::stale(self.split) {
+                self.leaving_by = Some(Instant::now() + RESPLIT_GRACE);
             }
             self.slot.set_state(WorkerState::Working);
             let mut sleep = None;
             let mut failure = self.record_stage().err();
             if let Some(deadline) = self.leaving_by {
-                if self.drained() || (Instant::now() >= deadline && failure.is_none()) {
+                self.slot.set_state(WorkerState::Leaving);
+                // At the deadline it leaves whatever is left: results not recorded are sent
+                // again by the endpoint's new worker (at least once), and a record that keeps
+                // failing must not hold up the new set of workers.
+                if self.drained() || Instant::now() >= deadline {
                     return Stop::Resplit;
                 }
-                sleep = Some(Duration::from_millis(100));
+                self.rest(Some(Duration::from_millis(100)));
+                continue;
             } else if self.settings.paused {
                 self.slot.set_state(WorkerState::Paused);
             } else if failure.is_none() {

@@ -1028,6 +1028,7 @@ fn every_postgres_exporter_query_returns_the_metrics_it_declares() {
         results["webhook_worker"],
         [[
             "database=app",
+            "worker=0",
             "running=1",
             "in_flight=1",
             "queue_depth=1",
@@ -1298,13 +1299,29 @@ fn p_workers(r: &mut Reloads) -> bool {
     if pids.len() != 2 || pids.iter().any(Option::is_none) || pids[0] == pids[1] {
         return false;
     }
+    let delivered = |r: &mut Reloads| -> Vec<i64> {
+        r.db.query(
+            "SELECT delivered FROM webhook.worker_status() WHERE database = 'app' ORDER BY worker",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+    };
+    let before = delivered(r);
     let url = r.ok.url("/");
     let (a, b) = (r.endpoint(&url, ""), r.endpoint(&url, ""));
     let (a, b) = (r.send(&a), r.send(&b));
-    [a, b].into_iter().all(|id| {
+    let both = [a, b].into_iter().all(|id| {
         r.finished(id, Duration::from_secs(5))
             .is_some_and(|(status, _, _)| status == "delivered")
-    })
+    });
+    // Each worker delivered one of them: its own endpoint's.
+    let after = delivered(r);
+    both && before.len() == 2
+        && after.len() == 2
+        && after.iter().zip(&before).all(|(a, b)| a - b == 1)
 }
 
 fn p_paused(r: &mut Reloads) -> bool {

@@ -533,9 +533,32 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
         "nothing is sent before the update"
     );
 
+    // An operator's monitoring grant on worker_status(), which 0.3.0 makes anew (its result has
+    // a new column): kept through the update.
+    db.batch_execute(
+        "CREATE ROLE monitor LOGIN;
+         GRANT USAGE ON SCHEMA webhook TO monitor;
+         GRANT EXECUTE ON FUNCTION webhook.worker_status(), webhook._worker_slots() TO monitor;",
+    )
+    .unwrap();
     db.batch_execute("ALTER EXTENSION webhook_ext UPDATE")
         .unwrap();
     assert_eq!(extversion(&mut db), "0.3.0");
+    let kept: Vec<bool> = db
+        .query(
+            "SELECT has_function_privilege('monitor', f, 'EXECUTE')
+               FROM unnest('{webhook.worker_status(),webhook._worker_slots()}'::regprocedure[]) f",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        kept,
+        [true, true],
+        "monitor keeps EXECUTE on worker_status()"
+    );
     let warned: Vec<String> = notices
         .lock()
         .unwrap()

@@ -152,6 +152,13 @@ fn changing_webhook_workers_under_load_loses_nothing_and_sends_nothing_twice() {
     for (i, rx) in rxs.iter().enumerate() {
         create_endpoint(&mut db, &format!("e{i}"), &rx.url("/"));
     }
+    // One endpoint limited to 2 at once: two owners at once (even without a duplicate) would
+    // show as more.
+    db.execute(
+        "SELECT webhook.alter_endpoint('e0', max_in_flight => 2)",
+        &[],
+    )
+    .unwrap();
     db.execute(
         "SELECT webhook.create_endpoint('ordered', $1, ordered => true)",
         &[&ordered.url("/")],
@@ -205,8 +212,71 @@ fn changing_webhook_workers_under_load_loses_nothing_and_sends_nothing_twice() {
         (1..=rows as i64).collect::<Vec<_>>(),
         "ordered: arrival order across the changes"
     );
+    assert_eq!(ordered.max_concurrent(), 1, "ordered: one at a time");
+    assert_eq!(rxs[0].max_concurrent(), 2, "e0: its limit of 2, never more");
     // Each change was a new set of workers, the previous set having left first.
     assert!(pg
         .log()
         .contains("webhook.workers changed from 3; leaving database \"app\""));
+}
+
+#[test]
+fn a_database_with_two_workers_can_be_dropped_and_renamed() {
+    let pg = Cluster::start(&[
+        ("webhook.workers", "2"),
+        ("webhook.database", "'app, other, moved'"),
+    ]);
+    let mut db = pg.client_with_extension();
+    pg.create_database("other");
+    let rx = Receiver::start(always(Reply::ok()));
+    {
+        let mut other = pg.client_to("other");
+        other.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+        create_endpoint(&mut other, "a", &rx.url("/"));
+        create_endpoint(&mut other, "b", &rx.url("/"));
+        other
+            .batch_execute(
+                "SELECT webhook.send('before', '{}', 'a'), webhook.send('before', '{}', 'b')",
+            )
+            .unwrap();
+    }
+    rx.wait_for(2, PATIENCE);
+    let of = |db: &mut postgres::Client, name: &str| -> i64 {
+        db.query_one(
+            "SELECT count(pid) FROM webhook.worker_status() WHERE database = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+    };
+    wait_until(PATIENCE, "two workers for other", || {
+        (of(&mut db, "other") == 2).then_some(())
+    });
+    let mut admin = pg.client_to("postgres");
+    // Both workers step aside: the commands succeed at once, not "being accessed by other users".
+    for statement in [
+        "ALTER DATABASE other RENAME TO moved",
+        "ALTER DATABASE moved RENAME TO other",
+        "DROP DATABASE other",
+    ] {
+        let t = std::time::Instant::now();
+        admin
+            .batch_execute(statement)
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{statement} took {:?}",
+            t.elapsed()
+        );
+    }
+    wait_until(PATIENCE, "the dropped database's workers to go", || {
+        (of(&mut db, "other") == 0).then_some(())
+    });
+    // app's two workers are untouched by all this, and deliver.
+    assert_eq!(of(&mut db, "app"), 2);
+    create_endpoint(&mut db, "c", &rx.url("/"));
+    db.execute("SELECT webhook.send('after', '{}', 'c')", &[])
+        .unwrap();
+    let got = rx.wait_for(3, PATIENCE);
+    assert_eq!(got[2].json()["type"], "after");
 }
