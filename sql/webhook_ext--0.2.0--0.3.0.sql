@@ -114,6 +114,7 @@ BEGIN
                FROM webhook.subscriptions x JOIN webhook._publishers p ON p.relid = x."table" AND p.endpoint_id = ep
               WHERE x.endpoint = drop_endpoint.name LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
+        PERFORM webhook._drop_flush_trigger(s."table");
     END LOOP;
     UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
@@ -137,6 +138,40 @@ BEGIN
     IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = tbl) = 't' THEN
         RAISE EXCEPTION '% is a temporary table', tbl
             USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables can publish webhooks.';
+    END IF;
+END
+$$;
+
+-- Each statement's events are written at its end by one statement ("webhook-flush", a statement
+-- trigger beside a table's subscription triggers): src/sql_api/capture.rs.
+CREATE FUNCTION webhook."flush"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'flush_wrapper';
+
+-- The statement trigger that writes a statement's events at its end ("webhook-flush", beside a
+-- table's subscription triggers; see src/sql_api/capture.rs). Without it each row is written as
+-- its trigger fires: the same rows, more slowly. A partitioned table gets none: its rows fire
+-- their triggers on the partitions, which write them as they fire.
+CREATE FUNCTION webhook._add_flush_trigger(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) IN ('r', 'f')
+       AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'webhook-flush') THEN
+        EXECUTE format('CREATE TRIGGER "webhook-flush" AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH STATEMENT EXECUTE FUNCTION webhook.flush()', tbl);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION webhook._drop_flush_trigger(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgfoid = 'webhook.enqueue()'::regprocedure)
+       AND EXISTS (SELECT FROM pg_trigger t
+                    WHERE t.tgrelid = tbl AND t.tgname = 'webhook-flush' AND t.tgfoid = 'webhook.flush()'::regprocedure) THEN
+        EXECUTE format('DROP TRIGGER "webhook-flush" ON %s', tbl);
     END IF;
 END
 $$;
@@ -186,6 +221,7 @@ BEGIN
                    trig, array_to_string(ops, ' OR '), tbl,
                    CASE WHEN "when" IS NOT NULL THEN 'WHEN (' || webhook._check_when("when") || E'\n)' ELSE '' END,
                    args);
+    PERFORM webhook._add_flush_trigger(tbl);
     INSERT INTO webhook._publishers (relid, endpoint_id, via)
     VALUES (tbl, webhook._endpoint_id(endpoint), 'subscribe')
     ON CONFLICT DO NOTHING;
@@ -215,6 +251,7 @@ BEGIN
         RAISE EXCEPTION 'table % has no subscription for endpoint "%"', tbl, endpoint USING ERRCODE = 'undefined_object';
     END IF;
     EXECUTE format('DROP TRIGGER %I ON %s', trig, tbl);
+    PERFORM webhook._drop_flush_trigger(tbl);
     -- The right subscribe() gave goes with its trigger; a hand-written trigger left on the table
     -- publishes only if allow_publish() allowed it.
     DELETE FROM webhook._publishers p
@@ -449,6 +486,10 @@ REVOKE ALL ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_p
 GRANT SELECT, INSERT, UPDATE, DELETE ON webhook._publishers TO webhook_admin;
 GRANT EXECUTE ON FUNCTION webhook.allow_publish(regclass, text), webhook.disallow_publish(regclass, text),
                           webhook._forget_dropped_tables(), webhook._check_publishing_table(regclass) TO webhook_admin;
+REVOKE ALL ON FUNCTION webhook.flush(), webhook._add_flush_trigger(regclass), webhook._drop_flush_trigger(regclass) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhook.flush(), webhook._add_flush_trigger(regclass), webhook._drop_flush_trigger(regclass) TO webhook_admin;
+-- Firing the flush trigger needs no privilege on webhook.*: it writes only what webhook.enqueue() decided.
+GRANT EXECUTE ON FUNCTION webhook.flush() TO PUBLIC;
 -- Nor the tables' row types: a column of one (in a temporary table, say) would block every
 -- ALTER TABLE of an upgrade.
 DO $$
@@ -524,6 +565,10 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- Tables subscribed with subscribe() get their statement's writes at its end.
+SELECT webhook._add_flush_trigger(t."table")
+  FROM (SELECT DISTINCT s."table" FROM webhook.subscriptions s WHERE s.trigger_name = 'webhook_' || s.endpoint) t;
 
 -- Sessions drop their endpoint caches when this commits, and the worker (waiting for this
 -- update) is woken.

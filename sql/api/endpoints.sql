@@ -174,6 +174,7 @@ BEGIN
                FROM webhook.subscriptions x JOIN webhook._publishers p ON p.relid = x."table" AND p.endpoint_id = ep
               WHERE x.endpoint = drop_endpoint.name LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
+        PERFORM webhook._drop_flush_trigger(s."table");
     END LOOP;
     UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);

@@ -42,6 +42,8 @@ GRANT SELECT ON webhook.events, webhook.subscriptions, webhook.endpoint_stats, w
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook TO webhook_admin;
 -- Firing the trigger needs no privilege on webhook.*; it refuses tables not allowed to publish.
 GRANT EXECUTE ON FUNCTION webhook.enqueue() TO PUBLIC;
+-- Nor does its statement trigger's: it writes only what webhook.enqueue() decided.
+GRANT EXECUTE ON FUNCTION webhook.flush() TO PUBLIC;
 
 DO $$
 BEGIN

@@ -37,6 +37,34 @@ SELECT t.tgrelid::regclass AS "table",
  WHERE t.tgfoid = 'webhook.enqueue()'::regprocedure
    AND t.tgparentid = 0;
 
+-- The statement trigger that writes a statement's events at its end ("webhook-flush", beside a
+-- table's subscription triggers; see src/sql_api/capture.rs). Without it each row is written as
+-- its trigger fires: the same rows, more slowly. A partitioned table gets none: its rows fire
+-- their triggers on the partitions, which write them as they fire.
+CREATE FUNCTION webhook._add_flush_trigger(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) IN ('r', 'f')
+       AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'webhook-flush') THEN
+        EXECUTE format('CREATE TRIGGER "webhook-flush" AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH STATEMENT EXECUTE FUNCTION webhook.flush()', tbl);
+    END IF;
+END
+$$;
+
+-- ... and goes when the last trigger it served does.
+CREATE FUNCTION webhook._drop_flush_trigger(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgfoid = 'webhook.enqueue()'::regprocedure)
+       AND EXISTS (SELECT FROM pg_trigger t
+                    WHERE t.tgrelid = tbl AND t.tgname = 'webhook-flush' AND t.tgfoid = 'webhook.flush()'::regprocedure) THEN
+        EXECUTE format('DROP TRIGGER "webhook-flush" ON %s', tbl);
+    END IF;
+END
+$$;
+
 -- A table that may publish: an existing, permanent table (subscribe() and allow_publish()).
 CREATE FUNCTION webhook._check_publishing_table(tbl regclass) RETURNS void
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
@@ -100,6 +128,7 @@ BEGIN
                    trig, array_to_string(ops, ' OR '), tbl,
                    CASE WHEN "when" IS NOT NULL THEN 'WHEN (' || webhook._check_when("when") || E'\n)' ELSE '' END,
                    args);
+    PERFORM webhook._add_flush_trigger(tbl);
     INSERT INTO webhook._publishers (relid, endpoint_id, via)
     VALUES (tbl, webhook._endpoint_id(endpoint), 'subscribe')
     ON CONFLICT DO NOTHING;
@@ -129,6 +158,7 @@ BEGIN
         RAISE EXCEPTION 'table % has no subscription for endpoint "%"', tbl, endpoint USING ERRCODE = 'undefined_object';
     END IF;
     EXECUTE format('DROP TRIGGER %I ON %s', trig, tbl);
+    PERFORM webhook._drop_flush_trigger(tbl);
     -- The right subscribe() gave goes with its trigger; a hand-written trigger left on the table
     -- publishes only if allow_publish() allowed it.
     DELETE FROM webhook._publishers p

@@ -30,51 +30,32 @@ use std::ffi::{c_char, CStr, CString};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use super::capture;
 use crate::pg::spi::{Snapshot, SpiError, Statement};
 use crate::pg::{gucs, shmem};
 use crate::request;
 use pgrx::datum::DatumWithOid;
 
-/// Writes the event and its delivery: $1 type, $2 schema, $3 table, $4 op, $5/$6 the new and
-/// old row images (jsonb, NULL when absent or not kept), $7 endpoint id (NULL if unknown),
-/// $8 status, $9 reason, $10 the body's size. Everything about the row was decided before (in
-/// Rust, with the writer's rights); this only stores finished values, so its plan stays small.
-/// `$size_column`/`$size_value` are empty for a schema from before 0.3.0 (no `_events.size`).
-macro_rules! record_sql {
-    ($size_column:literal, $size_value:literal) => {
-        concat!(
-            "WITH ev AS (
-    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old",
-            $size_column,
-            ")
-    VALUES ($1, $2, $3, $4, $5, $6",
-            $size_value,
-            ")
+const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
+const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
+const INT4: pg_sys::Oid = pg_sys::INT4OID;
+
+/// Writes one event and its delivery on a schema from before 0.3.0 (this library installed,
+/// ALTER EXTENSION … UPDATE not yet run: no `_events.size`): $1 type, $2 schema, $3 table,
+/// $4 op, $5/$6 the new and old row images, $7 endpoint id (NULL if unknown), $8 status,
+/// $9 reason. On the current schema rows are written by `capture` instead.
+static RECORD_LEGACY: Statement = Statement::new(
+    "enqueue_record_legacy",
+    "WITH ev AS (
+    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)
+    VALUES ($1, $2, $3, $4, $5, $6)
     RETURNING id
 )
 INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
 SELECT ev.id, $7, $8::webhook.delivery_status,
        CASE WHEN $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, $9
   FROM ev
-"
-        )
-    };
-}
-
-const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
-const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
-const INT4: pg_sys::Oid = pg_sys::INT4OID;
-
-static RECORD: Statement = Statement::new(
-    "enqueue_record",
-    record_sql!(", size", ", $10"),
-    &[TEXT, TEXT, TEXT, TEXT, JSONB, JSONB, INT4, TEXT, TEXT, INT4],
-);
-
-/// RECORD before 0.3.0's schema was installed by ALTER EXTENSION UPDATE.
-static RECORD_LEGACY: Statement = Statement::new(
-    "enqueue_record_legacy",
-    record_sql!("", ""),
+",
     &[TEXT, TEXT, TEXT, TEXT, JSONB, JSONB, INT4, TEXT, TEXT],
 );
 
@@ -123,6 +104,8 @@ thread_local! {
     static ENDPOINTS: RefCell<Option<Cache>> = const { RefCell::new(None) };
     static ROLES: Cell<Option<Roles>> = const { Cell::new(None) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// This transaction changed webhook.endpoints or webhook._publishers.
+    static OWN_CHANGES: Cell<bool> = const { Cell::new(false) };
 }
 
 /// A record type of some of a row's columns, and which attributes of the row they are.
@@ -223,6 +206,46 @@ unsafe fn fire(data: &pg_sys::TriggerData, op: &'static str, args: &[String]) ->
         _ => (std::ptr::null_mut(), data.tg_trigtuple),
     };
     let columns: Option<Vec<String>> = (args.len() > 1).then(|| args[1..].to_vec());
+    // SAFETY: the trigger manager's data for this call.
+    let later = !roles.legacy && unsafe { capture::flush_follows(data, op) };
+    let tid = |t: pg_sys::HeapTuple| {
+        // SAFETY: a tuple of the call (or null).
+        (!t.is_null()).then(|| unsafe {
+            let ip = (*t).t_self;
+            (
+                (u32::from(ip.ip_blkid.bi_hi) << 16) | u32::from(ip.ip_blkid.bi_lo),
+                ip.ip_posid,
+            )
+        })
+    };
+    let key = capture::Key {
+        // SAFETY: the relation of the call.
+        relid: unsafe { (*rel).rd_id },
+        op,
+        new: tid(new_tuple),
+        old: tid(old_tuple),
+        columns: columns.clone(),
+    };
+    // Another subscription's trigger made this row change's event with the same columns a
+    // moment ago: this one's delivery goes with it (the images are not built again).
+    if later {
+        if let Some(shared) = capture::shared(&key) {
+            let (status, reason) = match shared.too_large.clone() {
+                Some(why) => ("failed", Some(why)),
+                None => (status, reason),
+            };
+            capture::add_delivery(
+                shared,
+                capture::Delivery {
+                    endpoint_id,
+                    status,
+                    reason,
+                },
+                later,
+            );
+            return status == "pending";
+        }
+    }
     // SAFETY: the tuples and descriptor of the call.
     let build = || unsafe { row_images(rel, new_tuple, old_tuple, columns.as_deref()) };
     // Before ALTER EXTENSION … UPDATE the trigger function is still the old release's SECURITY
@@ -264,6 +287,7 @@ unsafe fn fire(data: &pg_sys::TriggerData, op: &'static str, args: &[String]) ->
         status,
         reason,
         size: size.map(|n| n.min(i64::from(i32::MAX)) as i32),
+        too_large: None,
     };
     match size {
         None => r.fail(format!(
@@ -275,8 +299,9 @@ unsafe fn fire(data: &pg_sys::TriggerData, op: &'static str, args: &[String]) ->
         )),
         Some(_) => {}
     }
-    record(roles, &r);
-    r.status == "pending"
+    let pending = r.status == "pending";
+    record(roles, r, key, later);
+    pending
 }
 
 /// What the trigger records for its endpoint (roles, endpoint id, status, reason), or None when
@@ -376,19 +401,22 @@ struct Record<'r> {
     event_type: &'r str,
     schema: &'r str,
     table: &'r str,
-    op: &'r str,
+    op: &'static str,
     new: Option<pg_sys::Datum>,
     old: Option<pg_sys::Datum>,
     endpoint_id: Option<i32>,
     status: &'static str,
     reason: Option<String>,
     size: Option<i32>,
+    /// Why the event is too large to publish, if it is.
+    too_large: Option<String>,
 }
 
 impl Record<'_> {
     /// Too large to send: failed with the reason, and no row image kept.
     fn fail(&mut self, reason: String) {
         self.status = "failed";
+        self.too_large = Some(reason.clone());
         self.reason = Some(reason);
         self.new = None;
         self.old = None;
@@ -424,14 +452,37 @@ unsafe fn body_size(
     base + text(new) + text(old)
 }
 
-/// Writes the event and its delivery as the extension's owner.
-fn record(roles: Roles, r: &Record<'_>) {
+/// Writes the event and its delivery as the extension's owner: at the statement's end with the
+/// rest of its rows where its flush trigger will fire (`later`), else now.
+fn record(roles: Roles, r: Record<'_>, key: capture::Key, later: bool) {
+    if !roles.legacy {
+        capture::add(
+            capture::Event {
+                event_type: r.event_type.to_string(),
+                schema: r.schema.to_string(),
+                table: r.table.to_string(),
+                op: r.op,
+                new: r.new,
+                old: r.old,
+                size: r.size,
+                too_large: r.too_large,
+            },
+            key,
+            capture::Delivery {
+                endpoint_id: r.endpoint_id,
+                status: r.status,
+                reason: r.reason,
+            },
+            later,
+        );
+        return;
+    }
     let jsonb = |d: Option<pg_sys::Datum>| match d {
         // SAFETY: a jsonb value built by to_jsonb in this call, bound as jsonb.
         Some(d) => unsafe { DatumWithOid::new(d, JSONB) },
         None => DatumWithOid::null_oid(JSONB),
     };
-    let mut args: Vec<DatumWithOid> = vec![
+    let args: Vec<DatumWithOid> = vec![
         r.event_type.into(),
         r.schema.into(),
         r.table.into(),
@@ -442,20 +493,24 @@ fn record(roles: Roles, r: &Record<'_>) {
         r.status.into(),
         r.reason.as_deref().into(),
     ];
-    let statement = if roles.legacy {
-        &RECORD_LEGACY
-    } else {
-        args.push(r.size.into());
-        &RECORD
-    };
     // Prepared as the owner too: resolving webhook's names needs USAGE on its schema.
-    if let Err(e) = as_owner(roles, || statement.run(&args)) {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("webhook.enqueue: could not record the event: {e}"),
-            None,
-        );
+    if let Err(e) = as_owner(roles, || RECORD_LEGACY.run(&args)) {
+        record_failed(e);
     }
+}
+
+/// The event could not be written: an internal error, named.
+pub(super) fn record_failed(e: SpiError) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("webhook.enqueue: could not record the event: {e}"),
+        None,
+    )
+}
+
+/// Runs `f` as the extension's owner (see [`as_role`]).
+pub(super) fn as_extension_owner(f: &dyn Fn()) {
+    as_owner(roles(), f)
 }
 
 /// Runs `f` as the extension's owner in a security-restricted operation; the caller's user and
@@ -491,7 +546,7 @@ fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 }
 
 /// Raises an ERROR with a SQLSTATE and one clear line (no Rust location or backtrace).
-fn raise(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
+pub(super) fn raise(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
     let mut report = pg_sys::panic::ErrorReport::new(code, message, "webhook.enqueue");
     if let Some(h) = hint {
         report = report.set_hint(h);
@@ -554,7 +609,7 @@ fn roles() -> Roles {
 }
 
 /// A statement that could not run or be read: an internal error, named.
-fn spi_failed(e: SpiError) -> ! {
+pub(super) fn spi_failed(e: SpiError) -> ! {
     raise(
         PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         format!("webhook.enqueue: {e}"),
@@ -636,13 +691,33 @@ fn load_endpoints(legacy: bool) -> HashMap<String, Endpoint> {
 }
 
 /// Statement trigger on webhook.endpoints and webhook._publishers: every session's endpoint
-/// cache is refreshed once this transaction commits.
+/// cache is refreshed once this transaction commits, and this session's at once (a table
+/// subscribed in this transaction publishes in it too); a cache that read this transaction's
+/// changes is dropped if they roll back (see `forget_own_changes`).
 #[pg_trigger]
 fn _endpoints_changed<'a>(
     _trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
     shmem::endpoints_changed_at_commit();
+    capture::register_callbacks();
+    OWN_CHANGES.set(true);
+    ENDPOINTS.with(|cell| *cell.borrow_mut() = None);
     Ok(None)
+}
+
+/// At the end of a transaction (or the abort of a subtransaction) that changed endpoints or
+/// publishers: this session's cache may hold what did not commit, so it is read again.
+pub(super) fn forget_own_changes(transaction_ended: bool) {
+    if OWN_CHANGES.get() {
+        ENDPOINTS.with(|cell| {
+            if let Ok(mut c) = cell.try_borrow_mut() {
+                *c = None;
+            }
+        });
+        if transaction_ended {
+            OWN_CHANGES.set(false);
+        }
+    }
 }
 
 fn register_invalidation_callback() {
@@ -661,6 +736,7 @@ fn register_invalidation_callback() {
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
     PARTITION_ROOTS.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
+    capture::forget_flush_function();
     TRIGGER_HOMES.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
     // Blessed descriptors stay valid (the type cache holds its own copy); ours are freed.
     PROJECTIONS.with(|m| {
@@ -954,27 +1030,21 @@ unsafe fn to_jsonb(value: pg_sys::Datum, typid: pg_sys::Oid) -> pg_sys::Datum {
 
 #[cfg(test)]
 mod tests {
-    use super::{route, Route, RECORD, RECORD_LEGACY};
+    use super::{route, Route, RECORD_LEGACY};
 
-    /// Pins the two statements' text against edits; that they run against their schemas is the
-    /// upgrade test's job (tests/e2e/operations.rs writes through the new library on 0.2.0's
+    /// Pins the statements' columns against edits; that they run against their schemas is the
+    /// upgrade test's job (tests/e2e/upgrade.rs writes through the new library on 0.2.0's
     /// schema before the update).
     #[test]
-    fn the_legacy_statement_writes_no_size_column() {
+    fn only_the_legacy_statement_writes_no_size_column() {
         let sql = RECORD_LEGACY.sql;
         assert!(sql.contains(
-            "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)
-"
+            "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)\n"
         ));
-        assert!(
-            sql.contains(
-                "VALUES ($1, $2, $3, $4, $5, $6)
-"
-            ),
-            "{sql}"
-        );
+        assert!(sql.contains("VALUES ($1, $2, $3, $4, $5, $6)\n"), "{sql}");
         assert!(!sql.contains("$10"), "{sql}");
-        assert!(RECORD.sql.contains("new, old, size)") && RECORD.sql.contains("$6, $10)"));
+        assert!(super::capture::WRITE_SQL
+            .contains("(id, type, schema_name, table_name, op, new, old, size)"));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod harness;
 
 mod attacks;
+mod capture;
 mod operations;
 mod pipeline;
 mod policy;

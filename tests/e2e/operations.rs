@@ -809,7 +809,7 @@ fn rename_and_template_copy_succeed_and_the_worker_comes_back() {
         let t = Instant::now();
         admin
             .batch_execute(statement)
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+            .unwrap_or_else(|e| panic!("{statement}: {e:?}"));
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "{statement} took {:?}",

@@ -25,10 +25,14 @@ INSERT INTO users VALUES (1);
 SELECT status, count(*) FROM webhook.deliveries GROUP BY 1;
 
 -- DROP EXTENSION removes everything in the schema; the triggers that call webhook.enqueue()
--- need CASCADE; the role webhook_admin stays (it is cluster-wide).
+-- and webhook.flush() need CASCADE; the role webhook_admin stays (it is cluster-wide). (Terse:
+-- Postgres lists the dependent triggers in no fixed order.)
+SELECT tgname FROM pg_trigger WHERE tgrelid = 'users'::regclass ORDER BY 1;
+\set VERBOSITY terse
 DROP EXTENSION webhook_ext;
 \echo SQLSTATE :SQLSTATE
 DROP EXTENSION webhook_ext CASCADE;
+\set VERBOSITY default
 -- (The schema webhook stays behind, empty, with its grant to webhook_admin: CREATE EXTENSION
 -- made it because the control file names it, so it is not a member of the extension.)
 SELECT nspname, nspacl FROM pg_namespace WHERE nspname = 'webhook';

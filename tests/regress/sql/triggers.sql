@@ -195,7 +195,8 @@ CREATE TEMP TABLE scratch (id int);
 CREATE TRIGGER scratch_webhook AFTER INSERT ON scratch FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('crm');
 SELECT * FROM regress.error_of('INSERT INTO scratch VALUES (1)');
 
--- Two subscriptions on one table record one event each.
+-- Two subscriptions on one table that publish the same columns share one event per row (a
+-- delivery each).
 CREATE TABLE both_ways (id int);
 SELECT webhook.subscribe('both_ways', 'crm');
 SELECT webhook.subscribe('both_ways', 'pro');

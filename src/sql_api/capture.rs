@@ -1,0 +1,661 @@
+//! The trigger's writes, a statement at a time: `webhook.enqueue` decides each row change (rights,
+//! images, size, endpoint) as it fires and hands the finished values here; they are written into
+//! webhook's tables by one statement for the whole user statement, run by the statement trigger
+//! `webhook.flush()` that `subscribe()` puts beside its row triggers (`"webhook-flush"`).
+//!
+//! Why: a kept plan still costs an executor start-up, run and shut-down for every row, which was
+//! most of the trigger's cost on multi-row statements. One `INSERT … SELECT FROM unnest(…)` per
+//! statement writes the same rows, in the same order, with the same values.
+//!
+//! When the values wait. Only where Postgres is certain to fire the flush trigger after the row
+//! trigger within the same statement ([`flush_follows`]): the table itself has an enabled
+//! `webhook.flush()` AFTER … FOR EACH STATEMENT trigger for the operation, the row trigger is not
+//! deferrable, and the table is not a partition (a row reaching a partition through its parent
+//! fires the parent's statement triggers, not the partition's). Anywhere else (hand-written
+//! triggers, partitions, tables subscribed before this release) each row is written as it fires.
+//! Nothing is kept across statements on purpose, but two nets make sure nothing can be lost or
+//! written late: rows of an aborted subtransaction are dropped with it, and whatever is still
+//! waiting when the transaction commits or prepares is written then (a logical replication apply
+//! worker fires row triggers but no statement triggers: its rows are written at its commit).
+//! The number of rows and bytes waiting is bounded ([`full`]); past it they are written at once.
+//!
+//! One event per row change. The subscriptions of a table fire one after another for each row;
+//! where the next one publishes the same columns of the same row change as the event waiting
+//! last ([`Key`]), it adds only its delivery to that event: the row images are built once, and
+//! one event row is written whatever the number of such subscriptions (each delivery keeps its
+//! own endpoint, status and reason).
+
+use std::cell::RefCell;
+use std::ffi::c_char;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::pg::spi::Statement;
+
+/// Writes a statement's events and their deliveries, in the order they were decided. Events:
+/// $1 the events' id sequence; $2 type, $3 schema, $4 table, $5 op, $6/$7 new and old row images
+/// (NULL when absent or not kept), $8 size of the body. Deliveries: $9 which event (its position
+/// in the events' arrays, from 1), $10 endpoint id (NULL if unknown), $11 status, $12 reason.
+/// Event ids are drawn in order, so ids follow the rows as they did when each row was written by
+/// itself; deliveries are written in order too.
+static WRITE: Statement = Statement::new("enqueue_write", WRITE_SQL, WRITE_PARAMS);
+pub(crate) const WRITE_SQL: &str = "WITH ev AS MATERIALIZED (
+    SELECT pg_catalog.nextval($1::pg_catalog.regclass) AS id, u.*
+      FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4),
+                      pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($7),
+                      pg_catalog.unnest($8)) WITH ORDINALITY
+           AS u(type, schema_name, table_name, op, new, old, size, n)
+), written AS (
+    INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, old, size)
+    SELECT ev.id, ev.type, ev.schema_name, ev.table_name, ev.op, ev.new, ev.old, ev.size FROM ev
+)
+INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
+SELECT ev.id, d.endpoint_id, d.status::webhook.delivery_status,
+       CASE WHEN d.status OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, d.reason
+  FROM ROWS FROM (pg_catalog.unnest($9), pg_catalog.unnest($10), pg_catalog.unnest($11),
+                  pg_catalog.unnest($12)) WITH ORDINALITY AS d(event, endpoint_id, status, reason, k)
+  JOIN ev ON ev.n OPERATOR(pg_catalog.=) d.event
+ ORDER BY d.k";
+const WRITE_PARAMS: &[pg_sys::Oid] = &[
+    pg_sys::OIDOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::JSONBARRAYOID,
+    pg_sys::JSONBARRAYOID,
+    pg_sys::INT4ARRAYOID,
+    pg_sys::INT4ARRAYOID,
+    pg_sys::INT4ARRAYOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTARRAYOID,
+];
+
+/// The events' id sequence (whatever name an upgraded schema gave it).
+static SEQUENCE: Statement = Statement::reading(
+    "enqueue_sequence",
+    "SELECT pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass::pg_catalog.oid",
+    &[],
+);
+
+/// At most this many row changes wait for their statement's end …
+const MOST_ROWS: usize = 1000;
+/// … and at most this many bytes of row images.
+const MOST_BYTES: usize = 8 * 1024 * 1024;
+
+/// A row change's event, decided: the values it is written with.
+pub(crate) struct Event {
+    pub event_type: String,
+    pub schema: String,
+    pub table: String,
+    pub op: &'static str,
+    pub new: Option<pg_sys::Datum>,
+    pub old: Option<pg_sys::Datum>,
+    pub size: Option<i32>,
+    /// Why no delivery of it can be sent (too large to publish), if so.
+    pub too_large: Option<String>,
+}
+
+/// A delivery of an event, decided.
+pub(crate) struct Delivery {
+    pub endpoint_id: Option<i32>,
+    pub status: &'static str,
+    pub reason: Option<String>,
+}
+
+/// What makes two triggers' events the same event: the same row change (relation, operation,
+/// and the row versions it made and replaced) published with the same columns.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub(crate) struct Key {
+    pub relid: pg_sys::Oid,
+    pub op: &'static str,
+    pub new: Option<(u32, u16)>,
+    pub old: Option<(u32, u16)>,
+    pub columns: Option<Vec<String>>,
+}
+
+struct WaitingEvent {
+    event: Event,
+    key: Key,
+    /// The subtransaction it was made in: dropped if that one aborts.
+    subxact: pg_sys::SubTransactionId,
+}
+
+struct WaitingDelivery {
+    /// Its event's position in `Buffer::events`.
+    event: usize,
+    delivery: Delivery,
+    subxact: pg_sys::SubTransactionId,
+}
+
+/// What a trigger may add its delivery to: the event waiting last, when it is the same.
+pub(crate) struct Shared {
+    index: usize,
+    pub too_large: Option<String>,
+}
+
+#[derive(Default)]
+struct Buffer {
+    events: Vec<WaitingEvent>,
+    deliveries: Vec<WaitingDelivery>,
+    bytes: usize,
+    /// Holds the waiting rows' images; a child of TopTransactionContext (gone with the
+    /// transaction, so `rows` is emptied at its end), reset after each write.
+    memory: Option<pg_sys::MemoryContext>,
+    /// The events' id sequence, read once per session as the extension's owner.
+    sequence: Option<pg_sys::Oid>,
+    callbacks: bool,
+}
+
+thread_local! {
+    static BUFFER: RefCell<Buffer> = RefCell::new(Buffer::default());
+    /// The oid of `webhook.flush()`, once found.
+    static FLUSH: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
+}
+
+/// True when what waits must be written now rather than at the statement's end: `rows`
+/// deliveries, `bytes` of their events' images.
+pub(crate) fn full(rows: usize, bytes: usize) -> bool {
+    rows >= MOST_ROWS || bytes >= MOST_BYTES
+}
+
+impl Key {
+    /// The same row change (whatever the columns).
+    fn same_row(&self, other: &Key) -> bool {
+        self.relid == other.relid
+            && self.op == other.op
+            && self.new == other.new
+            && self.old == other.old
+    }
+}
+
+/// Which of the waiting events a trigger's event (`key`, in subtransaction `subxact`) is, if any:
+/// `latest_first` are the waiting events' keys and subtransactions, the latest first. Only the
+/// events at the end made by the same row change are looked at (a row's triggers fire one after
+/// another); returns how many places back from the latest it is.
+pub(crate) fn same_event<'k>(
+    latest_first: impl Iterator<Item = (&'k Key, pg_sys::SubTransactionId)>,
+    key: &Key,
+    subxact: pg_sys::SubTransactionId,
+) -> Option<usize> {
+    for (back, (k, s)) in latest_first.enumerate() {
+        if s != subxact || !k.same_row(key) {
+            return None;
+        }
+        if k.columns == key.columns {
+            return Some(back);
+        }
+    }
+    None
+}
+
+/// The waiting rows that survive the abort of subtransaction `aborted`: those made before it
+/// began. Subtransaction ids only grow within a transaction, so its own rows and its children's
+/// have ids at or above it, and rows of subtransactions that committed before it began below.
+pub(crate) fn survives(
+    made_in: pg_sys::SubTransactionId,
+    aborted: pg_sys::SubTransactionId,
+) -> bool {
+    made_in < aborted
+}
+
+/// Whether a trigger enabled as `tgenabled` fires under `session_replication_role`
+/// (`replica`: only ENABLE REPLICA and ENABLE ALWAYS triggers; otherwise all but those two
+/// kinds' opposite, as Postgres decides in its trigger manager).
+pub(crate) fn fires(tgenabled: c_char, replica: bool) -> bool {
+    let e = tgenabled as u8;
+    if replica {
+        e == b'R' || e == b'A'
+    } else {
+        e == b'O' || e == b'A'
+    }
+}
+
+/// True when Postgres will fire a `webhook.flush()` statement trigger of `rel` after this row
+/// trigger, within the same statement (see the module's notes).
+///
+/// # Safety
+/// `data` is the trigger manager's data for the current call.
+pub(crate) unsafe fn flush_follows(data: &pg_sys::TriggerData, op: &str) -> bool {
+    unsafe {
+        let rel = data.tg_relation;
+        let row_trigger = data.tg_trigger;
+        if (*(*rel).rd_rel).relispartition || row_trigger.is_null() || (*row_trigger).tgdeferrable {
+            return false;
+        }
+        let desc = (*rel).trigdesc;
+        if desc.is_null() {
+            return false;
+        }
+        let Some(flush) = flush_oid() else {
+            return false;
+        };
+        let replica =
+            pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
+        let event = match op {
+            "INSERT" => pg_sys::TRIGGER_TYPE_INSERT,
+            "UPDATE" => pg_sys::TRIGGER_TYPE_UPDATE,
+            _ => pg_sys::TRIGGER_TYPE_DELETE,
+        } as i16;
+        let not_statement_after = (pg_sys::TRIGGER_TYPE_ROW
+            | pg_sys::TRIGGER_TYPE_BEFORE
+            | pg_sys::TRIGGER_TYPE_INSTEAD) as i16;
+        (0..(*desc).numtriggers as usize).any(|i| {
+            let t = &*(*desc).triggers.add(i);
+            t.tgfoid == flush
+                && t.tgtype & not_statement_after == 0 // FOR EACH STATEMENT, AFTER
+                && t.tgtype & event != 0
+                && t.tgnattr == 0
+                && t.tgqual.is_null()
+                && fires(t.tgenabled, replica)
+        })
+    }
+}
+
+/// The oid of `webhook.flush()`, looked up once per session (None before it exists: a schema
+/// older than this library, where every row is written as it fires).
+fn flush_oid() -> Option<pg_sys::Oid> {
+    if let Some(found) = FLUSH.get() {
+        return Some(found);
+    }
+    // SAFETY: catalog lookups inside a transaction (no privilege is checked: the trigger runs as
+    // any role, and this only learns whether the function exists).
+    let found = unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"webhook".as_ptr(), true);
+        let oid = if nsp == pg_sys::InvalidOid {
+            pg_sys::InvalidOid
+        } else {
+            let no_args = pg_sys::buildoidvector(std::ptr::null(), 0);
+            pg_sys::GetSysCacheOid(
+                pg_sys::SysCacheIdentifier::PROCNAMEARGSNSP as i32,
+                pg_sys::Anum_pg_proc_oid as pg_sys::AttrNumber,
+                pg_sys::Datum::from(c"flush".as_ptr()),
+                pg_sys::Datum::from(no_args),
+                pg_sys::Datum::from(nsp),
+                pg_sys::Datum::from(0),
+            )
+        };
+        (oid != pg_sys::InvalidOid).then_some(oid)
+    };
+    // Kept only once found: ALTER EXTENSION UPDATE may add it later in this session.
+    FLUSH.set(found);
+    found
+}
+
+/// Forgets the flush function's oid (on any relcache invalidation: a dropped extension's
+/// triggers go with their tables' relcache entries).
+pub(crate) fn forget_flush_function() {
+    FLUSH.set(None);
+}
+
+/// The waiting event of the same row change with the same columns, if there is one (made in
+/// the current subtransaction): a trigger for it adds its delivery with [`add_delivery`].
+pub(crate) fn shared(key: &Key) -> Option<Shared> {
+    // SAFETY: a read of the backend's transaction state.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    BUFFER.with(|cell| {
+        let b = cell.borrow();
+        let back = same_event(
+            b.events.iter().rev().map(|w| (&w.key, w.subxact)),
+            key,
+            subxact,
+        )?;
+        let index = b.events.len() - 1 - back;
+        Some(Shared {
+            index,
+            too_large: b.events[index].event.too_large.clone(),
+        })
+    })
+}
+
+/// Adds a delivery of a waiting event ([`shared`]); written as [`add`] says.
+pub(crate) fn add_delivery(to: Shared, delivery: Delivery, later: bool) {
+    // SAFETY: a read of the backend's transaction state.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let (rows, bytes) = BUFFER.with(|cell| {
+        let mut b = cell.borrow_mut();
+        b.deliveries.push(WaitingDelivery {
+            event: to.index,
+            delivery,
+            subxact,
+        });
+        (b.deliveries.len(), b.bytes)
+    });
+    if !later || full(rows, bytes) {
+        super::trigger::as_extension_owner(&write_waiting);
+    }
+}
+
+/// Keeps an event and its first delivery to be written at the statement's end (`later`), or
+/// writes them now with whatever is waiting.
+pub(crate) fn add(event: Event, key: Key, delivery: Delivery, later: bool) {
+    register_callbacks();
+    // SAFETY: copies the images into the buffer's memory, on the backend's main thread.
+    let (rows, bytes) = BUFFER.with(|cell| unsafe {
+        let mut b = cell.borrow_mut();
+        let memory = *b.memory.get_or_insert_with(|| {
+            pg_sys::AllocSetContextCreateInternal(
+                pg_sys::TopTransactionContext,
+                c"webhook_ext waiting events".as_ptr(),
+                0,
+                8 * 1024,
+                8 * 1024 * 1024,
+            )
+        });
+        let copy = |d: Option<pg_sys::Datum>| {
+            d.map(|d| {
+                let old = pg_sys::MemoryContextSwitchTo(memory);
+                let c = pg_sys::Datum::from(pg_sys::pg_detoast_datum_copy(
+                    d.cast_mut_ptr::<pg_sys::varlena>(),
+                ));
+                pg_sys::MemoryContextSwitchTo(old);
+                c
+            })
+        };
+        let size = |d: Option<pg_sys::Datum>| d.map_or(0, |d| pg_sys::toast_raw_datum_size(d));
+        let mut event = event;
+        b.bytes += size(event.new) + size(event.old);
+        event.new = copy(event.new);
+        event.old = copy(event.old);
+        let subxact = pg_sys::GetCurrentSubTransactionId();
+        b.events.push(WaitingEvent {
+            event,
+            key,
+            subxact,
+        });
+        let index = b.events.len() - 1;
+        b.deliveries.push(WaitingDelivery {
+            event: index,
+            delivery,
+            subxact,
+        });
+        (b.deliveries.len(), b.bytes)
+    });
+    if !later || full(rows, bytes) {
+        super::trigger::as_extension_owner(&write_waiting);
+    }
+}
+
+/// Writes every waiting event and delivery (nothing if none), in the order they were decided.
+pub(crate) fn write_waiting() {
+    let (events, deliveries, sequence) = BUFFER.with(|cell| {
+        let mut b = cell.borrow_mut();
+        b.bytes = 0;
+        (
+            std::mem::take(&mut b.events),
+            std::mem::take(&mut b.deliveries),
+            b.sequence,
+        )
+    });
+    if deliveries.is_empty() {
+        return;
+    }
+    let sequence = match sequence {
+        Some(s) => s,
+        None => {
+            let s = SEQUENCE
+                .one::<pg_sys::Oid>(&[])
+                .unwrap_or_else(|e| super::trigger::spi_failed(e))
+                .unwrap_or_else(|| {
+                    super::trigger::spi_failed(crate::pg::spi::SpiError::Column {
+                        statement: SEQUENCE.name,
+                        column: 1,
+                        detail: "webhook._events.id has no sequence".into(),
+                    })
+                });
+            BUFFER.with(|cell| cell.borrow_mut().sequence = Some(s));
+            s
+        }
+    };
+    let texts = |v: Vec<Option<String>>| -> DatumWithOid<'static> { v.into() };
+    let ints = |v: Vec<Option<i32>>| -> DatumWithOid<'static> { v.into() };
+    let ev =
+        |f: &dyn Fn(&Event) -> Option<String>| texts(events.iter().map(|w| f(&w.event)).collect());
+    // SAFETY: the images live in the buffer's memory until it is reset below.
+    let jsonbs = |f: &dyn Fn(&Event) -> Option<pg_sys::Datum>| unsafe {
+        DatumWithOid::new(
+            jsonb_array(&events.iter().map(|w| f(&w.event)).collect::<Vec<_>>()),
+            pg_sys::JSONBARRAYOID,
+        )
+    };
+    let args = [
+        sequence.into(),
+        ev(&|e| Some(e.event_type.clone())),
+        ev(&|e| Some(e.schema.clone())),
+        ev(&|e| Some(e.table.clone())),
+        ev(&|e| Some(e.op.to_string())),
+        jsonbs(&|e| e.new),
+        jsonbs(&|e| e.old),
+        ints(events.iter().map(|w| w.event.size).collect()),
+        ints(
+            deliveries
+                .iter()
+                .map(|d| Some(d.event as i32 + 1))
+                .collect(),
+        ),
+        ints(deliveries.iter().map(|d| d.delivery.endpoint_id).collect()),
+        texts(
+            deliveries
+                .iter()
+                .map(|d| Some(d.delivery.status.to_string()))
+                .collect(),
+        ),
+        texts(
+            deliveries
+                .iter()
+                .map(|d| d.delivery.reason.clone())
+                .collect(),
+        ),
+    ];
+    if let Err(e) = WRITE.run(&args) {
+        super::trigger::record_failed(e);
+    }
+    drop(events);
+    BUFFER.with(|cell| {
+        if let Some(m) = cell.borrow().memory {
+            // SAFETY: nothing points into it any more (the events were taken above).
+            unsafe { pg_sys::MemoryContextReset(m) };
+        }
+    });
+}
+
+/// A one-dimensional jsonb[] of `items` (NULL elements for None).
+///
+/// # Safety
+/// Every `Some` is a valid jsonb datum.
+unsafe fn jsonb_array(items: &[Option<pg_sys::Datum>]) -> pg_sys::Datum {
+    let mut values: Vec<pg_sys::Datum> = items
+        .iter()
+        .map(|d| d.unwrap_or(pg_sys::Datum::from(0)))
+        .collect();
+    let mut nulls: Vec<bool> = items.iter().map(Option::is_none).collect();
+    let mut dims = [items.len() as i32];
+    let mut lbs = [1];
+    // SAFETY: values and nulls have one entry per element; jsonb is a 4-byte aligned varlena.
+    unsafe {
+        pg_sys::Datum::from(pg_sys::construct_md_array(
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+            1,
+            dims.as_mut_ptr(),
+            lbs.as_mut_ptr(),
+            pg_sys::JSONBOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as c_char,
+        ))
+    }
+}
+
+/// The statement trigger `webhook.flush()`: writes the row changes its statement's
+/// `webhook.enqueue` triggers decided.
+#[pg_trigger]
+fn flush<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    let event = trigger.trigger_data().tg_event;
+    if !pgrx::trigger_support::trigger_fired_after(event)
+        || pgrx::trigger_support::trigger_fired_for_row(event)
+    {
+        super::trigger::raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "webhook.flush must be used in an AFTER ... FOR EACH STATEMENT trigger".into(),
+            None,
+        );
+    }
+    if BUFFER.with(|cell| !cell.borrow().deliveries.is_empty()) {
+        super::trigger::as_extension_owner(&write_waiting);
+    }
+    Ok(None)
+}
+
+pub(crate) fn register_callbacks() {
+    let done = BUFFER.with(|cell| std::mem::replace(&mut cell.borrow_mut().callbacks, true));
+    if done {
+        return;
+    }
+    // SAFETY: registered once for the life of the backend (there is no unregister).
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+    }
+}
+
+/// Rows still waiting at commit or prepare are written then; at the transaction's end the
+/// buffer is emptied (its memory goes with the transaction), and an endpoint cache that read
+/// this transaction's own changes is dropped.
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE
+            if BUFFER.with(|cell| !cell.borrow().deliveries.is_empty()) =>
+        {
+            super::trigger::as_extension_owner(&write_waiting);
+        }
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PREPARE
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_PARALLEL_ABORT => {
+            BUFFER.with(|cell| {
+                let mut b = cell.borrow_mut();
+                b.events.clear();
+                b.deliveries.clear();
+                b.bytes = 0;
+                b.memory = None;
+            });
+            super::trigger::forget_own_changes(true);
+        }
+        _ => {}
+    }
+}
+
+/// Rows decided in an aborted subtransaction (a failed statement inside a savepoint or an
+/// exception block) are dropped with it (and the endpoint cache, if it read what it changed).
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        super::trigger::forget_own_changes(false);
+        BUFFER.with(|cell| {
+            // What an aborted subtransaction (and its children) decided is the end of both
+            // lists: everything decided since it began. Cut there, so positions stay valid.
+            let mut b = cell.borrow_mut();
+            let events = b.events.iter().position(|w| !survives(w.subxact, my_subid));
+            let deliveries = b
+                .deliveries
+                .iter()
+                .position(|w| !survives(w.subxact, my_subid));
+            if let Some(n) = events {
+                b.events.truncate(n);
+            }
+            if let Some(n) = deliveries {
+                b.deliveries.truncate(n);
+            }
+            if b.deliveries.is_empty() {
+                b.bytes = 0;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fires, full, same_event, survives, Key, MOST_BYTES, MOST_ROWS};
+    use pgrx::pg_sys::Oid;
+
+    #[test]
+    fn a_trigger_shares_an_event_of_the_same_row_change_and_columns_only() {
+        let key = |new: (u32, u16), columns: Option<&[&str]>| Key {
+            relid: Oid::from(16384),
+            op: "UPDATE",
+            new: Some(new),
+            old: Some((0, 1)),
+            columns: columns.map(|c| c.iter().map(|s| s.to_string()).collect()),
+        };
+        let all = key((0, 2), None);
+        let some = key((0, 2), Some(&["id"]));
+        let earlier_row = key((0, 1), None);
+        // Latest first: this row's events with some columns, then all columns, then the row before.
+        let waiting = [(&some, 1), (&all, 1), (&earlier_row, 1)];
+        let find = |k: &Key, subxact| same_event(waiting.iter().copied(), k, subxact);
+        assert_eq!(find(&key((0, 2), Some(&["id"])), 1), Some(0));
+        assert_eq!(
+            find(&key((0, 2), None), 1),
+            Some(1),
+            "behind another subscription's event"
+        );
+        assert_eq!(
+            find(&key((0, 2), Some(&["plan"])), 1),
+            None,
+            "other columns"
+        );
+        assert_eq!(
+            find(&key((0, 1), None), 1),
+            None,
+            "an earlier row's event is not looked at"
+        );
+        assert_eq!(find(&key((0, 3), None), 1), None, "another row");
+        assert_eq!(find(&key((0, 2), None), 2), None, "another subtransaction");
+        let mut other_op = key((0, 2), None);
+        other_op.op = "INSERT";
+        assert_eq!(find(&other_op, 1), None);
+        assert_eq!(same_event(std::iter::empty(), &all, 1), None);
+    }
+
+    #[test]
+    fn rows_wait_up_to_a_thousand_or_eight_megabytes() {
+        assert!(!full(1, 0));
+        assert!(!full(MOST_ROWS - 1, MOST_BYTES - 1));
+        assert!(full(MOST_ROWS, 0));
+        assert!(full(1, MOST_BYTES));
+    }
+
+    #[test]
+    fn an_aborted_subtransaction_drops_its_rows_and_its_childrens_only() {
+        // Top level is 1; savepoint a = 2 (released), b = 3 aborts, with child c = 4.
+        assert!(survives(1, 3));
+        assert!(survives(2, 3));
+        assert!(!survives(3, 3));
+        assert!(!survives(4, 3));
+    }
+
+    #[test]
+    fn flush_triggers_fire_as_postgres_fires_triggers() {
+        let c = |b: u8| b as std::ffi::c_char;
+        assert!(fires(c(b'O'), false) && fires(c(b'A'), false));
+        assert!(!fires(c(b'R'), false) && !fires(c(b'D'), false));
+        assert!(fires(c(b'R'), true) && fires(c(b'A'), true));
+        assert!(!fires(c(b'O'), true) && !fires(c(b'D'), true));
+    }
+}

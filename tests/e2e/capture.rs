@@ -1,0 +1,425 @@
+//! End-to-end: how the trigger's writes reach webhook's tables (src/sql_api/capture.rs). A
+//! statement's row changes are written together at its end by the "webhook-flush" statement
+//! trigger; rows of a failed statement inside a savepoint are dropped with it; where no flush
+//! trigger will fire, each row is written as it fires; what waits at commit is written then.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// A table subscribed to two endpoints (one with a column list), and a trigger of the user's
+/// that fires after webhook's on each row and notes how many events were written by then.
+fn setup(db: &mut postgres::Client, url: &str) {
+    db.batch_execute(
+        "CREATE EXTENSION IF NOT EXISTS webhook_ext;
+         CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, plan text DEFAULT 'free');
+         CREATE TABLE seen (id int, events_then bigint);
+         CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.email = 'bad' THEN RAISE EXCEPTION 'bad row %', NEW.id; END IF;
+             INSERT INTO seen VALUES (NEW.id, (SELECT count(*) FROM webhook._events));
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER zz_note AFTER INSERT ON users FOR EACH ROW EXECUTE FUNCTION note();",
+    )
+    .unwrap();
+    create_endpoint(db, "crm", url);
+    create_endpoint(db, "billing", url);
+    db.batch_execute(
+        "SELECT webhook.subscribe('users', 'crm');
+         SELECT webhook.subscribe('users', 'billing', columns => '{id,plan}');",
+    )
+    .unwrap();
+}
+
+/// The ids of the rows whose events went to `endpoint`, in event id order.
+fn ids_in_event_order(db: &mut postgres::Client, endpoint: &str) -> Vec<i32> {
+    db.query(
+        "SELECT (e.new->>'id')::int FROM webhook._events e
+           JOIN webhook.deliveries d ON d.event_id = e.id
+           JOIN webhook.endpoints ep ON ep.id = d.endpoint_id
+          WHERE ep.name = $1 ORDER BY e.id",
+        &[&endpoint],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[test]
+fn a_statements_rows_are_written_together_at_its_end_in_row_order() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    setup(&mut db, &rx.url("/"));
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass AND tgname = 'webhook-flush'"
+        ),
+        1,
+        "subscribe() adds one flush trigger per table, not one per subscription"
+    );
+
+    // 2,400 rows, two events each: more than the 1,000 that may wait, so written in five parts.
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute(
+        "INSERT INTO users (id, email) SELECT g, 'u' || g || '@example.com' FROM generate_series(1, 2400) g",
+    )
+    .unwrap();
+    // Within the transaction, the next statement sees every row's event and delivery.
+    let written: i64 = tx
+        .query_one("SELECT count(*) FROM webhook.deliveries", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 4800, "2,400 rows x 2 subscriptions");
+    // While the statement's row triggers ran, its events waited: the user's trigger, firing
+    // after webhook's on each row, saw none written until 1,000 (two subscriptions' 500 rows)
+    // waited and were written together.
+    let seen: Vec<(i32, i64)> = tx
+        .query("SELECT id, events_then FROM seen ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(seen.len(), 2400);
+    assert_eq!(
+        seen[0],
+        (1, 0),
+        "the first row's event waits for the statement's end"
+    );
+    assert_eq!(seen[498], (499, 0));
+    assert_eq!(
+        seen[499].1, 1000,
+        "row 500's two events make 1,000 waiting: written at once"
+    );
+    assert_eq!(seen[1999].1, 4000);
+    assert_eq!(
+        seen[2399].1, 4000,
+        "the last 800 wait for the statement's end"
+    );
+    tx.commit().unwrap();
+
+    let expected: Vec<i32> = (1..=2400).collect();
+    assert_eq!(ids_in_event_order(&mut db, "crm"), expected);
+    assert_eq!(ids_in_event_order(&mut db, "billing"), expected);
+    let billing_keys: Vec<String> = db
+        .query(
+            "SELECT DISTINCT k FROM webhook._events e, jsonb_object_keys(e.new) k
+              WHERE e.id IN (SELECT d.event_id FROM webhook.deliveries d JOIN webhook.endpoints ep ON ep.id = d.endpoint_id
+                              WHERE ep.name = 'billing') ORDER BY k",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(billing_keys, ["id", "plan"]);
+
+    // And they go out: every row to both endpoints, once.
+    let reqs = rx.wait_for(4800, PATIENCE);
+    let ids: std::collections::BTreeSet<String> = reqs.iter().map(|r| r.webhook_id()).collect();
+    assert_eq!(ids.len(), 4800);
+    let events = count(&mut db, "SELECT count(*) FROM webhook._events");
+    assert_eq!(events, 4800);
+}
+
+#[test]
+fn rows_of_a_failed_statement_are_dropped_with_its_savepoint_or_exception_block() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    setup(&mut db, &rx.url("/"));
+
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute("INSERT INTO users (id, email) VALUES (1, 'a@example.com')")
+        .unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    // Rows 2 and 3 fire webhook's triggers (their events wait), then row 4 fails the statement.
+    let err = tx
+        .batch_execute(
+            "INSERT INTO users (id, email) VALUES (2, 'b@example.com'), (3, 'c@example.com'), (4, 'bad')",
+        )
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("bad row 4"), "{err:?}");
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    tx.batch_execute(
+        "DO $$
+         BEGIN
+             INSERT INTO users (id, email) VALUES (5, 'e@example.com'), (6, 'bad');
+         EXCEPTION WHEN raise_exception THEN NULL;
+         END $$;
+         INSERT INTO users (id, email) VALUES (7, 'g@example.com');",
+    )
+    .unwrap();
+    tx.commit().unwrap();
+
+    assert_eq!(ids_in_event_order(&mut db, "crm"), [1, 7]);
+    assert_eq!(ids_in_event_order(&mut db, "billing"), [1, 7]);
+    let reqs = rx.wait_for(4, PATIENCE);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!((reqs.len(), rx.count()), (4, 4));
+}
+
+#[test]
+fn without_a_flush_trigger_to_follow_each_row_is_written_as_it_fires() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    setup(&mut db, &rx.url("/"));
+    // Disabled: it would not fire, so webhook's row triggers write as they go.
+    db.batch_execute(
+        "ALTER TABLE users DISABLE TRIGGER \"webhook-flush\";
+         INSERT INTO users (id, email) SELECT g, 'u' || g FROM generate_series(1, 3) g;",
+    )
+    .unwrap();
+    let seen: Vec<i64> = db
+        .query("SELECT events_then FROM seen ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        seen,
+        [2, 4, 6],
+        "each row's two events written before the next row"
+    );
+
+    // A partitioned table: rows fire the (cloned) triggers on its partitions, whose statement
+    // triggers may not fire; they are written as they fire. (Subscribed and written in one
+    // transaction: the session's endpoint cache sees its own transaction's subscription.)
+    db.batch_execute(
+        "CREATE TABLE orders (id int, region text) PARTITION BY LIST (region);
+         CREATE TABLE orders_eu PARTITION OF orders FOR VALUES IN ('eu');
+         CREATE TABLE orders_us PARTITION OF orders FOR VALUES IN ('us');
+         SELECT webhook.subscribe('orders', 'crm');
+         INSERT INTO orders SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END FROM generate_series(1, 10) g;
+         INSERT INTO orders_eu VALUES (11, 'eu');",
+    )
+    .unwrap();
+    let orders = count(
+        &mut db,
+        "SELECT count(*) FROM webhook._events WHERE table_name = 'orders'",
+    );
+    assert_eq!(orders, 11);
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'webhook-flush' AND tgrelid = 'orders'::regclass"
+        ),
+        0,
+        "a partitioned table gets no flush trigger"
+    );
+    rx.wait_for(6 + 11, PATIENCE);
+}
+
+#[test]
+fn the_flush_trigger_goes_with_the_tables_last_subscription() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    setup(&mut db, "http://127.0.0.1:9/");
+    let flush = |db: &mut postgres::Client| {
+        count(
+            db,
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass AND tgname = 'webhook-flush'",
+        )
+    };
+    db.batch_execute("SELECT webhook.unsubscribe('users', 'billing')")
+        .unwrap();
+    assert_eq!(flush(&mut db), 1, "crm's subscription still needs it");
+    db.batch_execute("SELECT webhook.unsubscribe('users', 'crm')")
+        .unwrap();
+    assert_eq!(flush(&mut db), 0);
+    db.batch_execute(
+        "SELECT webhook.subscribe('users', 'crm');
+         SELECT webhook.drop_endpoint('crm', cascade => true);",
+    )
+    .unwrap();
+    assert_eq!(
+        flush(&mut db),
+        0,
+        "drop_endpoint(cascade) drops it with the last trigger"
+    );
+}
+
+/// A logical replication apply worker fires row triggers (ENABLE ALWAYS) but no statement
+/// triggers: the rows that waited for a flush trigger are written when it commits.
+#[test]
+fn rows_applied_by_logical_replication_are_written_at_commit() {
+    let publisher = Cluster::start(&[("wal_level", "logical")]);
+    let subscriber = Cluster::start(&[]);
+    let mut db = publisher.client();
+    db.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);
+         CREATE PUBLICATION p FOR TABLE users;",
+    )
+    .unwrap();
+    let mut sub = subscriber.client();
+    sub.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE users (id int PRIMARY KEY, email text);",
+    )
+    .unwrap();
+    create_endpoint(&mut sub, "crm", "http://127.0.0.1:9/");
+    sub.batch_execute(
+        "SELECT webhook.subscribe('users', 'crm');
+         ALTER TABLE users ENABLE ALWAYS TRIGGER webhook_crm;
+         ALTER TABLE users ENABLE ALWAYS TRIGGER \"webhook-flush\";",
+    )
+    .unwrap();
+    sub.batch_execute(&format!(
+        "CREATE SUBSCRIPTION s CONNECTION 'host=127.0.0.1 port={} dbname=app user=postgres' PUBLICATION p",
+        publisher.port
+    ))
+    .unwrap();
+    db.batch_execute(
+        "INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g;
+         INSERT INTO users VALUES (11, 'x'), (12, 'y');",
+    )
+    .unwrap();
+    let replicated = wait_until(PATIENCE, "12 events on the subscriber", || {
+        let n = count(&mut sub, "SELECT count(*) FROM webhook.events");
+        (n >= 12).then_some(n)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        (
+            replicated,
+            count(&mut sub, "SELECT count(*) FROM webhook.events")
+        ),
+        (12, 12)
+    );
+    let ids: Vec<i32> = sub
+        .query(
+            "SELECT (payload->'new'->>'id')::int FROM webhook.events ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, (1..=12).collect::<Vec<i32>>());
+}
+
+/// One event per row change for the subscriptions that publish the same columns, each with its
+/// own delivery (and webhook-id); a subscription with other columns gets an event of its own.
+#[test]
+fn subscriptions_publishing_the_same_columns_share_one_event_per_row_change() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, plan text NOT NULL);",
+    )
+    .unwrap();
+    for name in ["audit", "billing", "crm"] {
+        create_endpoint(&mut db, name, &rx.url(&format!("/{name}")));
+    }
+    // Fired in name order: audit (pro rows only), billing (two columns), crm (all columns).
+    db.batch_execute(
+        "SELECT webhook.subscribe('users', 'audit', events => '{INSERT,UPDATE}', \"when\" => 'NEW.plan = ''pro''');
+         SELECT webhook.subscribe('users', 'billing', columns => '{id,plan}');
+         SELECT webhook.subscribe('users', 'crm');
+         INSERT INTO users SELECT g, 'u' || g, CASE WHEN g % 2 = 0 THEN 'pro' ELSE 'free' END
+           FROM generate_series(1, 4) g;
+         UPDATE users SET email = 'changed' WHERE id = 1;",
+    )
+    .unwrap();
+    let rows: Vec<(String, i64, i32)> = db
+        .query(
+            "SELECT ep.name, d.event_id, (e.new->>'id')::int FROM webhook.deliveries d
+               JOIN webhook.endpoints ep ON ep.id = d.endpoint_id JOIN webhook._events e ON e.id = d.event_id
+              ORDER BY d.id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let event_of = |name: &str, id: i32| {
+        rows.iter()
+            .filter(|r| r.0 == name && r.2 == id)
+            .map(|r| r.1)
+            .collect::<Vec<i64>>()
+    };
+    for id in [2, 4] {
+        assert_eq!(event_of("audit", id).len(), 1);
+        assert_eq!(
+            event_of("audit", id),
+            event_of("crm", id),
+            "row {id}: audit and crm publish the same columns: one event, {rows:?}"
+        );
+        assert_ne!(event_of("billing", id), event_of("crm", id));
+    }
+    // The UPDATE changed no column billing publishes and row 1 is not pro: crm alone.
+    assert_eq!(event_of("crm", 1).len(), 2);
+    assert_eq!(event_of("billing", 1).len(), 1);
+    assert_eq!(
+        (
+            rows.len(),
+            count(&mut db, "SELECT count(*) FROM webhook._events")
+        ),
+        (11, 9),
+        "deliveries: audit 2, billing 4, crm 5; events: 5 of all columns, 4 of billing's"
+    );
+
+    let reqs = rx.wait_for(11, PATIENCE);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx.count(), 11);
+    let ids: std::collections::BTreeSet<String> = reqs.iter().map(|r| r.webhook_id()).collect();
+    assert_eq!(ids.len(), 11, "every delivery has its own webhook-id");
+    let body = |path: &str, id: i64| {
+        reqs.iter()
+            .find(|r| r.path == path && r.json()["data"]["new"]["id"] == id)
+            .map(|r| r.json()["data"].clone())
+    };
+    assert_eq!(body("/audit", 2), body("/crm", 2));
+    assert!(body("/audit", 2).is_some());
+}
+
+/// The session's endpoint cache follows its own transaction: a table allowed to publish in it
+/// publishes at once, and no longer once that is rolled back (to a savepoint, or the whole
+/// transaction).
+#[test]
+fn a_transactions_own_publishing_rights_count_in_it_and_go_with_its_rollback() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE t (id int);
+         CREATE TRIGGER by_hand AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('crm');",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", "http://127.0.0.1:9/");
+    let refused = |db: &mut postgres::Transaction<'_>, sql: &str| {
+        let e = db.batch_execute(sql).unwrap_err();
+        let code = e.code().map(|c| c.code().to_string());
+        assert_eq!(code.as_deref(), Some("42501"), "{sql}: {e:?}");
+    };
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT before; INSERT INTO t VALUES (0)")
+        .unwrap_err();
+    tx.batch_execute(
+        "ROLLBACK TO SAVEPOINT before;
+         SAVEPOINT a;
+         SELECT webhook.allow_publish('t', 'crm');
+         INSERT INTO t VALUES (1);
+         ROLLBACK TO SAVEPOINT a;",
+    )
+    .unwrap();
+    tx.batch_execute("SAVEPOINT b").unwrap();
+    refused(&mut tx, "INSERT INTO t VALUES (2)");
+    tx.batch_execute(
+        "ROLLBACK TO SAVEPOINT b;
+         SELECT webhook.allow_publish('t', 'crm');
+         INSERT INTO t VALUES (3);",
+    )
+    .unwrap();
+    tx.rollback().unwrap();
+    let mut tx = db.transaction().unwrap();
+    refused(&mut tx, "INSERT INTO t VALUES (4)");
+    tx.rollback().unwrap();
+    assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.events"), 0);
+}
