@@ -273,6 +273,18 @@ fn rows_applied_by_logical_replication_are_written_at_commit() {
         publisher.port
     ))
     .unwrap();
+    // Synchronised first: the initial copy is a COPY, which fires statement triggers too; what
+    // comes after goes through the apply worker.
+    wait_until(PATIENCE, "users to be synchronised", || {
+        let ready: Option<String> = sub
+            .query_opt(
+                "SELECT srsubstate::text FROM pg_subscription_rel WHERE srrelid = 'users'::regclass",
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get(0));
+        (ready.as_deref() == Some("r")).then_some(())
+    });
     db.batch_execute(
         "INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g;
          INSERT INTO users VALUES (11, 'x'), (12, 'y');",
