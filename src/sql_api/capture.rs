@@ -148,6 +148,8 @@ pub(crate) struct Key {
 struct WaitingEvent {
     event: Event,
     key: Key,
+    /// Bytes of its images.
+    bytes: usize,
     /// The subtransaction it was made in: dropped if that one aborts.
     subxact: pg_sys::SubTransactionId,
 }
@@ -180,6 +182,9 @@ struct Buffer {
 
 thread_local! {
     static BUFFER: RefCell<Buffer> = RefCell::new(Buffer::default());
+    /// Whether a table inherits from another, per table.
+    static INHERITING: RefCell<std::collections::HashMap<pg_sys::Oid, bool>> =
+        RefCell::new(std::collections::HashMap::new());
     /// The oid of `webhook.flush()`, once found.
     static FLUSH: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
 }
@@ -251,7 +256,15 @@ pub(crate) unsafe fn flush_follows(data: &pg_sys::TriggerData, op: &str) -> bool
     unsafe {
         let rel = data.tg_relation;
         let row_trigger = data.tg_trigger;
-        if (*(*rel).rd_rel).relispartition || row_trigger.is_null() || (*row_trigger).tgdeferrable {
+        // A partition's or an inheritance child's rows fire its row triggers when a statement
+        // names its parent, whose statement triggers fire instead of its own. A foreign table's
+        // rows come back without a row version's address, which sharing events relies on.
+        if (*(*rel).rd_rel).relispartition
+            || (*(*rel).rd_rel).relkind == pg_sys::RELKIND_FOREIGN_TABLE as c_char
+            || row_trigger.is_null()
+            || (*row_trigger).tgdeferrable
+            || inherits((*rel).rd_id)
+        {
             return false;
         }
         let desc = (*rel).trigdesc;
@@ -313,10 +326,31 @@ fn flush_oid() -> Option<pg_sys::Oid> {
     found
 }
 
+static INHERITS: Statement = Statement::reading(
+    "enqueue_inherits",
+    "SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits i WHERE i.inhrelid OPERATOR(pg_catalog.=) $1)",
+    &[pg_sys::OIDOID],
+);
+
+/// Whether a table inherits from another (kept per table until the next relcache invalidation:
+/// ALTER TABLE … INHERIT / NO INHERIT sends one).
+fn inherits(relid: pg_sys::Oid) -> bool {
+    if let Some(found) = INHERITING.with(|m| m.borrow().get(&relid).copied()) {
+        return found;
+    }
+    let found = INHERITS
+        .one::<bool>(&[relid.into()])
+        .unwrap_or_else(|e| super::trigger::spi_failed(e))
+        .unwrap_or(false);
+    INHERITING.with(|m| m.borrow_mut().insert(relid, found));
+    found
+}
+
 /// Forgets the flush function's oid (on any relcache invalidation: a dropped extension's
 /// triggers go with their tables' relcache entries).
 pub(crate) fn forget_flush_function() {
     FLUSH.set(None);
+    INHERITING.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
 }
 
 /// The waiting event of the same row change with the same columns, if there is one (made in
@@ -385,13 +419,15 @@ pub(crate) fn add(event: Event, key: Key, delivery: Delivery, later: bool) {
         };
         let size = |d: Option<pg_sys::Datum>| d.map_or(0, |d| pg_sys::toast_raw_datum_size(d));
         let mut event = event;
-        b.bytes += size(event.new) + size(event.old);
+        let bytes = size(event.new) + size(event.old);
+        b.bytes += bytes;
         event.new = copy(event.new);
         event.old = copy(event.old);
         let subxact = pg_sys::GetCurrentSubTransactionId();
         b.events.push(WaitingEvent {
             event,
             key,
+            bytes,
             subxact,
         });
         let index = b.events.len() - 1;
@@ -408,27 +444,57 @@ pub(crate) fn add(event: Event, key: Key, delivery: Delivery, later: bool) {
 }
 
 /// Writes every waiting event and delivery (nothing if none), in the order they were decided.
+///
+/// Only what the current subtransaction (and its committed children) decided: rows an enclosing
+/// subtransaction decided stay waiting for its own statement's end (or the commit). Written
+/// here, they would roll back with this subtransaction while already gone from the buffer: a
+/// user's trigger that writes another table inside an exception block and raises would lose
+/// the enclosing statement's events.
 pub(crate) fn write_waiting() {
-    let (events, deliveries) = BUFFER.with(|cell| {
+    // SAFETY: a read of the backend's transaction state.
+    let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let (events, deliveries, empty) = BUFFER.with(|cell| {
         let mut b = cell.borrow_mut();
-        b.bytes = 0;
-        (
-            std::mem::take(&mut b.events),
-            std::mem::take(&mut b.deliveries),
-        )
+        let e_at = own_from(b.events.iter().map(|w| w.subxact), current);
+        let d_at = own_from(b.deliveries.iter().map(|w| w.subxact), current);
+        let events = b.events.split_off(e_at);
+        let mut deliveries = b.deliveries.split_off(d_at);
+        b.bytes = b.events.iter().map(|w| w.bytes).sum();
+        // A delivery shares only an event of its own subtransaction: its event is in the part
+        // taken, at its position less what stays.
+        for d in &mut deliveries {
+            d.event -= e_at;
+        }
+        (events, deliveries, b.deliveries.is_empty())
     });
     match (events.as_slice(), deliveries.as_slice()) {
-        (_, []) => return,
+        (_, []) => {}
         ([e], [d]) => write_one(&e.event, &d.delivery),
         (events, deliveries) => write_many(events, deliveries),
     }
     drop(events);
-    BUFFER.with(|cell| {
-        if let Some(m) = cell.borrow().memory {
-            // SAFETY: nothing points into it any more (the events were taken above).
-            unsafe { pg_sys::MemoryContextReset(m) };
-        }
-    });
+    if empty {
+        BUFFER.with(|cell| {
+            if let Some(m) = cell.borrow().memory {
+                // SAFETY: nothing points into it any more (the buffer is empty and the events
+                // taken above are dropped).
+                unsafe { pg_sys::MemoryContextReset(m) };
+            }
+        });
+    }
+}
+
+/// Where the rows of subtransaction `current` and its children begin in a list tagged with the
+/// subtransactions that made them (they are its end: everything decided since it began).
+pub(crate) fn own_from(
+    made_in: impl ExactSizeIterator<Item = pg_sys::SubTransactionId>,
+    current: pg_sys::SubTransactionId,
+) -> usize {
+    let len = made_in.len();
+    made_in
+        .enumerate()
+        .find(|&(_, s)| s >= current)
+        .map_or(len, |(i, _)| i)
 }
 
 /// Writes events and their deliveries with one statement.
@@ -649,9 +715,7 @@ unsafe extern "C-unwind" fn subxact_callback(
             if let Some(n) = deliveries {
                 b.deliveries.truncate(n);
             }
-            if b.deliveries.is_empty() {
-                b.bytes = 0;
-            }
+            b.bytes = b.events.iter().map(|w| w.bytes).sum();
         });
     }
 }
@@ -698,6 +762,18 @@ mod tests {
         other_op.op = "INSERT";
         assert_eq!(find(&other_op, 1), None);
         assert_eq!(same_event(std::iter::empty(), &all, 1), None);
+    }
+
+    #[test]
+    fn a_subtransaction_writes_only_what_it_and_its_children_decided() {
+        use super::own_from;
+        // Top level 1 decided two rows, savepoint 2 one, its child 3 two.
+        let made_in = [1, 1, 2, 3, 3];
+        assert_eq!(own_from(made_in.iter().copied(), 1), 0, "at top level: all");
+        assert_eq!(own_from(made_in.iter().copied(), 2), 2);
+        assert_eq!(own_from(made_in.iter().copied(), 3), 3);
+        assert_eq!(own_from(made_in.iter().copied(), 4), 5, "a newer one: none");
+        assert_eq!(own_from(std::iter::empty(), 1), 0);
     }
 
     #[test]

@@ -227,8 +227,13 @@ unsafe fn fire(data: &pg_sys::TriggerData, op: &'static str, args: &[String]) ->
         columns: columns.clone(),
     };
     // Another subscription's trigger made this row change's event with the same columns a
-    // moment ago: this one's delivery goes with it (the images are not built again).
-    if later {
+    // moment ago: this one's delivery goes with it (the images are not built again). Only
+    // where each row version has its address (a foreign table's rows come back without one).
+    let addressed = |t: pg_sys::HeapTuple| {
+        // SAFETY: a tuple of the call (or null).
+        t.is_null() || unsafe { (*t).t_self.ip_posid != 0 }
+    };
+    if later && addressed(new_tuple) && addressed(old_tuple) {
         if let Some(shared) = capture::shared(&key) {
             let (status, reason) = match shared.too_large.clone() {
                 Some(why) => ("failed", Some(why)),

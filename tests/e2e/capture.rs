@@ -435,3 +435,136 @@ fn a_transactions_own_publishing_rights_count_in_it_and_go_with_its_rollback() {
     tx.rollback().unwrap();
     assert_eq!(count(&mut db, "SELECT count(*) FROM webhook.events"), 0);
 }
+
+/// A user's trigger that fires after webhook's, writes a table with a flush trigger inside an
+/// exception block and raises: the nested statement's flush writes only what the block decided,
+/// so the enclosing statement's waiting events are not rolled back with the block.
+#[test]
+fn a_nested_flush_rolled_back_in_an_exception_block_loses_no_enclosing_event() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE t (id int);
+         CREATE TABLE sink (x int);
+         CREATE FUNCTION eat() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             BEGIN
+                 INSERT INTO sink VALUES (NEW.id);
+                 RAISE EXCEPTION 'undo';
+             EXCEPTION WHEN raise_exception THEN NULL;
+             END;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER zzz AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION eat();",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", "http://127.0.0.1:9/");
+    db.batch_execute(
+        "SELECT webhook.subscribe('t', 'crm');
+         SELECT webhook.subscribe('sink', 'crm');",
+    )
+    .unwrap();
+    db.batch_execute("INSERT INTO t SELECT g FROM generate_series(1, 5) g")
+        .unwrap();
+    let tables: Vec<(String, i64)> = db
+        .query(
+            "SELECT table_name, count(*) FROM webhook._events GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        tables,
+        [("t".to_string(), 5)],
+        "sink's rows rolled back, t's kept"
+    );
+}
+
+/// An inheritance child's rows fire its row triggers under a statement that names its parent,
+/// whose statement triggers fire instead of the child's: they are written as they fire, and a
+/// later savepoint rolled back takes none of them.
+#[test]
+fn an_inheritance_childs_rows_changed_through_its_parent_are_written_as_they_fire() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE parent (id int, v text);
+         CREATE TABLE child () INHERITS (parent);
+         INSERT INTO child VALUES (1, 'a'), (2, 'b');",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", "http://127.0.0.1:9/");
+    db.batch_execute("SELECT webhook.subscribe('child', 'crm', events => '{UPDATE,INSERT}')")
+        .unwrap();
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute("UPDATE parent SET v = 'x'").unwrap();
+    let written: i64 = tx
+        .query_one("SELECT count(*) FROM webhook._events", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 2, "written by the statement that changed them");
+    tx.batch_execute(
+        "SAVEPOINT s;
+         INSERT INTO child VALUES (9, 'y');
+         ROLLBACK TO SAVEPOINT s;",
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let ops: Vec<(String, i32)> = db
+        .query(
+            "SELECT op, (new->>'id')::int FROM webhook._events ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(ops, [("UPDATE".to_string(), 1), ("UPDATE".to_string(), 2)]);
+}
+
+/// A foreign table's rows come back to AFTER triggers without a row version's address: each
+/// row gets its own event, whatever the number of subscriptions.
+#[test]
+fn a_foreign_tables_rows_each_get_their_own_event() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    db.batch_execute(&format!(
+        "CREATE EXTENSION webhook_ext;
+         CREATE EXTENSION postgres_fdw;
+         CREATE TABLE remote (id int, v text);
+         CREATE SERVER loop FOREIGN DATA WRAPPER postgres_fdw
+             OPTIONS (host '127.0.0.1', port '{}', dbname 'app');
+         CREATE USER MAPPING FOR CURRENT_USER SERVER loop OPTIONS (user 'postgres');
+         CREATE FOREIGN TABLE ft (id int, v text) SERVER loop OPTIONS (table_name 'remote');",
+        pg.port
+    ))
+    .unwrap();
+    create_endpoint(&mut db, "crm", "http://127.0.0.1:9/");
+    create_endpoint(&mut db, "audit", "http://127.0.0.1:9/");
+    db.batch_execute(
+        "SELECT webhook.subscribe('ft', 'crm');
+         SELECT webhook.subscribe('ft', 'audit');
+         CREATE TRIGGER \"webhook-flush\" AFTER INSERT OR UPDATE OR DELETE ON ft
+             FOR EACH STATEMENT EXECUTE FUNCTION webhook.flush();
+         INSERT INTO ft VALUES (1, 'a'), (2, 'b'), (3, 'c');",
+    )
+    .unwrap();
+    let ids: Vec<i32> = db
+        .query(
+            "SELECT (e.new->>'id')::int FROM webhook.deliveries d JOIN webhook._events e ON e.id = d.event_id ORDER BY d.id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        ids,
+        [1, 1, 2, 2, 3, 3],
+        "every row published, to both endpoints"
+    );
+}
