@@ -152,12 +152,12 @@ CREATE FUNCTION webhook."flush"()
 -- The statement trigger that writes a statement's events at its end ("webhook-flush", beside a
 -- table's subscription triggers; see src/sql_api/capture.rs). Without it each row is written as
 -- its trigger fires: the same rows, more slowly. A partitioned table gets none: its rows fire
--- their triggers on the partitions, which write them as they fire; so do foreign tables.
+-- their triggers on the partitions, which write them as they fire.
 CREATE FUNCTION webhook._add_flush_trigger(tbl regclass) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) = 'r'
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) IN ('r', 'f')
        AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'webhook-flush') THEN
         EXECUTE format('CREATE TRIGGER "webhook-flush" AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH STATEMENT EXECUTE FUNCTION webhook.flush()', tbl);
     END IF;

@@ -41,7 +41,7 @@ use crate::pg::spi::Statement;
 /// Event ids are drawn in order, so ids follow the rows as they did when each row was written by
 /// itself; deliveries are written in order too.
 static WRITE: Statement = Statement::new("enqueue_write", WRITE_SQL, WRITE_PARAMS);
-pub(crate) const WRITE_SQL: &str = "WITH ev AS MATERIALIZED (
+const WRITE_SQL: &str = "WITH ev AS MATERIALIZED (
     SELECT pg_catalog.nextval($1::pg_catalog.regclass) AS id, u.*
       FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4),
                       pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($7),
@@ -76,30 +76,51 @@ const WRITE_PARAMS: &[pg_sys::Oid] = &[
 /// One event and its one delivery (the common case: a one-row statement with one subscription,
 /// or a row written as it fires): the same rows as WRITE, by a statement whose plan is cheaper to
 /// run than unnesting arrays of one. $1 type, $2 schema, $3 table, $4 op, $5/$6 new and old
-/// images, $7 size, $8 endpoint id, $9 status, $10 reason.
-static WRITE_ONE: Statement = Statement::new(
-    "enqueue_write_one",
-    "WITH ev AS (
-    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old, size)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
+/// images, $7 endpoint id, $8 status, $9 reason, and $10 the body's size where the schema has
+/// the column (`$size_column`/`$size_value` are empty for a schema from before 0.3.0: this
+/// library installed, ALTER EXTENSION … UPDATE not yet run).
+macro_rules! write_one_sql {
+    ($size_column:literal, $size_value:literal) => {
+        concat!(
+            "WITH ev AS (
+    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old",
+            $size_column,
+            ")
+    VALUES ($1, $2, $3, $4, $5, $6",
+            $size_value,
+            ")
     RETURNING id
 )
 INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
-SELECT ev.id, $8, $9::webhook.delivery_status,
-       CASE WHEN $9 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, $10
-  FROM ev",
-    &[
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-        pg_sys::JSONBOID,
-        pg_sys::JSONBOID,
-        pg_sys::INT4OID,
-        pg_sys::INT4OID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTOID,
-    ],
+SELECT ev.id, $7, $8::webhook.delivery_status,
+       CASE WHEN $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, $9
+  FROM ev
+"
+        )
+    };
+}
+
+const ONE_ROW: &[pg_sys::Oid] = &[
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::JSONBOID,
+    pg_sys::INT4OID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::INT4OID,
+];
+static WRITE_ONE: Statement = Statement::new(
+    "enqueue_write_one",
+    write_one_sql!(", size", ", $10"),
+    ONE_ROW,
+);
+static WRITE_ONE_LEGACY: Statement = Statement::new(
+    "enqueue_write_one_legacy",
+    write_one_sql!("", ""),
+    ONE_ROW.split_at(9).0,
 );
 
 /// The events' id sequence (whatever name an upgraded schema gave it).
@@ -175,8 +196,6 @@ struct Buffer {
     /// Holds the waiting rows' images; a child of TopTransactionContext (gone with the
     /// transaction, so `rows` is emptied at its end), reset after each write.
     memory: Option<pg_sys::MemoryContext>,
-    /// The events' id sequence, read once per session as the extension's owner.
-    sequence: Option<pg_sys::Oid>,
     callbacks: bool,
 }
 
@@ -185,6 +204,8 @@ thread_local! {
     /// Whether a table inherits from another, per table.
     static INHERITING: RefCell<std::collections::HashMap<pg_sys::Oid, bool>> =
         RefCell::new(std::collections::HashMap::new());
+    /// The events' id sequence, read as the extension's owner.
+    static SEQUENCE_OID: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
     /// The oid of `webhook.flush()`, once found.
     static FLUSH: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
 }
@@ -196,9 +217,50 @@ pub(crate) fn full(rows: usize, bytes: usize) -> bool {
 }
 
 impl Key {
-    /// The same row change (whatever the columns).
+    /// The key of a row change: the relation, the operation, and the addresses (ctids) of the row
+    /// versions it made and replaced (null tuples for none).
+    ///
+    /// # Safety
+    /// The tuples are the trigger call's (or null).
+    pub(crate) unsafe fn of(
+        relid: pg_sys::Oid,
+        op: &'static str,
+        new: pg_sys::HeapTuple,
+        old: pg_sys::HeapTuple,
+        columns: &Option<Vec<String>>,
+    ) -> Key {
+        let tid = |t: pg_sys::HeapTuple| {
+            // SAFETY: a tuple of the call, when not null.
+            (!t.is_null()).then(|| unsafe {
+                let ip = (*t).t_self;
+                (
+                    (u32::from(ip.ip_blkid.bi_hi) << 16) | u32::from(ip.ip_blkid.bi_lo),
+                    ip.ip_posid,
+                )
+            })
+        };
+        Key {
+            relid,
+            op,
+            new: tid(new),
+            old: tid(old),
+            columns: columns.clone(),
+        }
+    }
+
+    /// Every row version it names has an address: a foreign table's rows come back to AFTER
+    /// triggers without one (offset 0), so two of its row changes would look the same.
+    fn addressed(&self) -> bool {
+        [self.new, self.old]
+            .iter()
+            .flatten()
+            .all(|&(_, pos)| pos != 0)
+    }
+
+    /// The same row change (whatever the columns); never for a row change without addresses.
     fn same_row(&self, other: &Key) -> bool {
-        self.relid == other.relid
+        self.addressed()
+            && self.relid == other.relid
             && self.op == other.op
             && self.new == other.new
             && self.old == other.old
@@ -257,10 +319,8 @@ pub(crate) unsafe fn flush_follows(data: &pg_sys::TriggerData, op: &str) -> bool
         let rel = data.tg_relation;
         let row_trigger = data.tg_trigger;
         // A partition's or an inheritance child's rows fire its row triggers when a statement
-        // names its parent, whose statement triggers fire instead of its own. A foreign table's
-        // rows come back without a row version's address, which sharing events relies on.
+        // names its parent, whose statement triggers fire instead of its own.
         if (*(*rel).rd_rel).relispartition
-            || (*(*rel).rd_rel).relkind == pg_sys::RELKIND_FOREIGN_TABLE as c_char
             || row_trigger.is_null()
             || (*row_trigger).tgdeferrable
             || inherits((*rel).rd_id)
@@ -346,10 +406,11 @@ fn inherits(relid: pg_sys::Oid) -> bool {
     found
 }
 
-/// Forgets the flush function's oid (on any relcache invalidation: a dropped extension's
-/// triggers go with their tables' relcache entries).
-pub(crate) fn forget_flush_function() {
+/// Forgets the oids and inheritance looked up (on any relcache invalidation: a dropped
+/// extension's triggers and sequence go with relcache entries, a re-created one has new oids).
+pub(crate) fn forget_catalog_lookups() {
     FLUSH.set(None);
+    SEQUENCE_OID.set(None);
     INHERITING.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
 }
 
@@ -469,7 +530,7 @@ pub(crate) fn write_waiting() {
     });
     match (events.as_slice(), deliveries.as_slice()) {
         (_, []) => {}
-        ([e], [d]) => write_one(&e.event, &d.delivery),
+        ([e], [d]) => write_one(&e.event, &d.delivery, false),
         (events, deliveries) => write_many(events, deliveries),
     }
     drop(events);
@@ -499,7 +560,7 @@ pub(crate) fn own_from(
 
 /// Writes events and their deliveries with one statement.
 fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
-    let sequence = match BUFFER.with(|cell| cell.borrow().sequence) {
+    let sequence = match SEQUENCE_OID.get() {
         Some(s) => s,
         None => {
             let s = SEQUENCE
@@ -512,14 +573,13 @@ fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
                         detail: "webhook._events.id has no sequence".into(),
                     })
                 });
-            BUFFER.with(|cell| cell.borrow_mut().sequence = Some(s));
+            SEQUENCE_OID.set(Some(s));
             s
         }
     };
-    let texts = |v: Vec<Option<String>>| -> DatumWithOid<'static> { v.into() };
+    let texts = |v: Vec<Option<&str>>| -> DatumWithOid<'static> { v.into() };
     let ints = |v: Vec<Option<i32>>| -> DatumWithOid<'static> { v.into() };
-    let ev =
-        |f: &dyn Fn(&Event) -> Option<String>| texts(events.iter().map(|w| f(&w.event)).collect());
+    let ev = |f: &dyn Fn(&Event) -> &str| texts(events.iter().map(|w| Some(f(&w.event))).collect());
     // SAFETY: the images live in the buffer's memory until write_waiting resets it.
     let jsonbs = |f: &dyn Fn(&Event) -> Option<pg_sys::Datum>| unsafe {
         DatumWithOid::new(
@@ -529,10 +589,10 @@ fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
     };
     let args = [
         sequence.into(),
-        ev(&|e| Some(e.event_type.clone())),
-        ev(&|e| Some(e.schema.clone())),
-        ev(&|e| Some(e.table.clone())),
-        ev(&|e| Some(e.op.to_string())),
+        ev(&|e| &e.event_type),
+        ev(&|e| &e.schema),
+        ev(&|e| &e.table),
+        ev(&|e| e.op),
         jsonbs(&|e| e.new),
         jsonbs(&|e| e.old),
         ints(events.iter().map(|w| w.event.size).collect()),
@@ -543,16 +603,11 @@ fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
                 .collect(),
         ),
         ints(deliveries.iter().map(|d| d.delivery.endpoint_id).collect()),
+        texts(deliveries.iter().map(|d| Some(d.delivery.status)).collect()),
         texts(
             deliveries
                 .iter()
-                .map(|d| Some(d.delivery.status.to_string()))
-                .collect(),
-        ),
-        texts(
-            deliveries
-                .iter()
-                .map(|d| d.delivery.reason.clone())
+                .map(|d| d.delivery.reason.as_deref())
                 .collect(),
         ),
     ];
@@ -561,27 +616,34 @@ fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
     }
 }
 
-/// Writes one event with its one delivery (the images live in the buffer's memory until the
-/// next write resets it).
-fn write_one(e: &Event, d: &Delivery) {
+/// Writes one event with its one delivery now; `legacy`: on a schema from before 0.3.0 (no
+/// `_events.size`). Runs as the caller: the extension's owner, from `write_waiting` or the
+/// trigger's legacy path.
+pub(crate) fn write_one(e: &Event, d: &Delivery, legacy: bool) {
     let jsonb = |v: Option<pg_sys::Datum>| match v {
-        // SAFETY: a jsonb value copied into the buffer's memory, bound as jsonb.
+        // SAFETY: a jsonb value built by to_jsonb (or copied into the buffer's memory), bound as
+        // jsonb.
         Some(v) => unsafe { DatumWithOid::new(v, pg_sys::JSONBOID) },
         None => DatumWithOid::null_oid(pg_sys::JSONBOID),
     };
-    let args = [
+    let mut args = vec![
         e.event_type.as_str().into(),
         e.schema.as_str().into(),
         e.table.as_str().into(),
         e.op.into(),
         jsonb(e.new),
         jsonb(e.old),
-        e.size.into(),
         d.endpoint_id.into(),
         d.status.into(),
         d.reason.as_deref().into(),
     ];
-    if let Err(err) = WRITE_ONE.run(&args) {
+    let statement = if legacy {
+        &WRITE_ONE_LEGACY
+    } else {
+        args.push(e.size.into());
+        &WRITE_ONE
+    };
+    if let Err(err) = statement.run(&args) {
         super::trigger::record_failed(err);
     }
 }
@@ -762,6 +824,45 @@ mod tests {
         other_op.op = "INSERT";
         assert_eq!(find(&other_op, 1), None);
         assert_eq!(same_event(std::iter::empty(), &all, 1), None);
+    }
+
+    /// Pins the statements' columns against edits; that they run against their schemas is the
+    /// upgrade test's job (tests/e2e/upgrade.rs writes through the new library on 0.2.0's
+    /// schema before the update).
+    #[test]
+    fn only_the_legacy_statement_writes_no_size_column() {
+        let sql = super::WRITE_ONE_LEGACY.sql;
+        assert!(sql.contains(
+            "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)\n"
+        ));
+        assert!(sql.contains("VALUES ($1, $2, $3, $4, $5, $6)\n"), "{sql}");
+        assert!(!sql.contains("$10"), "{sql}");
+        assert!(
+            super::WRITE_ONE.sql.contains("new, old, size)")
+                && super::WRITE_ONE.sql.contains("$6, $10)")
+        );
+        assert!(
+            super::WRITE_SQL.contains("(id, type, schema_name, table_name, op, new, old, size)")
+        );
+    }
+
+    #[test]
+    fn a_row_change_without_addresses_shares_no_event() {
+        let key = |new: (u32, u16)| Key {
+            relid: Oid::from(16384),
+            op: "INSERT",
+            new: Some(new),
+            old: None,
+            columns: None,
+        };
+        // A foreign table's rows: every one at offset 0.
+        let waiting = [(&key((0, 0)), 1)];
+        assert_eq!(same_event(waiting.iter().copied(), &key((0, 0)), 1), None);
+        let waiting = [(&key((0, 7)), 1)];
+        assert_eq!(
+            same_event(waiting.iter().copied(), &key((0, 7)), 1),
+            Some(0)
+        );
     }
 
     #[test]

@@ -34,30 +34,6 @@ use super::capture;
 use crate::pg::spi::{Snapshot, SpiError, Statement};
 use crate::pg::{gucs, shmem};
 use crate::request;
-use pgrx::datum::DatumWithOid;
-
-const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
-const JSONB: pg_sys::Oid = pg_sys::JSONBOID;
-const INT4: pg_sys::Oid = pg_sys::INT4OID;
-
-/// Writes one event and its delivery on a schema from before 0.3.0 (this library installed,
-/// ALTER EXTENSION … UPDATE not yet run: no `_events.size`): $1 type, $2 schema, $3 table,
-/// $4 op, $5/$6 the new and old row images, $7 endpoint id (NULL if unknown), $8 status,
-/// $9 reason. On the current schema rows are written by `capture` instead.
-static RECORD_LEGACY: Statement = Statement::new(
-    "enqueue_record_legacy",
-    "WITH ev AS (
-    INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)
-    VALUES ($1, $2, $3, $4, $5, $6)
-    RETURNING id
-)
-INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
-SELECT ev.id, $7, $8::webhook.delivery_status,
-       CASE WHEN $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, $9
-  FROM ev
-",
-    &[TEXT, TEXT, TEXT, TEXT, JSONB, JSONB, INT4, TEXT, TEXT],
-);
 
 /// Rows larger than this (before JSON encoding) are never built: jsonb holds at most 256 MB, and
 /// a bytea doubles in its JSON form. webhook.max_payload_bytes is at most 100 MB, so such a row
@@ -208,32 +184,11 @@ unsafe fn fire(data: &pg_sys::TriggerData, op: &'static str, args: &[String]) ->
     let columns: Option<Vec<String>> = (args.len() > 1).then(|| args[1..].to_vec());
     // SAFETY: the trigger manager's data for this call.
     let later = !roles.legacy && unsafe { capture::flush_follows(data, op) };
-    let tid = |t: pg_sys::HeapTuple| {
-        // SAFETY: a tuple of the call (or null).
-        (!t.is_null()).then(|| unsafe {
-            let ip = (*t).t_self;
-            (
-                (u32::from(ip.ip_blkid.bi_hi) << 16) | u32::from(ip.ip_blkid.bi_lo),
-                ip.ip_posid,
-            )
-        })
-    };
-    let key = capture::Key {
-        // SAFETY: the relation of the call.
-        relid: unsafe { (*rel).rd_id },
-        op,
-        new: tid(new_tuple),
-        old: tid(old_tuple),
-        columns: columns.clone(),
-    };
+    // SAFETY: the relation and tuples of the call.
+    let key = unsafe { capture::Key::of((*rel).rd_id, op, new_tuple, old_tuple, &columns) };
     // Another subscription's trigger made this row change's event with the same columns a
-    // moment ago: this one's delivery goes with it (the images are not built again). Only
-    // where each row version has its address (a foreign table's rows come back without one).
-    let addressed = |t: pg_sys::HeapTuple| {
-        // SAFETY: a tuple of the call (or null).
-        t.is_null() || unsafe { (*t).t_self.ip_posid != 0 }
-    };
-    if later && addressed(new_tuple) && addressed(old_tuple) {
+    // moment ago: this one's delivery goes with it (the images are not built again).
+    if later {
         if let Some(shared) = capture::shared(&key) {
             let (status, reason) = match shared.too_large.clone() {
                 Some(why) => ("failed", Some(why)),
@@ -281,32 +236,48 @@ unsafe fn fire(data: &pg_sys::TriggerData, op: &'static str, args: &[String]) ->
     let limit = gucs::MAX_PAYLOAD_BYTES.get();
     let size = (images.raw <= LARGEST_ROW_BUILT)
         .then(|| unsafe { body_size(base as i64, images.new, images.old, limit) });
-    let mut r = Record {
-        event_type: &event_type,
-        schema: &schema,
-        table: &table,
+    let mut event = capture::Event {
+        event_type,
+        schema,
+        table,
         op,
         new: images.new,
         old: images.old,
-        endpoint_id,
-        status,
-        reason,
         size: size.map(|n| n.min(i64::from(i32::MAX)) as i32),
         too_large: None,
     };
-    match size {
-        None => r.fail(format!(
+    let too_large = match size {
+        None => Some(format!(
             "row is {} bytes before JSON encoding, too large to publish: more than webhook.max_payload_bytes ({limit})",
             images.raw
         )),
-        Some(n) if n > i64::from(limit) => r.fail(format!(
+        Some(n) if n > i64::from(limit) => Some(format!(
             "payload is {n} bytes, more than webhook.max_payload_bytes ({limit})"
         )),
-        Some(_) => {}
+        Some(_) => None,
+    };
+    // Too large to send: its delivery failed with the reason, and no row image kept.
+    let (status, reason) = match too_large {
+        Some(why) => {
+            event.new = None;
+            event.old = None;
+            event.too_large = Some(why.clone());
+            ("failed", Some(why))
+        }
+        None => (status, reason),
+    };
+    let delivery = capture::Delivery {
+        endpoint_id,
+        status,
+        reason,
+    };
+    if roles.legacy {
+        // Written now, by the statement that schema takes.
+        as_owner(roles, || capture::write_one(&event, &delivery, true));
+    } else {
+        capture::add(event, key, delivery, later);
     }
-    let pending = r.status == "pending";
-    record(roles, r, key, later);
-    pending
+    status == "pending"
 }
 
 /// What the trigger records for its endpoint (roles, endpoint id, status, reason), or None when
@@ -401,33 +372,6 @@ unsafe fn row_images(
     }
 }
 
-/// One event and its delivery, as they are written.
-struct Record<'r> {
-    event_type: &'r str,
-    schema: &'r str,
-    table: &'r str,
-    op: &'static str,
-    new: Option<pg_sys::Datum>,
-    old: Option<pg_sys::Datum>,
-    endpoint_id: Option<i32>,
-    status: &'static str,
-    reason: Option<String>,
-    size: Option<i32>,
-    /// Why the event is too large to publish, if it is.
-    too_large: Option<String>,
-}
-
-impl Record<'_> {
-    /// Too large to send: failed with the reason, and no row image kept.
-    fn fail(&mut self, reason: String) {
-        self.status = "failed";
-        self.too_large = Some(reason.clone());
-        self.reason = Some(reason);
-        self.new = None;
-        self.old = None;
-    }
-}
-
 /// The request body's size: exact (the images' text, as sent) where it could pass `limit`, else
 /// the bound that proves it cannot (six times the images' stored size: a control character's
 /// one byte is six in JSON text). The worker budgets its memory by this figure, so it must
@@ -455,53 +399,6 @@ unsafe fn body_size(
         })
     };
     base + text(new) + text(old)
-}
-
-/// Writes the event and its delivery as the extension's owner: at the statement's end with the
-/// rest of its rows where its flush trigger will fire (`later`), else now.
-fn record(roles: Roles, r: Record<'_>, key: capture::Key, later: bool) {
-    if !roles.legacy {
-        capture::add(
-            capture::Event {
-                event_type: r.event_type.to_string(),
-                schema: r.schema.to_string(),
-                table: r.table.to_string(),
-                op: r.op,
-                new: r.new,
-                old: r.old,
-                size: r.size,
-                too_large: r.too_large,
-            },
-            key,
-            capture::Delivery {
-                endpoint_id: r.endpoint_id,
-                status: r.status,
-                reason: r.reason,
-            },
-            later,
-        );
-        return;
-    }
-    let jsonb = |d: Option<pg_sys::Datum>| match d {
-        // SAFETY: a jsonb value built by to_jsonb in this call, bound as jsonb.
-        Some(d) => unsafe { DatumWithOid::new(d, JSONB) },
-        None => DatumWithOid::null_oid(JSONB),
-    };
-    let args: Vec<DatumWithOid> = vec![
-        r.event_type.into(),
-        r.schema.into(),
-        r.table.into(),
-        r.op.into(),
-        jsonb(r.new),
-        jsonb(r.old),
-        r.endpoint_id.into(),
-        r.status.into(),
-        r.reason.as_deref().into(),
-    ];
-    // Prepared as the owner too: resolving webhook's names needs USAGE on its schema.
-    if let Err(e) = as_owner(roles, || RECORD_LEGACY.run(&args)) {
-        record_failed(e);
-    }
 }
 
 /// The event could not be written: an internal error, named.
@@ -741,7 +638,7 @@ fn register_invalidation_callback() {
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
     PARTITION_ROOTS.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
-    capture::forget_flush_function();
+    capture::forget_catalog_lookups();
     TRIGGER_HOMES.with(|m| m.try_borrow_mut().map(|mut m| m.clear()).ok());
     // Blessed descriptors stay valid (the type cache holds its own copy); ours are freed.
     PROJECTIONS.with(|m| {
@@ -1035,22 +932,7 @@ unsafe fn to_jsonb(value: pg_sys::Datum, typid: pg_sys::Oid) -> pg_sys::Datum {
 
 #[cfg(test)]
 mod tests {
-    use super::{route, Route, RECORD_LEGACY};
-
-    /// Pins the statements' columns against edits; that they run against their schemas is the
-    /// upgrade test's job (tests/e2e/upgrade.rs writes through the new library on 0.2.0's
-    /// schema before the update).
-    #[test]
-    fn only_the_legacy_statement_writes_no_size_column() {
-        let sql = RECORD_LEGACY.sql;
-        assert!(sql.contains(
-            "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old)\n"
-        ));
-        assert!(sql.contains("VALUES ($1, $2, $3, $4, $5, $6)\n"), "{sql}");
-        assert!(!sql.contains("$10"), "{sql}");
-        assert!(super::capture::WRITE_SQL
-            .contains("(id, type, schema_name, table_name, op, new, old, size)"));
-    }
+    use super::{route, Route};
 
     #[test]
     fn unknown_endpoints_fail_disabled_ones_cancel_filtered_ones_skip() {

@@ -442,31 +442,24 @@ fn trigger(report: &mut Report, seconds: u32, bulk_seconds: u32, bulk_only: bool
             .unwrap();
         db.batch_execute("CHECKPOINT").unwrap();
         match mode {
+            "none" => {}
             "plain" => db.batch_execute("CREATE TRIGGER plain AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION plain_queue()").unwrap(),
             "statement" => db.batch_execute("CREATE TRIGGER statement AFTER INSERT ON t REFERENCING NEW TABLE AS n FOR EACH STATEMENT EXECUTE FUNCTION statement_queue()").unwrap(),
-            "webhook" => db.batch_execute("SELECT webhook.subscribe('t', 'e1', events => '{INSERT}')").unwrap(),
-            "webhook-rows" => db
-                .batch_execute(
-                    "SELECT webhook.subscribe('t', 'e1', events => '{INSERT}');
-                     ALTER TABLE t DISABLE TRIGGER \"webhook-flush\";",
-                )
-                .unwrap(),
-            "webhook3-rows" => db
-                .batch_execute(
-                    "SELECT webhook.subscribe('t', 'e1', events => '{INSERT}');
-                     SELECT webhook.subscribe('t', 'e2', events => '{INSERT}');
-                     SELECT webhook.subscribe('t', 'e3', events => '{INSERT}');
-                     ALTER TABLE t DISABLE TRIGGER \"webhook-flush\";",
-                )
-                .unwrap(),
-            "webhook3" => db
-                .batch_execute(
-                    "SELECT webhook.subscribe('t', 'e1', events => '{INSERT}');
-                     SELECT webhook.subscribe('t', 'e2', events => '{INSERT}');
-                     SELECT webhook.subscribe('t', 'e3', events => '{INSERT}');",
-                )
-                .unwrap(),
-            _ => {}
+            // "-rows": the same subscriptions with the table's flush trigger disabled, so each
+            // row is written as its trigger fires.
+            webhook => {
+                let endpoints = if webhook.starts_with("webhook3") { 3 } else { 1 };
+                for e in 1..=endpoints {
+                    db.batch_execute(&format!(
+                        "SELECT webhook.subscribe('t', 'e{e}', events => '{{INSERT}}')"
+                    ))
+                    .unwrap();
+                }
+                if webhook.ends_with("-rows") {
+                    db.batch_execute("ALTER TABLE t DISABLE TRIGGER \"webhook-flush\"")
+                        .unwrap();
+                }
+            }
         }
     };
     let modes = [

@@ -275,16 +275,7 @@ fn rows_applied_by_logical_replication_are_written_at_commit() {
     .unwrap();
     // Synchronised first: the initial copy is a COPY, which fires statement triggers too; what
     // comes after goes through the apply worker.
-    wait_until(PATIENCE, "users to be synchronised", || {
-        let ready: Option<String> = sub
-            .query_opt(
-                "SELECT srsubstate::text FROM pg_subscription_rel WHERE srrelid = 'users'::regclass",
-                &[],
-            )
-            .unwrap()
-            .map(|r| r.get(0));
-        (ready.as_deref() == Some("r")).then_some(())
-    });
+    wait_synchronised(&mut sub, "users");
     db.batch_execute(
         "INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) g;
          INSERT INTO users VALUES (11, 'x'), (12, 'y');",
@@ -526,8 +517,9 @@ fn an_inheritance_childs_rows_changed_through_its_parent_are_written_as_they_fir
     assert_eq!(ops, [("UPDATE".to_string(), 1), ("UPDATE".to_string(), 2)]);
 }
 
-/// A foreign table's rows come back to AFTER triggers without a row version's address: each
-/// row gets its own event, whatever the number of subscriptions.
+/// A foreign table's rows come back to AFTER triggers without a row version's address: they
+/// wait for the statement's end like any table's, but each row gets its own event, whatever the
+/// number of subscriptions.
 #[test]
 fn a_foreign_tables_rows_each_get_their_own_event() {
     let pg = Cluster::start(&[]);
@@ -548,8 +540,6 @@ fn a_foreign_tables_rows_each_get_their_own_event() {
     db.batch_execute(
         "SELECT webhook.subscribe('ft', 'crm');
          SELECT webhook.subscribe('ft', 'audit');
-         CREATE TRIGGER \"webhook-flush\" AFTER INSERT OR UPDATE OR DELETE ON ft
-             FOR EACH STATEMENT EXECUTE FUNCTION webhook.flush();
          INSERT INTO ft VALUES (1, 'a'), (2, 'b'), (3, 'c');",
     )
     .unwrap();
@@ -566,5 +556,13 @@ fn a_foreign_tables_rows_each_get_their_own_event() {
         ids,
         [1, 1, 2, 2, 3, 3],
         "every row published, to both endpoints"
+    );
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'ft'::regclass AND tgname = 'webhook-flush'"
+        ),
+        1,
+        "subscribe() gives a foreign table its flush trigger too"
     );
 }

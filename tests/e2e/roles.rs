@@ -92,16 +92,7 @@ fn logical_replication_sends_each_webhook_once() {
         publisher.port
     ))
     .unwrap();
-    wait_until(PATIENCE, "users to be synchronised", || {
-        let ready: Option<String> = sub
-            .query_opt(
-                "SELECT srsubstate::text FROM pg_subscription_rel WHERE srrelid = 'users'::regclass",
-                &[],
-            )
-            .unwrap()
-            .map(|r| r.get(0));
-        (ready.as_deref() == Some("r")).then_some(())
-    });
+    wait_synchronised(&mut sub, "users");
 
     db.batch_execute(
         "INSERT INTO users SELECT g, 'u' || g || '@example.com' FROM generate_series(1, 10) g",

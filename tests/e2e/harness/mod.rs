@@ -157,3 +157,18 @@ pub fn delivery_id(req: &Request) -> i64 {
         .parse()
         .unwrap()
 }
+
+/// Waits until `table` of the subscription on `sub` is synchronised (state 'r'): what is written
+/// on the publisher after that goes through the apply worker, not the initial COPY.
+pub fn wait_synchronised(sub: &mut postgres::Client, table: &str) {
+    wait_until(PATIENCE, &format!("{table} to be synchronised"), || {
+        let ready: Option<String> = sub
+            .query_opt(
+                "SELECT srsubstate::text FROM pg_subscription_rel WHERE srrelid = $1::text::regclass",
+                &[&table],
+            )
+            .unwrap()
+            .map(|r| r.get(0));
+        (ready.as_deref() == Some("r")).then_some(())
+    });
+}
