@@ -474,6 +474,56 @@ fn a_nested_flush_rolled_back_in_an_exception_block_loses_no_enclosing_event() {
     );
 }
 
+/// The same as an attacker: a role holding only TRIGGER on an administrator's subscribed table
+/// and USAGE on schema webhook (the README's monitoring recipe) plants a trigger that, inside an
+/// exception block, writes its own table carrying webhook.flush() (EXECUTE is PUBLIC's) and
+/// raises. Other sessions' rows of the subscribed table keep every event.
+#[test]
+fn a_trigger_holders_planted_flush_loses_no_other_sessions_event() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client();
+    db.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE TABLE t (id int);
+         CREATE ROLE atk LOGIN;
+         CREATE SCHEMA atk AUTHORIZATION atk;
+         GRANT TRIGGER ON t TO atk;
+         GRANT USAGE ON SCHEMA webhook TO atk;",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", "http://127.0.0.1:9/");
+    db.batch_execute("SELECT webhook.subscribe('t', 'crm')")
+        .unwrap();
+    let mut atk = pg.client_as("atk", "app");
+    atk.batch_execute(
+        "CREATE TABLE atk.sink (x int);
+         GRANT INSERT ON atk.sink TO PUBLIC;
+         CREATE TRIGGER f AFTER INSERT ON atk.sink FOR EACH STATEMENT EXECUTE FUNCTION webhook.flush();
+         CREATE FUNCTION atk.eat() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+             SET search_path = pg_catalog AS $$
+         BEGIN
+             BEGIN
+                 INSERT INTO atk.sink VALUES (1);
+                 RAISE EXCEPTION 'undo';
+             EXCEPTION WHEN raise_exception THEN NULL;
+             END;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER zzz AFTER INSERT ON public.t FOR EACH ROW EXECUTE FUNCTION atk.eat();",
+    )
+    .unwrap();
+    db.batch_execute("INSERT INTO t SELECT g FROM generate_series(1, 5) g")
+        .unwrap();
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM webhook._events WHERE table_name = 't'"
+        ),
+        5,
+        "every row of t keeps its event"
+    );
+}
+
 /// An inheritance child's rows fire its row triggers under a statement that names its parent,
 /// whose statement triggers fire instead of the child's: they are written as they fire, and a
 /// later savepoint rolled back takes none of them.
