@@ -152,7 +152,17 @@ impl Launcher {
                     retry_soon = true;
                 }
                 Verdict::Stop => {
-                    runner.stop();
+                    if runner.stop() {
+                        let why = if evicted {
+                            "being dropped, renamed or copied"
+                        } else {
+                            "no longer served"
+                        };
+                        log!(
+                            "webhook_ext launcher: stopping the worker of database \"{}\" ({why})",
+                            slot.name()
+                        );
+                    }
                     // The slot's pid is read after asking the worker to stop.
                     let pid = slot.pid.load(Ordering::Acquire);
                     let after = after_stop(listed, evicted, handle, pid);
@@ -224,7 +234,7 @@ impl Launcher {
     /// Asks every worker this launcher started to stop (the launcher is leaving).
     fn stop_all(mut self) {
         for runner in &mut self.runners {
-            runner.stop();
+            let _ = runner.stop();
         }
     }
 }
@@ -268,10 +278,15 @@ impl Runner {
         self.not_before = Some(Instant::now() + RESTART_DELAY);
     }
 
-    /// Asks the worker (if any) to stop and forgets it; its exit shows in the slot's pid.
-    fn stop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            let _ = w.terminate();
+    /// Asks the worker (if any) to stop and forgets it; its exit shows in the slot's pid. True
+    /// if there was one to ask.
+    fn stop(&mut self) -> bool {
+        match self.worker.take() {
+            Some(w) => {
+                let _ = w.terminate();
+                true
+            }
+            None => false,
         }
     }
 

@@ -406,6 +406,16 @@ fn evict(dbname: &str) {
     // If the command fails after all, the workers come back at once (not after EVICTION).
     shmem::evicted_in_this_transaction(oid);
     shared.wake_launcher();
+    // The launcher stops them too, but only when its next round comes: signalled here, they
+    // leave at once whatever the launcher is doing. (A worker's pid is cleared by the worker
+    // itself as it exits, so a pid read here is a live worker's or one on its way out.)
+    for slot in shared.slots_of_db(oid) {
+        let pid = slot.pid.load(Ordering::Acquire);
+        if pid > 0 {
+            // SAFETY: a signal to a process of this cluster, as pg_terminate_backend sends.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
     let deadline = Instant::now() + EVICTION_WAIT;
     let running = || {
         shared

@@ -193,7 +193,10 @@ impl Worker {
                 Ok(Some(_)) => {
                     told = false;
                     match self.serve() {
-                        Stop::Shutdown => return,
+                        Stop::Shutdown => {
+                            log!("webhook_ext worker: asked to stop; leaving database \"{db}\"");
+                            return;
+                        }
                         // Said and done at the top of the loop.
                         Stop::Resplit => continue,
                         Stop::Replica(sub) => {

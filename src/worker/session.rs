@@ -35,6 +35,10 @@ use crate::split::Split;
 /// How long a worker whose `webhook.workers` changed waits for its requests under way before it
 /// leaves (those still running are sent again by their endpoint's new worker, same webhook-id).
 const RESPLIT_GRACE: Duration = Duration::from_secs(5);
+/// The longest the worker sleeps with nothing due. Commits of webhook's writers wake it at once;
+/// this is for rows that arrive without that wake: a restore's COPY into the queue tables, an
+/// administrator's INSERT, a logical replica's tables once it is promoted.
+const IDLE_POLL: Duration = Duration::from_secs(5);
 
 pub struct Session {
     pub(super) slot: &'static Slot,
@@ -196,7 +200,10 @@ impl Session {
         let until_housekeeping = self
             .next_housekeeping
             .saturating_duration_since(Instant::now());
-        let timeout = sleep.map_or(until_housekeeping, |s| s.min(until_housekeeping));
+        let timeout = sleep
+            .unwrap_or(IDLE_POLL)
+            .min(IDLE_POLL)
+            .min(until_housekeeping);
         if timeout.is_zero() {
             return;
         }

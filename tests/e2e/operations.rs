@@ -255,6 +255,39 @@ fn a_dump_restores_into_a_working_queue() {
     assert_eq!(ids.len(), 10, "webhook-ids repeated after the restore");
 }
 
+/// Rows that reach the queue without a committing writer's wake (as a restore's COPY does) are
+/// picked up by the idle worker within seconds, not at its next housekeeping (a minute).
+#[test]
+fn rows_copied_into_the_queue_are_picked_up_without_a_wake() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    create_endpoint(&mut db, "e", &rx.url("/"));
+    // The worker has done its start-up housekeeping and sleeps.
+    wait_until(PATIENCE, "the worker to be idle", || {
+        (worker_state(&mut db, "app").as_deref() == Some("idle")).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    let mut copy = db
+        .copy_in("COPY webhook._events (id, type, payload) FROM STDIN")
+        .unwrap();
+    std::io::Write::write_all(&mut copy, b"1000\tcopied\t{}\n").unwrap();
+    copy.finish().unwrap();
+    let mut copy = db
+        .copy_in("COPY webhook.deliveries (event_id, endpoint_id) FROM STDIN")
+        .unwrap();
+    std::io::Write::write_all(&mut copy, b"1000\t1\n").unwrap();
+    copy.finish().unwrap();
+    let got = rx.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got[0].json()["type"], "copied");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "picked up after {:?}",
+        t.elapsed()
+    );
+}
+
 /// The fenced blocks of `lang` in README.md.
 fn readme_blocks(lang: &str) -> Vec<String> {
     let readme =
