@@ -16,6 +16,31 @@ SELECT pg_catalog.pg_extension_config_dump('webhook._meta', '');
 
 ALTER TABLE webhook._events ADD COLUMN size integer;
 
+-- Delivery ids are computed from 0.3.0 on (event id * 2^20 + endpoint id):
+-- endpoint ids stay below 2^20, event ids below 2^42, and the identity, which replay() still
+-- draws from, starts at 2^62. Events written from now on get ids whose computed delivery ids lie
+-- above every delivery id handed out before (the sequences' last values cover transactions
+-- still open), so no webhook-id is ever used twice.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM webhook.endpoints e WHERE e.id NOT BETWEEN 0 AND 1048575) THEN
+        RAISE EXCEPTION 'webhook_ext 0.3.0 needs endpoint ids between 0 and 1048575; endpoint % has id %',
+            (SELECT e.name FROM webhook.endpoints e WHERE e.id NOT BETWEEN 0 AND 1048575 ORDER BY e.id LIMIT 1),
+            (SELECT e.id FROM webhook.endpoints e WHERE e.id NOT BETWEEN 0 AND 1048575 ORDER BY e.id LIMIT 1)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Give it a free id in that range (UPDATE webhook.endpoints SET id = … while nothing is queued for it), then update again.';
+    END IF;
+END
+$$;
+ALTER TABLE webhook.endpoints ALTER COLUMN id SET MAXVALUE 1048575;
+ALTER TABLE webhook.endpoints ADD CONSTRAINT endpoints_id_check CHECK (id BETWEEN 0 AND 1048575);
+ALTER TABLE webhook._events ALTER COLUMN id SET MAXVALUE 4398046511103;
+SELECT pg_catalog.setval(pg_catalog.pg_get_serial_sequence('webhook._events', 'id'),
+       GREATEST(COALESCE(pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::regclass), 1),
+                COALESCE(pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence('webhook.deliveries', 'id')::regclass), 0)
+                    / 1048576 + 1));
+ALTER TABLE webhook.deliveries ALTER COLUMN id SET START WITH 4611686018427387904 RESTART;
+
 -- Tables allowed to publish to an endpoint: a trigger calling webhook.enqueue(endpoint) on a
 -- table that is not here is refused (whoever owns the table). subscribe() adds
 -- a row ('subscribe'), allow_publish() one for hand-written triggers ('allow_publish').
@@ -316,8 +341,8 @@ BEGIN
         SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
     END IF;
     INSERT INTO webhook._events (type, payload, size) VALUES (event_type, payload, size) RETURNING id INTO event_id;
-    INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
-    SELECT event_id, e.id,
+    INSERT INTO webhook.deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
+    SELECT event_id * 1048576 + e.id, event_id, e.id,
            CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
            CASE WHEN e.enabled THEN now() END,
            CASE WHEN NOT e.enabled THEN 'endpoint disabled' END

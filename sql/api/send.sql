@@ -28,8 +28,8 @@ BEGIN
         SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
     END IF;
     INSERT INTO webhook._events (type, payload, size) VALUES (event_type, payload, size) RETURNING id INTO event_id;
-    INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
-    SELECT event_id, e.id,
+    INSERT INTO webhook.deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
+    SELECT event_id * 1048576 + e.id, event_id, e.id,
            CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
            CASE WHEN e.enabled THEN now() END,
            CASE WHEN NOT e.enabled THEN 'endpoint disabled' END

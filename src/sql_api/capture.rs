@@ -39,7 +39,8 @@ use crate::pg::spi::Statement;
 /// (NULL when absent or not kept), $8 size of the body. Deliveries: $9 which event (its position
 /// in the events' arrays, from 1), $10 endpoint id (NULL if unknown), $11 status, $12 reason.
 /// Event ids are drawn in order, so ids follow the rows as they did when each row was written by
-/// itself; deliveries are written in order too.
+/// itself; deliveries are written in order too, each with its computed id (event id * 2^20 + endpoint id)
+/// or, to an endpoint that does not exist, one from the identity.
 static WRITE: Statement = Statement::new("enqueue_write", WRITE_SQL, WRITE_PARAMS);
 const WRITE_SQL: &str = "WITH ev AS MATERIALIZED (
     SELECT pg_catalog.nextval($1::pg_catalog.regclass) AS id, u.*
@@ -51,8 +52,9 @@ const WRITE_SQL: &str = "WITH ev AS MATERIALIZED (
     INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, old, size)
     SELECT ev.id, ev.type, ev.schema_name, ev.table_name, ev.op, ev.new, ev.old, ev.size FROM ev
 )
-INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
-SELECT ev.id, d.endpoint_id, d.status::webhook.delivery_status,
+INSERT INTO webhook.deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
+SELECT COALESCE(ev.id OPERATOR(pg_catalog.*) 1048576 OPERATOR(pg_catalog.+) d.endpoint_id, pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('webhook.deliveries', 'id')::pg_catalog.regclass)),
+       ev.id, d.endpoint_id, d.status::webhook.delivery_status,
        CASE WHEN d.status OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, d.reason
   FROM ROWS FROM (pg_catalog.unnest($9), pg_catalog.unnest($10), pg_catalog.unnest($11),
                   pg_catalog.unnest($12)) WITH ORDINALITY AS d(event, endpoint_id, status, reason, k)
@@ -78,9 +80,10 @@ const WRITE_PARAMS: &[pg_sys::Oid] = &[
 /// run than unnesting arrays of one. $1 type, $2 schema, $3 table, $4 op, $5/$6 new and old
 /// images, $7 endpoint id, $8 status, $9 reason, and $10 the body's size where the schema has
 /// the column (`$size_column`/`$size_value` are empty for a schema from before 0.3.0: this
-/// library installed, ALTER EXTENSION … UPDATE not yet run).
+/// library installed, ALTER EXTENSION … UPDATE not yet run). The delivery's id is computed
+/// (`$id_column`/`$id_value`) from 0.3.0 on, drawn from the identity before.
 macro_rules! write_one_sql {
-    ($size_column:literal, $size_value:literal) => {
+    ($size_column:literal, $size_value:literal, $id_column:literal, $id_value:literal) => {
         concat!(
             "WITH ev AS (
     INSERT INTO webhook._events (type, schema_name, table_name, op, new, old",
@@ -91,8 +94,12 @@ macro_rules! write_one_sql {
             ")
     RETURNING id
 )
-INSERT INTO webhook.deliveries (event_id, endpoint_id, status, next_attempt_at, last_error)
-SELECT ev.id, $7, $8::webhook.delivery_status,
+INSERT INTO webhook.deliveries (",
+            $id_column,
+            "event_id, endpoint_id, status, next_attempt_at, last_error)
+SELECT ",
+            $id_value,
+            "ev.id, $7, $8::webhook.delivery_status,
        CASE WHEN $8 OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, $9
   FROM ev
 "
@@ -114,12 +121,17 @@ const ONE_ROW: &[pg_sys::Oid] = &[
 ];
 static WRITE_ONE: Statement = Statement::new(
     "enqueue_write_one",
-    write_one_sql!(", size", ", $10"),
+    write_one_sql!(
+        ", size",
+        ", $10",
+        "id, ",
+        "COALESCE(ev.id OPERATOR(pg_catalog.*) 1048576 OPERATOR(pg_catalog.+) $7, pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('webhook.deliveries', 'id')::pg_catalog.regclass)), "
+    ),
     ONE_ROW,
 );
 static WRITE_ONE_LEGACY: Statement = Statement::new(
     "enqueue_write_one_legacy",
-    write_one_sql!("", ""),
+    write_one_sql!("", "", "", ""),
     ONE_ROW.split_at(9).0,
 );
 

@@ -321,7 +321,12 @@ fn server_errors_are_retried_with_one_webhook_id() {
     for r in &reqs {
         verify_with_standardwebhooks(&secret, r).unwrap();
     }
-    assert_eq!(deliveries(&mut db), vec![(1, "delivered".to_string(), 3)]);
+    // Event 1 to endpoint 1: delivery id 1 * 2^20 + 1.
+    assert_eq!(
+        deliveries(&mut db),
+        vec![(1048577, "delivered".to_string(), 3)]
+    );
+    assert!(reqs[0].webhook_id().ends_with("_1048577"));
     type Attempt = (i32, Option<i32>, Option<String>, Option<String>);
     let attempts: Vec<Attempt> = db
         .query("SELECT attempt, status_code, response_body, error FROM webhook.attempts ORDER BY attempt", &[])
@@ -353,7 +358,10 @@ fn failing_receiver_ends_in_failed_after_max_attempts() {
         .unwrap();
     wait_settled(&mut db, PATIENCE);
     // Schedule of 3 steps -> 4 attempts by default.
-    assert_eq!(deliveries(&mut db), vec![(1, "failed".to_string(), 4)]);
+    assert_eq!(
+        deliveries(&mut db),
+        vec![(1048577, "failed".to_string(), 4)]
+    );
     assert_eq!(rx.count(), 4);
     let err: String = db
         .query_one("SELECT last_error FROM webhook.deliveries", &[])

@@ -426,6 +426,10 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
     );
     db.batch_execute(
         "CREATE EXTENSION webhook_ext;
+         -- 0.3.0 computes delivery ids (event id * 2^20 + endpoint id). The old deliveries get
+         -- the ids the rows written after the update would get if the update did not move the
+         -- event ids past them (event 22 to crm, endpoint 1): those writes would fail.
+         ALTER TABLE webhook.deliveries ALTER COLUMN id RESTART WITH 23068673;
          CREATE TABLE users (id int PRIMARY KEY, email text);
          CREATE TABLE orders (id int);
          CREATE TABLE invoices (id int);

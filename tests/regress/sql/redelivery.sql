@@ -7,14 +7,16 @@ SELECT (webhook.create_endpoint('crm', 'https://crm.example.com/hooks')).name;
 SELECT (webhook.create_endpoint('other', 'https://other.example.com/hooks')).name;
 SELECT (webhook.create_endpoint('gone', 'https://gone.example.com/hooks')).name;
 
--- Delivery ids appear in error messages: number this file's deliveries from 1000 on.
-SELECT setval(pg_get_serial_sequence('webhook.deliveries', 'id'), 1000, false) IS NOT NULL AS renumbered;
+-- Number this file's events from 1000 on. A delivery made with its event has the id
+-- event id * 2^20 + endpoint id (these appear in error messages), so the fixtures below are named
+-- by their event: "1000" is the delivery of event 1000.
+SELECT setval(pg_get_serial_sequence('webhook._events', 'id'), 1000, false) IS NOT NULL AS renumbered;
 
 CREATE TEMP VIEW d AS
-SELECT d.id, e.name AS endpoint, d.status, d.attempts, d.next_attempt_at IS NOT NULL AS due,
+SELECT d.event_id AS event, d.id, e.name AS endpoint, d.status, d.attempts, d.next_attempt_at IS NOT NULL AS due,
        d.next_attempt_at <= now() AS due_now, d.last_status_code, d.last_error
   FROM webhook.deliveries d LEFT JOIN webhook.endpoints e ON e.id = d.endpoint_id
- WHERE d.id >= 1000;
+ WHERE d.event_id >= 1000;
 
 --
 -- retry
@@ -23,29 +25,29 @@ SELECT d.id, e.name AS endpoint, d.status, d.attempts, d.next_attempt_at IS NOT 
 -- Fixtures: 1000 failed (a dead letter after 8 attempts), 1001 cancelled, 1002 delivered,
 -- 1003 being sent (its lease runs for an hour), 1004 pending (not yet due).
 SELECT webhook.send('t.retry', jsonb_build_object('n', i), 'crm') > 0 AS sent FROM generate_series(0, 4) i;
-UPDATE webhook.deliveries SET status = 'failed', attempts = 8, next_attempt_at = NULL, last_status_code = 500, last_error = 'HTTP 500' WHERE id = 1000;
-UPDATE webhook.deliveries SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled' WHERE id = 1001;
-UPDATE webhook.deliveries SET status = 'delivered', attempts = 1, next_attempt_at = NULL, last_status_code = 200, delivered_at = now() WHERE id = 1002;
-UPDATE webhook.deliveries SET status = 'sending', attempts = 1, next_attempt_at = now() + interval '1 hour' WHERE id = 1003;
-UPDATE webhook.deliveries SET attempts = 2, next_attempt_at = now() + interval '1 hour', last_error = 'HTTP 503' WHERE id = 1004;
+UPDATE webhook.deliveries SET status = 'failed', attempts = 8, next_attempt_at = NULL, last_status_code = 500, last_error = 'HTTP 500' WHERE event_id = 1000;
+UPDATE webhook.deliveries SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled' WHERE event_id = 1001;
+UPDATE webhook.deliveries SET status = 'delivered', attempts = 1, next_attempt_at = NULL, last_status_code = 200, delivered_at = now() WHERE event_id = 1002;
+UPDATE webhook.deliveries SET status = 'sending', attempts = 1, next_attempt_at = now() + interval '1 hour' WHERE event_id = 1003;
+UPDATE webhook.deliveries SET attempts = 2, next_attempt_at = now() + interval '1 hour', last_error = 'HTTP 503' WHERE event_id = 1004;
 SELECT * FROM d ORDER BY id;
 
 -- A failed or cancelled delivery becomes pending, due now; its attempts continue from where
 -- they stopped (its last error stays until the next attempt).
-SELECT webhook.retry(1000);
-SELECT webhook.retry(1001);
-SELECT * FROM d WHERE id IN (1000, 1001) ORDER BY id;
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1000));
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1001));
+SELECT * FROM d WHERE event IN (1000, 1001) ORDER BY id;
 
 -- A pending delivery is made due now.
-SELECT webhook.retry(1004);
-SELECT * FROM d WHERE id = 1004;
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1004));
+SELECT * FROM d WHERE event = 1004;
 
 -- A delivery being sent is left alone, with a NOTICE.
-SELECT webhook.retry(1003);
-SELECT * FROM d WHERE id = 1003;
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1003));
+SELECT * FROM d WHERE event = 1003;
 
 -- A delivered one is refused (replay() sends its event again).
-SELECT webhook.retry(1002);
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1002));
 \echo SQLSTATE :SQLSTATE
 
 -- A delivery that does not exist.
@@ -57,21 +59,21 @@ SELECT webhook.retry(NULL);
 -- A delivery whose endpoint is disabled: enable it first.
 SELECT webhook.send('t.retry', '{}', 'other') > 0 AS sent;
 SELECT webhook.disable_endpoint('other');
-SELECT webhook.retry(1005);
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1005));
 \echo SQLSTATE :SQLSTATE
 SELECT webhook.enable_endpoint('other');
-SELECT webhook.retry(1005);
-SELECT * FROM d WHERE id = 1005;
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1005));
+SELECT * FROM d WHERE event = 1005;
 
 -- A delivery whose endpoint was dropped: pending ones were cancelled with "endpoint dropped";
 -- a failed one keeps its own last error, which the message then shows as the reason.
 SELECT webhook.send('t.retry', jsonb_build_object('n', i), 'gone') > 0 AS sent FROM generate_series(6, 7) i;
-UPDATE webhook.deliveries SET status = 'failed', attempts = 8, next_attempt_at = NULL, last_status_code = 500, last_error = 'HTTP 500' WHERE id = 1007;
+UPDATE webhook.deliveries SET status = 'failed', attempts = 8, next_attempt_at = NULL, last_status_code = 500, last_error = 'HTTP 500' WHERE event_id = 1007;
 SELECT webhook.drop_endpoint('gone');
-SELECT * FROM d WHERE id IN (1006, 1007) ORDER BY id;
-SELECT webhook.retry(1006);
+SELECT * FROM d WHERE event IN (1006, 1007) ORDER BY id;
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1006));
 \echo SQLSTATE :SQLSTATE
-SELECT webhook.retry(1007);
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1007));
 \echo SQLSTATE :SQLSTATE
 
 -- A delivery whose trigger named an endpoint that does not exist (a typo on a table of a
@@ -79,8 +81,8 @@ SELECT webhook.retry(1007);
 CREATE TABLE typos (id int);
 CREATE TRIGGER typo AFTER INSERT ON typos FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('crn');
 INSERT INTO typos VALUES (1);
-SELECT * FROM d WHERE id = 1008;
-SELECT webhook.retry(1008);
+SELECT * FROM d WHERE event = 1008;
+SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1008));
 \echo SQLSTATE :SQLSTATE
 
 -- A delivery of a row too large to send: its row was not kept, so it cannot be sent again
@@ -90,8 +92,8 @@ SELECT webhook.subscribe('notes', 'crm');
 SET webhook.max_payload_bytes = '1kB';
 INSERT INTO notes VALUES (1, repeat('x', 2000));
 RESET webhook.max_payload_bytes;
-SELECT id, endpoint, status, regexp_replace(last_error, '\d+ bytes', 'N bytes') AS last_error FROM d WHERE id = 1009;
-SELECT * FROM regress.error_of('SELECT webhook.retry(1009)', mask_numbers => true);
+SELECT event, endpoint, status, regexp_replace(last_error, '\d+ bytes', 'N bytes') AS last_error FROM d WHERE event = 1009;
+SELECT * FROM regress.error_of('SELECT webhook.retry((SELECT id FROM webhook.deliveries WHERE event_id = 1009))', mask_numbers => true);
 
 --
 -- replay
@@ -132,7 +134,7 @@ SELECT webhook.replay('crm', since => '2020-01-01 00:00+00', until => '2020-01-0
 -- retry() refuses a delivery of a row too large to send (above), because its row was not kept;
 -- replay() leaves that event out too (0), rather than send "new": null and "old": null.
 UPDATE webhook._events SET created_at = '2019-01-01 00:00+00'
- WHERE id = (SELECT event_id FROM webhook.deliveries WHERE id = 1009);
+ WHERE id = 1009;
 SELECT webhook.replay('crm', since => '2019-01-01 00:00+00', until => '2019-01-02 00:00+00');
 
 -- Errors.
