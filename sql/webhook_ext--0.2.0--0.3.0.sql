@@ -41,6 +41,204 @@ SELECT pg_catalog.setval(pg_catalog.pg_get_serial_sequence('webhook._events', 'i
                     / 1048576 + 1));
 ALTER TABLE webhook.deliveries ALTER COLUMN id SET START WITH 4611686018427387904 RESTART;
 
+-- Routing moves to the worker: the trigger writes an event with its route (the endpoints it
+-- decided on), the worker makes the deliveries. The stored deliveries are webhook._deliveries;
+-- webhook.deliveries is a view of them and of those not routed yet.
+ALTER TABLE webhook.deliveries RENAME TO _deliveries;
+ALTER TABLE webhook._events ADD COLUMN route integer[];
+-- Events with an id below routed_below have had their route made into deliveries; at or above
+-- it, a delivery that is not stored yet is shown pending by webhook.deliveries. Only the worker
+-- raises it (src/worker/route.rs says when it may). A restored dump brings its own row beside the
+-- one CREATE EXTENSION made: readers take the highest.
+CREATE TABLE webhook._router (
+    routed_below bigint NOT NULL
+);
+-- No key (see above); a publication FOR ALL TABLES still replicates its updates.
+ALTER TABLE webhook._router REPLICA IDENTITY FULL;
+-- Every event written before the update has its deliveries stored.
+INSERT INTO webhook._router SELECT COALESCE(max(e.id), 0) + 1 FROM webhook._events e;
+
+SELECT pg_catalog.pg_extension_config_dump('webhook._router', '');
+
+-- What users query: every delivery, stored or not yet routed (pending, under the id the worker
+-- will give it). UPDATE and DELETE go to the stored row, routed first (the triggers below).
+CREATE VIEW webhook.deliveries AS
+SELECT d.id, d.event_id, d.endpoint_id, d.status, d.attempts, d.next_attempt_at, d.last_status_code,
+       d.last_error, d.created_at, d.delivered_at
+  FROM webhook._deliveries d
+UNION ALL
+SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id, 'pending'::webhook.delivery_status, 0,
+       e.created_at, NULL::integer, NULL::text, e.created_at, NULL::timestamptz
+  FROM webhook._events e
+ CROSS JOIN LATERAL pg_catalog.unnest(e.route) AS r(endpoint_id)
+ WHERE e.id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
+   AND e.route IS NOT NULL
+   AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id);
+
+-- Makes the deliveries of every committed event at or above the watermark whose route has not
+-- been made into deliveries yet (to an endpoint dropped since: cancelled). The worker runs it
+-- before each claim; functions that change deliveries run it first, so they find every delivery
+-- stored. Returns how many it made. Several may run at once: a delivery another made meanwhile is
+-- left alone.
+CREATE FUNCTION webhook._route()
+RETURNS bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH made AS (
+        INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at)
+        SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
+               CASE WHEN ep.id IS NULL THEN 'cancelled' ELSE 'pending' END::webhook.delivery_status,
+               CASE WHEN ep.id IS NOT NULL THEN now() END,
+               CASE WHEN ep.id IS NULL THEN 'endpoint dropped' END,
+               e.created_at
+          FROM webhook._events e
+         CROSS JOIN LATERAL unnest(e.route) WITH ORDINALITY AS r(endpoint_id, n)
+          LEFT JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
+         WHERE e.id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
+           AND e.route IS NOT NULL
+           AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id)
+         ORDER BY e.id, r.n
+        ON CONFLICT (id) DO NOTHING
+        RETURNING 1)
+    SELECT count(*) FROM made
+$$;
+
+-- UPDATE and DELETE on webhook.deliveries: the statement routes first, so that each row it
+-- changes is a stored one; then each row is changed in webhook._deliveries.
+CREATE FUNCTION webhook._deliveries_route_first()
+RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM webhook._route();
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION webhook._deliveries_write()
+RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        DELETE FROM webhook._deliveries d WHERE d.id = OLD.id;
+        RETURN CASE WHEN FOUND THEN OLD END;
+    END IF;
+    UPDATE webhook._deliveries d
+       SET id = NEW.id, event_id = NEW.event_id, endpoint_id = NEW.endpoint_id, status = NEW.status,
+           attempts = NEW.attempts, next_attempt_at = NEW.next_attempt_at,
+           last_status_code = NEW.last_status_code, last_error = NEW.last_error,
+           created_at = NEW.created_at, delivered_at = NEW.delivered_at
+     WHERE d.id = OLD.id;
+    RETURN CASE WHEN FOUND THEN NEW END;
+END
+$$;
+
+CREATE TRIGGER deliveries_route_first BEFORE UPDATE OR DELETE ON webhook.deliveries
+    FOR EACH STATEMENT EXECUTE FUNCTION webhook._deliveries_route_first();
+CREATE TRIGGER deliveries_write INSTEAD OF UPDATE OR DELETE ON webhook.deliveries
+    FOR EACH ROW EXECUTE FUNCTION webhook._deliveries_write();
+
+-- Whoever was granted rights on webhook.deliveries (a monitoring role, say) keeps them on the
+-- view; the stored table keeps only the extension's own grants.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT a.grantee, a.privilege_type
+               FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+              WHERE c.oid = 'webhook._deliveries'::regclass
+                AND a.grantee <> c.relowner
+                AND a.grantee <> (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = 'webhook_admin')
+    LOOP
+        EXECUTE pg_catalog.format('GRANT %s ON webhook.deliveries TO %s', g.privilege_type,
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END);
+        EXECUTE pg_catalog.format('REVOKE %s ON webhook._deliveries FROM %s', g.privilege_type,
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END);
+    END LOOP;
+END
+$$;
+GRANT SELECT, INSERT, UPDATE, DELETE ON webhook._router TO webhook_admin;
+GRANT SELECT, UPDATE, DELETE ON webhook.deliveries TO webhook_admin;
+REVOKE ALL ON FUNCTION webhook._route(), webhook._deliveries_route_first(), webhook._deliveries_write() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhook._route(), webhook._deliveries_route_first(), webhook._deliveries_write() TO webhook_admin;
+
+CREATE OR REPLACE FUNCTION webhook.disable_endpoint(name text, reason text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep integer := webhook._endpoint_id(disable_endpoint.name);
+BEGIN
+    UPDATE webhook.endpoints e SET enabled = false, disabled_reason = COALESCE(reason, 'disabled by ' || current_user), updated_at = now()
+     WHERE e.id = ep;
+    PERFORM webhook._route();
+    UPDATE webhook._deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled'
+     WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhook._purge_step(cutoff timestamptz, max_rows integer)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    bound bigint := webhook._last_id_before('webhook._deliveries', cutoff);
+    -- At or above it, a delivery missing from webhook._deliveries is one not routed yet: never
+    -- delete any there (it would be made again, and sent again).
+    routed_below bigint := (SELECT COALESCE(max(r.routed_below), 0) FROM webhook._router r);
+    gone bigint[];
+    evs bigint[];
+BEGIN
+    IF bound IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH d AS (
+        DELETE FROM webhook._deliveries x
+         WHERE x.id IN (SELECT y.id FROM webhook._deliveries y
+                         WHERE y.id <= bound AND y.created_at < cutoff
+                           AND y.status IN ('delivered', 'failed', 'cancelled')
+                           AND (y.event_id < routed_below
+                                OR NOT EXISTS (SELECT FROM webhook._events e WHERE e.id = y.event_id AND e.route IS NOT NULL))
+                         ORDER BY y.id
+                         LIMIT max_rows
+                           FOR UPDATE SKIP LOCKED)
+        RETURNING x.id, x.event_id)
+    SELECT array_agg(d.id), array_agg(DISTINCT d.event_id) INTO gone, evs FROM d;
+    IF gone IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM webhook.attempts a WHERE a.delivery_id = ANY (gone);
+    DELETE FROM webhook._events e
+     WHERE e.id = ANY (evs) AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = e.id);
+    RETURN cardinality(gone);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhook._purge_orphans(cutoff timestamptz, max_rows integer)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    bound bigint := webhook._last_id_before('webhook._events', cutoff);
+    n bigint;
+BEGIN
+    IF bound IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM webhook._events e
+     WHERE e.id IN (SELECT x.id FROM webhook._events x
+                     WHERE x.id <= bound AND x.created_at < cutoff
+                       AND (x.id < (SELECT COALESCE(max(r.routed_below), 0) FROM webhook._router r) OR x.route IS NULL)
+                       AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = x.id)
+                     ORDER BY x.id
+                     LIMIT max_rows);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+
 -- Tables allowed to publish to an endpoint: a trigger calling webhook.enqueue(endpoint) on a
 -- table that is not here is refused (whoever owns the table). subscribe() adds
 -- a row ('subscribe'), allow_publish() one for hand-written triggers ('allow_publish').
@@ -72,7 +270,7 @@ ON CONFLICT DO NOTHING;
 
 -- What a temporary table queued (any role with USAGE on webhook could) is never sent: no
 -- release lets a temporary table publish any more.
-UPDATE webhook.deliveries d
+UPDATE webhook._deliveries d
    SET status = 'cancelled', next_attempt_at = NULL,
        last_error = 'published by a temporary table, which webhook_ext 0.3.0 does not allow'
   FROM webhook._events e
@@ -141,7 +339,8 @@ BEGIN
         EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
         PERFORM webhook._drop_flush_trigger(s."table");
     END LOOP;
-    UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
+    PERFORM webhook._route();
+    UPDATE webhook._deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
     DELETE FROM webhook._endpoint_state st WHERE st.endpoint_id = ep;
     DELETE FROM webhook._publishers p WHERE p.endpoint_id = ep;
@@ -341,7 +540,7 @@ BEGIN
         SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
     END IF;
     INSERT INTO webhook._events (type, payload, size) VALUES (event_type, payload, size) RETURNING id INTO event_id;
-    INSERT INTO webhook.deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
+    INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
     SELECT event_id * 1048576 + e.id, event_id, e.id,
            CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
            CASE WHEN e.enabled THEN now() END,
@@ -358,10 +557,11 @@ RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    d webhook.deliveries;
+    d webhook._deliveries;
     ep webhook.endpoints;
 BEGIN
-    SELECT * INTO d FROM webhook.deliveries x WHERE x.id = delivery_id FOR UPDATE;
+    PERFORM webhook._route();
+    SELECT * INTO d FROM webhook._deliveries x WHERE x.id = delivery_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'delivery % does not exist', delivery_id USING ERRCODE = 'undefined_object';
     END IF;
@@ -388,7 +588,7 @@ BEGIN
         RAISE EXCEPTION 'endpoint "%" is disabled', ep.name
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable it first with webhook.enable_endpoint().';
     END IF;
-    UPDATE webhook.deliveries x SET status = 'pending', next_attempt_at = now() WHERE x.id = delivery_id;
+    UPDATE webhook._deliveries x SET status = 'pending', next_attempt_at = now() WHERE x.id = delivery_id;
     PERFORM webhook._wake();
 END
 $$;
@@ -411,11 +611,12 @@ BEGIN
     IF since IS NULL OR until IS NULL OR since >= until THEN
         RAISE EXCEPTION 'since must be earlier than until' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    INSERT INTO webhook.deliveries (event_id, endpoint_id)
+    PERFORM webhook._route();
+    INSERT INTO webhook._deliveries (event_id, endpoint_id)
     SELECT ev.id, ep.id
       FROM webhook._events ev
      WHERE ev.created_at >= since AND ev.created_at < until
-       AND EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)
+       AND EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)
        -- Not a row change whose images were not kept (too large), as retry() refuses it.
        AND NOT (ev.op IS NOT NULL AND ev.new IS NULL AND ev.old IS NULL)
      ORDER BY ev.id;

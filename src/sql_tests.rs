@@ -558,6 +558,58 @@ mod tests {
         );
     }
 
+    /// The user's statement writes the event alone (its route); webhook.deliveries shows the
+    /// deliveries pending until webhook._route() stores them, once; UPDATE on the view routes
+    /// first; purge leaves alone whatever is at or above the watermark.
+    #[pg_test]
+    fn deliveries_are_routed_from_the_events_route() {
+        endpoint("a");
+        endpoint("b");
+        Spi::run(
+            "CREATE TABLE users (id int PRIMARY KEY);
+             SELECT webhook.subscribe('users', 'a'), webhook.subscribe('users', 'b');
+             INSERT INTO users VALUES (1);
+             INSERT INTO users SELECT generate_series(2, 3);",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook._deliveries"), 0);
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM webhook._events
+                  WHERE route = ARRAY(SELECT id FROM webhook.endpoints WHERE name IN ('a', 'b') ORDER BY id)"
+            ),
+            3,
+            "each event's route names both endpoints"
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM webhook.deliveries WHERE status = 'pending' AND attempts = 0"
+            ),
+            6
+        );
+        assert_eq!(one::<i64>("SELECT webhook._route()"), 6);
+        assert_eq!(one::<i64>("SELECT webhook._route()"), 0, "made once");
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook._deliveries"), 6);
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.deliveries"), 6);
+        // A new row's deliveries, not routed yet, are cancelled through the view.
+        Spi::run("INSERT INTO users VALUES (4)").unwrap();
+        Spi::run("UPDATE webhook.deliveries SET status = 'cancelled', next_attempt_at = NULL WHERE event_id = (SELECT max(id) FROM webhook._events)").unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(status::text, ',' ORDER BY id) FROM webhook._deliveries WHERE event_id = (SELECT max(id) FROM webhook._events)"),
+            "cancelled,cancelled"
+        );
+        // Finished and old, but at or above the watermark: kept; below it: purged.
+        Spi::run("UPDATE webhook._deliveries SET status = 'delivered', created_at = now() - interval '2 days';
+                  UPDATE webhook._events SET created_at = now() - interval '2 days'").unwrap();
+        assert_eq!(one::<i64>("SELECT webhook.purge('1 day')"), 0);
+        Spi::run(
+            "UPDATE webhook._router SET routed_below = (SELECT max(id) + 1 FROM webhook._events)",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT webhook.purge('1 day')"), 8);
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.events"), 0);
+    }
+
     #[pg_test]
     fn the_trigger_never_fails_the_users_statement() {
         endpoint("off");

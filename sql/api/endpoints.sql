@@ -176,7 +176,8 @@ BEGIN
         EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
         PERFORM webhook._drop_flush_trigger(s."table");
     END LOOP;
-    UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
+    PERFORM webhook._route();
+    UPDATE webhook._deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
     DELETE FROM webhook._endpoint_state st WHERE st.endpoint_id = ep;
     DELETE FROM webhook._publishers p WHERE p.endpoint_id = ep;
@@ -208,7 +209,8 @@ DECLARE
 BEGIN
     UPDATE webhook.endpoints e SET enabled = false, disabled_reason = COALESCE(reason, 'disabled by ' || current_user), updated_at = now()
      WHERE e.id = ep;
-    UPDATE webhook.deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled'
+    PERFORM webhook._route();
+    UPDATE webhook._deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
 END
 $$;

@@ -35,9 +35,10 @@ REVOKE USAGE ON TYPE webhook.delivery_status FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA webhook FROM PUBLIC;
 GRANT USAGE ON SCHEMA webhook TO webhook_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE
-   ON webhook.endpoints, webhook._events, webhook.deliveries, webhook.attempts, webhook._endpoint_state, webhook._meta,
-      webhook._publishers
+   ON webhook.endpoints, webhook._events, webhook._deliveries, webhook.attempts, webhook._endpoint_state, webhook._meta,
+      webhook._publishers, webhook._router
    TO webhook_admin;
+GRANT SELECT, UPDATE, DELETE ON webhook.deliveries TO webhook_admin;
 GRANT SELECT ON webhook.events, webhook.subscriptions, webhook.endpoint_stats, webhook.metrics TO webhook_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook TO webhook_admin;
 -- Firing the trigger needs no privilege on webhook.*; it refuses tables not allowed to publish.

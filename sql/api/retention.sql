@@ -1,6 +1,6 @@
 -- webhook_ext SQL API: retention (purge, and the steps the worker runs).
 
--- The highest id in tbl (webhook.deliveries or webhook._events) created before cutoff: a binary
+-- The highest id in tbl (webhook._deliveries or webhook._events) created before cutoff: a binary
 -- search over the primary key, a few index probes instead of a scan or an index on created_at
 -- (which would cost every insert). It assumes created_at grows with id, which holds up to the
 -- length of a transaction; callers still check created_at row by row.
@@ -43,7 +43,10 @@ RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    bound bigint := webhook._last_id_before('webhook.deliveries', cutoff);
+    bound bigint := webhook._last_id_before('webhook._deliveries', cutoff);
+    -- At or above it, a delivery missing from webhook._deliveries is one not routed yet: never
+    -- delete any there (it would be made again, and sent again).
+    routed_below bigint := (SELECT COALESCE(max(r.routed_below), 0) FROM webhook._router r);
     gone bigint[];
     evs bigint[];
 BEGIN
@@ -51,10 +54,12 @@ BEGIN
         RETURN 0;
     END IF;
     WITH d AS (
-        DELETE FROM webhook.deliveries x
-         WHERE x.id IN (SELECT y.id FROM webhook.deliveries y
+        DELETE FROM webhook._deliveries x
+         WHERE x.id IN (SELECT y.id FROM webhook._deliveries y
                          WHERE y.id <= bound AND y.created_at < cutoff
                            AND y.status IN ('delivered', 'failed', 'cancelled')
+                           AND (y.event_id < routed_below
+                                OR NOT EXISTS (SELECT FROM webhook._events e WHERE e.id = y.event_id AND e.route IS NOT NULL))
                          ORDER BY y.id
                          LIMIT max_rows
                            FOR UPDATE SKIP LOCKED)
@@ -65,7 +70,7 @@ BEGIN
     END IF;
     DELETE FROM webhook.attempts a WHERE a.delivery_id = ANY (gone);
     DELETE FROM webhook._events e
-     WHERE e.id = ANY (evs) AND NOT EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = e.id);
+     WHERE e.id = ANY (evs) AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = e.id);
     RETURN cardinality(gone);
 END
 $$;
@@ -85,7 +90,8 @@ BEGIN
     DELETE FROM webhook._events e
      WHERE e.id IN (SELECT x.id FROM webhook._events x
                      WHERE x.id <= bound AND x.created_at < cutoff
-                       AND NOT EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = x.id)
+                       AND (x.id < (SELECT COALESCE(max(r.routed_below), 0) FROM webhook._router r) OR x.route IS NULL)
+                       AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = x.id)
                      ORDER BY x.id
                      LIMIT max_rows);
     GET DIAGNOSTICS n = ROW_COUNT;

@@ -28,7 +28,7 @@ BEGIN
         SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
     END IF;
     INSERT INTO webhook._events (type, payload, size) VALUES (event_type, payload, size) RETURNING id INTO event_id;
-    INSERT INTO webhook.deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
+    INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
     SELECT event_id * 1048576 + e.id, event_id, e.id,
            CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
            CASE WHEN e.enabled THEN now() END,
@@ -46,10 +46,11 @@ RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    d webhook.deliveries;
+    d webhook._deliveries;
     ep webhook.endpoints;
 BEGIN
-    SELECT * INTO d FROM webhook.deliveries x WHERE x.id = delivery_id FOR UPDATE;
+    PERFORM webhook._route();
+    SELECT * INTO d FROM webhook._deliveries x WHERE x.id = delivery_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'delivery % does not exist', delivery_id USING ERRCODE = 'undefined_object';
     END IF;
@@ -76,7 +77,7 @@ BEGIN
         RAISE EXCEPTION 'endpoint "%" is disabled', ep.name
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Enable it first with webhook.enable_endpoint().';
     END IF;
-    UPDATE webhook.deliveries x SET status = 'pending', next_attempt_at = now() WHERE x.id = delivery_id;
+    UPDATE webhook._deliveries x SET status = 'pending', next_attempt_at = now() WHERE x.id = delivery_id;
     PERFORM webhook._wake();
 END
 $$;
@@ -98,11 +99,12 @@ BEGIN
     IF since IS NULL OR until IS NULL OR since >= until THEN
         RAISE EXCEPTION 'since must be earlier than until' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    INSERT INTO webhook.deliveries (event_id, endpoint_id)
+    PERFORM webhook._route();
+    INSERT INTO webhook._deliveries (event_id, endpoint_id)
     SELECT ev.id, ep.id
       FROM webhook._events ev
      WHERE ev.created_at >= since AND ev.created_at < until
-       AND EXISTS (SELECT FROM webhook.deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)
+       AND EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)
        -- Not a row change whose images were not kept (too large), as retry() refuses it.
        AND NOT (ev.op IS NOT NULL AND ev.new IS NULL AND ev.old IS NULL)
      ORDER BY ev.id;

@@ -23,6 +23,8 @@ use crate::pg::shmem;
 const EVICTION: Duration = Duration::from_secs(10);
 /// How long the command waits for the worker to disconnect.
 const EVICTION_WAIT: Duration = Duration::from_secs(5);
+/// How long the command waits for other sessions to leave before it decides the worker need not.
+const OTHERS_WAIT: Duration = Duration::from_secs(3);
 
 static mut PREV: pg_sys::ProcessUtility_hook_type = None;
 
@@ -210,15 +212,32 @@ fn allowed(dbname: &str, command: Command) -> bool {
             return false;
         }
         // Sessions the command would find there besides the worker (autovacuum steps aside).
-        let others = Spi::get_one_with_args::<i64>(
-            "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity a
-              WHERE a.datid OPERATOR(pg_catalog.=) $1
-                AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
-                AND a.backend_type OPERATOR(pg_catalog.<>) ALL ('{autovacuum worker,webhook_ext worker}'::pg_catalog.text[])",
-            &[oid.into()],
-        );
-        if !matches!(others, Ok(Some(0))) && !matches!(command, Command::Drop { force: true }) {
-            return false;
+        // Postgres itself waits up to 5 s for them to leave; so does this, for up to
+        // OTHERS_WAIT: a client that has just disconnected is still listed for a moment, and
+        // judging by that instant kept the worker there to fail the command.
+        let others = || {
+            // Each look reads the sessions anew (they are otherwise read once per transaction).
+            pg_sys::pgstat_clear_snapshot();
+            Spi::get_one_with_args::<i64>(
+                "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity a
+                  WHERE a.datid OPERATOR(pg_catalog.=) $1
+                    AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
+                    AND a.backend_type OPERATOR(pg_catalog.<>) ALL ('{autovacuum worker,webhook_ext worker}'::pg_catalog.text[])",
+                &[oid.into()],
+            )
+        };
+        if !matches!(command, Command::Drop { force: true }) {
+            let deadline = Instant::now() + OTHERS_WAIT;
+            loop {
+                if matches!(others(), Ok(Some(0))) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                pg_sys::check_for_interrupts!();
+            }
         }
         let me = pg_sys::GetUserId();
         let row = Spi::get_three_with_args::<pg_sys::Oid, bool, bool>(

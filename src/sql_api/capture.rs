@@ -34,30 +34,34 @@ use pgrx::prelude::*;
 
 use crate::pg::spi::Statement;
 
-/// Writes a statement's events and their deliveries, in the order they were decided. Events:
-/// $1 the events' id sequence; $2 type, $3 schema, $4 table, $5 op, $6/$7 new and old row images
-/// (NULL when absent or not kept), $8 size of the body. Deliveries: $9 which event (its position
-/// in the events' arrays, from 1), $10 endpoint id (NULL if unknown), $11 status, $12 reason.
-/// Event ids are drawn in order, so ids follow the rows as they did when each row was written by
-/// itself; deliveries are written in order too, each with its computed id (event id * 2^20 + endpoint id)
-/// or, to an endpoint that does not exist, one from the identity.
+/// Writes a statement's events, in the order they were decided: $1 the events' id sequence; $2
+/// type, $3 schema, $4 table, $5 op, $6/$7 new and old row images (NULL when absent or not kept),
+/// $8 size of the body, $9 route (the endpoints of its pending deliveries, as an array literal;
+/// the worker makes those deliveries, `webhook._route()`). Deliveries that are not pending (an
+/// endpoint disabled or missing, a body too large) are written here, in order: $10 which event
+/// (its position in the events' arrays, from 1), $11 endpoint id (NULL if unknown), $12 status,
+/// $13 reason; each with its computed id (event id * 2^20 + endpoint id) or, to an endpoint that
+/// does not exist, one from the identity. Event ids are drawn in order, so ids follow the rows as
+/// they did when each row was written by itself.
 static WRITE: Statement = Statement::new("enqueue_write", WRITE_SQL, WRITE_PARAMS);
 const WRITE_SQL: &str = "WITH ev AS MATERIALIZED (
     SELECT pg_catalog.nextval($1::pg_catalog.regclass) AS id, u.*
       FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4),
                       pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($7),
-                      pg_catalog.unnest($8)) WITH ORDINALITY
-           AS u(type, schema_name, table_name, op, new, old, size, n)
+                      pg_catalog.unnest($8), pg_catalog.unnest($9)) WITH ORDINALITY
+           AS u(type, schema_name, table_name, op, new, old, size, route, n)
 ), written AS (
-    INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, old, size)
-    SELECT ev.id, ev.type, ev.schema_name, ev.table_name, ev.op, ev.new, ev.old, ev.size FROM ev
+    INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, old, size, route)
+    SELECT ev.id, ev.type, ev.schema_name, ev.table_name, ev.op, ev.new, ev.old, ev.size,
+           ev.route::pg_catalog.int4[]
+      FROM ev
 )
-INSERT INTO webhook.deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
-SELECT COALESCE(ev.id OPERATOR(pg_catalog.*) 1048576 OPERATOR(pg_catalog.+) d.endpoint_id, pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('webhook.deliveries', 'id')::pg_catalog.regclass)),
+INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
+SELECT COALESCE(ev.id OPERATOR(pg_catalog.*) 1048576 OPERATOR(pg_catalog.+) d.endpoint_id, pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('webhook._deliveries', 'id')::pg_catalog.regclass)),
        ev.id, d.endpoint_id, d.status::webhook.delivery_status,
        CASE WHEN d.status OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, d.reason
-  FROM ROWS FROM (pg_catalog.unnest($9), pg_catalog.unnest($10), pg_catalog.unnest($11),
-                  pg_catalog.unnest($12)) WITH ORDINALITY AS d(event, endpoint_id, status, reason, k)
+  FROM ROWS FROM (pg_catalog.unnest($10), pg_catalog.unnest($11), pg_catalog.unnest($12),
+                  pg_catalog.unnest($13)) WITH ORDINALITY AS d(event, endpoint_id, status, reason, k)
   JOIN ev ON ev.n OPERATOR(pg_catalog.=) d.event
  ORDER BY d.k";
 const WRITE_PARAMS: &[pg_sys::Oid] = &[
@@ -69,21 +73,42 @@ const WRITE_PARAMS: &[pg_sys::Oid] = &[
     pg_sys::JSONBARRAYOID,
     pg_sys::JSONBARRAYOID,
     pg_sys::INT4ARRAYOID,
+    pg_sys::TEXTARRAYOID,
     pg_sys::INT4ARRAYOID,
     pg_sys::INT4ARRAYOID,
     pg_sys::TEXTARRAYOID,
     pg_sys::TEXTARRAYOID,
 ];
 
-/// One event and its one delivery (the common case: a one-row statement with one subscription,
-/// or a row written as it fires): the same rows as WRITE, by a statement whose plan is cheaper to
-/// run than unnesting arrays of one. $1 type, $2 schema, $3 table, $4 op, $5/$6 new and old
+/// One event with one pending delivery (the common case: a one-row statement with one
+/// subscription, or a row written as it fires): the event row alone, its route the one
+/// endpoint. $1 type, $2 schema, $3 table, $4 op, $5/$6 new and old images, $7 size, $8 endpoint.
+static WRITE_ONE_ROUTED: Statement = Statement::new(
+    "enqueue_write_one_routed",
+    "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old, size, route)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, ARRAY[$8]::pg_catalog.int4[])",
+    &[
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::JSONBOID,
+        pg_sys::JSONBOID,
+        pg_sys::INT4OID,
+        pg_sys::INT4OID,
+    ],
+);
+
+/// One event and its one delivery that is not pending (or any, on a schema from before 0.3.0):
+/// the same rows as WRITE, by a statement whose plan is cheaper to run than unnesting arrays of
+/// one. $1 type, $2 schema, $3 table, $4 op, $5/$6 new and old
 /// images, $7 endpoint id, $8 status, $9 reason, and $10 the body's size where the schema has
 /// the column (`$size_column`/`$size_value` are empty for a schema from before 0.3.0: this
-/// library installed, ALTER EXTENSION … UPDATE not yet run). The delivery's id is computed
-/// (`$id_column`/`$id_value`) from 0.3.0 on, drawn from the identity before.
+/// library installed, ALTER EXTENSION … UPDATE not yet run). From 0.3.0 on the stored
+/// deliveries are `webhook._deliveries` (`$deliveries`) and a delivery's id is computed
+/// (`$id_column`/`$id_value`); before, `webhook.deliveries` and the identity.
 macro_rules! write_one_sql {
-    ($size_column:literal, $size_value:literal, $id_column:literal, $id_value:literal) => {
+    ($size_column:literal, $size_value:literal, $deliveries:literal, $id_column:literal, $id_value:literal) => {
         concat!(
             "WITH ev AS (
     INSERT INTO webhook._events (type, schema_name, table_name, op, new, old",
@@ -94,7 +119,9 @@ macro_rules! write_one_sql {
             ")
     RETURNING id
 )
-INSERT INTO webhook.deliveries (",
+INSERT INTO webhook.",
+            $deliveries,
+            " (",
             $id_column,
             "event_id, endpoint_id, status, next_attempt_at, last_error)
 SELECT ",
@@ -124,14 +151,15 @@ static WRITE_ONE: Statement = Statement::new(
     write_one_sql!(
         ", size",
         ", $10",
+        "_deliveries",
         "id, ",
-        "COALESCE(ev.id OPERATOR(pg_catalog.*) 1048576 OPERATOR(pg_catalog.+) $7, pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('webhook.deliveries', 'id')::pg_catalog.regclass)), "
+        "COALESCE(ev.id OPERATOR(pg_catalog.*) 1048576 OPERATOR(pg_catalog.+) $7, pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('webhook._deliveries', 'id')::pg_catalog.regclass)), "
     ),
     ONE_ROW,
 );
 static WRITE_ONE_LEGACY: Statement = Statement::new(
     "enqueue_write_one_legacy",
-    write_one_sql!("", "", "", ""),
+    write_one_sql!("", "", "deliveries", "", ""),
     ONE_ROW.split_at(9).0,
 );
 
@@ -165,6 +193,14 @@ pub(crate) struct Delivery {
     pub endpoint_id: Option<i32>,
     pub status: &'static str,
     pub reason: Option<String>,
+}
+
+impl Delivery {
+    /// Whether the worker makes this delivery from its event's route (a pending one to a known
+    /// endpoint) rather than it being stored with the event.
+    fn routed(&self) -> bool {
+        self.status == "pending" && self.endpoint_id.is_some()
+    }
 }
 
 /// What makes two triggers' events the same event: the same row change (relation, operation,
@@ -589,6 +625,25 @@ fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
             s
         }
     };
+    // Pending deliveries go into their event's route (as an array literal: "{3,7}"); the rest
+    // are stored now.
+    let mut routes: Vec<Option<String>> = vec![None; events.len()];
+    let mut stored = Vec::new();
+    for d in deliveries {
+        match (d.delivery.routed(), d.delivery.endpoint_id) {
+            (true, Some(id)) => {
+                let r = routes[d.event].get_or_insert_with(|| String::from("{"));
+                if r.len() > 1 {
+                    r.push(',');
+                }
+                r.push_str(&id.to_string());
+            }
+            _ => stored.push(d),
+        }
+    }
+    for r in routes.iter_mut().flatten() {
+        r.push('}');
+    }
     let texts = |v: Vec<Option<&str>>| -> DatumWithOid<'static> { v.into() };
     let ints = |v: Vec<Option<i32>>| -> DatumWithOid<'static> { v.into() };
     let ev = |f: &dyn Fn(&Event) -> &str| texts(events.iter().map(|w| Some(f(&w.event))).collect());
@@ -608,16 +663,12 @@ fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
         jsonbs(&|e| e.new),
         jsonbs(&|e| e.old),
         ints(events.iter().map(|w| w.event.size).collect()),
-        ints(
-            deliveries
-                .iter()
-                .map(|d| Some(d.event as i32 + 1))
-                .collect(),
-        ),
-        ints(deliveries.iter().map(|d| d.delivery.endpoint_id).collect()),
-        texts(deliveries.iter().map(|d| Some(d.delivery.status)).collect()),
+        texts(routes.iter().map(|r| r.as_deref()).collect()),
+        ints(stored.iter().map(|d| Some(d.event as i32 + 1)).collect()),
+        ints(stored.iter().map(|d| d.delivery.endpoint_id).collect()),
+        texts(stored.iter().map(|d| Some(d.delivery.status)).collect()),
         texts(
-            deliveries
+            stored
                 .iter()
                 .map(|d| d.delivery.reason.as_deref())
                 .collect(),
@@ -651,6 +702,11 @@ pub(crate) fn write_one(e: &Event, d: &Delivery, legacy: bool) {
     ];
     let statement = if legacy {
         &WRITE_ONE_LEGACY
+    } else if d.routed() {
+        args.truncate(6);
+        args.push(e.size.into());
+        args.push(d.endpoint_id.into());
+        &WRITE_ONE_ROUTED
     } else {
         args.push(e.size.into());
         &WRITE_ONE

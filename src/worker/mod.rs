@@ -23,6 +23,7 @@ mod housekeeping;
 mod inflight;
 pub(crate) mod queries;
 mod record;
+mod route;
 mod session;
 mod settings;
 

@@ -47,13 +47,13 @@ macro_rules! head_of {
     ($ep:literal) => {
         concat!(
             "SELECT u.id, u.event_id, u.next_attempt_at FROM (
-               (SELECT x.id, x.event_id, x.next_attempt_at FROM webhook.deliveries x
+               (SELECT x.id, x.event_id, x.next_attempt_at FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = ",
             $ep,
             "
                  ORDER BY x.id LIMIT 1)
                UNION ALL
-               (SELECT x.id, x.event_id, x.next_attempt_at FROM webhook.deliveries x
+               (SELECT x.id, x.event_id, x.next_attempt_at FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = ",
             $ep,
             "
@@ -97,12 +97,12 @@ WITH cap AS (
            -- New deliveries (due since they were made) oldest first, and retries that are due,
            -- each from its own index: retries waiting for later are never read.
            SELECT u.id, u.endpoint_id, u.event_id FROM (
-               (SELECT x.id, x.endpoint_id, x.event_id FROM webhook.deliveries x
+               (SELECT x.id, x.endpoint_id, x.event_id FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = cap.id
                    AND x.next_attempt_at <= now()
                  ORDER BY x.id LIMIT cap.n)
                UNION ALL
-               (SELECT x.id, x.endpoint_id, x.event_id FROM webhook.deliveries x
+               (SELECT x.id, x.endpoint_id, x.event_id FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = cap.id
                    AND x.next_attempt_at <= now()
                  ORDER BY x.next_attempt_at LIMIT cap.n)) u
@@ -132,13 +132,13 @@ WITH cap AS (
               JOIN webhook._events e ON e.id = p.event_id) z
 ), locked AS (
     -- A primary-key lookup: `status = 'pending'` alone implies neither partial index.
-    SELECT d.id, sized.size FROM webhook.deliveries d
+    SELECT d.id, sized.size FROM webhook._deliveries d
       JOIN sized ON sized.id = d.id
      WHERE ((sized.ord = 1 AND $12) OR sized.running <= $11)
        AND d.status = 'pending'
        FOR UPDATE OF d SKIP LOCKED
 )
-UPDATE webhook.deliveries d
+UPDATE webhook._deliveries d
    SET status = 'sending',
        next_attempt_at = now() + (COALESCE(ep.timeout, $5 * interval '1 ms') + $6 * interval '1 ms')
   FROM locked, webhook._events e, webhook.endpoints ep
@@ -175,10 +175,10 @@ SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
         head_of!("ep.id"),
         r#") h)
                     ELSE LEAST(
-                        (SELECT x.next_attempt_at FROM webhook.deliveries x
+                        (SELECT x.next_attempt_at FROM webhook._deliveries x
                           WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = ep.id
                           ORDER BY x.id LIMIT 1),
-                        (SELECT x.next_attempt_at FROM webhook.deliveries x
+                        (SELECT x.next_attempt_at FROM webhook._deliveries x
                           WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = ep.id
                           ORDER BY x.next_attempt_at LIMIT 1))
                END AS t
@@ -240,7 +240,7 @@ WITH r AS (
            END AS why
       FROM r
 )
-UPDATE webhook.deliveries d
+UPDATE webhook._deliveries d
    SET status = v.final::webhook.delivery_status,
        attempts = v.attempt,
        last_status_code = v.code,
@@ -322,7 +322,7 @@ WITH off AS (
      WHERE e.id = r.id AND e.enabled
     RETURNING e.id, r.reason
 )
-UPDATE webhook.deliveries d
+UPDATE webhook._deliveries d
    SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled: ' || off.reason
   FROM off
  WHERE d.endpoint_id = off.id AND d.endpoint_id = ANY ($1::int4[])
@@ -340,7 +340,7 @@ pub static RECOVER: Statement = Statement::new(
     "recover",
     concat!(
         r#"
-UPDATE webhook.deliveries SET status = 'pending', next_attempt_at = now()
+UPDATE webhook._deliveries SET status = 'pending', next_attempt_at = now()
  WHERE status = 'sending' AND NOT (id = ANY($1)) AND ($2 OR next_attempt_at < now())
    AND "#,
         owned_by!("endpoint_id", "$3", "$4"),
@@ -372,7 +372,7 @@ pub static REPLICATED_BY: Statement = Statement::new(
 SELECT s.subname::text
   FROM pg_catalog.pg_subscription_rel r
   JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid
- WHERE r.srrelid IN ('webhook.deliveries'::regclass, 'webhook._events'::regclass, 'webhook.endpoints'::regclass)
+ WHERE r.srrelid IN ('webhook._deliveries'::regclass, 'webhook._events'::regclass, 'webhook.endpoints'::regclass)
  LIMIT 1
 "#,
     &[],
@@ -381,13 +381,43 @@ SELECT s.subname::text
 /// What the planner believes the deliveries table holds (see `StatsWatch`).
 pub static PLANNER_ROWS: Statement = Statement::new(
     "planner_rows",
-    "SELECT reltuples::float8 FROM pg_catalog.pg_class WHERE oid = 'webhook.deliveries'::regclass",
+    "SELECT reltuples::float8 FROM pg_catalog.pg_class WHERE oid = 'webhook._deliveries'::regclass",
     &[],
 );
 
 /// Refreshes the queue's statistics; skipped while another ANALYZE or VACUUM has the table.
 pub static ANALYZE: Statement = Statement::new(
     "analyze",
-    "ANALYZE (SKIP_LOCKED) webhook.deliveries, webhook._events",
+    "ANALYZE (SKIP_LOCKED) webhook._deliveries, webhook._events",
+    &[],
+);
+
+// Routing (route.rs): each statement takes its own snapshot, in this order.
+
+/// The oldest xid still running (`txid_current_snapshot()`'s xmin).
+pub static SNAPSHOT_XMIN: Statement = Statement::new(
+    "route_xmin",
+    "SELECT pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot())",
+    &[],
+);
+/// Makes the deliveries of committed events' routes; returns how many.
+pub static ROUTE: Statement = Statement::new("route", "SELECT webhook._route()", &[]);
+/// Raises the watermark to $1.
+pub static RAISE_WATERMARK: Statement = Statement::new(
+    "route_raise",
+    "WITH raised AS (UPDATE webhook._router SET routed_below = $1 WHERE routed_below < $1 RETURNING 1)
+     INSERT INTO webhook._router SELECT $1 WHERE NOT EXISTS (SELECT FROM webhook._router)",
+    &[INT8],
+);
+/// The last event id handed out (0 if none yet).
+pub static LAST_EVENT_ID: Statement = Statement::new(
+    "route_last_event",
+    "SELECT COALESCE(pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass), 0)",
+    &[],
+);
+/// The first xid not yet assigned (`txid_current_snapshot()`'s xmax).
+pub static SNAPSHOT_XMAX: Statement = Statement::new(
+    "route_xmax",
+    "SELECT pg_catalog.txid_snapshot_xmax(pg_catalog.txid_current_snapshot())",
     &[],
 );

@@ -22,6 +22,7 @@ use super::error::{transaction, WorkerError};
 use super::inflight::InFlight;
 use super::queries as sql;
 use super::record::load_health;
+use super::route::Router;
 use super::settings::Settings;
 use super::{Stop, ERROR_BACKOFF, STATS_REFRESH_FLOOR};
 use crate::http::{Finished, HttpRuntime};
@@ -64,6 +65,8 @@ pub struct Session {
     /// The subscription that replicates webhook's tables into this database, once seen: the
     /// session then finishes what is under way and ends.
     pub(super) replicated_by: Option<String>,
+    /// Worker 0's routing state (route.rs).
+    pub(super) router: Router,
     next_housekeeping: Instant,
 }
 
@@ -110,6 +113,7 @@ impl Session {
             stats,
             policies: None,
             replicated_by: None,
+            router: Router::default(),
             next_housekeeping: Instant::now(),
         })
     }

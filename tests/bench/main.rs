@@ -435,10 +435,10 @@ fn trigger(report: &mut Report, seconds: u32, bulk_seconds: u32, bulk_only: bool
             "DROP TRIGGER IF EXISTS plain ON t;
              DROP TRIGGER IF EXISTS statement ON t;
              SELECT webhook.unsubscribe('t', s.endpoint) FROM webhook.subscriptions s;
-             TRUNCATE t, q, webhook._events, webhook.deliveries;",
+             TRUNCATE t, q, webhook._events, webhook._deliveries;",
         )
         .unwrap();
-        db.batch_execute("VACUUM ANALYZE t, q, webhook._events, webhook.deliveries")
+        db.batch_execute("VACUUM ANALYZE t, q, webhook._events, webhook._deliveries")
             .unwrap();
         db.batch_execute("CHECKPOINT").unwrap();
         match mode {
@@ -681,7 +681,7 @@ fn queue_size(db: &mut postgres::Client) -> (i64, String) {
     let rows = db
         .query(
             "SELECT c::text, pg_total_relation_size(c)::int8
-               FROM unnest(ARRAY['webhook._events', 'webhook.deliveries', 'webhook.attempts']::regclass[]) c",
+               FROM unnest(ARRAY['webhook._events', 'webhook._deliveries', 'webhook.attempts']::regclass[]) c",
             &[],
         )
         .unwrap();
@@ -705,7 +705,7 @@ fn queue_size(db: &mut postgres::Client) -> (i64, String) {
 fn queue_dead_tuples(db: &mut postgres::Client) -> i64 {
     db.query_one(
         "SELECT sum((pgstattuple(c)).dead_tuple_count)::int8
-           FROM unnest(ARRAY['webhook._events', 'webhook.deliveries', 'webhook.attempts']::regclass[]) c",
+           FROM unnest(ARRAY['webhook._events', 'webhook._deliveries', 'webhook.attempts']::regclass[]) c",
         &[],
     )
     .unwrap()
@@ -761,7 +761,7 @@ fn snapshot(report: &mut Report, rate: u32, seconds: u32) {
     holder.batch_execute("COMMIT").unwrap();
     db.execute("SELECT webhook.purge('0 seconds')", &[])
         .unwrap();
-    db.batch_execute("VACUUM webhook._events, webhook.deliveries, webhook.attempts")
+    db.batch_execute("VACUUM webhook._events, webhook._deliveries, webhook.attempts")
         .unwrap();
     let (size_after, detail_after) = queue_size(&mut db);
     let seen = seen.lock().unwrap();
@@ -839,7 +839,7 @@ fn table_sizes(db: &mut postgres::Client) -> (i64, String) {
     let rows = db
         .query(
             "SELECT c::text, pg_table_size(c)::int8, pg_indexes_size(c)::int8
-               FROM unnest(ARRAY['webhook._events', 'webhook.deliveries', 'webhook.attempts']::regclass[]) c",
+               FROM unnest(ARRAY['webhook._events', 'webhook._deliveries', 'webhook.attempts']::regclass[]) c",
             &[],
         )
         .unwrap();
@@ -981,7 +981,7 @@ fn backlog(report: &mut Report, events: i64) {
         ));
         db.execute("SELECT webhook.purge('0 seconds')", &[])
             .unwrap();
-        db.batch_execute("VACUUM ANALYZE webhook._events, webhook.deliveries, webhook.attempts")
+        db.batch_execute("VACUUM ANALYZE webhook._events, webhook._deliveries, webhook.attempts")
             .unwrap();
         let (total, detail) = table_sizes(&mut db);
         report.notes.push(format!(

@@ -616,3 +616,78 @@ fn a_foreign_tables_rows_each_get_their_own_event() {
         "subscribe() gives a foreign table its flush trigger too"
     );
 }
+
+/// The worker makes the deliveries from the events' routes (the user's statement writes none).
+/// A transaction that holds its events (lower ids) while later ones commit is routed when it
+/// commits: the watermark below which everything is routed waits for it, then passes it.
+#[test]
+fn a_transaction_that_commits_late_is_routed_and_the_watermark_waits_for_it() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+        .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    let watermark = |db: &mut postgres::Client| -> i64 {
+        db.query_one("SELECT max(routed_below) FROM webhook._router", &[])
+            .unwrap()
+            .get(0)
+    };
+    let mut long = pg.client();
+    long.batch_execute("BEGIN; INSERT INTO users VALUES (1, 'late@example.com')")
+        .unwrap();
+    let late_event: i64 = long
+        .query_one("SELECT max(id) FROM webhook._events", &[])
+        .unwrap()
+        .get(0);
+    // Written as one event row each, no delivery row in the writer's transaction.
+    let stored: i64 = long
+        .query_one("SELECT count(*) FROM webhook._deliveries", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
+    db.batch_execute(
+        "INSERT INTO users VALUES (2, 'a@example.com');
+         INSERT INTO users VALUES (3, 'b@example.com');",
+    )
+    .unwrap();
+    rx.wait_for(2, PATIENCE);
+    // Routing has run since (the two were sent), but the watermark stays at or below the open
+    // transaction's event.
+    std::thread::sleep(Duration::from_millis(500));
+    db.execute("SELECT webhook.send('poke', '{}')", &[])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        watermark(&mut db) <= late_event,
+        "watermark {} passed event {late_event}, still uncommitted",
+        watermark(&mut db)
+    );
+    long.batch_execute("COMMIT").unwrap();
+    let got = rx.wait_for(4, PATIENCE);
+    let late: Vec<&Request> = got
+        .iter()
+        .filter(|r| r.json()["data"]["new"]["email"] == "late@example.com")
+        .collect();
+    assert_eq!(late.len(), 1, "the late transaction's event is sent once");
+    let last: i64 = db
+        .query_one("SELECT max(id) FROM webhook._events", &[])
+        .unwrap()
+        .get(0);
+    wait_until(PATIENCE, "the watermark to pass every event", || {
+        (watermark(&mut db) > last).then_some(())
+    });
+    wait_settled(&mut db, PATIENCE);
+    let ids: std::collections::HashSet<String> =
+        rx.requests().iter().map(|r| r.webhook_id()).collect();
+    assert_eq!(ids.len(), 4, "four deliveries, each sent once");
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'"
+        ),
+        4
+    );
+}

@@ -559,7 +559,7 @@ fn public_calls(tbl: &str, url: &str, retry: i64) -> Vec<(&'static str, String)>
 const PUBLIC_RELATIONS: [(&str, &str); 7] = [
     ("endpoints", "table"),
     ("events", "view"),
-    ("deliveries", "table"),
+    ("deliveries", "view"),
     ("attempts", "table"),
     ("subscriptions", "view"),
     ("endpoint_stats", "view"),

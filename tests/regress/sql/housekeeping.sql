@@ -13,7 +13,7 @@ SELECT (webhook.create_endpoint('crm', 'https://crm.example.com/hooks', event_ty
 
 -- Each step starts from empty queue tables, so counts do not depend on other tests.
 CREATE PROCEDURE pg_temp.reset() LANGUAGE sql AS $$
-    TRUNCATE webhook.deliveries, webhook._events, webhook.attempts
+    TRUNCATE webhook._deliveries, webhook._events, webhook.attempts
 $$;
 -- One event per status, sent to crm, created "age" ago (delivery and event), each delivery with
 -- two attempts.
@@ -102,7 +102,7 @@ BEGIN;
 CALL pg_temp.reset();
 SELECT webhook.send('t.many', '{}', 'crm') AS many \gset
 UPDATE webhook.deliveries SET status = 'delivered', next_attempt_at = NULL, created_at = now() - interval '40 days' WHERE event_id = :many;
-INSERT INTO webhook.deliveries (event_id, endpoint_id, status, created_at, next_attempt_at)
+INSERT INTO webhook._deliveries (event_id, endpoint_id, status, created_at, next_attempt_at)
 SELECT :many, d.endpoint_id, 'delivered', now() - interval '40 days', NULL
   FROM webhook.deliveries d, generate_series(1, 10000) WHERE d.event_id = :many;
 SELECT count(*) AS old_delivered FROM webhook.deliveries;

@@ -4,7 +4,7 @@
 -- exercised in triggers.sql, send.sql and subscriptions.sql.
 \set SHOW_CONTEXT never
 SET timezone = 'UTC';
-TRUNCATE webhook.deliveries, webhook._events, webhook.attempts, webhook._endpoint_state;
+TRUNCATE webhook._deliveries, webhook._events, webhook.attempts, webhook._endpoint_state;
 
 -- Endpoints: "ordered" (ordered), "plain", "broken" (failing, nothing being sent), "off"
 -- (disabled), "idle" (nothing ever happened).
@@ -22,14 +22,14 @@ BEGIN;
 -- "broken": one retry (created two hours ago).
 CREATE TEMP TABLE ids AS SELECT name, id FROM webhook.endpoints;
 INSERT INTO webhook._events (id, type, payload) VALUES (1, 't.x', '{}');
-INSERT INTO webhook.deliveries (event_id, endpoint_id, status, attempts, created_at, next_attempt_at)
+INSERT INTO webhook._deliveries (event_id, endpoint_id, status, attempts, created_at, next_attempt_at)
 SELECT 1, ids.id, f.status::webhook.delivery_status, f.attempts, now() - f.age, f.due
   FROM ids, (VALUES ('pending', 0, interval '90 s', timestamptz '2030-01-01 00:00+00'),
                     ('pending', 0, interval '30 s', timestamptz '2030-01-02 00:00+00'),
                     ('pending', 3, interval '60 min', timestamptz '2030-01-03 00:00+00'),
                     ('sending', 1, interval '10 s', now() + interval '1 min')) f(status, attempts, age, due)
  WHERE ids.name IN ('ordered', 'plain');
-INSERT INTO webhook.deliveries (event_id, endpoint_id, status, attempts, created_at, next_attempt_at)
+INSERT INTO webhook._deliveries (event_id, endpoint_id, status, attempts, created_at, next_attempt_at)
 SELECT 1, id, 'pending', 12, now() - interval '2 hours', timestamptz '2030-02-01 00:00+00' FROM ids WHERE name = 'broken';
 -- The worker's per-endpoint state: totals, the failure streak (12 >= the threshold of 10 opens
 -- the circuit), when it began, the next probe.
