@@ -909,9 +909,18 @@ mod tests {
             super::WRITE_ONE.sql.contains("new, old, size)")
                 && super::WRITE_ONE.sql.contains("$6, $10)")
         );
-        assert!(
-            super::WRITE_SQL.contains("(id, type, schema_name, table_name, op, new, old, size)")
-        );
+        assert!(super::WRITE_SQL
+            .contains("(id, type, schema_name, table_name, op, new, old, size, route)"));
+        // Before 0.3.0 the deliveries table was webhook.deliveries (now a view of
+        // webhook._deliveries, which the current statements write).
+        assert!(sql.contains("INSERT INTO webhook.deliveries ("), "{sql}");
+        assert!(super::WRITE_ONE
+            .sql
+            .contains("INSERT INTO webhook._deliveries ("));
+        assert!(super::WRITE_SQL.contains("INSERT INTO webhook._deliveries ("));
+        assert!(super::WRITE_ONE_ROUTED
+            .sql
+            .contains("(type, schema_name, table_name, op, new, old, size, route)"));
     }
 
     #[test]
