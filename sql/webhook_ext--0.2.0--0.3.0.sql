@@ -67,19 +67,25 @@ SELECT d.id, d.event_id, d.endpoint_id, d.status, d.attempts, d.next_attempt_at,
        d.last_error, d.created_at, d.delivered_at
   FROM webhook._deliveries d
 UNION ALL
-SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id, 'pending'::webhook.delivery_status, 0,
-       e.created_at, NULL::integer, NULL::text, e.created_at, NULL::timestamptz
+SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
+       CASE WHEN ep.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status, 0,
+       CASE WHEN ep.enabled THEN e.created_at END, NULL::integer,
+       CASE WHEN NOT ep.enabled THEN 'endpoint disabled' END, e.created_at, NULL::timestamptz
   FROM webhook._events e
  CROSS JOIN LATERAL pg_catalog.unnest(e.route) AS r(endpoint_id)
+  JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
  WHERE e.id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
    AND e.route IS NOT NULL
    AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id);
 
 -- Makes the deliveries of every committed event at or above the watermark whose route has not
--- been made into deliveries yet (to an endpoint dropped since: cancelled). The worker runs it
+-- been made into deliveries yet, as webhook.deliveries shows them: pending (due since the event),
+-- or cancelled to an endpoint disabled since. An endpoint that does not exist is left out: it
+-- was dropped since (drop_endpoint() routes first, so only a writer that had not seen the drop
+-- yet names it), or a restore has not brought webhook.endpoints back yet. The worker runs it
 -- before each claim; functions that change deliveries run it first, so they find every delivery
--- stored. Returns how many it made. Several may run at once: a delivery another made meanwhile is
--- left alone.
+-- stored. Returns how many it made. Several may run at once: a delivery another made meanwhile
+-- is left alone.
 CREATE FUNCTION webhook._route()
 RETURNS bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
@@ -87,13 +93,13 @@ AS $$
     WITH made AS (
         INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at)
         SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
-               CASE WHEN ep.id IS NULL THEN 'cancelled' ELSE 'pending' END::webhook.delivery_status,
-               CASE WHEN ep.id IS NOT NULL THEN now() END,
-               CASE WHEN ep.id IS NULL THEN 'endpoint dropped' END,
+               CASE WHEN ep.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
+               CASE WHEN ep.enabled THEN e.created_at END,
+               CASE WHEN NOT ep.enabled THEN 'endpoint disabled' END,
                e.created_at
           FROM webhook._events e
          CROSS JOIN LATERAL unnest(e.route) WITH ORDINALITY AS r(endpoint_id, n)
-          LEFT JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
+          JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
          WHERE e.id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
            AND e.route IS NOT NULL
            AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id)
@@ -103,11 +109,13 @@ AS $$
     SELECT count(*) FROM made
 $$;
 
--- UPDATE and DELETE on webhook.deliveries: the statement routes first, so that each row it
--- changes is a stored one; then each row is changed in webhook._deliveries.
+-- INSERT, UPDATE and DELETE on webhook.deliveries. UPDATE and DELETE route first (a statement
+-- trigger), so that each row they change is a stored one; each row is then changed in
+-- webhook._deliveries. They run as the extension's owner (a role allowed to write the view need
+-- not be allowed to write the table); nothing of the caller's is evaluated but the values given.
 CREATE FUNCTION webhook._deliveries_route_first()
 RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM webhook._route();
@@ -115,50 +123,82 @@ BEGIN
 END
 $$;
 
+-- UPDATE changes only the columns the statement changed, and only while the stored row is still
+-- as the statement saw it (status, attempts, due time): the worker may have claimed or finished
+-- it since, and writing the statement's picture back would send it again. INSERT is what a
+-- writer of 0.2.0's table does (a trigger that began before the update): the row is stored.
+-- DELETE of a delivery whose event is not past the watermark is refused: routing would make it
+-- again (and send it).
 CREATE FUNCTION webhook._deliveries_write()
 RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, attempts, next_attempt_at,
+                                         last_status_code, last_error, created_at, delivered_at)
+        VALUES (COALESCE(NEW.id, nextval(pg_get_serial_sequence('webhook._deliveries', 'id')::regclass)),
+                NEW.event_id, NEW.endpoint_id, COALESCE(NEW.status, 'pending'), COALESCE(NEW.attempts, 0),
+                NEW.next_attempt_at, NEW.last_status_code, NEW.last_error, COALESCE(NEW.created_at, now()),
+                NEW.delivered_at);
+        RETURN NEW;
+    END IF;
     IF TG_OP = 'DELETE' THEN
+        IF OLD.event_id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
+           AND EXISTS (SELECT FROM webhook._events e WHERE e.id = OLD.event_id AND OLD.endpoint_id = ANY (e.route)) THEN
+            RAISE EXCEPTION 'delivery % cannot be deleted yet: its event is still being routed', OLD.id
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Cancel it instead (UPDATE webhook.deliveries SET status = ''cancelled''), or delete it a moment later.';
+        END IF;
         DELETE FROM webhook._deliveries d WHERE d.id = OLD.id;
         RETURN CASE WHEN FOUND THEN OLD END;
     END IF;
+    IF NEW.id IS DISTINCT FROM OLD.id OR NEW.event_id IS DISTINCT FROM OLD.event_id
+       OR NEW.endpoint_id IS DISTINCT FROM OLD.endpoint_id THEN
+        RAISE EXCEPTION 'a delivery''s id, event_id and endpoint_id cannot be changed'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
     UPDATE webhook._deliveries d
-       SET id = NEW.id, event_id = NEW.event_id, endpoint_id = NEW.endpoint_id, status = NEW.status,
-           attempts = NEW.attempts, next_attempt_at = NEW.next_attempt_at,
-           last_status_code = NEW.last_status_code, last_error = NEW.last_error,
-           created_at = NEW.created_at, delivered_at = NEW.delivered_at
-     WHERE d.id = OLD.id;
+       SET status = CASE WHEN NEW.status IS DISTINCT FROM OLD.status THEN NEW.status ELSE d.status END,
+           attempts = CASE WHEN NEW.attempts IS DISTINCT FROM OLD.attempts THEN NEW.attempts ELSE d.attempts END,
+           next_attempt_at = CASE WHEN NEW.next_attempt_at IS DISTINCT FROM OLD.next_attempt_at THEN NEW.next_attempt_at ELSE d.next_attempt_at END,
+           last_status_code = CASE WHEN NEW.last_status_code IS DISTINCT FROM OLD.last_status_code THEN NEW.last_status_code ELSE d.last_status_code END,
+           last_error = CASE WHEN NEW.last_error IS DISTINCT FROM OLD.last_error THEN NEW.last_error ELSE d.last_error END,
+           created_at = CASE WHEN NEW.created_at IS DISTINCT FROM OLD.created_at THEN NEW.created_at ELSE d.created_at END,
+           delivered_at = CASE WHEN NEW.delivered_at IS DISTINCT FROM OLD.delivered_at THEN NEW.delivered_at ELSE d.delivered_at END
+     WHERE d.id = OLD.id
+       AND (d.status, d.attempts, d.next_attempt_at) IS NOT DISTINCT FROM (OLD.status, OLD.attempts, OLD.next_attempt_at);
     RETURN CASE WHEN FOUND THEN NEW END;
 END
 $$;
 
 CREATE TRIGGER deliveries_route_first BEFORE UPDATE OR DELETE ON webhook.deliveries
     FOR EACH STATEMENT EXECUTE FUNCTION webhook._deliveries_route_first();
-CREATE TRIGGER deliveries_write INSTEAD OF UPDATE OR DELETE ON webhook.deliveries
+CREATE TRIGGER deliveries_write INSTEAD OF INSERT OR UPDATE OR DELETE ON webhook.deliveries
     FOR EACH ROW EXECUTE FUNCTION webhook._deliveries_write();
 
 -- Whoever was granted rights on webhook.deliveries (a monitoring role, say) keeps them on the
--- view; the stored table keeps only the extension's own grants.
+-- view, grant option included; the stored table keeps only the extension's own grants.
 DO $$
 DECLARE
     g record;
+    who text;
 BEGIN
-    FOR g IN SELECT a.grantee, a.privilege_type
+    FOR g IN SELECT a.grantee, a.privilege_type, bool_or(a.is_grantable) AS grantable
                FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
               WHERE c.oid = 'webhook._deliveries'::regclass
                 AND a.grantee <> c.relowner
                 AND a.grantee <> (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = 'webhook_admin')
+              GROUP BY a.grantee, a.privilege_type
     LOOP
-        EXECUTE pg_catalog.format('GRANT %s ON webhook.deliveries TO %s', g.privilege_type,
-                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END);
-        EXECUTE pg_catalog.format('REVOKE %s ON webhook._deliveries FROM %s', g.privilege_type,
-                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END);
+        who := CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END;
+        EXECUTE pg_catalog.format('GRANT %s ON webhook.deliveries TO %s%s', g.privilege_type, who,
+                                  CASE WHEN g.grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        EXECUTE pg_catalog.format('REVOKE %s ON webhook._deliveries FROM %s CASCADE', g.privilege_type, who);
     END LOOP;
 END
 $$;
-GRANT SELECT, INSERT, UPDATE, DELETE ON webhook._router TO webhook_admin;
+GRANT SELECT ON webhook._router TO webhook_admin;
 GRANT SELECT, UPDATE, DELETE ON webhook.deliveries TO webhook_admin;
 REVOKE ALL ON FUNCTION webhook._route(), webhook._deliveries_route_first(), webhook._deliveries_write() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION webhook._route(), webhook._deliveries_route_first(), webhook._deliveries_write() TO webhook_admin;

@@ -610,6 +610,31 @@ mod tests {
         assert_eq!(one::<i64>("SELECT count(*) FROM webhook.events"), 0);
     }
 
+    /// A subscription and a hand-written trigger publishing the same row change to the same
+    /// endpoint make one delivery (its id is the event's and the endpoint's), not a duplicate key.
+    #[pg_test]
+    fn two_triggers_to_one_endpoint_make_one_delivery() {
+        endpoint("a");
+        Spi::run(
+            "CREATE TABLE users (id int PRIMARY KEY);
+             SELECT webhook.subscribe('users', 'a');
+             CREATE TRIGGER by_hand AFTER INSERT ON users FOR EACH ROW EXECUTE FUNCTION webhook.enqueue('a');
+             SELECT webhook.allow_publish('users', 'a');
+             INSERT INTO users VALUES (1);
+             INSERT INTO users SELECT generate_series(2, 3);
+             SELECT webhook.disable_endpoint('a');
+             INSERT INTO users VALUES (4);",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.events"), 4);
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(status::text, ',' ORDER BY id) FROM webhook.deliveries"
+            ),
+            "cancelled,cancelled,cancelled,cancelled"
+        );
+    }
+
     #[pg_test]
     fn the_trigger_never_fails_the_users_statement() {
         endpoint("off");

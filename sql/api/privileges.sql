@@ -36,8 +36,11 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA webhook FROM PUBLIC;
 GRANT USAGE ON SCHEMA webhook TO webhook_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE
    ON webhook.endpoints, webhook._events, webhook._deliveries, webhook.attempts, webhook._endpoint_state, webhook._meta,
-      webhook._publishers, webhook._router
+      webhook._publishers
    TO webhook_admin;
+-- The watermark is the worker's alone: lowered, it would make purged deliveries again; raised,
+-- it would skip events not routed yet.
+GRANT SELECT ON webhook._router TO webhook_admin;
 GRANT SELECT, UPDATE, DELETE ON webhook.deliveries TO webhook_admin;
 GRANT SELECT ON webhook.events, webhook.subscriptions, webhook.endpoint_stats, webhook.metrics TO webhook_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook TO webhook_admin;

@@ -488,11 +488,23 @@ pub(crate) fn add_delivery(to: Shared, delivery: Delivery, later: bool) {
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let (rows, bytes) = BUFFER.with(|cell| {
         let mut b = cell.borrow_mut();
-        b.deliveries.push(WaitingDelivery {
-            event: to.index,
-            delivery,
-            subxact,
-        });
+        // Two triggers publishing the same row change to the same endpoint (a subscription and
+        // a hand-written trigger, say) make one delivery: its id is the event's and the
+        // endpoint's, so a second would be the same delivery. (An event's deliveries are the
+        // last ones waiting.)
+        let known = delivery.endpoint_id.is_some()
+            && b.deliveries
+                .iter()
+                .rev()
+                .take_while(|w| w.event == to.index)
+                .any(|w| w.delivery.endpoint_id == delivery.endpoint_id);
+        if !known {
+            b.deliveries.push(WaitingDelivery {
+                event: to.index,
+                delivery,
+                subxact,
+            });
+        }
         (b.deliveries.len(), b.bytes)
     });
     if !later || full(rows, bytes) {

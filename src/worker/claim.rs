@@ -168,13 +168,6 @@ impl Session {
             if self.policies.as_ref().is_none_or(|p| p.version != version) {
                 self.policies = Some(Policies::load(version, self.split)?);
             }
-            // Worker 0 makes the deliveries of committed events first (route.rs): the claim,
-            // a later statement, sees them.
-            let routed = if self.split.part == 0 {
-                Some(self.router.pass()?)
-            } else {
-                None
-            };
             let (params, limits) = self.claim_args().into_claim(
                 limit,
                 default_timeout,
@@ -182,18 +175,11 @@ impl Session {
                 nothing_in_flight,
             );
             let rows = sql::CLAIM.rows(&params, Claimed::from_row)?;
-            Ok(Some((rows, limits, routed)))
+            Ok(Some((rows, limits)))
         })?;
-        let Some((claimed, limits, routed)) = claimed else {
+        let Some((claimed, limits)) = claimed else {
             return Ok(None);
         };
-        if let Some((made, pass)) = routed {
-            self.router.committed(pass);
-            // The other workers' endpoints may have new deliveries.
-            if made > 0 && self.split.parts > 1 {
-                shmem::wake_my_worker();
-            }
-        }
         let full = claimed.len() as i32 >= limit;
         let refresh = self.stats.claimed(claimed.len() as u64);
         let clock = Instant::now();

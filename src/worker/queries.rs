@@ -409,15 +409,19 @@ pub static RAISE_WATERMARK: Statement = Statement::new(
      INSERT INTO webhook._router SELECT $1 WHERE NOT EXISTS (SELECT FROM webhook._router)",
     &[INT8],
 );
-/// The last event id handed out (0 if none yet).
+/// The last event id handed out (0 if none yet); NULL if the sequence caches values per backend
+/// (CACHE > 1: an id at or below it may still be handed out later, so the watermark must not
+/// rise on it).
 pub static LAST_EVENT_ID: Statement = Statement::new(
     "route_last_event",
-    "SELECT COALESCE(pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass), 0)",
+    "SELECT CASE WHEN s.seqcache OPERATOR(pg_catalog.=) 1
+                 THEN COALESCE(pg_catalog.pg_sequence_last_value(s.seqrelid), 0) END
+       FROM pg_catalog.pg_sequence s
+      WHERE s.seqrelid OPERATOR(pg_catalog.=) pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass",
     &[],
 );
-/// The first xid not yet assigned (`txid_current_snapshot()`'s xmax).
-pub static SNAPSHOT_XMAX: Statement = Statement::new(
-    "route_xmax",
-    "SELECT pg_catalog.txid_snapshot_xmax(pg_catalog.txid_current_snapshot())",
-    &[],
-);
+/// This transaction's own xid (assigned now if it had none): every xid assigned before this
+/// statement is lower. (A snapshot's xmax is not that: it is the last *finished* xid + 1, and a
+/// transaction still running with a newer xid holds back neither it nor a later xmin.)
+pub static OWN_XID: Statement =
+    Statement::new("route_own_xid", "SELECT pg_catalog.txid_current()", &[]);

@@ -1,22 +1,28 @@
 //! Routing: worker 0 of a database makes the deliveries of the events the trigger wrote with a
-//! route (`webhook._route()`), inside its claim's transaction, and raises the watermark below
+//! route (`webhook._route()`), in a transaction of its own before each claim (so a saturated
+//! worker still routes for the others, and a routing pass that waits too long on another
+//! transaction is given up without holding up the claim), and raises the watermark below
 //! which every event is routed (`webhook._router.routed_below`; `webhook.deliveries` shows the
 //! deliveries at or above it that are not stored yet as pending).
 //!
 //! When the watermark may rise, PgQ's way: at a pass the router notes the last event id handed
-//! out (`M`, read first) and then a snapshot's `xmax` (`X`, a later statement). Every event with
-//! an id up to `M` was written by a transaction whose xid was assigned before its id was drawn (a
-//! trigger's event follows the row change that took the xid), so before the snapshot: its xid is
-//! below `X`. At a later pass whose snapshot has `xmin >= X`, all those transactions have ended,
-//! and that pass's `webhook._route()` (a later snapshot still) saw every one of them that
-//! committed: the watermark becomes `M + 1`. Only one pair is noted at a time, so a long
+//! out (`M`, read first) and then its own transaction's xid (`X`, assigned by a later statement).
+//! Every event with an id up to `M` was written by a transaction whose xid was assigned before
+//! its id was drawn (a trigger's event follows the row change that took the xid), so before `X`:
+//! its xid is below `X`. At a later pass whose snapshot has `xmin >= X`, all those transactions
+//! have ended (`X` itself has: the noting pass committed, so its snapshot's xmax is above every
+//! one of them and a running one would be in its xip), and that pass's `webhook._route()` (a
+//! later snapshot still) saw every one that committed: the watermark becomes `M + 1`. (A
+//! snapshot's xmax would not do for `X`: it is the last finished xid + 1, and a transaction
+//! running with a newer xid holds back neither it nor a later xmin. An attacker review found
+//! that; `workers::changing_webhook_workers_under_load…` lost 4 deliveries to it.) Only one pair is noted at a time, so a long
 //! writing transaction delays the watermark (each pass then looks at more events) but nothing
 //! else; read-only transactions (reports, pg_dump) have no xid and do not delay it.
 
 use super::error::WorkerError;
 use super::queries as sql;
 
-/// The note of the last pass that may raise the watermark: (last event id, snapshot xmax).
+/// The note of the last pass that may raise the watermark: (last event id, the noting pass's xid).
 #[derive(Default)]
 pub struct Router {
     noted: Option<(i64, i64)>,
@@ -33,9 +39,13 @@ impl Router {
             sql::RAISE_WATERMARK.run(&[(last + 1).into()])?;
         }
         let note = if matured.is_some() || self.noted.is_none() {
-            let last = sql::LAST_EVENT_ID.one::<i64>(&[])?.unwrap_or(0);
-            let xmax = sql::SNAPSHOT_XMAX.one::<i64>(&[])?.unwrap_or(0);
-            Some((last, xmax))
+            match sql::LAST_EVENT_ID.one::<i64>(&[])? {
+                Some(last) => {
+                    let xid = sql::OWN_XID.one::<i64>(&[])?.unwrap_or(i64::MAX);
+                    Some((last, xid))
+                }
+                None => None,
+            }
         } else {
             self.noted
         };
@@ -52,3 +62,7 @@ impl Router {
 pub struct Pass {
     note: Option<(i64, i64)>,
 }
+
+/// How long a routing pass waits for a row lock (another transaction routing the same events,
+/// e.g. an administrator's `retry()` left open) before it gives up until the next pass.
+pub const ROUTE_LOCK_TIMEOUT: &std::ffi::CStr = c"1s";

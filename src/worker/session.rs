@@ -22,11 +22,11 @@ use super::error::{transaction, WorkerError};
 use super::inflight::InFlight;
 use super::queries as sql;
 use super::record::load_health;
-use super::route::Router;
+use super::route::{Router, ROUTE_LOCK_TIMEOUT};
 use super::settings::Settings;
 use super::{Stop, ERROR_BACKOFF, STATS_REFRESH_FLOOR};
 use crate::http::{Finished, HttpRuntime};
-use crate::pg::process::{reload_if_asked, shutdown_requested, wait};
+use crate::pg::process::{override_settings, reload_if_asked, shutdown_requested, wait};
 use crate::pg::shmem::{self, Slot, WorkerState};
 use crate::pg::spi;
 use crate::policy::{Health, StatsWatch, TokenBucket};
@@ -67,6 +67,8 @@ pub struct Session {
     pub(super) replicated_by: Option<String>,
     /// Worker 0's routing state (route.rs).
     pub(super) router: Router,
+    /// The last routing pass failed (said once until one succeeds).
+    route_failing: bool,
     next_housekeeping: Instant,
 }
 
@@ -114,6 +116,7 @@ impl Session {
             policies: None,
             replicated_by: None,
             router: Router::default(),
+            route_failing: false,
             next_housekeeping: Instant::now(),
         })
     }
@@ -152,6 +155,9 @@ impl Session {
             } else if self.settings.paused {
                 self.slot.set_state(WorkerState::Paused);
             } else if failure.is_none() {
+                if self.split.part == 0 {
+                    self.route_stage();
+                }
                 match self.claim_and_send() {
                     Ok(next) => sleep = next,
                     Err(e) => {
@@ -229,6 +235,40 @@ impl Session {
             return false;
         }
         self.record_stage().is_ok() && self.unrecorded.is_empty()
+    }
+
+    /// Worker 0 makes the deliveries of the events committed since (route.rs), in a transaction
+    /// of its own, and wakes the other workers if it made any. A failure is logged (once until
+    /// a pass succeeds again) and the claim goes on with what is stored.
+    fn route_stage(&mut self) {
+        let router = &self.router;
+        let result = transaction(|| {
+            // A subscriber's copy of webhook's tables is the publisher's to route.
+            if super::replicated_by()?.is_some() {
+                return Ok(None);
+            }
+            override_settings(&[(c"lock_timeout", ROUTE_LOCK_TIMEOUT)]);
+            let pass = router.pass()?;
+            override_settings(&[(c"lock_timeout", c"0")]);
+            Ok(Some(pass))
+        });
+        match result {
+            Ok(Some((made, pass))) => {
+                self.router.committed(pass);
+                self.route_failing = false;
+                if made > 0 && self.split.parts > 1 {
+                    shmem::wake_my_worker();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // The transaction's settings went with it (lock_timeout is 0 again).
+                if !self.route_failing {
+                    warning!("webhook_ext worker: routing new events failed (the stored deliveries are still sent; it is tried again at each pass): {e}");
+                    self.route_failing = true;
+                }
+            }
+        }
     }
 
     /// Stage 1: collects finished requests and records them.

@@ -648,6 +648,17 @@ fn a_transaction_that_commits_late_is_routed_and_the_watermark_waits_for_it() {
         .unwrap()
         .get(0);
     assert_eq!(stored, 0);
+    // Routing passes while nothing else commits: the open transaction may hold the newest xid
+    // (above every snapshot's xmax), and the watermark must wait for it all the same.
+    for _ in 0..4 {
+        db.execute("SELECT webhook._wake()", &[]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        watermark(&mut db) <= late_event,
+        "watermark {} passed event {late_event} (uncommitted) in idle passes",
+        watermark(&mut db)
+    );
     db.batch_execute(
         "INSERT INTO users VALUES (2, 'a@example.com');
          INSERT INTO users VALUES (3, 'b@example.com');",
