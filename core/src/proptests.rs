@@ -61,6 +61,33 @@ fn urlish() -> impl Strategy<Value = String> {
 proptest! {
     #![proptest_config(config())]
 
+    /// The body's length as computed is the length of the body as built, whatever the names
+    /// (quotes, backslashes, control characters, any Unicode), images and txid.
+    #[test]
+    fn a_row_changes_body_length_is_computed_exactly(
+        schema in "\\PC{0,12}|[\"\\\\\u{0}-\u{1f}a-z\u{e9}\u{1F600}]{0,12}",
+        table in "\\PC{0,12}|[\"\\\\\u{0}-\u{1f}a-z\u{e9}]{0,12}",
+        op in prop_oneof![Just("INSERT"), Just("UPDATE"), Just("DELETE")],
+        new in proptest::option::of("\\PC{0,40}"),
+        old in proptest::option::of("\\PC{0,40}"),
+        txid in any::<i64>(),
+        at in 0i64..253_402_300_799_000_000,
+    ) {
+        let event_type = format!("{schema}.{table}.{}", op.to_ascii_lowercase());
+        let data = request::row_change_data(&schema, &table, op, new.as_deref(), old.as_deref(), txid);
+        let body = request::envelope(&event_type, at, &data);
+        let len = request::row_change_body_len(
+            &event_type,
+            &schema,
+            &table,
+            op,
+            new.as_deref().map_or(4, str::len),
+            old.as_deref().map_or(4, str::len),
+            txid,
+        );
+        prop_assert_eq!(len, body.len(), "{}", body);
+    }
+
     #[test]
     fn accepted_urls_are_http_with_a_host_and_no_credentials(text in urlish(), https_only in any::<bool>()) {
         if let Ok(url) = target::validate_url(&text, https_only) {

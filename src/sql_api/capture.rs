@@ -80,6 +80,20 @@ const WRITE_PARAMS: &[pg_sys::Oid] = &[
     pg_sys::TEXTARRAYOID,
 ];
 
+/// The same events as WRITE when none of their deliveries is stored now (the common case): a
+/// plain INSERT … SELECT, whose rows need not be materialised for a second use. $1–$9 as WRITE's.
+static WRITE_EVENTS: Statement = Statement::new(
+    "enqueue_write_events",
+    "INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, old, size, route)
+     SELECT pg_catalog.nextval($1::pg_catalog.regclass), u.type, u.schema_name, u.table_name, u.op,
+            u.new, u.old, u.size, u.route::pg_catalog.int4[]
+       FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4),
+                       pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($7),
+                       pg_catalog.unnest($8), pg_catalog.unnest($9))
+            AS u(type, schema_name, table_name, op, new, old, size, route)",
+    WRITE_PARAMS.split_at(9).0,
+);
+
 /// One event with one pending delivery (the common case: a one-row statement with one
 /// subscription, or a row written as it fires): the event row alone, its route the one
 /// endpoint. $1 type, $2 schema, $3 table, $4 op, $5/$6 new and old images, $7 size, $8 endpoint.
@@ -686,7 +700,12 @@ fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
                 .collect(),
         ),
     ];
-    if let Err(e) = WRITE.run(&args) {
+    let written = if stored.is_empty() {
+        WRITE_EVENTS.run(&args[..9])
+    } else {
+        WRITE.run(&args)
+    };
+    if let Err(e) = written {
         super::trigger::record_failed(e);
     }
 }
