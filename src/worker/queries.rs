@@ -420,8 +420,12 @@ pub static LAST_EVENT_ID: Statement = Statement::new(
       WHERE s.seqrelid OPERATOR(pg_catalog.=) pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass",
     &[],
 );
-/// This transaction's own xid (assigned now if it had none): every xid assigned before this
-/// statement is lower. (A snapshot's xmax is not that: it is the last *finished* xid + 1, and a
+/// This transaction's own xid, assigned by this statement (NULL if it had one already: an xid
+/// assigned earlier is not above every xid assigned before this statement). (A snapshot's xmax is not that: it is the last *finished* xid + 1, and a
 /// transaction still running with a newer xid holds back neither it nor a later xmin.)
 pub static OWN_XID: Statement =
-    Statement::new("route_own_xid", "SELECT pg_catalog.txid_current()", &[]);
+    Statement::new(
+        "route_own_xid",
+        "SELECT CASE WHEN pg_catalog.txid_current_if_assigned() IS NULL THEN pg_catalog.txid_current() END",
+        &[],
+    );

@@ -6,7 +6,8 @@
 //! deliveries at or above it that are not stored yet as pending).
 //!
 //! When the watermark may rise, PgQ's way: at a pass the router notes the last event id handed
-//! out (`M`, read first) and then its own transaction's xid (`X`, assigned by a later statement).
+//! out (`M`, read first) and then its own transaction's xid (`X`, assigned by a later statement,
+//! before the pass writes anything: an xid the transaction already had would be too old).
 //! Every event with an id up to `M` was written by a transaction whose xid was assigned before
 //! its id was drawn (a trigger's event follows the row change that took the xid), so before `X`:
 //! its xid is below `X`. At a later pass whose snapshot has `xmin >= X`, all those transactions
@@ -33,22 +34,23 @@ impl Router {
     /// if the transaction commits (pass it to `committed`).
     pub fn pass(&self) -> Result<(i64, Pass), WorkerError> {
         let xmin = sql::SNAPSHOT_XMIN.one::<i64>(&[])?.unwrap_or(0);
-        let matured = self.noted.filter(|&(_, xmax)| xmin >= xmax);
-        let made = sql::ROUTE.one::<i64>(&[])?.unwrap_or(0);
-        if let Some((last, _)) = matured {
-            sql::RAISE_WATERMARK.run(&[(last + 1).into()])?;
-        }
+        let matured = self.noted.filter(|&(_, xid)| xmin >= xid);
+        // The note is taken before anything is written: the xid must be assigned after the last
+        // id is read (a routing INSERT would assign it earlier, and a writer whose xid came after
+        // it could hold an id below the last one read; the held-snapshot benchmark lost 12 of
+        // 60,001 events that way).
         let note = if matured.is_some() || self.noted.is_none() {
             match sql::LAST_EVENT_ID.one::<i64>(&[])? {
-                Some(last) => {
-                    let xid = sql::OWN_XID.one::<i64>(&[])?.unwrap_or(i64::MAX);
-                    Some((last, xid))
-                }
+                Some(last) => sql::OWN_XID.one::<i64>(&[])?.map(|xid| (last, xid)),
                 None => None,
             }
         } else {
             self.noted
         };
+        let made = sql::ROUTE.one::<i64>(&[])?.unwrap_or(0);
+        if let Some((last, _)) = matured {
+            sql::RAISE_WATERMARK.run(&[(last + 1).into()])?;
+        }
         Ok((made, Pass { note }))
     }
 
