@@ -394,10 +394,13 @@ pub static ANALYZE: Statement = Statement::new(
 
 // Routing (route.rs): each statement takes its own snapshot, in this order.
 
-/// The oldest xid still running (`txid_current_snapshot()`'s xmin).
+/// The oldest xid still running (`txid_current_snapshot()`'s xmin), the events' id sequence and
+/// its last value (NULL if none handed out yet).
 pub static SNAPSHOT_XMIN: Statement = Statement::new(
     "route_xmin",
-    "SELECT pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot())",
+    "SELECT pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot()), s.oid::pg_catalog.int8,
+            pg_catalog.pg_sequence_last_value(s.oid)
+       FROM (SELECT pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass::pg_catalog.oid AS oid) s",
     &[],
 );
 /// Makes the deliveries of committed events' routes; returns how many.

@@ -23,33 +23,60 @@
 use super::error::WorkerError;
 use super::queries as sql;
 
-/// The note of the last pass that may raise the watermark: (last event id, the noting pass's xid).
+/// The note of the last pass that may raise the watermark.
 #[derive(Default)]
 pub struct Router {
-    noted: Option<(i64, i64)>,
+    noted: Option<Note>,
+}
+
+/// What a pass noted: the last event id handed out, the noting pass's xid, and the sequence the
+/// id came from. A note about another sequence (DROP and CREATE EXTENSION while the session
+/// serves: a new `_router` and a new sequence starting at 1) or about ids the sequence has not
+/// reached (reset by hand) says nothing about the events now, and is dropped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Note {
+    last: i64,
+    xid: i64,
+    sequence: i64,
 }
 
 impl Router {
     /// One routing pass, inside the caller's transaction: the deliveries made, and what to note
     /// if the transaction commits (pass it to `committed`).
     pub fn pass(&self) -> Result<(i64, Pass), WorkerError> {
-        let xmin = sql::SNAPSHOT_XMIN.one::<i64>(&[])?.unwrap_or(0);
-        let matured = self.noted.filter(|&(_, xid)| xmin >= xid);
+        let (xmin, sequence, last_now) = sql::SNAPSHOT_XMIN
+            .rows(&[], |row| {
+                Ok((
+                    row.get::<i64>(1)?.unwrap_or(0),
+                    row.get::<i64>(2)?.unwrap_or(0),
+                    row.get::<i64>(3)?.unwrap_or(0),
+                ))
+            })?
+            .pop()
+            .unwrap_or((0, 0, 0));
+        let noted = self
+            .noted
+            .filter(|n| n.sequence == sequence && last_now >= n.last);
+        let matured = noted.filter(|n| xmin >= n.xid);
         // The note is taken before anything is written: the xid must be assigned after the last
         // id is read (a routing INSERT would assign it earlier, and a writer whose xid came after
         // it could hold an id below the last one read; the held-snapshot benchmark lost 12 of
         // 60,001 events that way).
-        let note = if matured.is_some() || self.noted.is_none() {
+        let note = if matured.is_some() || noted.is_none() {
             match sql::LAST_EVENT_ID.one::<i64>(&[])? {
-                Some(last) => sql::OWN_XID.one::<i64>(&[])?.map(|xid| (last, xid)),
+                Some(last) => sql::OWN_XID.one::<i64>(&[])?.map(|xid| Note {
+                    last,
+                    xid,
+                    sequence,
+                }),
                 None => None,
             }
         } else {
-            self.noted
+            noted
         };
         let made = sql::ROUTE.one::<i64>(&[])?.unwrap_or(0);
-        if let Some((last, _)) = matured {
-            sql::RAISE_WATERMARK.run(&[(last + 1).into()])?;
+        if let Some(n) = matured {
+            sql::RAISE_WATERMARK.run(&[(n.last + 1).into()])?;
         }
         Ok((made, Pass { note }))
     }
@@ -62,7 +89,7 @@ impl Router {
 
 /// What a pass noted, kept once its transaction commits.
 pub struct Pass {
-    note: Option<(i64, i64)>,
+    note: Option<Note>,
 }
 
 /// How long a routing pass waits for a row lock (another transaction routing the same events,

@@ -756,3 +756,59 @@ fn concurrent_writers_lose_no_event_to_the_watermark() {
     );
     rx.wait_for(total as usize, PATIENCE);
 }
+
+/// DROP and CREATE EXTENSION while the worker serves: what it noted about the old events' ids
+/// (to raise the watermark later) says nothing about the new ones, which start again at 1. An
+/// open writer's first event of the new extension is routed when it commits.
+#[test]
+fn a_recreated_extension_starts_its_watermark_afresh() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    let setup = |db: &mut postgres::Client, url: &str| {
+        create_endpoint(db, "crm", url);
+        db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+            .unwrap();
+    };
+    let watermark = |db: &mut postgres::Client| -> i64 {
+        db.query_one("SELECT max(routed_below) FROM webhook._router", &[])
+            .unwrap()
+            .get(0)
+    };
+    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+        .unwrap();
+    setup(&mut db, &rx.url("/"));
+    db.batch_execute("INSERT INTO users SELECT g, 'old@example.com' FROM generate_series(1, 20) g")
+        .unwrap();
+    rx.wait_for(20, PATIENCE);
+    wait_until(PATIENCE, "the old watermark to pass the old events", || {
+        (watermark(&mut db) > 20).then_some(())
+    });
+    db.batch_execute(
+        "BEGIN;
+         DROP EXTENSION webhook_ext CASCADE;
+         CREATE EXTENSION webhook_ext;
+         COMMIT;",
+    )
+    .unwrap();
+    setup(&mut db, &rx.url("/"));
+    let mut long = pg.client();
+    long.batch_execute("BEGIN; INSERT INTO users VALUES (100, 'new@example.com')")
+        .unwrap();
+    let first: i64 = long
+        .query_one("SELECT max(id) FROM webhook._events", &[])
+        .unwrap()
+        .get(0);
+    for _ in 0..4 {
+        db.execute("SELECT webhook._wake()", &[]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        watermark(&mut db) <= first,
+        "the new extension's watermark {} passed its uncommitted event {first}",
+        watermark(&mut db)
+    );
+    long.batch_execute("COMMIT").unwrap();
+    let got = rx.wait_for(21, PATIENCE);
+    assert_eq!(got[20].json()["data"]["new"]["email"], "new@example.com");
+}
