@@ -78,23 +78,24 @@ SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
    AND e.route IS NOT NULL
    AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id);
 
--- Makes the deliveries of committed events at or above the watermark whose route has not been
--- made into deliveries yet, as webhook.deliveries shows them: pending (due since the event), or
--- cancelled to an endpoint disabled since; the first max_rows of them in event order (NULL: all).
--- An endpoint that does not exist is left out: it was dropped since (drop_endpoint() routes
--- first, so only a writer that had not seen the drop yet names it), or a restore has not brought
--- webhook.endpoints back yet. Returns how many deliveries it found to make (made now, or by a
--- concurrent caller meanwhile: that one is left alone) and the highest event id among them: when
--- found = max_rows, every event below that id is routed, not necessarily the rest. The worker runs
--- it before each claim, in bounded passes (src/worker/route.rs).
-CREATE FUNCTION webhook._route_some(max_rows bigint, OUT found bigint, OUT last_event bigint)
+-- Makes the deliveries of every committed event at or above the watermark whose route has not
+-- been made into deliveries yet, as webhook.deliveries shows them: pending (due since the event),
+-- or cancelled to an endpoint disabled since. An endpoint that does not exist is left out: it
+-- was dropped since (drop_endpoint() routes first, so only a writer that had not seen the drop
+-- yet names it), or a restore has not brought webhook.endpoints back yet. The worker runs it
+-- before each claim; functions that change deliveries run it first, so they find every delivery
+-- stored. Returns how many it made. Several may run at once: a delivery another made meanwhile
+-- is left alone.
+CREATE FUNCTION webhook._route()
+RETURNS bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH candidate AS MATERIALIZED (
-        SELECT e.id * 1048576 + r.endpoint_id AS id, e.id AS event_id, r.endpoint_id,
-               CASE WHEN ep.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status AS status,
-               CASE WHEN ep.enabled THEN e.created_at END AS next_attempt_at,
-               CASE WHEN NOT ep.enabled THEN 'endpoint disabled' END AS last_error,
+    WITH made AS (
+        INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at)
+        SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
+               CASE WHEN ep.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
+               CASE WHEN ep.enabled THEN e.created_at END,
+               CASE WHEN NOT ep.enabled THEN 'endpoint disabled' END,
                e.created_at
           FROM webhook._events e
          CROSS JOIN LATERAL unnest(e.route) WITH ORDINALITY AS r(endpoint_id, n)
@@ -103,24 +104,9 @@ AS $$
            AND e.route IS NOT NULL
            AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id)
          ORDER BY e.id, r.n
-         LIMIT max_rows
-    ), made AS (
-        INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at)
-        SELECT c.id, c.event_id, c.endpoint_id, c.status, c.next_attempt_at, c.last_error, c.created_at
-          FROM candidate c
-         ORDER BY c.id
         ON CONFLICT (id) DO NOTHING
         RETURNING 1)
-    SELECT (SELECT count(*) FROM candidate), (SELECT max(c.event_id) FROM candidate c)
-$$;
-
--- All of them (webhook._route_some without a bound); returns how many it found. Functions that
--- change deliveries run it first, so they find every delivery stored.
-CREATE FUNCTION webhook._route()
-RETURNS bigint
-LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT s.found FROM webhook._route_some(NULL) s
+    SELECT count(*) FROM made
 $$;
 
 -- INSERT, UPDATE and DELETE on webhook.deliveries. UPDATE and DELETE route first (a statement
@@ -214,10 +200,8 @@ END
 $$;
 GRANT SELECT ON webhook._router TO webhook_admin;
 GRANT SELECT, UPDATE, DELETE ON webhook.deliveries TO webhook_admin;
-REVOKE ALL ON FUNCTION webhook._route_some(bigint), webhook._route(), webhook._deliveries_route_first(),
-                       webhook._deliveries_write() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION webhook._route_some(bigint), webhook._route(), webhook._deliveries_route_first(),
-                          webhook._deliveries_write() TO webhook_admin;
+REVOKE ALL ON FUNCTION webhook._route(), webhook._deliveries_route_first(), webhook._deliveries_write() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhook._route(), webhook._deliveries_route_first(), webhook._deliveries_write() TO webhook_admin;
 
 CREATE OR REPLACE FUNCTION webhook.disable_endpoint(name text, reason text DEFAULT NULL)
 RETURNS void

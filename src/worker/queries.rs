@@ -403,13 +403,8 @@ pub static SNAPSHOT_XMIN: Statement = Statement::new(
        FROM (SELECT pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass::pg_catalog.oid AS oid) s",
     &[],
 );
-/// Makes the deliveries of committed events' routes, at most $1; returns how many it found and
-/// the highest event id among them.
-pub static ROUTE: Statement = Statement::new(
-    "route",
-    "SELECT s.found, s.last_event FROM webhook._route_some($1) s",
-    &[INT8],
-);
+/// Makes the deliveries of committed events' routes; returns how many.
+pub static ROUTE: Statement = Statement::new("route", "SELECT webhook._route()", &[]);
 /// Raises the watermark to $1.
 pub static RAISE_WATERMARK: Statement = Statement::new(
     "route_raise",

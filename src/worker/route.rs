@@ -74,40 +74,15 @@ impl Router {
         } else {
             noted
         };
-        let (found, last_event) = sql::ROUTE
-            .rows(&[ROUTE_BATCH.into()], |row| {
-                Ok((
-                    row.get::<i64>(1)?.unwrap_or(0),
-                    row.get::<i64>(2)?.unwrap_or(0),
-                ))
-            })?
-            .pop()
-            .unwrap_or((0, 0));
-        let complete = found < ROUTE_BATCH;
+        let made = sql::ROUTE.one::<i64>(&[])?.unwrap_or(0);
         if let Some(n) = matured {
-            // A bounded pass that stopped at event `last_event` routed every committed event
-            // below it (it takes them in event order): the watermark may rise that far.
-            let to = if complete {
-                n.last + 1
-            } else {
-                (n.last + 1).min(last_event)
-            };
-            sql::RAISE_WATERMARK.run(&[to.into()])?;
+            sql::RAISE_WATERMARK.run(&[(n.last + 1).into()])?;
         }
-        // Until a pass has routed everything it saw, the note it had stays (a matured one lets
-        // the next passes raise the watermark further); without one, the new one is kept.
-        let note = if complete { note } else { noted.or(note) };
-        Ok((
-            found,
-            Pass {
-                note,
-                more: !complete,
-            },
-        ))
+        Ok((made, Pass { note }))
     }
 
     /// The pass's transaction committed.
-    pub fn committed(&mut self, pass: &Pass) {
+    pub fn committed(&mut self, pass: Pass) {
         self.noted = pass.note;
     }
 }
@@ -115,13 +90,7 @@ impl Router {
 /// What a pass noted, kept once its transaction commits.
 pub struct Pass {
     note: Option<Note>,
-    /// It stopped at its bound: more events wait to be routed now.
-    pub more: bool,
 }
-
-/// The most deliveries a routing pass makes: a big statement's events are routed in parts, and
-/// the worker claims and sends between them rather than after all of them.
-pub const ROUTE_BATCH: i64 = 5_000;
 
 /// How long a routing pass waits for a row lock (another transaction routing the same events,
 /// e.g. an administrator's `retry()` left open) before it gives up until the next pass.

@@ -155,15 +155,11 @@ impl Session {
             } else if self.settings.paused {
                 self.slot.set_state(WorkerState::Paused);
             } else if failure.is_none() {
-                let more_to_route = self.split.part == 0 && self.route_stage();
+                if self.split.part == 0 {
+                    self.route_stage();
+                }
                 match self.claim_and_send() {
-                    Ok(next) => {
-                        sleep = if more_to_route {
-                            Some(Duration::ZERO)
-                        } else {
-                            next
-                        }
-                    }
+                    Ok(next) => sleep = next,
                     Err(e) => {
                         warning!("webhook_ext worker: claiming deliveries failed: {e}");
                         failure = Some(e);
@@ -241,11 +237,10 @@ impl Session {
         self.record_stage().is_ok() && self.unrecorded.is_empty()
     }
 
-    /// Worker 0 makes the deliveries of the events committed since (route.rs), at most
-    /// `ROUTE_BATCH` a pass, in a transaction of its own, and wakes the other workers if it made
-    /// any. True if it stopped at its bound (the loop comes back at once). A failure is logged (once until
+    /// Worker 0 makes the deliveries of the events committed since (route.rs), in a transaction
+    /// of its own, and wakes the other workers if it made any. A failure is logged (once until
     /// a pass succeeds again) and the claim goes on with what is stored.
-    fn route_stage(&mut self) -> bool {
+    fn route_stage(&mut self) {
         let router = &self.router;
         let result = transaction(|| {
             // A subscriber's copy of webhook's tables is the publisher's to route.
@@ -259,12 +254,11 @@ impl Session {
         });
         match result {
             Ok(Some((made, pass))) => {
-                self.router.committed(&pass);
+                self.router.committed(pass);
                 self.route_failing = false;
                 if made > 0 && self.split.parts > 1 {
                     shmem::wake_my_worker();
                 }
-                return pass.more;
             }
             Ok(None) => {}
             Err(e) => {
@@ -275,7 +269,6 @@ impl Session {
                 }
             }
         }
-        false
     }
 
     /// Stage 1: collects finished requests and records them.
