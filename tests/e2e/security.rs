@@ -671,8 +671,11 @@ fn ten_thousand_hanging_endpoints_do_not_stop_a_healthy_one() {
         "healthy endpoint: 20 deliveries in {took:?}; {hanging_before} requests hanging before, \
          {hanging_after} after ({held_after} connections held); at most {most_hanging} (cap {suspect_cap})"
     );
+    // Well inside the 60 s the hung requests hold their slots: a starved endpoint would wait
+    // for those. (A 2 s bound failed under the full suite's load, at 2.1–2.5 s, since the
+    // worker makes the deliveries of routed events itself.)
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_secs(10),
         "the healthy endpoint's 20 deliveries took {took:?} while the others hang"
     );
     // Still hanging after the ticks: nothing timed out to make room for them.
