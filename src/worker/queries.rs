@@ -394,13 +394,17 @@ pub static ANALYZE: Statement = Statement::new(
 
 // Routing (route.rs): each statement takes its own snapshot, in this order.
 
-/// The oldest xid still running (`txid_current_snapshot()`'s xmin), the events' id sequence and
-/// its last value (NULL if none handed out yet).
+/// The oldest xid still running (`txid_current_snapshot()`'s xmin), the events' id sequence, and
+/// the last id it handed out (0 if none yet); NULL for that if the sequence caches values per
+/// backend (CACHE > 1: an id at or below it may still be handed out later, so the watermark must
+/// not rise on it).
 pub static SNAPSHOT_XMIN: Statement = Statement::new(
     "route_xmin",
-    "SELECT pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot()), s.oid::pg_catalog.int8,
-            pg_catalog.pg_sequence_last_value(s.oid)
-       FROM (SELECT pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass::pg_catalog.oid AS oid) s",
+    "SELECT pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot()), s.seqrelid::pg_catalog.int8,
+            CASE WHEN s.seqcache OPERATOR(pg_catalog.=) 1
+                 THEN COALESCE(pg_catalog.pg_sequence_last_value(s.seqrelid), 0) END
+       FROM pg_catalog.pg_sequence s
+      WHERE s.seqrelid OPERATOR(pg_catalog.=) pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass",
     &[],
 );
 /// Makes the deliveries of committed events' routes; returns how many.
@@ -411,17 +415,6 @@ pub static RAISE_WATERMARK: Statement = Statement::new(
     "WITH raised AS (UPDATE webhook._router SET routed_below = $1 WHERE routed_below < $1 RETURNING 1)
      INSERT INTO webhook._router SELECT $1 WHERE NOT EXISTS (SELECT FROM webhook._router)",
     &[INT8],
-);
-/// The last event id handed out (0 if none yet); NULL if the sequence caches values per backend
-/// (CACHE > 1: an id at or below it may still be handed out later, so the watermark must not
-/// rise on it).
-pub static LAST_EVENT_ID: Statement = Statement::new(
-    "route_last_event",
-    "SELECT CASE WHEN s.seqcache OPERATOR(pg_catalog.=) 1
-                 THEN COALESCE(pg_catalog.pg_sequence_last_value(s.seqrelid), 0) END
-       FROM pg_catalog.pg_sequence s
-      WHERE s.seqrelid OPERATOR(pg_catalog.=) pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass",
-    &[],
 );
 /// This transaction's own xid, assigned by this statement (NULL if it had one already: an xid
 /// assigned earlier is not above every xid assigned before this statement). (A snapshot's xmax is not that: it is the last *finished* xid + 1, and a

@@ -44,26 +44,27 @@ impl Router {
     /// One routing pass, inside the caller's transaction: the deliveries made, and what to note
     /// if the transaction commits (pass it to `committed`).
     pub fn pass(&self) -> Result<(i64, Pass), WorkerError> {
-        let (xmin, sequence, last_now) = sql::SNAPSHOT_XMIN
+        // The last id is read here, before the xid of a new note is assigned (below).
+        let (xmin, sequence, last) = sql::SNAPSHOT_XMIN
             .rows(&[], |row| {
                 Ok((
                     row.get::<i64>(1)?.unwrap_or(0),
                     row.get::<i64>(2)?.unwrap_or(0),
-                    row.get::<i64>(3)?.unwrap_or(0),
+                    row.get::<i64>(3)?,
                 ))
             })?
             .pop()
-            .unwrap_or((0, 0, 0));
+            .unwrap_or((0, 0, None));
         let noted = self
             .noted
-            .filter(|n| n.sequence == sequence && last_now >= n.last);
+            .filter(|n| n.sequence == sequence && last.is_some_and(|l| l >= n.last));
         let matured = noted.filter(|n| xmin >= n.xid);
         // The note is taken before anything is written: the xid must be assigned after the last
         // id is read (a routing INSERT would assign it earlier, and a writer whose xid came after
         // it could hold an id below the last one read; the held-snapshot benchmark lost 12 of
         // 60,001 events that way).
         let note = if matured.is_some() || noted.is_none() {
-            match sql::LAST_EVENT_ID.one::<i64>(&[])? {
+            match last {
                 Some(last) => sql::OWN_XID.one::<i64>(&[])?.map(|xid| Note {
                     last,
                     xid,

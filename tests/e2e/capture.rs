@@ -617,6 +617,13 @@ fn a_foreign_tables_rows_each_get_their_own_event() {
     );
 }
 
+/// The routing watermark: every event below it has its deliveries made.
+fn watermark(db: &mut postgres::Client) -> i64 {
+    db.query_one("SELECT max(routed_below) FROM webhook._router", &[])
+        .unwrap()
+        .get(0)
+}
+
 /// The worker makes the deliveries from the events' routes (the user's statement writes none).
 /// A transaction that holds its events (lower ids) while later ones commit is routed when it
 /// commits: the watermark below which everything is routed waits for it, then passes it.
@@ -630,11 +637,6 @@ fn a_transaction_that_commits_late_is_routed_and_the_watermark_waits_for_it() {
     create_endpoint(&mut db, "crm", &rx.url("/"));
     db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
         .unwrap();
-    let watermark = |db: &mut postgres::Client| -> i64 {
-        db.query_one("SELECT max(routed_below) FROM webhook._router", &[])
-            .unwrap()
-            .get(0)
-    };
     let mut long = pg.client();
     long.batch_execute("BEGIN; INSERT INTO users VALUES (1, 'late@example.com')")
         .unwrap();
@@ -742,11 +744,7 @@ fn concurrent_writers_lose_no_event_to_the_watermark() {
         .unwrap()
         .get(0);
     wait_until(PATIENCE, "the watermark to pass every event", || {
-        let w: i64 = db
-            .query_one("SELECT max(routed_below) FROM webhook._router", &[])
-            .unwrap()
-            .get(0);
-        (w > last).then_some(())
+        (watermark(&mut db) > last).then_some(())
     });
     wait_settled(&mut db, PATIENCE);
     assert_eq!(
@@ -769,11 +767,6 @@ fn a_recreated_extension_starts_its_watermark_afresh() {
         create_endpoint(db, "crm", url);
         db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
             .unwrap();
-    };
-    let watermark = |db: &mut postgres::Client| -> i64 {
-        db.query_one("SELECT max(routed_below) FROM webhook._router", &[])
-            .unwrap()
-            .get(0)
     };
     db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
         .unwrap();
