@@ -224,8 +224,8 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     bound bigint := webhook._last_id_before('webhook._deliveries', cutoff);
-    -- At or above it, a delivery missing from webhook._deliveries is one not routed yet: never
-    -- delete any there (it would be made again, and sent again).
+    -- At or above it, a delivery missing from webhook._deliveries is one not routed yet: none
+    -- is deleted there unless its event goes too (it would be made again, and sent again).
     routed_below bigint := (SELECT COALESCE(max(r.routed_below), 0) FROM webhook._router r);
     gone bigint[];
     evs bigint[];
@@ -233,16 +233,28 @@ BEGIN
     IF bound IS NULL THEN
         RETURN 0;
     END IF;
-    WITH d AS (
-        DELETE FROM webhook._deliveries x
-         WHERE x.id IN (SELECT y.id FROM webhook._deliveries y
-                         WHERE y.id <= bound AND y.created_at < cutoff
-                           AND y.status IN ('delivered', 'failed', 'cancelled')
-                           AND (y.event_id < routed_below
-                                OR NOT EXISTS (SELECT FROM webhook._events e WHERE e.id = y.event_id AND e.route IS NOT NULL))
-                         ORDER BY y.id
-                         LIMIT max_rows
-                           FOR UPDATE SKIP LOCKED)
+    WITH c AS MATERIALIZED (
+        SELECT y.id, y.event_id FROM webhook._deliveries y
+         WHERE y.id <= bound AND y.created_at < cutoff
+           AND y.status IN ('delivered', 'failed', 'cancelled')
+         ORDER BY y.id
+         LIMIT max_rows
+           FOR UPDATE SKIP LOCKED),
+    ok AS (
+        SELECT c.id FROM c
+          LEFT JOIN webhook._events e ON e.id = c.event_id AND e.route IS NOT NULL
+         WHERE c.event_id < routed_below OR e.id IS NULL
+            -- An event still being routed goes whole or not at all: every delivery it has and
+            -- one for each endpoint of its route among these, so the event goes with them and
+            -- routing finds nothing to make again. (Finished deliveries of an event that is
+            -- still routing: those of a statement the worker has not passed the watermark of.)
+            OR (NOT EXISTS (SELECT FROM webhook._deliveries z
+                             WHERE z.event_id = e.id AND z.id NOT IN (SELECT k.id FROM c k))
+                AND NOT EXISTS (SELECT FROM pg_catalog.unnest(e.route) AS r(endpoint_id)
+                                 WHERE NOT EXISTS (SELECT FROM c k WHERE k.id = e.id * 1048576 + r.endpoint_id)))),
+    d AS (
+        DELETE FROM webhook._deliveries x USING ok
+         WHERE x.id = ok.id
         RETURNING x.id, x.event_id)
     SELECT array_agg(d.id), array_agg(DISTINCT d.event_id) INTO gone, evs FROM d;
     IF gone IS NULL THEN

@@ -1,5 +1,6 @@
 //! Postgres plumbing shared by the backends' code and the background processes.
 
+pub mod gate;
 pub mod gucs;
 pub mod process;
 pub mod shmem;

@@ -6,6 +6,9 @@
 //!   Postgres will refuse must not stop delivery;
 //! - COMMIT PREPARED: wake the worker and refresh every session's endpoint cache, as a plain
 //!   COMMIT of the same work would (the prepared transaction's own signals were lost at PREPARE);
+//! - DROP EXTENSION webhook_ext, DROP SCHEMA webhook, ALTER EXTENSION webhook_ext: take the
+//!   extension's gate first (gate.rs: otherwise they can deadlock with the worker, and a drop
+//!   with the user's writers);
 //! - RENAME COLUMN / DROP COLUMN of a column a subscription publishes by name: refused, since
 //!   the subscription would silently stop publishing it; RENAME of a table with subscriptions:
 //!   a notice that its event types change.
@@ -17,7 +20,10 @@ use std::time::{Duration, Instant};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::pg::shmem;
+use crate::pg::{gate, shmem};
+
+/// The extension's schema (webhook_ext.control; the extension is not relocatable).
+const SCHEMA: &str = "webhook";
 
 /// How long a worker stays away after being asked to leave its database.
 const EVICTION: Duration = Duration::from_secs(10);
@@ -174,6 +180,38 @@ unsafe extern "C-unwind" fn before(node: *mut pg_sys::Node) {
                     }
                 }
             }
+            pg_sys::NodeTag::T_AlterExtensionStmt => {
+                let stmt = node.cast::<pg_sys::AlterExtensionStmt>();
+                if is_ours((*stmt).extname) {
+                    gate::close(false);
+                }
+            }
+            pg_sys::NodeTag::T_AlterExtensionContentsStmt => {
+                let stmt = node.cast::<pg_sys::AlterExtensionContentsStmt>();
+                if is_ours((*stmt).extname) {
+                    gate::close(false);
+                }
+            }
+            pg_sys::NodeTag::T_DropStmt => {
+                let stmt = node.cast::<pg_sys::DropStmt>();
+                let names = || {
+                    list_nodes((*stmt).objects)
+                        .into_iter()
+                        .map(|n| string_node(n))
+                };
+                let drops_us = match (*stmt).removeType {
+                    pg_sys::ObjectType::OBJECT_EXTENSION => {
+                        names().any(|n| n.as_deref() == Some("webhook_ext"))
+                    }
+                    pg_sys::ObjectType::OBJECT_SCHEMA => {
+                        names().any(|n| n.as_deref() == Some(SCHEMA))
+                    }
+                    _ => false,
+                };
+                if drops_us {
+                    gate::close(true);
+                }
+            }
             pg_sys::NodeTag::T_TransactionStmt => {
                 let stmt = node.cast::<pg_sys::TransactionStmt>();
                 if (*stmt).kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED {
@@ -211,6 +249,26 @@ fn allowed(dbname: &str, command: Command) -> bool {
         if !matches!(command, Command::Rename) && pg_sys::IsTransactionBlock() {
             return false;
         }
+        let me = pg_sys::GetUserId();
+        let row = Spi::get_three_with_args::<pg_sys::Oid, bool, bool>(
+            "SELECT d.datdba, d.datistemplate, r.rolcreatedb OR r.rolsuper
+               FROM pg_catalog.pg_database d, pg_catalog.pg_roles r
+              WHERE d.oid OPERATOR(pg_catalog.=) $1 AND r.oid OPERATOR(pg_catalog.=) $2",
+            &[oid.into(), me.into()],
+        );
+        let Ok((Some(owner), Some(template), Some(createdb))) = row else {
+            return false;
+        };
+        let owns = pg_sys::has_privs_of_role(me, owner);
+        let may = match command {
+            Command::Drop { .. } => owns,
+            Command::Rename => owns && createdb,
+            Command::CopyFrom => createdb && (template || owns),
+        };
+        // The rights first: a role that may not run the command does not wait for anything.
+        if !may {
+            return false;
+        }
         // Sessions the command would find there besides the worker (autovacuum steps aside).
         // Postgres itself waits up to 5 s for them to leave; so does this, for up to
         // OTHERS_WAIT: a client that has just disconnected is still listed for a moment, and
@@ -226,35 +284,41 @@ fn allowed(dbname: &str, command: Command) -> bool {
                 &[oid.into()],
             )
         };
-        if !matches!(command, Command::Drop { force: true }) {
-            let deadline = Instant::now() + OTHERS_WAIT;
-            loop {
-                if matches!(others(), Ok(Some(0))) {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-                pg_sys::check_for_interrupts!();
+        if matches!(command, Command::Drop { force: true }) {
+            return true;
+        }
+        let deadline = Instant::now() + OTHERS_WAIT;
+        loop {
+            if matches!(others(), Ok(Some(0))) {
+                return true;
             }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            pg_sys::check_for_interrupts!();
         }
-        let me = pg_sys::GetUserId();
-        let row = Spi::get_three_with_args::<pg_sys::Oid, bool, bool>(
-            "SELECT d.datdba, d.datistemplate, r.rolcreatedb OR r.rolsuper
-               FROM pg_catalog.pg_database d, pg_catalog.pg_roles r
-              WHERE d.oid OPERATOR(pg_catalog.=) $1 AND r.oid OPERATOR(pg_catalog.=) $2",
-            &[oid.into(), me.into()],
-        );
-        let Ok((Some(owner), Some(template), Some(createdb))) = row else {
-            return false;
-        };
-        let owns = pg_sys::has_privs_of_role(me, owner);
-        match command {
-            Command::Drop { .. } => owns,
-            Command::Rename => owns && createdb,
-            Command::CopyFrom => createdb && (template || owns),
+    }
+}
+
+/// Whether an extension name in a statement is webhook_ext.
+unsafe fn is_ours(extname: *const std::ffi::c_char) -> bool {
+    // SAFETY: a name from a parsed statement: NUL-terminated, or NULL.
+    !extname.is_null() && unsafe { CStr::from_ptr(extname) } == c"webhook_ext"
+}
+
+/// The text of a String node (a schema's name in DROP SCHEMA), None for any other node.
+unsafe fn string_node(node: *mut pg_sys::Node) -> Option<String> {
+    // SAFETY: the node's tag says what it is.
+    unsafe {
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_String {
+            return None;
         }
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        let text = (*node.cast::<pg_sys::Value>()).val.str_;
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        let text = (*node.cast::<pg_sys::String>()).sval;
+        (!text.is_null()).then(|| CStr::from_ptr(text).to_string_lossy().into_owned())
     }
 }
 

@@ -3,6 +3,7 @@
 
 use pgrx::PgSqlErrorCode;
 
+use crate::pg::gate;
 use crate::pg::process::{in_transaction, Caught};
 use crate::pg::spi::SpiError;
 
@@ -11,6 +12,9 @@ pub enum WorkerError {
     /// webhook's schema, a table, type or function of it is gone (DROP EXTENSION): the worker
     /// waits for the extension and serves again once it is back.
     ExtensionGone(String),
+    /// A command changing or dropping the extension holds its gate (`pg::gate`): the transaction
+    /// did nothing and is tried again shortly. Not worth a log line.
+    Busy,
     /// A statement raised an ERROR; its transaction was rolled back.
     Sql(String),
     /// A statement ran but its result could not be used (SPI refused it, a column was not what
@@ -27,6 +31,9 @@ impl std::fmt::Display for WorkerError {
                 f.write_str(m)
             }
             WorkerError::BadRow(e) => write!(f, "{e}"),
+            WorkerError::Busy => {
+                f.write_str("the extension is being changed or dropped by another transaction")
+            }
         }
     }
 }
@@ -52,8 +59,31 @@ impl From<Caught> for WorkerError {
     }
 }
 
-/// Runs `f` in its own transaction: committed if it returns Ok, rolled back if it returns Err or
-/// raises an ERROR (then classified, see `From<Caught>`).
+impl WorkerError {
+    /// Whether this failure is worth a log line (Busy is not: it passes by itself).
+    pub fn worth_saying(&self) -> bool {
+        !matches!(self, WorkerError::Busy)
+    }
+}
+
+/// Runs `f` in its own transaction on webhook's tables: committed if it returns Ok, rolled back
+/// if it returns Err or raises an ERROR (then classified, see `From<Caught>`). The extension's
+/// gate is taken first; while a command holds it, `f` does not run and the result is Busy.
 pub fn transaction<R>(f: impl FnOnce() -> Result<R, WorkerError>) -> Result<R, WorkerError> {
+    in_transaction(|| {
+        if !gate::enter() {
+            return Err(WorkerError::Busy);
+        }
+        f()
+    })
+    .map_err(WorkerError::from)
+    .and_then(|r| r)
+}
+
+/// A transaction that reads only Postgres's catalogs (whether the extension is installed, the
+/// worker's own lock): no gate.
+pub fn catalog_transaction<R>(
+    f: impl FnOnce() -> Result<R, WorkerError>,
+) -> Result<R, WorkerError> {
     in_transaction(f).map_err(WorkerError::from).and_then(|r| r)
 }

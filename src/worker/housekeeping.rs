@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use pgrx::prelude::*;
 
-use super::error::transaction;
+use super::error::{transaction, WorkerError};
 use super::queries as sql;
 use super::session::Session;
 
@@ -30,7 +30,7 @@ impl Session {
                 split.part.into(),
             ])?)
         });
-        if let Err(e) = recovered {
+        if let Some(e) = recovered.err().filter(WorkerError::worth_saying) {
             warning!("webhook_ext worker: recovering expired leases failed: {e}");
         }
         // Retention is the database's, not an endpoint's: one worker keeps it.
@@ -42,8 +42,10 @@ impl Session {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
-        if let Err(e) =
+        if let Some(e) =
             transaction(|| Ok(sql::PURGE_ORPHANS.run(&[cutoff.into(), PURGE_BATCH.into()])?))
+                .err()
+                .filter(WorkerError::worth_saying)
         {
             warning!("webhook_ext worker: purging old events failed: {e}");
         }
@@ -55,7 +57,9 @@ impl Session {
                 Ok(Some(n)) if n >= PURGE_BATCH as i64 => continue,
                 Ok(_) => break,
                 Err(e) => {
-                    warning!("webhook_ext worker: purging old history failed: {e}");
+                    if e.worth_saying() {
+                        warning!("webhook_ext worker: purging old history failed: {e}");
+                    }
                     break;
                 }
             }
@@ -82,7 +86,9 @@ impl Session {
             }
             Err(e) => {
                 self.stats.refreshed(0.0);
-                warning!("webhook_ext worker: refreshing the queue's statistics failed: {e}");
+                if e.worth_saying() {
+                    warning!("webhook_ext worker: refreshing the queue's statistics failed: {e}");
+                }
             }
         }
     }

@@ -37,7 +37,7 @@ use pgrx::prelude::*;
 use crate::pg::process::{override_settings, reload_if_asked, shutdown_requested, wait};
 use crate::pg::shmem::{self, Slot, WorkerState};
 use crate::split::Split;
-use error::{transaction, WorkerError};
+use error::{catalog_transaction, WorkerError};
 use session::Session;
 
 /// How often the worker looks for expired leases and purges old history when nothing wakes it.
@@ -180,7 +180,7 @@ impl Worker {
                 self.slot.resplit.store(true, Ordering::Release);
                 return;
             }
-            match transaction(|| Ok(installed_version())) {
+            match catalog_transaction(|| Ok(installed_version())) {
                 Ok(Some(v)) if v != env!("CARGO_PKG_VERSION") => {
                     self.slot.set_state(WorkerState::WaitingForUpdate);
                     if !told {
@@ -239,10 +239,21 @@ impl Worker {
             return Stop::Resplit;
         }
         // Before anything is written: a subscriber's copy of the queue is left alone.
-        if let Ok(Some(sub)) = transaction(replicated_by) {
+        if let Ok(Some(sub)) = catalog_transaction(replicated_by) {
             return Stop::Replica(sub);
         }
-        match Session::open(self.slot, self.split) {
+        let opened = loop {
+            match Session::open(self.slot, self.split) {
+                // DROP or ALTER EXTENSION under way: what it leaves decides.
+                Err(WorkerError::Busy) => {
+                    if !wait(None, Some(ERROR_BACKOFF)) {
+                        return Stop::Shutdown;
+                    }
+                }
+                opened => break opened,
+            }
+        };
+        match opened {
             Ok(session) => session.serve(),
             Err(e) => {
                 warning!("webhook_ext worker: could not start serving: {e}");
@@ -291,7 +302,7 @@ impl Worker {
     fn become_the_only_worker(&self) -> bool {
         let mut told = false;
         loop {
-            let got = transaction(|| Ok(take_worker_lock(self.split.part)));
+            let got = catalog_transaction(|| Ok(take_worker_lock(self.split.part)));
             match got {
                 Ok(true) => {
                     if told {
@@ -333,7 +344,7 @@ impl Worker {
             if stale(self.split) {
                 return true;
             }
-            match transaction(replicated_by) {
+            match catalog_transaction(replicated_by) {
                 Ok(Some(_)) => continue,
                 Ok(None) => {
                     log!("webhook_ext worker: webhook's tables are no longer replicated into database \"{}\"; delivering", self.slot.name());

@@ -30,7 +30,7 @@ impl Session {
         let mut failure = None;
         for chunk in results.chunks(batch) {
             if let Err(e) = self.record(chunk) {
-                if let WorkerError::ExtensionGone(_) = e {
+                if let WorkerError::ExtensionGone(_) | WorkerError::Busy = e {
                     self.unrecorded = results;
                     return Err(e);
                 }

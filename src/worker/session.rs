@@ -161,7 +161,9 @@ impl Session {
                 match self.claim_and_send() {
                     Ok(next) => sleep = next,
                     Err(e) => {
-                        warning!("webhook_ext worker: claiming deliveries failed: {e}");
+                        if e.worth_saying() {
+                            warning!("webhook_ext worker: claiming deliveries failed: {e}");
+                        }
                         failure = Some(e);
                     }
                 }
@@ -260,7 +262,7 @@ impl Session {
                     shmem::wake_my_worker();
                 }
             }
-            Ok(None) => {}
+            Ok(None) | Err(WorkerError::Busy) => {}
             Err(e) => {
                 // The transaction's settings went with it (lock_timeout is 0 again).
                 if !self.route_failing {

@@ -1066,3 +1066,49 @@ fn dns_rebinding_never_reaches_the_refused_address() {
         .add("rb_tok_91Xz", "a token in a URL")
         .assert_not_in_log(&pg);
 }
+
+/// DROP EXTENSION webhook_ext and DROP SCHEMA webhook lock the tables that carry webhook's
+/// triggers before Postgres runs them (src/pg/gate.rs), but only for a role that owns the
+/// extension: anyone else is refused at once and holds up no writer meanwhile. With the locks
+/// taken for everyone, the refused DROP would wait for the open writer and end in lock_timeout.
+#[test]
+fn a_drop_postgres_will_refuse_takes_no_lock_on_the_users_tables() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    db.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY);
+         CREATE ROLE mallory LOGIN;
+         GRANT ALL ON users TO mallory;
+         GRANT CREATE ON SCHEMA public TO mallory;",
+    )
+    .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    let mut writer = pg.client();
+    writer
+        .batch_execute("BEGIN; INSERT INTO users VALUES (1)")
+        .unwrap();
+    let mut m = pg.client_as("mallory", "app");
+    m.batch_execute("SET lock_timeout = '2s'").unwrap();
+    for (sql, message) in [
+        (
+            "DROP EXTENSION webhook_ext CASCADE",
+            "must be owner of extension webhook_ext",
+        ),
+        (
+            "DROP SCHEMA webhook CASCADE",
+            "must be owner of schema webhook",
+        ),
+        (
+            "ALTER EXTENSION webhook_ext UPDATE",
+            "must be owner of extension webhook_ext",
+        ),
+    ] {
+        let e = db_error(m.batch_execute(sql), sql);
+        assert_eq!((e.code().code(), e.message()), ("42501", message), "{sql}");
+    }
+    writer.batch_execute("COMMIT").unwrap();
+    rx.wait_for(1, PATIENCE);
+}
