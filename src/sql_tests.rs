@@ -560,7 +560,7 @@ mod tests {
 
     /// The user's statement writes the event alone (its route); webhook.deliveries shows the
     /// deliveries pending until webhook._route() stores them, once; UPDATE on the view routes
-    /// first; purge leaves alone whatever is at or above the watermark.
+    /// first; purge takes an event at or above the watermark whole or not at all.
     #[pg_test]
     fn deliveries_are_routed_from_the_events_route() {
         endpoint("a");
@@ -598,16 +598,29 @@ mod tests {
             one::<String>("SELECT string_agg(status::text, ',' ORDER BY id) FROM webhook._deliveries WHERE event_id = (SELECT max(id) FROM webhook._events)"),
             "cancelled,cancelled"
         );
-        // Finished and old, but at or above the watermark: kept; below it: purged.
+        // Finished and old, at or above the watermark: an event whose deliveries are all
+        // finished goes whole; one with a delivery still pending keeps its finished one until
+        // the watermark passes it (routing would make it again).
         Spi::run("UPDATE webhook._deliveries SET status = 'delivered', created_at = now() - interval '2 days';
-                  UPDATE webhook._events SET created_at = now() - interval '2 days'").unwrap();
-        assert_eq!(one::<i64>("SELECT webhook.purge('1 day')"), 0);
+                  UPDATE webhook._events SET created_at = now() - interval '2 days';
+                  UPDATE webhook._deliveries SET status = 'pending'
+                   WHERE id = (SELECT max(id) FROM webhook._deliveries WHERE event_id = (SELECT min(id) FROM webhook._events))").unwrap();
+        assert_eq!(one::<i64>("SELECT webhook.purge('1 day')"), 6);
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.events"), 1);
+        assert_eq!(
+            one::<i64>("SELECT webhook._route()"),
+            0,
+            "nothing made again"
+        );
         Spi::run(
             "UPDATE webhook._router SET routed_below = (SELECT max(id) + 1 FROM webhook._events)",
         )
         .unwrap();
-        assert_eq!(one::<i64>("SELECT webhook.purge('1 day')"), 8);
-        assert_eq!(one::<i64>("SELECT count(*) FROM webhook.events"), 0);
+        assert_eq!(one::<i64>("SELECT webhook.purge('1 day')"), 1);
+        assert_eq!(
+            one::<String>("SELECT string_agg(status::text, ',') FROM webhook.deliveries"),
+            "pending"
+        );
     }
 
     /// A subscription and a hand-written trigger publishing the same row change to the same
