@@ -133,7 +133,7 @@ fn catalog(db: &mut postgres::Client) -> Vec<String> {
         UNION ALL
         SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) ||
                ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '') ||
-               ' identity=' || a.attidentity::text || ' stattarget=' || a.attstattarget
+               ' identity=' || a.attidentity::text || ' stattarget=' || coalesce(a.attstattarget, -1)
           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
          WHERE c.relnamespace = 'webhook'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v')
@@ -358,9 +358,24 @@ fn every_sql_example_in_the_readme_runs() {
                 "postgres",
                 "-d",
                 "app",
+                // From standard input, statement by statement: with -c a psql before 15 sends
+                // the block as one query and prints only its last result.
+                "-f",
+                "-",
             ])
-            .args(["-c", block])
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("piped")
+                    .write_all(block.as_bytes())?;
+                child.wait_with_output()
+            })
             .unwrap();
         assert!(
             out.status.success(),

@@ -90,7 +90,22 @@ pub fn pg_command(program: &str) -> Command {
     // The server runs as it would in production, without the test runner's backtrace settings.
     c.env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE");
+    if let Some(dir) = private_libdir() {
+        c.env("LD_LIBRARY_PATH", dir);
+    }
     c
+}
+
+/// The installation's own library directory, when it is not the system's: a relocatable
+/// PostgreSQL (the other majors' trees, ../shared/TOOLCHAIN.md) has modules whose run path
+/// names where it was built (postgres_fdw, libpqwalreceiver), which would find the system's older
+/// libpq without this.
+pub fn private_libdir() -> Option<&'static Path> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        pg_config("--libdir").filter(|d| d.join("libpq.so.5").exists() && !d.starts_with("/usr/"))
+    })
+    .as_deref()
 }
 
 fn check(out: Output, what: &str) -> Output {

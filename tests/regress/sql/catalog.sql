@@ -12,6 +12,10 @@ SELECT o.type AS kind, count(*) AS objects
    AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'webhook_ext')
    AND d.deptype = 'e'
    AND ((o.schema = 'webhook' AND o.identity !~ '^webhook\._') OR o.type = 'event trigger')
+   -- PostgreSQL 17 and later also record the row and array types of the extension's tables
+   -- and views as members; they are not objects of their own here.
+   AND NOT (d.classid = 'pg_type'::regclass
+            AND EXISTS (SELECT FROM pg_type t WHERE t.oid = d.objid AND (t.typrelid <> 0 OR t.typcategory = 'A')))
  GROUP BY 1 ORDER BY 1;
 
 -- Every public function, one record each (unaligned, so a change touches only its own lines).
