@@ -902,10 +902,17 @@ mod tests {
             err("SET webhook.retry_schedule = '5s'").as_deref(),
             Some("parameter \"webhook.retry_schedule\" cannot be changed now")
         );
-        assert_eq!(
-            err("SET webhook.no_such_setting = 1").as_deref(),
-            Some("invalid configuration parameter name \"webhook.no_such_setting\"")
-        );
+        // A misspelt name is refused from PostgreSQL 15 on (MarkGUCPrefixReserved); 14 makes a
+        // placeholder of it, as it does for any unknown prefixed name.
+        let misspelt = err("SET webhook.no_such_setting = 1");
+        if cfg!(any(feature = "pg13", feature = "pg14")) {
+            assert_eq!(misspelt, None);
+        } else {
+            assert_eq!(
+                misspelt.as_deref(),
+                Some("invalid configuration parameter name \"webhook.no_such_setting\"")
+            );
+        }
     }
 
     #[pg_test]

@@ -79,6 +79,11 @@ pub struct Slot {
     pub state: AtomicU32,
     pub started_at: AtomicI64,
     pub last_wake: AtomicI64,
+    /// How often the worker was woken (counted before its latch is set). A latch set can be
+    /// consumed by code that waits on the latch for something else (a lock wait; on PostgreSQL
+    /// 18 a buffer read handed to an I/O worker), so the worker looks at this before it sleeps
+    /// and does not sleep when it moved since it last looked at its work (`woken_since`).
+    pub wakes: AtomicU64,
     pub in_flight: AtomicU32,
     pub attempts: AtomicU64,
     pub delivered: AtomicU64,
@@ -122,8 +127,20 @@ impl Slot {
         self.state.store(s as u32, Ordering::Release);
     }
 
+    /// The wake count, to pass to `woken_since` before sleeping.
+    pub fn wakes_now(&self) -> u64 {
+        self.wakes.load(Ordering::Acquire)
+    }
+
+    /// Whether the worker was woken since `seen` (from `wakes_now`, read before the worker last
+    /// looked at its work): then it must look again rather than sleep.
+    pub fn woken_since(&self, seen: u64) -> bool {
+        self.wakes.load(Ordering::Acquire) != seen
+    }
+
     /// Wakes the worker serving this slot, if any.
     pub fn wake(&self) {
+        self.wakes.fetch_add(1, Ordering::AcqRel);
         let latch = self.latch.load(Ordering::Acquire);
         if !latch.is_null() {
             // SAFETY: the latch is a PGPROC's procLatch in shared memory, valid for the cluster's life;

@@ -169,6 +169,9 @@ impl Worker {
         log!("webhook_ext worker started for database \"{db}\"");
         let mut told = false;
         loop {
+            // Read before looking at the catalog: a wake (CREATE EXTENSION's commit) after this
+            // means look again, even if the latch set was consumed meanwhile.
+            let seen = self.slot.wakes_now();
             if shutdown_requested() {
                 return;
             }
@@ -224,7 +227,9 @@ impl Worker {
                     warning!("webhook_ext worker: {e}");
                 }
             }
-            wait(None, Some(HOUSEKEEPING_EVERY));
+            if !self.slot.woken_since(seen) {
+                wait(None, Some(HOUSEKEEPING_EVERY));
+            }
             reload_if_asked();
         }
     }
@@ -385,19 +390,15 @@ fn take_worker_lock(part: i32) -> bool {
     }
 }
 
-/// The version of webhook_ext installed in this database, if it is.
+/// The version of webhook_ext installed in this database, if it is. Read from pg_extension with
+/// the transaction's snapshot, not through the catalog caches: CREATE EXTENSION wakes the worker
+/// from its commit callback, before its cache invalidations are sent, so a cached "not
+/// installed" (PostgreSQL 18 caches extension lookups by name) could outlive the wake and keep
+/// the worker waiting for its next poll; a snapshot taken after the wake sees the commit.
 fn installed_version() -> Option<String> {
-    if !extension_installed() {
-        return None;
-    }
     Spi::get_one::<String>(
         "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'webhook_ext'",
     )
     .ok()
     .flatten()
-}
-
-fn extension_installed() -> bool {
-    // SAFETY: a catalog lookup inside a transaction.
-    unsafe { pg_sys::get_extension_oid(c"webhook_ext".as_ptr(), true) != pg_sys::InvalidOid }
 }

@@ -130,6 +130,8 @@ impl Session {
     /// Serves until shutdown, DROP EXTENSION, or replication of webhook's tables.
     pub fn serve(mut self) -> Stop {
         loop {
+            // Read before this round looks at the queue: a wake after it means another round.
+            let seen = self.slot.wakes_now();
             if shutdown_requested() {
                 return Stop::Shutdown;
             }
@@ -150,7 +152,7 @@ impl Session {
                 if self.drained() || Instant::now() >= deadline {
                     return Stop::Resplit;
                 }
-                self.rest(Some(Duration::from_millis(100)));
+                self.rest(Some(Duration::from_millis(100)), seen);
                 continue;
             } else if self.settings.paused {
                 self.slot.set_state(WorkerState::Paused);
@@ -184,7 +186,7 @@ impl Session {
                 self.next_housekeeping = Instant::now() + self.settings.housekeeping_every();
                 self.housekeeping();
             }
-            self.rest(sleep);
+            self.rest(sleep, seen);
         }
     }
 
@@ -203,8 +205,10 @@ impl Session {
         }
     }
 
-    /// Publishes the gauges and waits for a result, a wake-up, `sleep` or housekeeping.
-    fn rest(&mut self, sleep: Option<Duration>) {
+    /// Publishes the gauges and waits for a result, a wake-up, `sleep` or housekeeping; not at
+    /// all if the worker was woken since `seen` (the latch set may have been consumed by a wait
+    /// inside the round: a lock, or an I/O on PostgreSQL 18).
+    fn rest(&mut self, sleep: Option<Duration>, seen: u64) {
         let http = self.http();
         self.slot
             .in_flight
@@ -216,7 +220,7 @@ impl Session {
             .unwrap_or(IDLE_POLL)
             .min(IDLE_POLL)
             .min(until_housekeeping);
-        if timeout.is_zero() {
+        if timeout.is_zero() || self.slot.woken_since(seen) {
             return;
         }
         if !self.settings.paused {

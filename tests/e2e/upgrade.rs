@@ -41,7 +41,8 @@ fn under(root: &Path, path: &Path) -> PathBuf {
 
 /// The packaged tree of the previous release (`usr/lib/…/webhook_ext.so`,
 /// `usr/share/…/extension/webhook_ext*`): `$WEBHOOK_PREVIOUS_RELEASE`, else
-/// `<target dir>/previous-release/0.2.0`, where `scripts/previous-release` puts it.
+/// `<target dir>/previous-release/pgNN/0.2.0` (NN: the major the tests run against), where
+/// `scripts/previous-release` puts it.
 fn previous_release() -> PathBuf {
     let dir = match std::env::var_os("WEBHOOK_PREVIOUS_RELEASE") {
         Some(d) => PathBuf::from(d),
@@ -49,7 +50,19 @@ fn previous_release() -> PathBuf {
             // This binary is <target dir>/debug/deps/e2e-<hash>.
             let exe = std::env::current_exe().unwrap();
             let target = exe.ancestors().nth(3).unwrap().to_path_buf();
-            target.join("previous-release").join(PREVIOUS)
+            // "PostgreSQL 17.11" -> "17"
+            let version = pg_config("--version");
+            let major = version
+                .to_string_lossy()
+                .trim_start_matches("PostgreSQL ")
+                .split(['.', ' '])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            target
+                .join("previous-release")
+                .join(format!("pg{major}"))
+                .join(PREVIOUS)
         }
     };
     assert!(
