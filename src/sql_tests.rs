@@ -623,6 +623,48 @@ mod tests {
         );
     }
 
+    /// purge() at or above the watermark: when a delivery of an event it is taking whole is made
+    /// meanwhile (replay() in another session; here a trigger that makes one as the deliveries
+    /// go), the event stays, and the deliveries it took are put back, or routing would make
+    /// them again.
+    #[pg_test]
+    fn purge_puts_an_event_back_that_got_a_delivery_meanwhile() {
+        endpoint("a");
+        Spi::run(
+            "CREATE TABLE users (id int PRIMARY KEY);
+             SELECT webhook.subscribe('users', 'a');
+             INSERT INTO users VALUES (1);
+             SELECT webhook._route();
+             UPDATE webhook._deliveries SET status = 'delivered', created_at = now() - interval '2 days';
+             UPDATE webhook._events SET created_at = now() - interval '2 days';
+             CREATE FUNCTION pg_temp.meanwhile() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO webhook._deliveries (event_id, endpoint_id, status, next_attempt_at)
+                 SELECT e.id, e.route[1], 'pending', now() FROM webhook._events e
+                  WHERE EXISTS (SELECT FROM gone);
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER meanwhile AFTER DELETE ON webhook._deliveries
+                 REFERENCING OLD TABLE AS gone
+                 FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.meanwhile();",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT webhook.purge('1 day')"), 0);
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(status::text, ',' ORDER BY id) FROM webhook._deliveries"
+            ),
+            "delivered",
+            "the delivery it took is back, and the one made meanwhile went with the undo"
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook._events"), 1);
+        assert_eq!(
+            one::<i64>("SELECT webhook._route()"),
+            0,
+            "nothing to make again"
+        );
+    }
+
     /// A subscription and a hand-written trigger publishing the same row change to the same
     /// endpoint make one delivery (its id is the event's and the endpoint's), not a duplicate key.
     #[pg_test]

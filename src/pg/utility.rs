@@ -209,7 +209,9 @@ unsafe extern "C-unwind" fn before(node: *mut pg_sys::Node) {
                     _ => false,
                 };
                 if drops_us {
-                    gate::close(true);
+                    // Only CASCADE drops the triggers on the user's tables (without it the drop
+                    // is refused while any exist): only then are those tables locked first.
+                    gate::close((*stmt).behavior == pg_sys::DropBehavior::DROP_CASCADE);
                 }
             }
             pg_sys::NodeTag::T_TransactionStmt => {

@@ -28,18 +28,27 @@ impl Session {
         let batch = self.settings.batch_size.max(1) as usize;
         let mut kept: Vec<Finished> = Vec::new();
         let mut failure = None;
-        for chunk in results.chunks(batch) {
+        for (n, chunk) in results.chunks(batch).enumerate() {
             if let Err(e) = self.record(chunk) {
                 if let WorkerError::ExtensionGone(_) | WorkerError::Busy = e {
-                    self.unrecorded = results;
+                    // This chunk and the ones after it wait for the next round, uncounted
+                    // (earlier chunks are recorded).
+                    kept.extend(results.into_iter().skip(n * batch));
+                    self.unrecorded = kept;
                     return Err(e);
                 }
                 warning!(
                     "webhook_ext worker: recording {} results failed, retrying one by one: {e}",
                     chunk.len()
                 );
-                for one in chunk {
+                for (i, one) in chunk.iter().enumerate() {
                     if let Err(e) = self.record(std::slice::from_ref(one)) {
+                        if let WorkerError::ExtensionGone(_) | WorkerError::Busy = e {
+                            // Not this result's fault: it and the rest wait, uncounted.
+                            kept.extend(results.iter().skip(n * batch + i).cloned());
+                            self.unrecorded = kept;
+                            return Err(e);
+                        }
                         let tries = self.record_failures.entry(one.delivery_id).or_insert(0);
                         *tries += 1;
                         if *tries < 3 {
