@@ -852,6 +852,11 @@ AS $$
     SELECT current_database(), NULL, 'not served: add this database to webhook.database',
            NULL, NULL, 0, (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)), 0, 0, 0, NULL
      WHERE current_database() <> ALL (webhook._served_databases())
+    UNION ALL
+    -- A hot standby runs no worker (they start when recovery ends, on promotion).
+    SELECT current_database(), NULL, 'standby: delivers once promoted',
+           NULL, NULL, 0, (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)), 0, 0, 0, NULL
+     WHERE pg_is_in_recovery() AND current_database() = ANY (webhook._served_databases())
     ORDER BY 1, 11
 $$;
 

@@ -15,5 +15,6 @@ mod pipeline;
 mod policy;
 mod roles;
 mod security;
+mod standby;
 mod upgrade;
 mod workers;

@@ -220,6 +220,82 @@ impl Cluster {
         c
     }
 
+    /// A hot standby of `primary` (`pg_basebackup -R`, WAL streamed), started. The primary's
+    /// postgresql.conf comes with the backup; only where the standby listens is changed.
+    pub fn standby_of(primary: &Cluster) -> Cluster {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/webhook_ext_test_{}_{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            check(
+                Command::new("chown")
+                    .args(["postgres:postgres", dir.to_str().unwrap()])
+                    .output()
+                    .unwrap(),
+                "chown",
+            );
+        }
+        let data = dir.join("data");
+        check(
+            pg_command("pg_basebackup")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                ])
+                .output()
+                .unwrap(),
+            "pg_basebackup",
+        );
+        let port = free_port();
+        append(
+            &data.join("postgresql.conf"),
+            &format!(
+                "port = {port}\nunix_socket_directories = '{}'\n",
+                dir.display()
+            ),
+        );
+        let mut c = Cluster {
+            dir,
+            port,
+            stopped: true,
+        };
+        if let Err(e) = c.try_start() {
+            panic!("the standby did not start: {e}");
+        }
+        c
+    }
+
+    /// `pg_ctl promote`: the standby leaves recovery (waits until it has).
+    pub fn promote(&self) {
+        check(
+            pg_command("pg_ctl")
+                .args([
+                    "-D",
+                    self.data().to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "60",
+                    "promote",
+                ])
+                .output()
+                .unwrap(),
+            "pg_ctl promote",
+        );
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
