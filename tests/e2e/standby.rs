@@ -69,7 +69,8 @@ fn a_promoted_standby_delivers_what_the_primary_committed() {
     );
     // The primary's postgresql.conf came with the base backup (paused): resume as an operator
     // would after a failover.
-    db.batch_execute("ALTER SYSTEM SET webhook.paused = off").unwrap();
+    db.batch_execute("ALTER SYSTEM SET webhook.paused = off")
+        .unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
     let rx = Receiver::start_at(down, always(Reply::ok()));
     let got = rx.wait_for(60, PATIENCE);
