@@ -802,3 +802,159 @@ fn a_hand_written_trigger_publishes_only_the_columns_it_names() {
     let stored = count(&mut db, "SELECT count(*) FROM webhook.events");
     assert_eq!(stored, 2, "one event per published change");
 }
+
+/// How a raw receiver treats the first request it gets (later ones are answered 200 at once).
+#[derive(Clone, Copy, Debug)]
+enum FirstRequest {
+    /// Reads the whole request, then closes the connection without a response.
+    CloseBeforeAnswering,
+    /// Reads the whole request and answers 200 only after the endpoint's timeout.
+    AnswerAfterTheTimeout,
+    /// Reads part of the body, then resets the connection (RST).
+    ResetMidBody,
+}
+
+/// A receiver on a raw socket: per connection, one request; the webhook-id of each request
+/// whose headers arrived, in order.
+fn raw_receiver(first: FirstRequest) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let ids = seen.clone();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { continue };
+            let ids = ids.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                // The head.
+                let head_end = loop {
+                    let Ok(k) = conn.read(&mut chunk) else { return };
+                    if k == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..k]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
+                };
+                ids.lock()
+                    .unwrap()
+                    .push(header("webhook-id").unwrap_or_default());
+                let length: usize = header("content-length")
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if n == 0 {
+                    if let FirstRequest::ResetMidBody = first {
+                        // SO_LINGER 0: close sends RST, with the rest of the body unread.
+                        let s = socket2::SockRef::from(&conn);
+                        let _ = s.set_linger(Some(Duration::ZERO));
+                        return;
+                    }
+                }
+                while buf.len() - head_end < length {
+                    let Ok(k) = conn.read(&mut chunk) else { return };
+                    if k == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..k]);
+                }
+                if n == 0 {
+                    match first {
+                        FirstRequest::CloseBeforeAnswering => return,
+                        FirstRequest::AnswerAfterTheTimeout => {
+                            std::thread::sleep(Duration::from_millis(2000))
+                        }
+                        FirstRequest::ResetMidBody => unreachable!(),
+                    }
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// Receivers that misbehave on the first request: one closes the connection before answering,
+/// one answers 200 after the endpoint's timeout, one resets the connection in the middle of the
+/// body. Each first attempt is recorded as what the worker saw (no status code; the error: the
+/// connection closed, the timeout, the reset), every retry carries the same webhook-id, and the
+/// delivery ends delivered with the receiver's 200.
+#[test]
+fn misbehaving_receivers_are_recorded_and_retried_under_one_webhook_id() {
+    let pg = Cluster::start(&[("webhook.max_payload_bytes", "'8MB'")]);
+    let mut db = pg.client_with_extension();
+    db.batch_execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        .unwrap();
+    let cases = [
+        ("closes", FirstRequest::CloseBeforeAnswering),
+        ("late", FirstRequest::AnswerAfterTheTimeout),
+        ("resets", FirstRequest::ResetMidBody),
+    ];
+    let mut seen = Vec::new();
+    for (name, how) in cases {
+        let (url, ids) = raw_receiver(how);
+        db.execute(
+            "SELECT webhook.create_endpoint($1, $2, timeout => '1s')",
+            &[&name, &url],
+        )
+        .unwrap();
+        db.execute("SELECT webhook.subscribe('docs', $1)", &[&name])
+            .unwrap();
+        seen.push((name, how, ids));
+    }
+    // A body of 4 MB: more than the socket buffers take, so the reset comes mid-body.
+    db.batch_execute("INSERT INTO docs VALUES (1, repeat('x', 4 * 1024 * 1024))")
+        .unwrap();
+    wait_settled(&mut db, PATIENCE);
+    for (name, how, ids) in seen {
+        let rows = db
+            .query(
+                "SELECT a.attempt, a.status_code, a.error, d.status::text
+                   FROM webhook.attempts a
+                   JOIN webhook.deliveries d ON d.id = a.delivery_id
+                   JOIN webhook.endpoints e ON e.id = d.endpoint_id
+                  WHERE e.name = $1 ORDER BY a.attempt",
+                &[&name],
+            )
+            .unwrap();
+        let attempts: Vec<(i32, Option<i32>, Option<String>, String)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        eprintln!("{how:?}: {attempts:?}");
+        // Two, unless a loaded machine also timed a retry out.
+        assert!(attempts.len() >= 2, "{how:?}: a retry: {attempts:?}");
+        let (_, code, error, status) = &attempts[0];
+        assert_eq!(*code, None, "{how:?}: no status code was received");
+        let error = error.clone().unwrap_or_default();
+        match how {
+            FirstRequest::AnswerAfterTheTimeout => assert_eq!(error, "timed out after 1 s"),
+            _ => assert!(
+                !error.is_empty() && !error.contains("timed out"),
+                "{how:?}: {error}"
+            ),
+        }
+        assert_eq!(attempts[1].1, Some(200));
+        assert_eq!(status, "delivered");
+        let ids = ids.lock().unwrap().clone();
+        assert_eq!(
+            ids.len(),
+            2,
+            "{how:?}: the receiver saw two requests: {ids:?}"
+        );
+        assert!(
+            !ids[0].is_empty() && ids[0] == ids[1],
+            "{how:?}: one webhook-id: {ids:?}"
+        );
+    }
+}

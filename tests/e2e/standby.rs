@@ -26,7 +26,7 @@ fn a_promoted_standby_delivers_what_the_primary_committed() {
         "INSERT INTO users SELECT g, 'before@example.com' FROM generate_series(1, 40) g",
     )
     .unwrap();
-    let mut standby = Cluster::standby_of(&primary);
+    let standby = Cluster::standby_of(&primary);
     let mut sb = standby.client();
     // Streamed after the base backup.
     for i in 41..=60 {
