@@ -91,13 +91,13 @@ AS $$
            s.attempts, s.delivered, s.failed, s.worker
       FROM webhook._worker_slots() s
     UNION ALL
-    SELECT current_database(), NULL, 'not served: add this database to webhook.database',
+    -- This database when no worker serves it: not listed, or a hot standby (workers start when
+    -- recovery ends, on promotion).
+    SELECT current_database(), NULL,
+           CASE WHEN current_database() <> ALL (webhook._served_databases())
+                THEN 'not served: add this database to webhook.database'
+                ELSE 'standby: delivers once promoted' END,
            NULL, NULL, 0, (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)), 0, 0, 0, NULL
-     WHERE current_database() <> ALL (webhook._served_databases())
-    UNION ALL
-    -- A hot standby runs no worker (they start when recovery ends, on promotion).
-    SELECT current_database(), NULL, 'standby: delivers once promoted',
-           NULL, NULL, 0, (SELECT count(*) FROM webhook.deliveries d WHERE d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0)), 0, 0, 0, NULL
-     WHERE pg_is_in_recovery() AND current_database() = ANY (webhook._served_databases())
+     WHERE current_database() <> ALL (webhook._served_databases()) OR pg_is_in_recovery()
     ORDER BY 1, 11
 $$;

@@ -22,7 +22,8 @@ use pgrx::prelude::*;
 
 use crate::pg::{gate, shmem};
 
-/// The extension's schema (webhook_ext.control; the extension is not relocatable).
+/// The extension's name, and its schema (webhook_ext.control; the extension is not relocatable).
+const EXTENSION: &str = "webhook_ext";
 const SCHEMA: &str = "webhook";
 
 /// How long a worker stays away after being asked to leave its database.
@@ -201,7 +202,7 @@ unsafe extern "C-unwind" fn before(node: *mut pg_sys::Node) {
                 };
                 let drops_us = match (*stmt).removeType {
                     pg_sys::ObjectType::OBJECT_EXTENSION => {
-                        names().any(|n| n.as_deref() == Some("webhook_ext"))
+                        names().any(|n| n.as_deref() == Some(EXTENSION))
                     }
                     pg_sys::ObjectType::OBJECT_SCHEMA => {
                         names().any(|n| n.as_deref() == Some(SCHEMA))
@@ -306,7 +307,7 @@ fn allowed(dbname: &str, command: Command) -> bool {
 /// Whether an extension name in a statement is webhook_ext.
 unsafe fn is_ours(extname: *const std::ffi::c_char) -> bool {
     // SAFETY: a name from a parsed statement: NUL-terminated, or NULL.
-    !extname.is_null() && unsafe { CStr::from_ptr(extname) } == c"webhook_ext"
+    !extname.is_null() && unsafe { CStr::from_ptr(extname) }.to_bytes() == EXTENSION.as_bytes()
 }
 
 /// The text of a String node (a schema's name in DROP SCHEMA), None for any other node.

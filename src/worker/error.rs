@@ -64,20 +64,24 @@ impl WorkerError {
     pub fn worth_saying(&self) -> bool {
         !matches!(self, WorkerError::Busy)
     }
+
+    /// Whether the failure is the extension's state (dropped, or being changed), not the
+    /// statement's: work that met it waits, uncounted, for the next round.
+    pub fn about_the_extension(&self) -> bool {
+        matches!(self, WorkerError::ExtensionGone(_) | WorkerError::Busy)
+    }
 }
 
 /// Runs `f` in its own transaction on webhook's tables: committed if it returns Ok, rolled back
 /// if it returns Err or raises an ERROR (then classified, see `From<Caught>`). The extension's
 /// gate is taken first; while a command holds it, `f` does not run and the result is Busy.
 pub fn transaction<R>(f: impl FnOnce() -> Result<R, WorkerError>) -> Result<R, WorkerError> {
-    in_transaction(|| {
+    catalog_transaction(|| {
         if !gate::enter() {
             return Err(WorkerError::Busy);
         }
         f()
     })
-    .map_err(WorkerError::from)
-    .and_then(|r| r)
 }
 
 /// A transaction that reads only Postgres's catalogs (whether the extension is installed, the

@@ -30,10 +30,10 @@ impl Session {
         let mut failure = None;
         for (n, chunk) in results.chunks(batch).enumerate() {
             if let Err(e) = self.record(chunk) {
-                if let WorkerError::ExtensionGone(_) | WorkerError::Busy = e {
+                if e.about_the_extension() {
                     // This chunk and the ones after it wait for the next round, uncounted
                     // (earlier chunks are recorded).
-                    kept.extend(results.into_iter().skip(n * batch));
+                    kept.extend_from_slice(&results[n * batch..]);
                     self.unrecorded = kept;
                     return Err(e);
                 }
@@ -43,9 +43,10 @@ impl Session {
                 );
                 for (i, one) in chunk.iter().enumerate() {
                     if let Err(e) = self.record(std::slice::from_ref(one)) {
-                        if let WorkerError::ExtensionGone(_) | WorkerError::Busy = e {
-                            // Not this result's fault: it and the rest wait, uncounted.
-                            kept.extend(results.iter().skip(n * batch + i).cloned());
+                        if e.about_the_extension() {
+                            // Not this result's fault: it and the rest wait, uncounted (the
+                            // ones before it are recorded or already kept).
+                            kept.extend_from_slice(&results[n * batch + i..]);
                             self.unrecorded = kept;
                             return Err(e);
                         }

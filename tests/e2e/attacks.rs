@@ -782,6 +782,77 @@ const SHADOWING_FUNCTIONS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The utility hook runs catalog queries before DROP EXTENSION, DROP SCHEMA webhook and ALTER
+/// EXTENSION (src/pg/gate.rs: the extension's owner, the tables carrying webhook's triggers), in
+/// the session that runs the command, with that session's search_path. A superuser whose
+/// session puts another role's schema first runs all three: none of the operators and
+/// functions that role planted there (`=` on oids and names among them) runs.
+#[test]
+fn s2_the_extension_commands_hook_reaches_no_planted_code() {
+    let pg = Cluster::start(&[("log_min_messages", "warning")]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut su = checker(&pg);
+    su.batch_execute(
+        "CREATE EXTENSION webhook_ext;
+         CREATE ROLE mallory LOGIN;
+         CREATE SCHEMA evil AUTHORIZATION mallory;
+         GRANT USAGE ON SCHEMA evil TO PUBLIC;
+         CREATE TABLE public.users (id int PRIMARY KEY, email text);",
+    )
+    .unwrap();
+    create_endpoint(&mut su, "crm", &rx.url("/"));
+    su.batch_execute("SELECT webhook.subscribe('public.users', 'crm')")
+        .unwrap();
+    pg.client_as("mallory", "app")
+        .batch_execute(&plant_sql_in(
+            "evil",
+            "mallory",
+            SHADOWING_OPERATORS,
+            SHADOWING_FUNCTIONS,
+        ))
+        .unwrap();
+    let mut admin = pg.client();
+    admin
+        .batch_execute("SET search_path = evil, pg_catalog")
+        .unwrap();
+    admin
+        .batch_execute("ALTER EXTENSION webhook_ext UPDATE")
+        .unwrap();
+    // Refused (the schema holds the extension's objects), after the hook has run.
+    let e = db_error(
+        admin.batch_execute("DROP SCHEMA webhook"),
+        "DROP SCHEMA webhook",
+    );
+    assert_eq!(e.code().code(), "2BP01", "{e:?}");
+    admin
+        .batch_execute("DROP EXTENSION webhook_ext CASCADE")
+        .unwrap();
+
+    let pwned: Vec<String> = su
+        .query("SELECT who || ': ' || what FROM evil.pwned ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pwned, Vec::<String>::new(), "planted objects were called");
+    assert!(
+        !pg.log().contains("PLANTED"),
+        "a planted object ran (server log)"
+    );
+    assert_eq!(
+        superusers(&mut su),
+        ["postgres"],
+        "mallory became superuser"
+    );
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'webhook_ext'"
+        ),
+        0
+    );
+}
+
 /// The trigger runs with the writing session's search_path (it is SECURITY INVOKER and pins
 /// nothing; its statements name every object with its schema). A session — here a superuser's
 /// and an application role's — that puts a schema another role owns first, with pg_catalog

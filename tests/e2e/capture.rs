@@ -624,6 +624,29 @@ fn watermark(db: &mut postgres::Client) -> i64 {
         .get(0)
 }
 
+/// The newest event's id, as `db` sees it (its own uncommitted ones included).
+fn last_event_id(db: &mut postgres::Client) -> i64 {
+    db.query_one("SELECT max(id) FROM webhook._events", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until the watermark has passed every event `db` sees now.
+fn wait_for_the_watermark_to_pass_every_event(db: &mut postgres::Client) {
+    let last = last_event_id(db);
+    wait_until(PATIENCE, "the watermark to pass every event", || {
+        (watermark(db) > last).then_some(())
+    });
+}
+
+/// Four routing passes with nothing committed between them (each woken, then given 300 ms).
+fn idle_routing_passes(db: &mut postgres::Client) {
+    for _ in 0..4 {
+        db.execute("SELECT webhook._wake()", &[]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// The worker makes the deliveries from the events' routes (the user's statement writes none).
 /// A transaction that holds its events (lower ids) while later ones commit is routed when it
 /// commits: the watermark below which everything is routed waits for it, then passes it.
@@ -640,10 +663,7 @@ fn a_transaction_that_commits_late_is_routed_and_the_watermark_waits_for_it() {
     let mut long = pg.client();
     long.batch_execute("BEGIN; INSERT INTO users VALUES (1, 'late@example.com')")
         .unwrap();
-    let late_event: i64 = long
-        .query_one("SELECT max(id) FROM webhook._events", &[])
-        .unwrap()
-        .get(0);
+    let late_event = last_event_id(&mut long);
     // Written as one event row each, no delivery row in the writer's transaction.
     let stored: i64 = long
         .query_one("SELECT count(*) FROM webhook._deliveries", &[])
@@ -652,10 +672,7 @@ fn a_transaction_that_commits_late_is_routed_and_the_watermark_waits_for_it() {
     assert_eq!(stored, 0);
     // Routing passes while nothing else commits: the open transaction may hold the newest xid
     // (above every snapshot's xmax), and the watermark must wait for it all the same.
-    for _ in 0..4 {
-        db.execute("SELECT webhook._wake()", &[]).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    idle_routing_passes(&mut db);
     assert!(
         watermark(&mut db) <= late_event,
         "watermark {} passed event {late_event} (uncommitted) in idle passes",
@@ -685,13 +702,7 @@ fn a_transaction_that_commits_late_is_routed_and_the_watermark_waits_for_it() {
         .filter(|r| r.json()["data"]["new"]["email"] == "late@example.com")
         .collect();
     assert_eq!(late.len(), 1, "the late transaction's event is sent once");
-    let last: i64 = db
-        .query_one("SELECT max(id) FROM webhook._events", &[])
-        .unwrap()
-        .get(0);
-    wait_until(PATIENCE, "the watermark to pass every event", || {
-        (watermark(&mut db) > last).then_some(())
-    });
+    wait_for_the_watermark_to_pass_every_event(&mut db);
     wait_settled(&mut db, PATIENCE);
     let ids: std::collections::HashSet<String> =
         rx.requests().iter().map(|r| r.webhook_id()).collect();
@@ -739,13 +750,7 @@ fn concurrent_writers_lose_no_event_to_the_watermark() {
         count(&mut db, "SELECT count(*) FROM webhook._events"),
         total
     );
-    let last: i64 = db
-        .query_one("SELECT max(id) FROM webhook._events", &[])
-        .unwrap()
-        .get(0);
-    wait_until(PATIENCE, "the watermark to pass every event", || {
-        (watermark(&mut db) > last).then_some(())
-    });
+    wait_for_the_watermark_to_pass_every_event(&mut db);
     wait_settled(&mut db, PATIENCE);
     assert_eq!(
         count(&mut db, "SELECT count(*) FROM webhook._deliveries"),
@@ -788,14 +793,8 @@ fn a_recreated_extension_starts_its_watermark_afresh() {
     let mut long = pg.client();
     long.batch_execute("BEGIN; INSERT INTO users VALUES (100, 'new@example.com')")
         .unwrap();
-    let first: i64 = long
-        .query_one("SELECT max(id) FROM webhook._events", &[])
-        .unwrap()
-        .get(0);
-    for _ in 0..4 {
-        db.execute("SELECT webhook._wake()", &[]).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let first = last_event_id(&mut long);
+    idle_routing_passes(&mut db);
     assert!(
         watermark(&mut db) <= first,
         "the new extension's watermark {} passed its uncommitted event {first}",
@@ -863,23 +862,14 @@ fn purge_takes_events_the_watermark_has_not_passed_whole_or_not_at_all() {
     );
     assert_eq!(count(&mut db, "SELECT count(*) FROM webhook._events"), 5);
     // Routing passes: what went is not made again.
-    for _ in 0..4 {
-        db.execute("SELECT webhook._wake()", &[]).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    idle_routing_passes(&mut db);
     assert_eq!(count(&mut db, delivered), 5);
     assert_eq!(
         count(&mut db, "SELECT count(*) FROM webhook.deliveries"),
         10
     );
     held.batch_execute("COMMIT").unwrap();
-    let last: i64 = db
-        .query_one("SELECT max(id) FROM webhook._events", &[])
-        .unwrap()
-        .get(0);
-    wait_until(PATIENCE, "the watermark to pass every event", || {
-        (watermark(&mut db) > last).then_some(())
-    });
+    wait_for_the_watermark_to_pass_every_event(&mut db);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(ok.requests().len(), 15, "nothing was sent again");
     assert_eq!(count(&mut db, delivered), 5);

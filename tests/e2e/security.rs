@@ -1067,9 +1067,9 @@ fn dns_rebinding_never_reaches_the_refused_address() {
         .assert_not_in_log(&pg);
 }
 
-/// DROP EXTENSION webhook_ext and DROP SCHEMA webhook lock the tables that carry webhook's
-/// triggers before Postgres runs them (src/pg/gate.rs), but only for a role that owns the
-/// extension: anyone else is refused at once and holds up no writer meanwhile. With the locks
+/// DROP EXTENSION webhook_ext CASCADE and DROP SCHEMA webhook CASCADE lock the tables that
+/// carry webhook's triggers before Postgres runs them (src/pg/gate.rs), but only for a role that
+/// owns the extension: anyone else is refused at once and holds up no writer meanwhile. With the locks
 /// taken for everyone, the refused DROP would wait for the open writer and end in lock_timeout.
 #[test]
 fn a_drop_postgres_will_refuse_takes_no_lock_on_the_users_tables() {

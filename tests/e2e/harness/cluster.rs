@@ -61,6 +61,24 @@ pub fn extension_dir() -> &'static Path {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// A new, empty directory for a cluster, owned by the user Postgres runs as.
+fn new_cluster_dir() -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = PathBuf::from(format!("/tmp/webhook_ext_test_{}_{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        check(
+            Command::new("chown")
+                .args(["postgres:postgres", dir.to_str().unwrap()])
+                .output()
+                .unwrap(),
+            "chown",
+        );
+    }
+    dir
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
@@ -152,19 +170,7 @@ impl Cluster {
     /// crash test with production's durability (the default here is `fsync = off`), or
     /// `("shared_preload_libraries", "''")` for a server without the library preloaded.
     pub fn init(settings: &[(String, String)]) -> Cluster {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = PathBuf::from(format!("/tmp/webhook_ext_test_{}_{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            check(
-                Command::new("chown")
-                    .args(["postgres:postgres", dir.to_str().unwrap()])
-                    .output()
-                    .unwrap(),
-                "chown",
-            );
-        }
+        let dir = new_cluster_dir();
         let data = dir.join("data");
         check(
             pg_command("initdb")
@@ -223,19 +229,7 @@ impl Cluster {
     /// A hot standby of `primary` (`pg_basebackup -R`, WAL streamed), started. The primary's
     /// postgresql.conf comes with the backup; only where the standby listens is changed.
     pub fn standby_of(primary: &Cluster) -> Cluster {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = PathBuf::from(format!("/tmp/webhook_ext_test_{}_{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            check(
-                Command::new("chown")
-                    .args(["postgres:postgres", dir.to_str().unwrap()])
-                    .output()
-                    .unwrap(),
-                "chown",
-            );
-        }
+        let dir = new_cluster_dir();
         let data = dir.join("data");
         check(
             pg_command("pg_basebackup")
