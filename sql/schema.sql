@@ -231,6 +231,11 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
+        -- As a foreign key would (see replay()): the event stays while its delivery is added.
+        PERFORM FROM webhook._events e WHERE e.id = NEW.event_id FOR KEY SHARE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'event % does not exist', NEW.event_id USING ERRCODE = 'foreign_key_violation';
+        END IF;
         INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, attempts, next_attempt_at,
                                          last_status_code, last_error, created_at, delivered_at)
         VALUES (COALESCE(NEW.id, nextval(pg_get_serial_sequence('webhook._deliveries', 'id')::regclass)),

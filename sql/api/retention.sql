@@ -68,6 +68,13 @@ BEGIN
     SELECT array_agg(d.id), array_agg(DISTINCT d.event_id) INTO gone, evs FROM d;
     IF gone IS NOT NULL THEN
         DELETE FROM webhook.attempts a WHERE a.delivery_id = ANY (gone);
+        -- An event goes once no delivery needs it. replay() and INSERTs through webhook.deliveries
+        -- lock the event they add a delivery to (FOR KEY SHARE): one they hold is skipped here
+        -- and kept, and the DELETE (a later statement, so a later snapshot) sees every delivery
+        -- added by one that committed before the lock was taken. One DELETE with the lock in a
+        -- subquery would not: its snapshot is older than its lock (tests/isolation,
+        -- purge-vs-redelivery, left replayed deliveries without their event).
+        evs := ARRAY(SELECT e.id FROM webhook._events e WHERE e.id = ANY (evs) ORDER BY e.id FOR UPDATE SKIP LOCKED);
         DELETE FROM webhook._events e
          WHERE e.id = ANY (evs) AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = e.id);
         n := cardinality(gone);
@@ -94,8 +101,12 @@ BEGIN
              LIMIT max_rows - n
                FOR UPDATE OF e SKIP LOCKED),
         d AS (
-            DELETE FROM webhook._deliveries x USING ev
-             WHERE x.event_id = ev.id AND x.status IN ('delivered', 'failed', 'cancelled')
+            -- A delivery another transaction holds (retry(), an UPDATE through the view) is
+            -- skipped, not waited for: its event keeps it, and this part is undone.
+            DELETE FROM webhook._deliveries x
+             WHERE x.id IN (SELECT y.id FROM webhook._deliveries y JOIN ev ON y.event_id = ev.id
+                             WHERE y.status IN ('delivered', 'failed', 'cancelled')
+                               FOR UPDATE OF y SKIP LOCKED)
             RETURNING x.id, x.event_id)
         SELECT array_agg(d.id), array_agg(DISTINCT d.event_id) INTO gone, evs FROM d;
         IF gone IS NOT NULL THEN
@@ -121,18 +132,23 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     bound bigint := webhook._last_id_before('webhook._events', cutoff);
+    evs bigint[];
     n bigint;
 BEGIN
     IF bound IS NULL THEN
         RETURN 0;
     END IF;
+    -- Locked first, then deleted by a later statement: see _purge_step (an event replay() is
+    -- adding a delivery to is skipped; one it added a delivery to before the lock is kept).
+    evs := ARRAY(SELECT x.id FROM webhook._events x
+                  WHERE x.id <= bound AND x.created_at < cutoff
+                    AND (x.id < (SELECT COALESCE(max(r.routed_below), 0) FROM webhook._router r) OR x.route IS NULL)
+                    AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = x.id)
+                  ORDER BY x.id
+                  LIMIT max_rows
+                    FOR UPDATE OF x SKIP LOCKED);
     DELETE FROM webhook._events e
-     WHERE e.id IN (SELECT x.id FROM webhook._events x
-                     WHERE x.id <= bound AND x.created_at < cutoff
-                       AND (x.id < (SELECT COALESCE(max(r.routed_below), 0) FROM webhook._router r) OR x.route IS NULL)
-                       AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = x.id)
-                     ORDER BY x.id
-                     LIMIT max_rows);
+     WHERE e.id = ANY (evs) AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = e.id);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END

@@ -107,7 +107,10 @@ BEGIN
        AND EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)
        -- Not a row change whose images were not kept (too large), as retry() refuses it.
        AND NOT (ev.op IS NOT NULL AND ev.new IS NULL AND ev.old IS NULL)
-     ORDER BY ev.id;
+     ORDER BY ev.id
+     -- As a foreign key would: purge() does not take an event while this adds a delivery to it,
+     -- and one purge() took meanwhile is skipped.
+       FOR KEY SHARE OF ev;
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM webhook._wake();
     RETURN n;

@@ -1,7 +1,7 @@
 //! The Rust half of the SQL API: validation, signing and status functions called by the
 //! plpgsql functions in `sql/api/` (which own the table writes) or directly by users.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::sync::atomic::Ordering;
 
 use pgrx::pg_sys;
@@ -173,6 +173,38 @@ fn _worker_slots() -> TableIterator<
                 s.failed.load(Ordering::Relaxed) as i64,
                 s.part.load(Ordering::Acquire) as i32,
             )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// The delivery worker's statements: name, the types of `$1…$n`, and the SQL. The isolation
+/// specs (tests/isolation) run them to interleave exactly what this build's worker runs with the
+/// SQL API's functions.
+#[pg_extern(stable, parallel_safe)]
+fn _worker_statements() -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(params, Vec<String>),
+        name!(sql, String),
+    ),
+> {
+    let rows: Vec<_> = crate::worker::queries::ALL
+        .iter()
+        .map(|s| {
+            let params = s
+                .params
+                .iter()
+                .map(|&oid| {
+                    // SAFETY: format_type_be returns a palloc'd C string for any type oid (an
+                    // unknown one is an ERROR; these are built-in types).
+                    unsafe { CStr::from_ptr(pg_sys::format_type_be(oid)) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            (s.name.to_string(), params, s.sql.to_string())
         })
         .collect();
     TableIterator::new(rows)

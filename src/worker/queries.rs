@@ -425,3 +425,26 @@ pub static OWN_XID: Statement =
         "SELECT CASE WHEN pg_catalog.txid_current_if_assigned() IS NULL THEN pg_catalog.txid_current() END",
         &[],
     );
+
+/// Every statement above, for `webhook._worker_statements()`: the isolation specs
+/// (tests/isolation) prepare them and race exactly what the installed worker runs against the
+/// SQL API. A statement missing here is missing from the specs' reach, not from the worker.
+pub static ALL: &[&Statement] = &[
+    &CLAIM,
+    &NEXT_DUE,
+    &POLICIES,
+    &RECORD,
+    &SAVE_HEALTH,
+    &LOAD_HEALTH,
+    &DISABLE,
+    &RECOVER,
+    &PURGE_STEP,
+    &PURGE_ORPHANS,
+    &REPLICATED_BY,
+    &PLANNER_ROWS,
+    &ANALYZE,
+    &SNAPSHOT_XMIN,
+    &ROUTE,
+    &RAISE_WATERMARK,
+    &OWN_XID,
+];
