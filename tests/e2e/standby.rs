@@ -3,6 +3,11 @@
 //! ours, and `worker_status()` says it is a standby; after `pg_ctl promote` they start without a
 //! restart and deliver what the primary had committed.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::harness::*;
 
 /// A primary with committed, undelivered work (its worker paused, so nothing was sent), a
@@ -98,4 +103,103 @@ fn a_promoted_standby_delivers_what_the_primary_committed() {
     wait_until(PATIENCE, "the promoted server's worker to be idle", || {
         (worker_state(&mut db, "app").as_deref() == Some("idle")).then_some(())
     });
+}
+
+/// Failover with requests under way: the primary's worker has requests out to a receiver that
+/// holds them (10 s) when the primary is killed (`-m immediate`) and its streaming replica
+/// promoted. Each of those is sent again by the new primary under the same `webhook-id` (at
+/// least once: the receiver sees it twice, and deduplicates on the id), everything else once;
+/// every event arrives and ends delivered. Prints how many requests were under way and how many
+/// duplicates the receiver saw.
+#[test]
+fn a_failover_with_requests_under_way_sends_them_again_under_the_same_webhook_id() {
+    const EVENTS: i64 = 200;
+    let crashed = Arc::new(AtomicBool::new(false));
+    let holding = crashed.clone();
+    let rx = Receiver::start(Arc::new(move |_, _| {
+        if holding.load(Ordering::SeqCst) {
+            Reply::ok()
+        } else {
+            Reply::ok().after(Duration::from_secs(10))
+        }
+    }));
+    let mut primary = Cluster::start(&[]);
+    let mut db = primary.client_with_extension();
+    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+        .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    let standby = Cluster::standby_of(&primary);
+    let mut sb = standby.client();
+    db.batch_execute(&format!(
+        "INSERT INTO users SELECT g, 'u' || g || '@example.com' FROM generate_series(1, {EVENTS}) g"
+    ))
+    .unwrap();
+    // The application's rows have reached the standby (asynchronous replication loses what has
+    // not: that is the application's data as much as its events) and requests are out.
+    wait_until(PATIENCE, "the standby to replay every row", || {
+        (count(&mut sb, "SELECT count(*) FROM users") == EVENTS).then_some(())
+    });
+    // The claims too: the promoted server finds those deliveries `sending` (its worker takes
+    // the leases of the dead one) rather than still pending (the worker's own commits are
+    // asynchronous: a claim the crash cut off before it reached the standby is pending there).
+    wait_until(
+        PATIENCE,
+        "requests to be under way, and their claims on the standby",
+        || {
+            (rx.count() >= 20
+                && count(
+                    &mut sb,
+                    "SELECT count(*) FROM webhook.deliveries WHERE status = 'sending'",
+                ) >= 20)
+                .then_some(())
+        },
+    );
+    drop(sb);
+    drop(db);
+    primary.stop("immediate");
+    let under_way: Vec<String> = rx.requests().iter().map(|r| r.webhook_id()).collect();
+    assert!(
+        rx.exchanges().iter().all(|x| x.done.is_none()),
+        "no request was answered before the crash (each is held 10 s): all were under way"
+    );
+    crashed.store(true, Ordering::SeqCst);
+
+    standby.promote();
+    let mut db = standby.client();
+    wait_settled(&mut db, PATIENCE);
+    let got = rx.requests();
+    let ids: HashSet<String> = got.iter().map(|r| r.webhook_id()).collect();
+    assert_eq!(ids.len() as i64, EVENTS, "every event arrived");
+    let after: Vec<String> = got[under_way.len()..]
+        .iter()
+        .map(|r| r.webhook_id())
+        .collect();
+    for id in &under_way {
+        assert!(
+            after.contains(id),
+            "{id}, under way at the crash, was sent again by the promoted server"
+        );
+    }
+    eprintln!(
+        "failover with requests under way: {} under way at the crash, {} requests for {EVENTS} events ({} duplicates)",
+        under_way.len(),
+        got.len(),
+        got.len() - ids.len()
+    );
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM webhook.deliveries WHERE status = 'delivered'"
+        ),
+        EVENTS
+    );
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT count(*) FROM webhook.deliveries WHERE status IN ('pending', 'sending')"
+        ),
+        0
+    );
 }
