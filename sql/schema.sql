@@ -184,25 +184,30 @@ SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
 -- is left alone.
 CREATE FUNCTION webhook._route()
 RETURNS bigint
-LANGUAGE sql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH made AS (
-        INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at)
-        SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
-               CASE WHEN ep.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
-               CASE WHEN ep.enabled THEN e.created_at END,
-               CASE WHEN NOT ep.enabled THEN 'endpoint disabled' END,
-               e.created_at
-          FROM webhook._events e
-         CROSS JOIN LATERAL unnest(e.route) WITH ORDINALITY AS r(endpoint_id, n)
-          JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
-         WHERE e.id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
-           AND e.route IS NOT NULL
-           AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id)
-         ORDER BY e.id, r.n
-        ON CONFLICT (id) DO NOTHING
-        RETURNING 1)
-    SELECT count(*) FROM made
+DECLARE
+    made bigint;
+BEGIN
+    -- PL/pgSQL keeps this statement's plan for the session; a LANGUAGE sql function plans its
+    -- body at every call, and the worker calls this before every claim.
+    INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at)
+    SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
+           CASE WHEN ep.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
+           CASE WHEN ep.enabled THEN e.created_at END,
+           CASE WHEN NOT ep.enabled THEN 'endpoint disabled' END,
+           e.created_at
+      FROM webhook._events e
+     CROSS JOIN LATERAL unnest(e.route) WITH ORDINALITY AS r(endpoint_id, n)
+      JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
+     WHERE e.id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
+       AND e.route IS NOT NULL
+       AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id)
+     ORDER BY e.id, r.n
+    ON CONFLICT (id) DO NOTHING;
+    GET DIAGNOSTICS made = ROW_COUNT;
+    RETURN made;
+END
 $$;
 
 -- INSERT, UPDATE and DELETE on webhook.deliveries. UPDATE and DELETE route first (a statement
@@ -214,7 +219,11 @@ RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM webhook._route();
+    -- Deliveries routed here for other endpoints are new to the worker: it reads them from
+    -- the start (src/worker/claim.rs, floors).
+    IF webhook._route() > 0 THEN
+        PERFORM webhook._wake();
+    END IF;
     RETURN NULL;
 END
 $$;

@@ -17,7 +17,7 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-pub use webhook_core::{http, limits, policy, request, retry, signing, split, target};
+pub use webhook_core::{floors, http, limits, policy, request, retry, signing, split, target};
 
 mod launcher;
 mod pg;

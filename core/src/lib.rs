@@ -5,6 +5,7 @@
 //! (circuit breaker, rate limits), `limits` (an endpoint's settings' ranges), `target` (URL checks and the SSRF guard), `request` (request
 //! bodies and headers), `http` (the HTTP runtime the worker hands requests to).
 
+pub mod floors;
 pub mod http;
 pub mod limits;
 pub mod policy;

@@ -84,6 +84,10 @@ pub struct Slot {
     /// 18 a buffer read handed to an I/O worker), so the worker looks at this before it sleeps
     /// and does not sleep when it moved since it last looked at its work (`woken_since`).
     pub wakes: AtomicU64,
+    /// New deliveries may have appeared above this id since the worker last looked
+    /// (`floors::Floors`): its floors come down to it before the next claim (0: dropped;
+    /// `i64::MAX`: nothing asked).
+    pub floor_bound: AtomicI64,
     pub in_flight: AtomicU32,
     pub attempts: AtomicU64,
     pub delivered: AtomicU64,
@@ -149,8 +153,19 @@ impl Slot {
         }
     }
 
+    /// New deliveries may have appeared above `bound`: the worker's floors come down to it.
+    pub fn lower_floors_to(&self, bound: i64) {
+        self.floor_bound.fetch_min(bound, Ordering::AcqRel);
+    }
+
+    /// The lowest bound asked for since the last call (`i64::MAX`: none).
+    pub fn take_floor_bound(&self) -> i64 {
+        self.floor_bound.swap(i64::MAX, Ordering::AcqRel)
+    }
+
     /// Prepares a free slot for a new database: counters start from zero.
     pub fn reset(&self, name: &str) {
+        self.floor_bound.store(0, Ordering::Release);
         self.evict_until.store(0, Ordering::Release);
         self.resplit.store(false, Ordering::Release);
         self.started_at.store(0, Ordering::Relaxed);
@@ -315,6 +330,17 @@ pub fn wake_at_commit() {
     WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
 }
 
+/// Set when this backend's transaction made or reset pending work outside routing (the SQL API's
+/// send(), retry(), replay(), enable_endpoint()): at commit the workers drop their floors.
+static RESCAN_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+
+/// Asks for this database's workers to read new deliveries from the start (`floors::Floors`)
+/// and to be woken, when the current transaction commits.
+pub fn rescan_at_commit() {
+    RESCAN_AT_COMMIT.store(true, Ordering::Relaxed);
+    wake_at_commit();
+}
+
 /// Wakes this database's workers now.
 pub fn wake_my_worker() {
     // SAFETY: MyDatabaseId is a plain process-global read on the main thread.
@@ -332,6 +358,14 @@ unsafe extern "C-unwind" fn xact_callback(
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
             EVICTED_DB.store(0, Ordering::Relaxed);
+            // Before the wake: a worker woken looks at its floors first.
+            if RESCAN_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                // SAFETY: MyDatabaseId is a plain process-global read on the main thread.
+                let db = unsafe { pg_sys::MyDatabaseId };
+                if let Some(s) = shared() {
+                    s.slots_of_db(db).for_each(|slot| slot.lower_floors_to(0));
+                }
+            }
             if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 wake_my_worker();
             }
@@ -357,12 +391,14 @@ unsafe extern "C-unwind" fn xact_callback(
                 }
             }
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            RESCAN_AT_COMMIT.store(false, Ordering::Relaxed);
             WAKE_LAUNCHER_AT_COMMIT.store(false, Ordering::Relaxed);
             ENDPOINTS_CHANGED_AT_COMMIT.store(false, Ordering::Relaxed);
         }
         pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             EVICTED_DB.store(0, Ordering::Relaxed);
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            RESCAN_AT_COMMIT.store(false, Ordering::Relaxed);
             WAKE_LAUNCHER_AT_COMMIT.store(false, Ordering::Relaxed);
             ENDPOINTS_CHANGED_AT_COMMIT.store(false, Ordering::Relaxed);
         }

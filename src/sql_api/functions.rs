@@ -112,10 +112,12 @@ fn _trigger_args(tgargs: &[u8], nargs: i32) -> Vec<String> {
         .collect()
 }
 
-/// Asks for this database's worker to be woken when the current transaction commits.
+/// Asks for this database's workers to be woken when the current transaction commits, and to
+/// read new deliveries from the start then: the SQL API calls it after it made or reset pending
+/// work (`floors::Floors`).
 #[pg_extern(volatile, parallel_unsafe)]
 fn _wake() {
-    shmem::wake_at_commit();
+    shmem::rescan_at_commit();
 }
 
 /// The Standard Webhooks signature (`v1,<base64>`) of `body` for message `msg_id` at unix time `ts`.

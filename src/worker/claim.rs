@@ -81,6 +81,8 @@ struct ClaimArgs {
     limits: Limits,
     room: ClaimRoom,
     split: Split,
+    floor_ids: Vec<i32>,
+    floors: Vec<i64>,
 }
 
 impl ClaimArgs {
@@ -109,6 +111,8 @@ impl ClaimArgs {
             first.into(),
             self.split.parts.into(),
             self.split.part.into(),
+            self.floor_ids.into(),
+            self.floors.into(),
         ];
         (params, self.limits)
     }
@@ -127,6 +131,8 @@ impl ClaimArgs {
             (self.room.suspect_room > 0).into(),
             self.split.parts.into(),
             self.split.part.into(),
+            self.floor_ids.into(),
+            self.floors.into(),
         ]
     }
 }
@@ -156,6 +162,14 @@ impl Session {
         let default_timeout = self.settings.default_timeout_ms;
         // Read before the transaction's snapshot: a change committed after this is seen again.
         let version = shmem::endpoints_version();
+        let now = Instant::now();
+        let bound = self.slot.take_floor_bound();
+        if bound <= 0 {
+            self.floors.drop_all(now);
+        } else {
+            self.floors.lower_to(bound);
+            self.floors.expire(now);
+        }
         // One transaction: what the worker must limit itself (endpoints re-read only after they
         // changed), then the claim.
         let claimed = transaction(|| {
@@ -181,6 +195,10 @@ impl Session {
             return Ok(None);
         };
         let full = claimed.len() as i32 >= limit;
+        // A claim takes an endpoint's new deliveries in id order: all of them up to the highest.
+        for c in claimed.iter().filter(|c| c.attempts == 0) {
+            self.floors.took(c.endpoint_id, c.id);
+        }
         let refresh = self.stats.claimed(claimed.len() as u64);
         let clock = Instant::now();
         for c in claimed {
@@ -232,7 +250,10 @@ impl Session {
 
     fn claim_args_with(&self, limits: Limits) -> ClaimArgs {
         let (busy_ids, busy_counts) = self.in_flight.busy().iter().map(|(k, v)| (*k, *v)).unzip();
+        let (floor_ids, floors) = self.floors.arrays();
         ClaimArgs {
+            floor_ids,
+            floors,
             busy_ids,
             busy_counts,
             default_max_in_flight: self.settings.default_max_in_flight,

@@ -30,8 +30,16 @@ impl Session {
                 split.part.into(),
             ])?)
         });
-        if let Some(e) = recovered.err().filter(WorkerError::worth_saying) {
-            warning!("webhook_ext worker: recovering expired leases failed: {e}");
+        match recovered {
+            // Recovered leases are new deliveries again when their first attempt had not been
+            // recorded: read every endpoint from the start.
+            Ok(n) if n > 0 => self.floors.drop_all(std::time::Instant::now()),
+            Ok(_) => {}
+            Err(e) => {
+                if e.worth_saying() {
+                    warning!("webhook_ext worker: recovering expired leases failed: {e}");
+                }
+            }
         }
         // Retention is the database's, not an endpoint's: one worker keeps it.
         if self.settings.retention.is_zero() || !split.is_first() {

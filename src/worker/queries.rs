@@ -41,15 +41,18 @@ macro_rules! owned_by {
 
 /// The head of the endpoint whose id is `$ep`: its oldest pending delivery, new or retry, due
 /// or not (an ordered endpoint sends only its head). Columns `id, event_id, next_attempt_at`.
-/// The oldest new one (id order) and the oldest retry — the latter sorted by `id + 0`, so it is
-/// read from the retry index and sorted, never found by walking the primary key.
+/// The oldest new one (id order, above the endpoint's floor `$floor`: `floors::Floors`) and the
+/// oldest retry — the latter sorted by `id + 0`, so it is read from the retry index and sorted,
+/// never found by walking the primary key.
 macro_rules! head_of {
-    ($ep:literal) => {
+    ($ep:literal, $floor:literal) => {
         concat!(
             "SELECT u.id, u.event_id, u.next_attempt_at FROM (
                (SELECT x.id, x.event_id, x.next_attempt_at FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = ",
             $ep,
+            " AND x.id > ",
+            $floor,
             "
                  ORDER BY x.id LIMIT 1)
                UNION ALL
@@ -75,18 +78,20 @@ macro_rules! head_of {
 /// the claim may take, by the sizes events recorded; $12: take the first delivery even if it is
 /// larger (when nothing else is under way, so a large body is never stuck); $13/$14: this
 /// worker's share of the endpoints (`split::Split`: `id mod parts = part`, the remainder taken
-/// non-negative as Rust's `rem_euclid`, whatever the id's sign).
+/// non-negative as Rust's `rem_euclid`, whatever the id's sign); $15/$16: endpoints' floors
+/// (`floors::Floors`: new deliveries are read above them; 0 for an endpoint not listed).
 pub static CLAIM: Statement = Statement::new(
     "claim",
     concat!(
         r#"
 WITH cap AS (
-    SELECT ep.id, ep.ordered, NOT (ep.id = ANY ($9::int[])) AS suspect,
+    SELECT ep.id, ep.ordered, NOT (ep.id = ANY ($9::int[])) AS suspect, COALESCE(f.below, 0) AS floor,
            LEAST(CASE WHEN ep.ordered THEN 1 ELSE COALESCE(ep.max_in_flight, $3) END - COALESCE(b.n, 0),
                  COALESCE(o.n, $4), $4) AS n
       FROM webhook.endpoints ep
       LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
       LEFT JOIN unnest($7::int[], $8::int[]) AS o(id, n) ON o.id = ep.id
+      LEFT JOIN unnest($15::int[], $16::int8[]) AS f(id, below) ON f.id = ep.id
      WHERE ep.enabled AND "#,
         owned_by!("ep.id", "$13", "$14"),
         r#"
@@ -99,7 +104,7 @@ WITH cap AS (
            SELECT u.id, u.endpoint_id, u.event_id FROM (
                (SELECT x.id, x.endpoint_id, x.event_id FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = cap.id
-                   AND x.next_attempt_at <= now()
+                   AND x.id > cap.floor AND x.next_attempt_at <= now()
                  ORDER BY x.id LIMIT cap.n)
                UNION ALL
                (SELECT x.id, x.endpoint_id, x.event_id FROM webhook._deliveries x
@@ -113,7 +118,7 @@ WITH cap AS (
     SELECT h.id, h.event_id, cap.suspect, 1
       FROM cap
      CROSS JOIN LATERAL ("#,
-        head_of!("cap.id"),
+        head_of!("cap.id", "cap.floor"),
         r#") h
      WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now() AND (NOT cap.suspect OR $10 > 0)
 ), pick AS (
@@ -157,14 +162,14 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
     ),
     &[
         INT4_ARRAY, INT4_ARRAY, INT4, INT4, INT4, INT8, INT4_ARRAY, INT4_ARRAY, INT4_ARRAY, INT4,
-        INT8, BOOL, INT4, INT4,
+        INT8, BOOL, INT4, INT4, INT4_ARRAY, INT8_ARRAY,
     ],
 );
 
 /// Milliseconds until the next pending delivery of an endpoint with room is due (an ordered
 /// endpoint: its head). $1/$2 busy, $3 default limit, $4/$5 limits, as for CLAIM; $6 healthy
 /// endpoints and $7 whether the others have room left; $8/$9 this worker's share of the
-/// endpoints (`split::Split`).
+/// endpoints (`split::Split`); $10/$11 the endpoints' floors, as for CLAIM.
 pub static NEXT_DUE: Statement = Statement::new(
     "next_due",
     concat!(
@@ -172,11 +177,12 @@ pub static NEXT_DUE: Statement = Statement::new(
 SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
   FROM (SELECT CASE WHEN ep.ordered
                     THEN (SELECT h.next_attempt_at FROM ("#,
-        head_of!("ep.id"),
+        head_of!("ep.id", "COALESCE(f.below, 0)"),
         r#") h)
                     ELSE LEAST(
                         (SELECT x.next_attempt_at FROM webhook._deliveries x
                           WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = ep.id
+                            AND x.id > COALESCE(f.below, 0)
                           ORDER BY x.id LIMIT 1),
                         (SELECT x.next_attempt_at FROM webhook._deliveries x
                           WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = ep.id
@@ -185,6 +191,7 @@ SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
           FROM webhook.endpoints ep
           LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
           LEFT JOIN unnest($4::int[], $5::int[]) AS o(id, n) ON o.id = ep.id
+          LEFT JOIN unnest($10::int[], $11::int8[]) AS f(id, below) ON f.id = ep.id
          WHERE ep.enabled AND "#,
         owned_by!("ep.id", "$8", "$9"),
         r#"
@@ -195,6 +202,7 @@ SELECT (extract(epoch FROM min(t) - clock_timestamp()) * 1000)::int8
     ),
     &[
         INT4_ARRAY, INT4_ARRAY, INT4, INT4_ARRAY, INT4_ARRAY, INT4_ARRAY, BOOL, INT4, INT4,
+        INT4_ARRAY, INT8_ARRAY,
     ],
 );
 
@@ -397,12 +405,14 @@ pub static ANALYZE: Statement = Statement::new(
 /// The oldest xid still running (`txid_current_snapshot()`'s xmin), the events' id sequence, and
 /// the last id it handed out (0 if none yet); NULL for that if the sequence caches values per
 /// backend (CACHE > 1: an id at or below it may still be handed out later, so the watermark must
-/// not rise on it).
+/// not rise on it); and the routing watermark (the pass makes deliveries of events at or above
+/// it, and only this worker raises it).
 pub static SNAPSHOT_XMIN: Statement = Statement::new(
     "route_xmin",
     "SELECT pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot()), s.seqrelid::pg_catalog.int8,
             CASE WHEN s.seqcache OPERATOR(pg_catalog.=) 1
-                 THEN COALESCE(pg_catalog.pg_sequence_last_value(s.seqrelid), 0) END
+                 THEN COALESCE(pg_catalog.pg_sequence_last_value(s.seqrelid), 0) END,
+            (SELECT COALESCE(pg_catalog.max(r.routed_below), 0) FROM webhook._router r)
        FROM pg_catalog.pg_sequence s
       WHERE s.seqrelid OPERATOR(pg_catalog.=) pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass",
     &[],

@@ -45,16 +45,17 @@ impl Router {
     /// if the transaction commits (pass it to `committed`).
     pub fn pass(&self) -> Result<(i64, Pass), WorkerError> {
         // The last id is read here, before the xid of a new note is assigned (below).
-        let (xmin, sequence, last) = sql::SNAPSHOT_XMIN
+        let (xmin, sequence, last, watermark) = sql::SNAPSHOT_XMIN
             .rows(&[], |row| {
                 Ok((
                     row.get::<i64>(1)?.unwrap_or(0),
                     row.get::<i64>(2)?.unwrap_or(0),
                     row.get::<i64>(3)?,
+                    row.get::<i64>(4)?.unwrap_or(0),
                 ))
             })?
             .pop()
-            .unwrap_or((0, 0, None));
+            .unwrap_or((0, 0, None, 0));
         let noted = self
             .noted
             .filter(|n| n.sequence == sequence && last.is_some_and(|l| l >= n.last));
@@ -79,7 +80,13 @@ impl Router {
         if let Some(n) = matured {
             sql::RAISE_WATERMARK.run(&[(n.last + 1).into()])?;
         }
-        Ok((made, Pass { note }))
+        Ok((
+            made,
+            Pass {
+                note,
+                made_above: watermark.saturating_mul(DELIVERY_IDS_PER_EVENT) - 1,
+            },
+        ))
     }
 
     /// The pass's transaction committed.
@@ -88,9 +95,15 @@ impl Router {
     }
 }
 
+/// Computed delivery ids: `event id × 2^20 + endpoint id`.
+const DELIVERY_IDS_PER_EVENT: i64 = 1 << 20;
+
 /// What a pass noted, kept once its transaction commits.
 pub struct Pass {
     note: Option<Note>,
+    /// Every delivery the pass made has an id above this (its events were at or above the
+    /// watermark): the workers' floors come down to it (`floors::Floors::lower_to`).
+    pub made_above: i64,
 }
 
 /// How long a routing pass waits for a row lock (another transaction routing the same events,

@@ -25,6 +25,7 @@ use super::record::load_health;
 use super::route::{Router, ROUTE_LOCK_TIMEOUT};
 use super::settings::Settings;
 use super::{Stop, ERROR_BACKOFF, STATS_REFRESH_FLOOR};
+use crate::floors::Floors;
 use crate::http::{Finished, HttpRuntime};
 use crate::pg::process::{override_settings, reload_if_asked, shutdown_requested, wait};
 use crate::pg::shmem::{self, Slot, WorkerState};
@@ -67,6 +68,8 @@ pub struct Session {
     pub(super) replicated_by: Option<String>,
     /// Worker 0's routing state (route.rs).
     pub(super) router: Router,
+    /// Where each endpoint's claim of new deliveries starts (claim.rs).
+    pub(super) floors: Floors,
     /// The last routing pass failed (said once until one succeeds).
     route_failing: bool,
     next_housekeeping: Instant,
@@ -116,6 +119,7 @@ impl Session {
             policies: None,
             replicated_by: None,
             router: Router::default(),
+            floors: Floors::default(),
             route_failing: false,
             next_housekeeping: Instant::now(),
         })
@@ -260,10 +264,20 @@ impl Session {
         });
         match result {
             Ok(Some((made, pass))) => {
+                let made_above = pass.made_above;
                 self.router.committed(pass);
                 self.route_failing = false;
-                if made > 0 && self.split.parts > 1 {
-                    shmem::wake_my_worker();
+                if made > 0 {
+                    // Every worker's floors, this one's included (read before its next claim).
+                    if let Some(s) = shmem::shared() {
+                        // SAFETY: MyDatabaseId is a plain process-global read on the main thread.
+                        let db = unsafe { pgrx::pg_sys::MyDatabaseId };
+                        s.slots_of_db(db)
+                            .for_each(|slot| slot.lower_floors_to(made_above));
+                    }
+                    if self.split.parts > 1 {
+                        shmem::wake_my_worker();
+                    }
                 }
             }
             Ok(None) | Err(WorkerError::Busy) => {}

@@ -958,3 +958,79 @@ fn misbehaving_receivers_are_recorded_and_retried_under_one_webhook_id() {
         );
     }
 }
+
+/// The claim reads an endpoint's new deliveries above the last one it took (its floor, so that
+/// a held snapshot's dead index entries are not walked again and again). A delivery that turns
+/// up below the floor is still sent at once, not at the next rescan (every 5 s): `send()` in a
+/// transaction that commits after later events were delivered (its event id, and so its
+/// delivery id, is lower than theirs), and `retry()` of a delivery cancelled before its first
+/// attempt. Each arrives well within the 5 s (the test allows 3 s; it takes milliseconds).
+#[test]
+fn deliveries_below_the_claims_floor_are_sent_at_once() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    let mut late = pg.client();
+    let mut tx = late.transaction().unwrap();
+    let early: i64 = tx
+        .query_one("SELECT webhook.send('late.one', '{}', 'crm')", &[])
+        .unwrap()
+        .get(0);
+    for i in 0..5 {
+        db.execute(
+            "SELECT webhook.send('on.time', jsonb_build_object('n', $1::int), 'crm')",
+            &[&i],
+        )
+        .unwrap();
+    }
+    rx.wait_for(5, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    let committed = Instant::now();
+    tx.commit().unwrap();
+    let got = rx.wait_for(6, PATIENCE);
+    let waited = committed.elapsed();
+    assert_eq!(got[5].json()["type"], "late.one");
+    assert!(
+        waited < Duration::from_secs(3),
+        "event {early}, below the floor, arrived {waited:?} after its commit: it waited for a rescan"
+    );
+
+    // Cancelled before its first attempt (pending → cancelled through the view), then retried
+    // once later deliveries raised the floor past it.
+    db.batch_execute("ALTER SYSTEM SET webhook.paused = on")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_until(PATIENCE, "the worker to pause", || {
+        (worker_state(&mut db, "app").as_deref() == Some("paused")).then_some(())
+    });
+    let cancelled: i64 = db
+        .query_one("SELECT webhook.send('cancelled.first', '{}', 'crm')", &[])
+        .unwrap()
+        .get(0);
+    db.execute(
+        "UPDATE webhook.deliveries SET status = 'cancelled' WHERE event_id = $1",
+        &[&cancelled],
+    )
+    .unwrap();
+    db.execute("SELECT webhook.send('after.it', '{}', 'crm')", &[])
+        .unwrap();
+    db.batch_execute("ALTER SYSTEM SET webhook.paused = off")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    rx.wait_for(7, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    let retried = Instant::now();
+    db.execute(
+        "SELECT webhook.retry(d.id) FROM webhook.deliveries d WHERE d.event_id = $1",
+        &[&cancelled],
+    )
+    .unwrap();
+    let got = rx.wait_for(8, PATIENCE);
+    let waited = retried.elapsed();
+    assert_eq!(got[7].json()["type"], "cancelled.first");
+    assert!(
+        waited < Duration::from_secs(3),
+        "the retried delivery arrived {waited:?} after retry(): it waited for a rescan"
+    );
+}

@@ -25,7 +25,7 @@ END
 $$;
 
 -- The worker's claim: every due delivery (up to n), marked sending with a lease; what a request
--- would be built from.
+-- would be built from. No floors (every endpoint's new deliveries read from the start).
 CREATE FUNCTION iso.claim(n integer DEFAULT 100)
 RETURNS TABLE (id bigint, endpoint_id integer, attempts integer, url text, secret text, previous_secret text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -37,7 +37,8 @@ BEGIN
                 install_id) AS (' || iso.stmt('claim') || ')
          SELECT c.id, c.endpoint_id, c.attempts, c.url, c.secret, c.previous_secret FROM c ORDER BY c.id'
         USING '{}'::int[], '{}'::int[], 100, n, 5000, 1000::int8, '{}'::int[], '{}'::int[],
-              (SELECT array_agg(e.id) FROM webhook.endpoints e), n, 1000000000::int8, true, 1, 0;
+              (SELECT array_agg(e.id) FROM webhook.endpoints e), n, 1000000000::int8, true, 1, 0,
+              '{}'::int[], '{}'::int8[];
 END
 $$;
 
