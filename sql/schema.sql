@@ -251,6 +251,10 @@ BEGIN
                 NEW.event_id, NEW.endpoint_id, COALESCE(NEW.status, 'pending'), COALESCE(NEW.attempts, 0),
                 NEW.next_attempt_at, NEW.last_status_code, NEW.last_error, COALESCE(NEW.created_at, now()),
                 NEW.delivered_at);
+        -- A new pending delivery: the worker reads new deliveries from the start (floors).
+        IF COALESCE(NEW.status, 'pending') = 'pending' AND COALESCE(NEW.attempts, 0) = 0 THEN
+            PERFORM webhook._wake();
+        END IF;
         RETURN NEW;
     END IF;
     IF TG_OP = 'DELETE' THEN

@@ -155,6 +155,10 @@ BEGIN
                 NEW.event_id, NEW.endpoint_id, COALESCE(NEW.status, 'pending'), COALESCE(NEW.attempts, 0),
                 NEW.next_attempt_at, NEW.last_status_code, NEW.last_error, COALESCE(NEW.created_at, now()),
                 NEW.delivered_at);
+        -- A new pending delivery: the worker reads new deliveries from the start (floors).
+        IF COALESCE(NEW.status, 'pending') = 'pending' AND COALESCE(NEW.attempts, 0) = 0 THEN
+            PERFORM webhook._wake();
+        END IF;
         RETURN NEW;
     END IF;
     IF TG_OP = 'DELETE' THEN
@@ -677,7 +681,10 @@ DECLARE
     d webhook._deliveries;
     ep webhook.endpoints;
 BEGIN
-    PERFORM webhook._route();
+    -- What this routing makes is new to the worker (it may return below without waking it).
+    IF webhook._route() > 0 THEN
+        PERFORM webhook._wake();
+    END IF;
     SELECT * INTO d FROM webhook._deliveries x WHERE x.id = delivery_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'delivery % does not exist', delivery_id USING ERRCODE = 'undefined_object';

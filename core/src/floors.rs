@@ -7,7 +7,9 @@
 //! A floor is a delivery id at or below which the endpoint has no new (never attempted) pending
 //! delivery; the claim reads new deliveries above it. It rises to the highest new delivery a
 //! claim took (a claim takes an endpoint's new deliveries in id order, so every one below was
-//! taken too) and is lowered, or dropped, whenever new deliveries may appear below it:
+//! taken too, except those it picked and could not take — held by another transaction, or
+//! their event not visible yet —, below the lowest of which the floor stays) and is lowered, or
+//! dropped, whenever new deliveries may appear below it:
 //! - the router made deliveries: they are of events at or above the routing watermark, so every
 //!   floor comes down to just below `watermark × 2^20` ([`Floors::lower_to`]);
 //! - the SQL API made or reset pending work (`send()`, `retry()`, `replay()`, `enable_endpoint()`
@@ -57,6 +59,13 @@ impl Floors {
         *f = (*f).max(id);
     }
 
+    /// The endpoint's new delivery `id` was not taken: its floor stays below it.
+    pub fn keep_below(&mut self, endpoint_id: i32, id: i64) {
+        if let Some(f) = self.below.get_mut(&endpoint_id) {
+            *f = (*f).min(id - 1);
+        }
+    }
+
     /// New deliveries may have appeared above `bound`: no floor stays above it.
     pub fn lower_to(&mut self, bound: i64) {
         if bound <= 0 {
@@ -81,6 +90,12 @@ impl Floors {
         }
         self.drop_all(now);
         true
+    }
+
+    /// How long until the floors expire (None while there are none): the worker sleeps no
+    /// longer, so a row only the rescan finds waits at most [`RESCAN_EVERY`].
+    pub fn expires_in(&self, now: Instant) -> Option<Duration> {
+        (!self.below.is_empty()).then(|| (self.since + RESCAN_EVERY).saturating_duration_since(now))
     }
 
     /// The floors as the claim's parameters: endpoint ids and floors, in the same order.
@@ -108,6 +123,17 @@ mod tests {
     }
 
     #[test]
+    fn a_delivery_the_claim_could_not_take_keeps_the_floor_below_it() {
+        let mut f = Floors::new(Instant::now());
+        f.took(1, 30);
+        f.took(1, 50);
+        f.keep_below(1, 40);
+        assert_eq!(f.of(1), 39);
+        f.keep_below(2, 10);
+        assert_eq!(f.of(2), 0, "an endpoint without a floor has none to lower");
+    }
+
+    #[test]
     fn routing_lowers_every_floor_to_its_bound() {
         let mut f = Floors::new(Instant::now());
         f.took(1, 50 << 20);
@@ -132,6 +158,19 @@ mod tests {
             !f.expire(start + RESCAN_EVERY + Duration::from_secs(1)),
             "counted afresh"
         );
+    }
+
+    #[test]
+    fn the_wait_for_the_rescan_is_bounded_only_while_there_are_floors() {
+        let start = Instant::now();
+        let mut f = Floors::new(start);
+        assert_eq!(f.expires_in(start), None);
+        f.took(1, 5);
+        assert_eq!(
+            f.expires_in(start + Duration::from_secs(2)),
+            Some(RESCAN_EVERY - Duration::from_secs(2))
+        );
+        assert_eq!(f.expires_in(start + RESCAN_EVERY * 2), Some(Duration::ZERO));
     }
 
     #[test]

@@ -218,7 +218,8 @@ unsafe extern "C-unwind" fn before(node: *mut pg_sys::Node) {
             pg_sys::NodeTag::T_TransactionStmt => {
                 let stmt = node.cast::<pg_sys::TransactionStmt>();
                 if (*stmt).kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED {
-                    shmem::wake_at_commit();
+                    // What it made (send(), retry() …) may lie below the claim's floors.
+                    shmem::rescan_at_commit();
                     shmem::endpoints_changed_at_commit();
                 }
             }

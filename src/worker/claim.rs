@@ -195,9 +195,15 @@ impl Session {
             return Ok(None);
         };
         let full = claimed.len() as i32 >= limit;
-        // A claim takes an endpoint's new deliveries in id order: all of them up to the highest.
+        // A claim takes an endpoint's new deliveries in id order: all of them up to the highest,
+        // but for those it picked and could not take (the floor stays below the lowest).
         for c in claimed.iter().filter(|c| c.attempts == 0) {
             self.floors.took(c.endpoint_id, c.id);
+        }
+        for c in &claimed {
+            if let Some(hole) = c.hole {
+                self.floors.keep_below(c.endpoint_id, hole);
+            }
         }
         let refresh = self.stats.claimed(claimed.len() as u64);
         let clock = Instant::now();
@@ -353,6 +359,8 @@ struct Claimed {
     size: i64,
     /// The install id in force (part of the webhook-id).
     install_id: String,
+    /// The endpoint's lowest new delivery the claim picked but did not take.
+    hole: Option<i64>,
 }
 
 struct RowChange {
@@ -393,6 +401,7 @@ impl Claimed {
             },
             size: row.get::<i32>(20)?.map_or(0, i64::from),
             install_id: row.get(21)?.unwrap_or_default(),
+            hole: row.get(22)?,
         })
     }
 

@@ -40,15 +40,16 @@ macro_rules! owned_by {
 }
 
 /// The head of the endpoint whose id is `$ep`: its oldest pending delivery, new or retry, due
-/// or not (an ordered endpoint sends only its head). Columns `id, event_id, next_attempt_at`.
+/// or not (an ordered endpoint sends only its head). Columns `id, event_id, next_attempt_at`,
+/// `fresh` (never attempted).
 /// The oldest new one (id order, above the endpoint's floor `$floor`: `floors::Floors`) and the
 /// oldest retry — the latter sorted by `id + 0`, so it is read from the retry index and sorted,
 /// never found by walking the primary key.
 macro_rules! head_of {
     ($ep:literal, $floor:literal) => {
         concat!(
-            "SELECT u.id, u.event_id, u.next_attempt_at FROM (
-               (SELECT x.id, x.event_id, x.next_attempt_at FROM webhook._deliveries x
+            "SELECT u.id, u.event_id, u.next_attempt_at, u.fresh FROM (
+               (SELECT x.id, x.event_id, x.next_attempt_at, true AS fresh FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = ",
             $ep,
             " AND x.id > ",
@@ -56,7 +57,7 @@ macro_rules! head_of {
             "
                  ORDER BY x.id LIMIT 1)
                UNION ALL
-               (SELECT x.id, x.event_id, x.next_attempt_at FROM webhook._deliveries x
+               (SELECT x.id, x.event_id, x.next_attempt_at, false FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = ",
             $ep,
             "
@@ -79,7 +80,8 @@ macro_rules! head_of {
 /// larger (when nothing else is under way, so a large body is never stuck); $13/$14: this
 /// worker's share of the endpoints (`split::Split`: `id mod parts = part`, the remainder taken
 /// non-negative as Rust's `rem_euclid`, whatever the id's sign); $15/$16: endpoints' floors
-/// (`floors::Floors`: new deliveries are read above them; 0 for an endpoint not listed).
+/// (`floors::Floors`: new deliveries are read above them; 0 for an endpoint not listed). The
+/// last column: the endpoint's lowest new delivery the claim picked but did not take, if any.
 pub static CLAIM: Statement = Statement::new(
     "claim",
     concat!(
@@ -96,18 +98,19 @@ WITH cap AS (
         owned_by!("ep.id", "$13", "$14"),
         r#"
 ), cand AS (
-    SELECT d.id, d.event_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn
+    SELECT d.id, d.event_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn,
+           d.endpoint_id, d.fresh
       FROM cap
      CROSS JOIN LATERAL (
            -- New deliveries (due since they were made) oldest first, and retries that are due,
            -- each from its own index: retries waiting for later are never read.
-           SELECT u.id, u.endpoint_id, u.event_id FROM (
-               (SELECT x.id, x.endpoint_id, x.event_id FROM webhook._deliveries x
+           SELECT u.id, u.endpoint_id, u.event_id, u.fresh FROM (
+               (SELECT x.id, x.endpoint_id, x.event_id, true AS fresh FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = cap.id
                    AND x.id > cap.floor AND x.next_attempt_at <= now()
                  ORDER BY x.id LIMIT cap.n)
                UNION ALL
-               (SELECT x.id, x.endpoint_id, x.event_id FROM webhook._deliveries x
+               (SELECT x.id, x.endpoint_id, x.event_id, false FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = cap.id
                    AND x.next_attempt_at <= now()
                  ORDER BY x.next_attempt_at LIMIT cap.n)) u
@@ -115,14 +118,14 @@ WITH cap AS (
             LIMIT cap.n) d
      WHERE cap.n > 0 AND NOT cap.ordered AND (NOT cap.suspect OR $10 > 0)
     UNION ALL
-    SELECT h.id, h.event_id, cap.suspect, 1
+    SELECT h.id, h.event_id, cap.suspect, 1, cap.id, h.fresh
       FROM cap
      CROSS JOIN LATERAL ("#,
         head_of!("cap.id", "cap.floor"),
         r#") h
      WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now() AND (NOT cap.suspect OR $10 > 0)
 ), pick AS (
-    SELECT c.id, c.event_id, row_number() OVER (ORDER BY c.suspect, c.rn, c.id) AS ord
+    SELECT c.id, c.event_id, c.endpoint_id, c.fresh, row_number() OVER (ORDER BY c.suspect, c.rn, c.id) AS ord
       FROM (SELECT cand.*, row_number() OVER (PARTITION BY cand.suspect ORDER BY cand.rn, cand.id) AS k FROM cand) c
      WHERE NOT c.suspect OR c.k <= $10
      ORDER BY c.suspect, c.rn, c.id
@@ -142,7 +145,7 @@ WITH cap AS (
      WHERE ((sized.ord = 1 AND $12) OR sized.running <= $11)
        AND d.status = 'pending'
        FOR UPDATE OF d SKIP LOCKED
-)
+), upd AS (
 UPDATE webhook._deliveries d
    SET status = 'sending',
        next_attempt_at = now() + (COALESCE(ep.timeout, $5 * interval '1 ms') + $6 * interval '1 ms')
@@ -158,6 +161,15 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid, locked.size,
           -- Read with every claim: a restore adds the source's (older) row after CREATE EXTENSION.
           (SELECT m.install_id FROM webhook._meta m ORDER BY m.created_at, m.install_id LIMIT 1)
+)
+-- And, per endpoint, the lowest new delivery picked but not taken (held by another transaction,
+-- its event not visible, or over the byte budget): the endpoint's floor stays below it.
+SELECT upd.*, h.hole
+  FROM upd
+  LEFT JOIN (SELECT p.endpoint_id, min(p.id) AS hole
+               FROM pick p
+              WHERE p.fresh AND NOT EXISTS (SELECT FROM upd u WHERE u.id = p.id)
+              GROUP BY p.endpoint_id) h ON h.endpoint_id = upd.endpoint_id
 "#
     ),
     &[

@@ -213,6 +213,11 @@ impl Session {
     /// all if the worker was woken since `seen` (the latch set may have been consumed by a wait
     /// inside the round: a lock, or an I/O on PostgreSQL 18).
     fn rest(&mut self, sleep: Option<Duration>, seen: u64) {
+        // Floors due to be dropped go now; the others bound the sleep, so a delivery only the
+        // rescan finds (a hand-written change) waits at most floors::RESCAN_EVERY.
+        let now = Instant::now();
+        self.floors.expire(now);
+        let until_rescan = self.floors.expires_in(now).unwrap_or(IDLE_POLL);
         let http = self.http();
         self.slot
             .in_flight
@@ -223,7 +228,8 @@ impl Session {
         let timeout = sleep
             .unwrap_or(IDLE_POLL)
             .min(IDLE_POLL)
-            .min(until_housekeeping);
+            .min(until_housekeeping)
+            .min(until_rescan);
         if timeout.is_zero() || self.slot.woken_since(seen) {
             return;
         }

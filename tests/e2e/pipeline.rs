@@ -1034,3 +1034,69 @@ fn deliveries_below_the_claims_floor_are_sent_at_once() {
         "the retried delivery arrived {waited:?} after retry(): it waited for a rescan"
     );
 }
+
+/// A new delivery the claim skips (another transaction holds its row) keeps the endpoint's floor
+/// below it: once released it goes out with the next claim, not at the next rescan. Here the
+/// held delivery and a later one then arrive within a second of each other (they share a
+/// claim); with the floor raised past the held one it waits for the rescan (up to 5 s).
+#[test]
+fn a_delivery_the_claim_skipped_goes_with_the_next_claim() {
+    let pg = Cluster::start(&[("webhook.paused", "on")]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY)")
+        .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    db.execute("INSERT INTO users VALUES (1)", &[]).unwrap();
+    // Routed and the watermark past it, as the worker would have done: the router's lowering of
+    // the floors (to below the watermark) then never reaches the held delivery, and only the
+    // claim's own account of what it skipped can keep the floor below it.
+    db.execute("SELECT webhook._route()", &[]).unwrap();
+    db.execute(
+        "UPDATE webhook._router SET routed_below = (SELECT max(id) + 1 FROM webhook._events)",
+        &[],
+    )
+    .unwrap();
+    let held: i64 = db
+        .query_one("SELECT id FROM webhook._deliveries", &[])
+        .unwrap()
+        .get(0);
+    let mut holder = pg.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute(
+        "SELECT 1 FROM webhook._deliveries WHERE id = $1 FOR UPDATE",
+        &[&held],
+    )
+    .unwrap();
+    db.batch_execute("ALTER SYSTEM SET webhook.paused = off")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    db.execute("INSERT INTO users VALUES (2)", &[]).unwrap();
+    let got = rx.wait_for(1, PATIENCE);
+    assert_eq!(
+        got[0].json()["data"]["new"]["id"],
+        2,
+        "the held one is skipped"
+    );
+    tx.rollback().unwrap();
+    db.execute("INSERT INTO users VALUES (3)", &[]).unwrap();
+    let got = rx.wait_for(3, PATIENCE);
+    let at = |id: i64| {
+        got.iter()
+            .find(|r| r.json()["data"]["new"]["id"] == id)
+            .map(|r| r.at)
+            .unwrap()
+    };
+    let (first, third) = (at(1), at(3));
+    let apart = if first > third {
+        first - third
+    } else {
+        third - first
+    };
+    assert!(
+        apart < Duration::from_secs(1),
+        "the released delivery arrived {apart:?} apart from the next claim's: it waited for the rescan"
+    );
+}

@@ -34,7 +34,7 @@ BEGIN
     RETURN QUERY EXECUTE
         'WITH c(id, endpoint_id, attempts, type, created_us, payload, url, secret, previous_secret, headers,
                 timeout_ms, max_attempts, retry_schedule, schema_name, table_name, op, new, old, txid, size,
-                install_id) AS (' || iso.stmt('claim') || ')
+                install_id, hole) AS (' || iso.stmt('claim') || ')
          SELECT c.id, c.endpoint_id, c.attempts, c.url, c.secret, c.previous_secret FROM c ORDER BY c.id'
         USING '{}'::int[], '{}'::int[], 100, n, 5000, 1000::int8, '{}'::int[], '{}'::int[],
               (SELECT array_agg(e.id) FROM webhook.endpoints e), n, 1000000000::int8, true, 1, 0,
