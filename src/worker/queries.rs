@@ -154,7 +154,7 @@ UPDATE webhook._deliveries d
 RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           (extract(epoch FROM e.created_at) * 1000000)::int8,
           e.payload::text, ep.url, ep.secret,
-          CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
+          CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END AS previous_secret,
           ep.headers::text,
           COALESCE((extract(epoch FROM ep.timeout) * 1000)::int8, $5::int8),
           ep.max_attempts, ep.retry_schedule,

@@ -30,15 +30,28 @@ CREATE FUNCTION iso.claim(n integer DEFAULT 100)
 RETURNS TABLE (id bigint, endpoint_id integer, attempts integer, url text, secret text, previous_secret text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    r record;
+    ids bigint[] := '{}';
+    eps integer[] := '{}';
+    tries integer[] := '{}';
+    urls text[] := '{}';
+    secrets text[] := '{}';
+    previous text[] := '{}';
 BEGIN
-    RETURN QUERY EXECUTE
-        'WITH c(id, endpoint_id, attempts, type, created_us, payload, url, secret, previous_secret, headers,
-                timeout_ms, max_attempts, retry_schedule, schema_name, table_name, op, new, old, txid, size,
-                install_id, hole) AS (' || iso.stmt('claim') || ')
-         SELECT c.id, c.endpoint_id, c.attempts, c.url, c.secret, c.previous_secret FROM c ORDER BY c.id'
+    FOR r IN EXECUTE iso.stmt('claim')
         USING '{}'::int[], '{}'::int[], 100, n, 5000, 1000::int8, '{}'::int[], '{}'::int[],
               (SELECT array_agg(e.id) FROM webhook.endpoints e), n, 1000000000::int8, true, 1, 0,
-              '{}'::int[], '{}'::int8[];
+              '{}'::int[], '{}'::int8[]
+    LOOP
+        ids := ids || r.id;
+        eps := eps || r.endpoint_id;
+        tries := tries || r.attempts;
+        urls := urls || r.url;
+        secrets := secrets || r.secret;
+        previous := previous || r.previous_secret;
+    END LOOP;
+    RETURN QUERY SELECT u.* FROM unnest(ids, eps, tries, urls, secrets, previous) AS u ORDER BY 1;
 END
 $$;
 
