@@ -72,12 +72,14 @@ fn a_promoted_standby_delivers_what_the_primary_committed() {
         Vec::<String>::new(),
         "the standby logged nothing of ours above LOG"
     );
+    // The receiver is up before delivery resumes (a first attempt at a closed port would wait
+    // for its retry).
+    let rx = Receiver::start_at(down, always(Reply::ok()));
     // The primary's postgresql.conf came with the base backup (paused): resume as an operator
     // would after a failover.
     db.batch_execute("ALTER SYSTEM SET webhook.paused = off")
         .unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
-    let rx = Receiver::start_at(down, always(Reply::ok()));
     let got = rx.wait_for(60, PATIENCE);
     let ids: std::collections::HashSet<String> = got.iter().map(|r| r.webhook_id()).collect();
     assert_eq!(ids.len(), 60, "every event arrived");
