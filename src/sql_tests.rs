@@ -92,6 +92,20 @@ mod tests {
         for s in [&q::CLAIM, &q::NEXT_DUE, &q::DISABLE] {
             assert_uses(s.name, &plan(s.sql, s.params), &both);
         }
+        // The floors (floors::Floors): new deliveries are read from the endpoint's floor on,
+        // in the index, not filtered after reading the dead entries below it.
+        for (s, cond) in [
+            (&q::CLAIM, "(id > cap.floor)"),
+            (&q::NEXT_DUE, "(id > COALESCE(f.below"),
+        ] {
+            let p = plan(s.sql, s.params);
+            assert!(
+                p.lines()
+                    .any(|l| l.contains("Index Cond:") && l.contains(cond)),
+                "{} does not start its scan of new deliveries at the floor:\n{p}",
+                s.name
+            );
+        }
         assert_uses(
             "recover",
             &plan(q::RECOVER.sql, q::RECOVER.params),
