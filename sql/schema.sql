@@ -206,6 +206,12 @@ BEGIN
      ORDER BY e.id, r.n
     ON CONFLICT (id) DO NOTHING;
     GET DIAGNOSTICS made = ROW_COUNT;
+    -- New deliveries may lie below the floors the workers claim from (src/worker/claim.rs):
+    -- they read from the start after this commits (the worker itself lowers its floors by the
+    -- watermark instead; there this does nothing).
+    IF made > 0 THEN
+        PERFORM webhook._wake();
+    END IF;
     RETURN made;
 END
 $$;
@@ -219,11 +225,7 @@ RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- Deliveries routed here for other endpoints are new to the worker: it reads them from
-    -- the start (src/worker/claim.rs, floors).
-    IF webhook._route() > 0 THEN
-        PERFORM webhook._wake();
-    END IF;
+    PERFORM webhook._route();
     RETURN NULL;
 END
 $$;

@@ -110,6 +110,12 @@ BEGIN
      ORDER BY e.id, r.n
     ON CONFLICT (id) DO NOTHING;
     GET DIAGNOSTICS made = ROW_COUNT;
+    -- New deliveries may lie below the floors the workers claim from (src/worker/claim.rs):
+    -- they read from the start after this commits (the worker itself lowers its floors by the
+    -- watermark instead; there this does nothing).
+    IF made > 0 THEN
+        PERFORM webhook._wake();
+    END IF;
     RETURN made;
 END
 $$;
@@ -123,11 +129,7 @@ RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- Deliveries routed here for other endpoints are new to the worker: it reads them from
-    -- the start (src/worker/claim.rs, floors).
-    IF webhook._route() > 0 THEN
-        PERFORM webhook._wake();
-    END IF;
+    PERFORM webhook._route();
     RETURN NULL;
 END
 $$;
@@ -230,11 +232,7 @@ DECLARE
 BEGIN
     UPDATE webhook.endpoints e SET enabled = false, disabled_reason = COALESCE(reason, 'disabled by ' || current_user), updated_at = now()
      WHERE e.id = ep;
-    -- Deliveries routed here for other endpoints are new to the worker: it reads them from
-    -- the start (src/worker/claim.rs, floors).
-    IF webhook._route() > 0 THEN
-        PERFORM webhook._wake();
-    END IF;
+    PERFORM webhook._route();
     UPDATE webhook._deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
 END
@@ -456,11 +454,7 @@ BEGIN
         EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
         PERFORM webhook._drop_flush_trigger(s."table");
     END LOOP;
-    -- Deliveries routed here for other endpoints are new to the worker: it reads them from
-    -- the start (src/worker/claim.rs, floors).
-    IF webhook._route() > 0 THEN
-        PERFORM webhook._wake();
-    END IF;
+    PERFORM webhook._route();
     UPDATE webhook._deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
     DELETE FROM webhook._endpoint_state st WHERE st.endpoint_id = ep;
@@ -681,10 +675,7 @@ DECLARE
     d webhook._deliveries;
     ep webhook.endpoints;
 BEGIN
-    -- What this routing makes is new to the worker (it may return below without waking it).
-    IF webhook._route() > 0 THEN
-        PERFORM webhook._wake();
-    END IF;
+    PERFORM webhook._route();
     SELECT * INTO d FROM webhook._deliveries x WHERE x.id = delivery_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'delivery % does not exist', delivery_id USING ERRCODE = 'undefined_object';

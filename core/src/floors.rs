@@ -2,7 +2,8 @@
 //! claims). A delivery that is claimed leaves a dead entry in the index of new deliveries; while
 //! a snapshot older than it is held (a report, `pg_dump`, a standby's feedback) the entry cannot
 //! be removed, and a claim that reads the index from its start walks every one of them: 30,000
-//! deliveries made under a held snapshot cost an idle claim 3.9 ms (tests/bench/snapshot_profile.sh).
+//! deliveries made under a held snapshot cost an idle claim 3.9–7.7 ms in runs here
+//! (tests/bench/snapshot_profile.sh).
 //!
 //! A floor is a delivery id at or below which the endpoint has no new (never attempted) pending
 //! delivery; the claim reads new deliveries above it. It rises to the highest new delivery a
@@ -10,8 +11,10 @@
 //! taken too, except those it picked and could not take — held by another transaction, or
 //! their event not visible yet —, below the lowest of which the floor stays) and is lowered, or
 //! dropped, whenever new deliveries may appear below it:
-//! - the router made deliveries: they are of events at or above the routing watermark, so every
-//!   floor comes down to just below `watermark × 2^20` ([`Floors::lower_to`]);
+//! - the worker's router made deliveries: they are of events at or above the routing watermark
+//!   it raised last, so every floor comes down to just below `watermark × 2^20`
+//!   ([`Floors::lower_to`]); `webhook._route()` run by the SQL API (retry, disable, drop, the
+//!   view's UPDATE) asks for a rescan when it made any;
 //! - the SQL API made or reset pending work (`send()`, `retry()`, `replay()`, `enable_endpoint()`
 //!   wake the worker to rescan), or leases were recovered: all floors are dropped;
 //! - an administrator's hand-written change (an `UPDATE` of `webhook.deliveries`, a row another

@@ -176,11 +176,7 @@ BEGIN
         EXECUTE format('DROP TRIGGER %I ON %s', s.trigger_name, s."table");
         PERFORM webhook._drop_flush_trigger(s."table");
     END LOOP;
-    -- Deliveries routed here for other endpoints are new to the worker: it reads them from
-    -- the start (src/worker/claim.rs, floors).
-    IF webhook._route() > 0 THEN
-        PERFORM webhook._wake();
-    END IF;
+    PERFORM webhook._route();
     UPDATE webhook._deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint dropped'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
     DELETE FROM webhook._endpoint_state st WHERE st.endpoint_id = ep;
@@ -213,11 +209,7 @@ DECLARE
 BEGIN
     UPDATE webhook.endpoints e SET enabled = false, disabled_reason = COALESCE(reason, 'disabled by ' || current_user), updated_at = now()
      WHERE e.id = ep;
-    -- Deliveries routed here for other endpoints are new to the worker: it reads them from
-    -- the start (src/worker/claim.rs, floors).
-    IF webhook._route() > 0 THEN
-        PERFORM webhook._wake();
-    END IF;
+    PERFORM webhook._route();
     UPDATE webhook._deliveries d SET status = 'cancelled', next_attempt_at = NULL, last_error = 'endpoint disabled'
      WHERE d.endpoint_id = ep AND d.status = 'pending' AND (d.attempts = 0 OR d.attempts > 0);
 END

@@ -49,10 +49,7 @@ DECLARE
     d webhook._deliveries;
     ep webhook.endpoints;
 BEGIN
-    -- What this routing makes is new to the worker (it may return below without waking it).
-    IF webhook._route() > 0 THEN
-        PERFORM webhook._wake();
-    END IF;
+    PERFORM webhook._route();
     SELECT * INTO d FROM webhook._deliveries x WHERE x.id = delivery_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'delivery % does not exist', delivery_id USING ERRCODE = 'undefined_object';

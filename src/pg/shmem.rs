@@ -334,11 +334,34 @@ pub fn wake_at_commit() {
 /// send(), retry(), replay(), enable_endpoint()): at commit the workers drop their floors.
 static RESCAN_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 
+/// Set in the delivery worker's process: it keeps its floors itself (a routing pass lowers them
+/// by the watermark), and must not wake itself or drop them at each commit of its own.
+static IN_DELIVERY_WORKER: AtomicBool = AtomicBool::new(false);
+
+/// Marks this process as a delivery worker (`IN_DELIVERY_WORKER`).
+pub fn in_delivery_worker() {
+    IN_DELIVERY_WORKER.store(true, Ordering::Relaxed);
+}
+
 /// Asks for this database's workers to read new deliveries from the start (`floors::Floors`)
-/// and to be woken, when the current transaction commits.
+/// and to be woken, when the current transaction commits (nothing in a delivery worker).
 pub fn rescan_at_commit() {
+    if IN_DELIVERY_WORKER.load(Ordering::Relaxed) {
+        return;
+    }
     RESCAN_AT_COMMIT.store(true, Ordering::Relaxed);
     wake_at_commit();
+}
+
+/// New deliveries may have appeared above `bound` (0: anywhere): every worker of this
+/// database lowers its floors to it before its next claim.
+pub fn lower_my_workers_floors(bound: i64) {
+    // SAFETY: MyDatabaseId is a plain process-global read on the main thread.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    if let Some(s) = shared() {
+        s.slots_of_db(db)
+            .for_each(|slot| slot.lower_floors_to(bound));
+    }
 }
 
 /// Wakes this database's workers now.
@@ -360,11 +383,7 @@ unsafe extern "C-unwind" fn xact_callback(
             EVICTED_DB.store(0, Ordering::Relaxed);
             // Before the wake: a worker woken looks at its floors first.
             if RESCAN_AT_COMMIT.swap(false, Ordering::Relaxed) {
-                // SAFETY: MyDatabaseId is a plain process-global read on the main thread.
-                let db = unsafe { pg_sys::MyDatabaseId };
-                if let Some(s) = shared() {
-                    s.slots_of_db(db).for_each(|slot| slot.lower_floors_to(0));
-                }
+                lower_my_workers_floors(0);
             }
             if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 wake_my_worker();

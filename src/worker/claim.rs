@@ -162,14 +162,10 @@ impl Session {
         let default_timeout = self.settings.default_timeout_ms;
         // Read before the transaction's snapshot: a change committed after this is seen again.
         let version = shmem::endpoints_version();
-        let now = Instant::now();
-        let bound = self.slot.take_floor_bound();
-        if bound <= 0 {
-            self.floors.drop_all(now);
-        } else {
-            self.floors.lower_to(bound);
-            self.floors.expire(now);
-        }
+        // Expired here too, not only before a wait (`rest()`): the claim that follows the wait
+        // must read from the start.
+        self.floors.lower_to(self.slot.take_floor_bound());
+        self.floors.expire(Instant::now());
         // One transaction: what the worker must limit itself (endpoints re-read only after they
         // changed), then the claim.
         let claimed = transaction(|| {

@@ -57,6 +57,7 @@ const STATS_REFRESH_FLOOR: u64 = 10_000;
 pub extern "C-unwind" fn webhook_worker_main(arg: pg_sys::Datum) {
     let slot_index = arg.value();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    shmem::in_delivery_worker();
     let Some(slot) = shmem::shared().and_then(|s| s.slots.get(slot_index)) else {
         error!("webhook_ext worker started without shared memory (is webhook_ext in shared_preload_libraries?)");
     };

@@ -417,16 +417,20 @@ pub static ANALYZE: Statement = Statement::new(
 /// The oldest xid still running (`txid_current_snapshot()`'s xmin), the events' id sequence, and
 /// the last id it handed out (0 if none yet); NULL for that if the sequence caches values per
 /// backend (CACHE > 1: an id at or below it may still be handed out later, so the watermark must
-/// not rise on it); and the routing watermark (the pass makes deliveries of events at or above
-/// it, and only this worker raises it).
+/// not rise on it).
 pub static SNAPSHOT_XMIN: Statement = Statement::new(
     "route_xmin",
     "SELECT pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot()), s.seqrelid::pg_catalog.int8,
             CASE WHEN s.seqcache OPERATOR(pg_catalog.=) 1
-                 THEN COALESCE(pg_catalog.pg_sequence_last_value(s.seqrelid), 0) END,
-            (SELECT COALESCE(pg_catalog.max(r.routed_below), 0) FROM webhook._router r)
+                 THEN COALESCE(pg_catalog.pg_sequence_last_value(s.seqrelid), 0) END
        FROM pg_catalog.pg_sequence s
       WHERE s.seqrelid OPERATOR(pg_catalog.=) pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::pg_catalog.regclass",
+    &[],
+);
+/// The routing watermark (a restored dump brings its own row beside ours: the highest counts).
+pub static ROUTED_BELOW: Statement = Statement::new(
+    "route_watermark",
+    "SELECT COALESCE(pg_catalog.max(r.routed_below), 0) FROM webhook._router r",
     &[],
 );
 /// Makes the deliveries of committed events' routes; returns how many.
@@ -466,6 +470,7 @@ pub static ALL: &[&Statement] = &[
     &PLANNER_ROWS,
     &ANALYZE,
     &SNAPSHOT_XMIN,
+    &ROUTED_BELOW,
     &ROUTE,
     &RAISE_WATERMARK,
     &OWN_XID,

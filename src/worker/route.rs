@@ -23,10 +23,21 @@
 use super::error::WorkerError;
 use super::queries as sql;
 
-/// The note of the last pass that may raise the watermark.
+/// The note of the last pass that may raise the watermark, and the watermark it routes from.
 #[derive(Default)]
 pub struct Router {
     noted: Option<Note>,
+    raised: Option<Raised>,
+}
+
+/// The watermark this router last raised (or read, before its first raise), and the events'
+/// sequence it is about. Only the router raises the table's; a restore's row may put a higher
+/// one beside it, never a lower one for the same sequence: so every event a pass routes is at or
+/// above it, with no read of the table at each pass.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Raised {
+    below: i64,
+    sequence: i64,
 }
 
 /// What a pass noted: the last event id handed out, the noting pass's xid, and the sequence the
@@ -45,17 +56,16 @@ impl Router {
     /// if the transaction commits (pass it to `committed`).
     pub fn pass(&self) -> Result<(i64, Pass), WorkerError> {
         // The last id is read here, before the xid of a new note is assigned (below).
-        let (xmin, sequence, last, watermark) = sql::SNAPSHOT_XMIN
+        let (xmin, sequence, last) = sql::SNAPSHOT_XMIN
             .rows(&[], |row| {
                 Ok((
                     row.get::<i64>(1)?.unwrap_or(0),
                     row.get::<i64>(2)?.unwrap_or(0),
                     row.get::<i64>(3)?,
-                    row.get::<i64>(4)?.unwrap_or(0),
                 ))
             })?
             .pop()
-            .unwrap_or((0, 0, None, 0));
+            .unwrap_or((0, 0, None));
         let noted = self
             .noted
             .filter(|n| n.sequence == sequence && last.is_some_and(|l| l >= n.last));
@@ -76,15 +86,32 @@ impl Router {
         } else {
             noted
         };
+        // The watermark this pass routes from: the one this router raised last, read from the
+        // table only when it has raised none yet for this sequence (once a session).
+        let from = match self.raised.filter(|r| r.sequence == sequence) {
+            Some(r) => r,
+            None => Raised {
+                below: sql::ROUTED_BELOW.one::<i64>(&[])?.unwrap_or(0),
+                sequence,
+            },
+        };
         let made = sql::ROUTE.one::<i64>(&[])?.unwrap_or(0);
+        // What this pass made is at or above that watermark.
+        let made_above = from.below.saturating_mul(DELIVERY_IDS_PER_EVENT) - 1;
+        let mut raised = Some(from);
         if let Some(n) = matured {
             sql::RAISE_WATERMARK.run(&[(n.last + 1).into()])?;
+            raised = Some(Raised {
+                below: n.last + 1,
+                sequence,
+            });
         }
         Ok((
             made,
             Pass {
                 note,
-                made_above: watermark.saturating_mul(DELIVERY_IDS_PER_EVENT) - 1,
+                raised,
+                made_above,
             },
         ))
     }
@@ -92,6 +119,7 @@ impl Router {
     /// The pass's transaction committed.
     pub fn committed(&mut self, pass: Pass) {
         self.noted = pass.note;
+        self.raised = pass.raised;
     }
 }
 
@@ -101,8 +129,10 @@ const DELIVERY_IDS_PER_EVENT: i64 = 1 << 20;
 /// What a pass noted, kept once its transaction commits.
 pub struct Pass {
     note: Option<Note>,
+    raised: Option<Raised>,
     /// Every delivery the pass made has an id above this (its events were at or above the
-    /// watermark): the workers' floors come down to it (`floors::Floors::lower_to`).
+    /// watermark it routed from): the workers' floors come down to it
+    /// (`floors::Floors::lower_to`).
     pub made_above: i64,
 }
 

@@ -275,12 +275,7 @@ impl Session {
                 self.route_failing = false;
                 if made > 0 {
                     // Every worker's floors, this one's included (read before its next claim).
-                    if let Some(s) = shmem::shared() {
-                        // SAFETY: MyDatabaseId is a plain process-global read on the main thread.
-                        let db = unsafe { pgrx::pg_sys::MyDatabaseId };
-                        s.slots_of_db(db)
-                            .for_each(|slot| slot.lower_floors_to(made_above));
-                    }
+                    shmem::lower_my_workers_floors(made_above);
                     if self.split.parts > 1 {
                         shmem::wake_my_worker();
                     }

@@ -4,9 +4,17 @@
 # arguments, on an idle queue (a) before any traffic, (b) after N single-row inserts were
 # delivered while another session held a REPEATABLE READ snapshot, (c) after that session ended
 # and VACUUM ran; (b') as (b) with the endpoint's floor (floors::Floors) at the last delivery
-# claimed, as the worker reads after its claims. Run as root on a machine with PostgreSQL 15 and the extension installed
+# claimed, as the worker reads after its claims. At (a) it also times 2,000 calls of
+# webhook._route() on the idle queue (pgbench: what one routing pass costs the worker when there
+# is nothing to route). Run as root on a machine with PostgreSQL 15 and the extension installed
 # (cargo pgrx install --release). Prints the buffers and times; writes nothing in the repo.
 #   tests/bench/snapshot_profile.sh [N]        (default 30000)
+#
+# The worker's own profile under a held snapshot (ARCHITECTURE.md, "Stage 4, measured") is taken
+# during the snapshot benchmark instead: start `cargo bench --bench webhook -- --only snapshot
+# --out /tmp/s.md`, and 100 s later `perf record -F 999 -g -p <pid of "webhook_ext worker for
+# app"> -o /tmp/perf.snap -- sleep 8`, then `perf report -i /tmp/perf.snap --no-children --sort
+# symbol --stdio`.
 set -euo pipefail
 N=${1:-30000}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -98,6 +106,9 @@ wait_delivered() {
 }
 wait_delivered
 explain "(a) idle queue, before the traffic" | summarise
+echo "SELECT webhook._route();" >"$D/route.sql"
+chmod a+r "$D/route.sql"
+echo "    routing pass on the idle queue, 2,000 calls: $(pg "$B/pgbench" -n -h "$D" -p "$PORT" -c 1 -t 2000 -f "$D/route.sql" postgres 2>&1 | grep -E "^latency average")"
 pg "$B/psql" -X -q -h "$D" -p "$PORT" -d postgres \
     -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "SELECT 1 FROM t LIMIT 1" -c "SELECT pg_sleep(3600)" >/dev/null 2>&1 &
 holder=$!

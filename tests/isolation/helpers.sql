@@ -89,34 +89,12 @@ BEGIN
 END
 $$;
 
--- The worker raises the routing watermark past every event (as its router does once every
--- transaction that wrote one has ended).
-CREATE FUNCTION iso.raise_watermark() RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    EXECUTE iso.stmt('route_raise') USING (SELECT COALESCE(max(e.id), 0) + 1 FROM webhook._events e)::int8;
-END
-$$;
-
 -- The worker recovers leases: every delivery left sending (as when a worker starts).
 CREATE FUNCTION iso.recover() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     EXECUTE iso.stmt('recover') USING '{}'::int8[], true, 1, 0;
-END
-$$;
-
--- The worker's retention step (what purge() and housekeeping run), everything finished.
-CREATE FUNCTION iso.purge_step() RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    n bigint;
-BEGIN
-    EXECUTE iso.stmt('purge_step') INTO n USING extract(epoch FROM clock_timestamp())::float8, 10000;
-    RETURN n;
 END
 $$;
 

@@ -212,24 +212,29 @@ impl Cluster {
             port,
             stopped: true,
         };
-        // The port was free when asked for, but Postgres binds it only now: if another process
-        // took it meanwhile, take another (a later `port` line overrides the earlier one).
+        c.first_start();
+        c
+    }
+
+    /// Starts a new cluster. Its port was free when asked for, but Postgres binds it only now:
+    /// if another process took it meanwhile, it takes another (a later `port` line overrides the
+    /// earlier one).
+    fn first_start(&mut self) {
         for _ in 0..5 {
-            match c.try_start() {
-                Ok(()) => break,
-                Err(e) if c.log().contains("could not bind") => {
-                    eprintln!("port {} was taken before Postgres bound it: {e}", c.port);
-                    c.port = free_port();
+            match self.try_start() {
+                Ok(()) => return,
+                Err(e) if self.log().contains("could not bind") => {
+                    eprintln!("port {} was taken before Postgres bound it: {e}", self.port);
+                    self.port = free_port();
                     append(
-                        &c.data().join("postgresql.conf"),
-                        &format!("port = {}\n", c.port),
+                        &self.data().join("postgresql.conf"),
+                        &format!("port = {}\n", self.port),
                     );
                 }
                 Err(e) => panic!("pg_ctl start failed: {e}"),
             }
         }
-        assert!(!c.stopped, "no free port for the cluster after 5 tries");
-        c
+        panic!("no free port for the cluster after 5 tries");
     }
 
     /// A hot standby of `primary` (`pg_basebackup -R`, WAL streamed), started. The primary's
@@ -272,9 +277,7 @@ impl Cluster {
             port,
             stopped: true,
         };
-        if let Err(e) = c.try_start() {
-            panic!("the standby did not start: {e}");
-        }
+        c.first_start();
         c
     }
 
