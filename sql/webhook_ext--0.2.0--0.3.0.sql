@@ -85,8 +85,9 @@ SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
 -- yet names it), or a restore has not brought webhook.endpoints back yet. The worker runs it
 -- before each claim; functions that change deliveries run it first, so they find every delivery
 -- stored. Returns how many it made. Several may run at once: a delivery another made meanwhile
--- is left alone.
-CREATE FUNCTION webhook._route()
+-- is left alone. from_id: where to start instead of the table's watermark (the worker passes the
+-- one it holds in memory; the table's follows it at most once a second).
+CREATE FUNCTION webhook._route(from_id bigint DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -104,7 +105,7 @@ BEGIN
       FROM webhook._events e
      CROSS JOIN LATERAL unnest(e.route) WITH ORDINALITY AS r(endpoint_id, n)
       JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
-     WHERE e.id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
+     WHERE e.id >= COALESCE(from_id, (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x))
        AND e.route IS NOT NULL
        AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id)
      ORDER BY e.id, r.n
@@ -220,8 +221,8 @@ END
 $$;
 GRANT SELECT ON webhook._router TO webhook_admin;
 GRANT SELECT, UPDATE, DELETE ON webhook.deliveries TO webhook_admin;
-REVOKE ALL ON FUNCTION webhook._route(), webhook._deliveries_route_first(), webhook._deliveries_write() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION webhook._route(), webhook._deliveries_route_first(), webhook._deliveries_write() TO webhook_admin;
+REVOKE ALL ON FUNCTION webhook._route(bigint), webhook._deliveries_route_first(), webhook._deliveries_write() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhook._route(bigint), webhook._deliveries_route_first(), webhook._deliveries_write() TO webhook_admin;
 
 CREATE OR REPLACE FUNCTION webhook.disable_endpoint(name text, reason text DEFAULT NULL)
 RETURNS void

@@ -72,6 +72,22 @@ impl Health {
         self.dirty = true;
     }
 
+    /// Written out: nothing left to write until it changes again.
+    pub fn saved(&mut self) {
+        self.dirty = false;
+        self.delivered_delta = 0;
+        self.failed_delta = 0;
+    }
+
+    /// Whether `other` is in the same breaker state: the run of failures, when it began, the
+    /// next probe. Only those must be written out as they change (a restarted worker goes on
+    /// from them); the counters and the last success and failure times may lag.
+    pub fn same_breaker(&self, other: &Health) -> bool {
+        self.consecutive_failures == other.consecutive_failures
+            && self.failing_since == other.failing_since
+            && self.next_probe_at == other.next_probe_at
+    }
+
     pub fn is_open(&self, threshold: u32) -> bool {
         threshold > 0 && self.consecutive_failures >= threshold
     }
@@ -562,6 +578,44 @@ mod tests {
             assert_eq!(buckets[&2].rate(), 20);
             assert!(l.allowed[&2] > 0);
             assert_eq!(l.allowed[&2], 2, "a new, full bucket of 20/s: two tokens");
+        }
+    }
+
+    mod same_breaker {
+        use super::super::*;
+        use std::time::UNIX_EPOCH;
+
+        fn at(secs: u64) -> SystemTime {
+            UNIX_EPOCH + Duration::from_secs(secs)
+        }
+
+        #[test]
+        fn successes_only_move_what_may_lag() {
+            let before = Health::default();
+            let mut h = before.clone();
+            h.on_success(at(10));
+            h.on_success(at(11));
+            assert!(h.same_breaker(&before), "counters and times only");
+            assert_eq!(h.delivered_delta, 2);
+        }
+
+        #[test]
+        fn a_failure_and_the_recovery_change_the_breaker() {
+            let schedule = Schedule::parse("1s").unwrap();
+            let healthy = Health::default();
+            let mut h = healthy.clone();
+            h.on_failure(at(10), false, 3, &schedule, 0.0);
+            assert!(!h.same_breaker(&healthy), "a run of failures began");
+            let failing = h.clone();
+            h.on_failure(at(11), false, 3, &schedule, 0.0);
+            assert!(!h.same_breaker(&failing), "the run grew");
+            let mut open = h.clone();
+            open.on_failure(at(12), false, 3, &schedule, 0.0);
+            assert!(open.next_probe_at.is_some());
+            assert!(!open.same_breaker(&h), "the circuit opened");
+            h.on_success(at(13));
+            assert!(h.same_breaker(&healthy), "back to healthy");
+            assert!(!h.same_breaker(&failing));
         }
     }
 

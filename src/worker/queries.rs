@@ -433,8 +433,9 @@ pub static ROUTED_BELOW: Statement = Statement::new(
     "SELECT COALESCE(pg_catalog.max(r.routed_below), 0) FROM webhook._router r",
     &[],
 );
-/// Makes the deliveries of committed events' routes; returns how many.
-pub static ROUTE: Statement = Statement::new("route", "SELECT webhook._route()", &[]);
+/// Makes the deliveries of committed events' routes at or above the watermark $1 (the one the
+/// router holds in memory); returns how many.
+pub static ROUTE: Statement = Statement::new("route", "SELECT webhook._route($1)", &[INT8]);
 /// Raises the watermark to $1.
 pub static RAISE_WATERMARK: Statement = Statement::new(
     "route_raise",

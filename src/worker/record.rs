@@ -8,13 +8,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pgrx::prelude::*;
 
 use super::error::{transaction, WorkerError};
 use super::queries as sql;
-use super::session::Session;
+use super::session::{Session, LAGGING_WRITES_EVERY};
 use crate::http::Finished;
 use crate::policy::{self, Health};
 
@@ -119,11 +119,29 @@ impl Session {
         }
         disable.sort_by_key(|(id, _)| *id);
         disable.dedup_by_key(|(id, _)| *id);
-        let dirty: Vec<(i32, Health)> = health
-            .iter()
-            .filter(|(_, h)| h.dirty)
-            .map(|(id, h)| (*id, h.clone()))
-            .collect();
+        // The breaker's state is written as it changes (a restarted worker goes on from it); the
+        // counters and last-success times of a healthy endpoint at most once a second
+        // (`flush_health`): under a held snapshot each write of an endpoint's row leaves a
+        // version every later write walks.
+        let breaker_changed = health.iter().any(|(id, h)| {
+            h.dirty
+                && !self
+                    .health
+                    .get(id)
+                    .map_or(h.same_breaker(&Health::default()), |old| {
+                        old.same_breaker(h)
+                    })
+        });
+        let save = breaker_changed || self.health_saved_at.elapsed() >= LAGGING_WRITES_EVERY;
+        let dirty: Vec<(i32, Health)> = if save {
+            health
+                .iter()
+                .filter(|(_, h)| h.dirty)
+                .map(|(id, h)| (*id, h.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let done_ids = rows.ids.clone();
         transaction(move || {
             rows.write()?;
@@ -134,10 +152,13 @@ impl Session {
             }
             Ok(())
         })?;
+        if save {
+            self.health_saved_at = Instant::now();
+        }
         for (id, mut h) in health {
-            h.dirty = false;
-            h.delivered_delta = 0;
-            h.failed_delta = 0;
+            if save {
+                h.saved();
+            }
             self.health.insert(id, h);
         }
         for id in done_ids {
@@ -150,6 +171,38 @@ impl Session {
         self.slot.delivered.fetch_add(delivered, Ordering::Relaxed);
         self.slot.failed.fetch_add(failed, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl Session {
+    /// Writes the endpoints' health that changed since it was last written (the counters and
+    /// last-success times `record` leaves for later), in a transaction of its own.
+    pub(super) fn flush_health(&mut self) -> Result<(), WorkerError> {
+        let dirty: Vec<(i32, Health)> = self
+            .health
+            .iter()
+            .filter(|(_, h)| h.dirty)
+            .map(|(id, h)| (*id, h.clone()))
+            .collect();
+        if !dirty.is_empty() {
+            transaction(|| save_health(&dirty))?;
+            for (id, _) in &dirty {
+                if let Some(h) = self.health.get_mut(id) {
+                    h.saved();
+                }
+            }
+        }
+        self.health_saved_at = Instant::now();
+        Ok(())
+    }
+
+    /// How long until the health `record` left unwritten is due to be written; None if there is
+    /// none.
+    pub(super) fn health_due_in(&self) -> Option<Duration> {
+        self.health
+            .values()
+            .any(|h| h.dirty)
+            .then(|| LAGGING_WRITES_EVERY.saturating_sub(self.health_saved_at.elapsed()))
     }
 }
 

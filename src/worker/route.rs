@@ -20,14 +20,20 @@
 //! writing transaction delays the watermark (each pass then looks at more events) but nothing
 //! else; read-only transactions (reports, pg_dump) have no xid and do not delay it.
 
+use std::time::{Duration, Instant};
+
 use super::error::WorkerError;
 use super::queries as sql;
+use super::session::LAGGING_WRITES_EVERY;
 
 /// The note of the last pass that may raise the watermark, and the watermark it routes from.
 #[derive(Default)]
 pub struct Router {
     noted: Option<Note>,
     raised: Option<Raised>,
+    /// What `webhook._router` holds as far as this router knows: what it last wrote there, and
+    /// when (None: read, not written).
+    written: Option<(Raised, Option<Instant>)>,
 }
 
 /// The watermark this router last raised (or read, before its first raise), and the events'
@@ -88,38 +94,75 @@ impl Router {
         };
         // The watermark this pass routes from: the one this router raised last, read from the
         // table only when it has raised none yet for this sequence (once a session).
-        let from = match self.raised.filter(|r| r.sequence == sequence) {
-            Some(r) => r,
-            None => Raised {
-                below: sql::ROUTED_BELOW.one::<i64>(&[])?.unwrap_or(0),
-                sequence,
-            },
+        // What the table holds, as far as this router knows: what it wrote last, or what it
+        // read (a raise of that is due at once).
+        let (from, written) = match self.raised.filter(|r| r.sequence == sequence) {
+            Some(r) => (r, self.written.filter(|(w, _)| w.sequence == sequence)),
+            None => {
+                let read = Raised {
+                    below: sql::ROUTED_BELOW.one::<i64>(&[])?.unwrap_or(0),
+                    sequence,
+                };
+                (read, Some((read, None)))
+            }
         };
-        let made = sql::ROUTE.one::<i64>(&[])?.unwrap_or(0);
+        let made = sql::ROUTE.one::<i64>(&[from.below.into()])?.unwrap_or(0);
         // What this pass made is at or above that watermark.
         let made_above = from.below.saturating_mul(DELIVERY_IDS_PER_EVENT) - 1;
-        let mut raised = Some(from);
-        if let Some(n) = matured {
-            sql::RAISE_WATERMARK.run(&[(n.last + 1).into()])?;
-            raised = Some(Raised {
+        let raised = match matured {
+            Some(n) => Raised {
                 below: n.last + 1,
                 sequence,
-            });
+            },
+            None => from,
+        };
+        // The table's watermark follows at most once a second (readers other than this router —
+        // the view, purge(), the SQL API's _route() — then start lower: more probes, never a
+        // wrong answer).
+        let mut written = written;
+        if due_in(raised, written) == Some(Duration::ZERO) {
+            sql::RAISE_WATERMARK.run(&[raised.below.into()])?;
+            written = Some((raised, Some(Instant::now())));
         }
         Ok((
             made,
             Pass {
                 note,
-                raised,
+                raised: Some(raised),
+                written,
                 made_above,
             },
         ))
+    }
+
+    /// How long until the table's watermark is due to be raised to the one held in memory;
+    /// None if it is not behind.
+    pub fn write_due_in(&self) -> Option<Duration> {
+        let raised = self.raised?;
+        due_in(
+            raised,
+            self.written.filter(|(w, _)| w.sequence == raised.sequence),
+        )
     }
 
     /// The pass's transaction committed.
     pub fn committed(&mut self, pass: Pass) {
         self.noted = pass.note;
         self.raised = pass.raised;
+        self.written = pass.written;
+    }
+}
+
+/// How long until the table's watermark, `written` (when, if by this router), is due to be raised
+/// to `raised`: not within `LAGGING_WRITES_EVERY` of the last write. None if it is not behind.
+fn due_in(raised: Raised, written: Option<(Raised, Option<Instant>)>) -> Option<Duration> {
+    match written {
+        None => Some(Duration::ZERO),
+        Some((w, at)) => (raised.below > w.below).then(|| {
+            at.map_or(Duration::ZERO, |at| {
+                LAGGING_WRITES_EVERY.saturating_sub(at.elapsed())
+            })
+        }),
     }
 }
 
@@ -130,6 +173,7 @@ const DELIVERY_IDS_PER_EVENT: i64 = 1 << 20;
 pub struct Pass {
     note: Option<Note>,
     raised: Option<Raised>,
+    written: Option<(Raised, Option<Instant>)>,
     /// Every delivery the pass made has an id above this (its events were at or above the
     /// watermark it routed from): the workers' floors come down to it
     /// (`floors::Floors::lower_to`).

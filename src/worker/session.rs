@@ -41,6 +41,12 @@ const RESPLIT_GRACE: Duration = Duration::from_secs(5);
 /// this is for rows that arrive without that wake: a restore's COPY into the queue tables, an
 /// administrator's INSERT, a logical replica's tables once it is promoted.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// How often the worker writes what it keeps in memory ahead of the tables: the endpoints'
+/// counters (record.rs) and the routing watermark (route.rs). Under a held snapshot each write of
+/// such a single row leaves a version that every later read walks.
+pub(super) const LAGGING_WRITES_EVERY: Duration = Duration::from_secs(1);
+/// The shortest wait for a lagging write that is overdue (its last try failed or was busy).
+const LAGGING_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Session {
     pub(super) slot: &'static Slot,
@@ -73,6 +79,8 @@ pub struct Session {
     /// The last routing pass failed (said once until one succeeds).
     route_failing: bool,
     next_housekeeping: Instant,
+    /// When the endpoints' health was last written (record.rs).
+    pub(super) health_saved_at: Instant,
 }
 
 impl Drop for Session {
@@ -122,6 +130,7 @@ impl Session {
             floors: Floors::default(),
             route_failing: false,
             next_housekeeping: Instant::now(),
+            health_saved_at: Instant::now(),
         })
     }
 
@@ -137,6 +146,7 @@ impl Session {
             // Read before this round looks at the queue: a wake after it means another round.
             let seen = self.slot.wakes_now();
             if shutdown_requested() {
+                self.flush_on_leaving();
                 return Stop::Shutdown;
             }
             if reload_if_asked() {
@@ -154,6 +164,7 @@ impl Session {
                 // again by the endpoint's new worker (at least once), and a record that keeps
                 // failing must not hold up the new set of workers.
                 if self.drained() || Instant::now() >= deadline {
+                    self.flush_on_leaving();
                     return Stop::Resplit;
                 }
                 self.rest(Some(Duration::from_millis(100)), seen);
@@ -175,8 +186,10 @@ impl Session {
                 }
             }
             if self.replicated_by.is_some() && self.drained() {
+                self.flush_on_leaving();
                 return Stop::Replica(self.replicated_by.clone().unwrap_or_default());
             }
+            let failed = failure.is_some();
             if let Some(e) = failure {
                 if let WorkerError::ExtensionGone(_) = e {
                     return Stop::ExtensionGone;
@@ -189,6 +202,14 @@ impl Session {
             if Instant::now() >= self.next_housekeeping {
                 self.next_housekeeping = Instant::now() + self.settings.housekeeping_every();
                 self.housekeeping();
+            }
+            if !failed && self.health_due_in().is_some_and(|d| d.is_zero()) {
+                if let Err(e) = self.flush_health() {
+                    if e.worth_saying() {
+                        warning!("webhook_ext worker: writing the endpoints' health failed: {e}");
+                    }
+                    sleep = Some(ERROR_BACKOFF);
+                }
             }
             self.rest(sleep, seen);
         }
@@ -225,11 +246,24 @@ impl Session {
         let until_housekeeping = self
             .next_housekeeping
             .saturating_duration_since(Instant::now());
+        // What is kept in memory ahead of the tables is written within a second, also when
+        // the queue goes quiet (not sooner than LAGGING_RETRY after a failed or busy try).
+        let until_lagging = self
+            .health_due_in()
+            .into_iter()
+            .chain(
+                (!self.settings.paused && self.split.part == 0)
+                    .then(|| self.router.write_due_in())
+                    .flatten(),
+            )
+            .min()
+            .map_or(IDLE_POLL, |d| d.max(LAGGING_RETRY));
         let timeout = sleep
             .unwrap_or(IDLE_POLL)
             .min(IDLE_POLL)
             .min(until_housekeeping)
-            .min(until_rescan);
+            .min(until_rescan)
+            .min(until_lagging);
         if timeout.is_zero() || self.slot.woken_since(seen) {
             return;
         }
@@ -240,6 +274,14 @@ impl Session {
         self.slot
             .last_wake
             .store(shmem::now_micros(), Ordering::Relaxed);
+    }
+
+    /// The endpoints' counters kept in memory are written before the session ends (a failure
+    /// is said; the counters then lag by what was not written).
+    fn flush_on_leaving(&mut self) {
+        if let Err(e) = self.flush_health() {
+            warning!("webhook_ext worker: writing the endpoints' health on leaving failed: {e}");
+        }
     }
 
     /// Nothing under way and every result recorded. The results that arrived since the last

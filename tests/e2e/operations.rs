@@ -915,12 +915,15 @@ fn known_traffic() -> (Cluster, postgres::Client, Vec<Receiver>) {
         let r = db
             .query_one(
                 "SELECT (SELECT count(*) FROM webhook.deliveries WHERE status IN ('delivered', 'failed')),
-                        (SELECT count(*) FROM webhook.attempts)",
+                        (SELECT count(*) FROM webhook.attempts),
+                        (SELECT sum(delivered_total + failed_total)::int8 FROM webhook.metrics)",
                 &[],
             )
             .unwrap();
-        let (finished, attempts): (i64, i64) = (r.get(0), r.get(1));
-        (finished == 5 && attempts == 6 && hanging.count() == 1).then_some(())
+        let (finished, attempts, counted): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+        // The counters follow the deliveries' rows within a second (the worker writes them at
+        // most once a second while the breaker's state stays as it is).
+        (finished == 5 && attempts == 6 && counted == 5 && hanging.count() == 1).then_some(())
     });
     (pg, db, vec![ok, bad, hanging])
 }

@@ -1100,3 +1100,86 @@ fn a_delivery_the_claim_skipped_goes_with_the_next_claim() {
         "the released delivery arrived {apart:?} apart from the next claim's: it waited for the rescan"
     );
 }
+
+/// Every version of a row stays while a snapshot is held, and each later read of the row walks
+/// them all: the worker writes its single rows — an endpoint's health and counters, the routing
+/// watermark — at most once a second, not at every record batch and routing pass (it holds them
+/// in memory), and still writes them within a second once the queue is quiet.
+#[test]
+fn under_a_held_snapshot_the_worker_writes_its_single_rows_at_most_once_a_second() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    db.batch_execute("CREATE EXTENSION pgstattuple; CREATE TABLE users (id int PRIMARY KEY)")
+        .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    db.execute("INSERT INTO users VALUES (0)", &[]).unwrap();
+    rx.wait_for(1, PATIENCE);
+    let mut holder = pg.client();
+    let mut held = holder
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    held.query("SELECT FROM webhook.endpoints", &[]).unwrap();
+    // Versions of each row on disk, live and dead (none can be pruned under the snapshot).
+    let versions = |db: &mut postgres::Client| -> (i64, i64) {
+        let r = db
+            .query_one(
+                "SELECT (SELECT tuple_count + dead_tuple_count FROM pgstattuple('webhook._endpoint_state')),
+                        (SELECT tuple_count + dead_tuple_count FROM pgstattuple('webhook._router'))",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let before = versions(&mut db);
+    let started = Instant::now();
+    // One event at a time, each sent before the next is written: a record batch and a routing
+    // pass each.
+    let events = 150;
+    for i in 1..=events {
+        db.execute("INSERT INTO users VALUES ($1)", &[&i]).unwrap();
+        rx.wait_for(i as usize + 1, PATIENCE);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Written within a second of the last delivery, the queue being quiet.
+    wait_until(PATIENCE, "the counters of every delivery", || {
+        let n: i64 = db
+            .query_one(
+                "SELECT delivered FROM webhook.endpoint_stats WHERE name = 'crm'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        (n == events as i64 + 1).then_some(())
+    });
+    wait_until(PATIENCE, "the watermark past every event", || {
+        let w: i64 = db
+            .query_one(
+                "SELECT (SELECT max(routed_below) FROM webhook._router) > (SELECT max(id) FROM webhook._events)",
+                &[],
+            )
+            .map(|r| r.get::<_, bool>(0) as i64)
+            .unwrap();
+        (w == 1).then_some(())
+    });
+    let after = versions(&mut db);
+    let (health, watermark) = (after.0 - before.0, after.1 - before.1);
+    println!(
+        "{events} events one at a time in {seconds:.1} s under a held snapshot: {health} versions of the health row, {watermark} of the watermark's"
+    );
+    let bound = seconds.ceil() as i64 + 2;
+    assert!(
+        health <= bound,
+        "{health} versions of the endpoint's health row in {seconds:.1} s"
+    );
+    assert!(
+        watermark <= bound,
+        "{watermark} versions of the watermark's row in {seconds:.1} s"
+    );
+    assert_eq!(unfinished(&mut db), 0);
+    held.commit().unwrap();
+}

@@ -341,6 +341,23 @@ fn metrics(db: &mut postgres::Client, endpoint: &str) -> (i64, i64, i64, i64) {
     (r.get(0), r.get(1), r.get(2), r.get(3))
 }
 
+/// Waits for webhook.metrics to show `expected` for `endpoint` (the worker writes the counters
+/// within a second of the deliveries' rows), and says what it showed if it does not.
+fn wait_for_metrics(db: &mut postgres::Client, endpoint: &str, expected: (i64, i64, i64, i64)) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let seen = metrics(db, endpoint);
+        if seen == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{endpoint}: metrics (pending, sending, delivered, failed) {seen:?}, expected {expected:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The ids of `endpoint`'s deliveries with `status`, in order.
 fn ids_with_status(db: &mut postgres::Client, endpoint: &str, status: &str) -> Vec<i64> {
     db.query(
@@ -652,9 +669,9 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
             ("public.users.insert".to_string(), 11)
         ]
     );
-    assert_eq!(metrics(&mut db, "crm"), (0, 0, 14, 0));
-    assert_eq!(metrics(&mut db, "bad"), (0, 0, 0, 3));
-    assert_eq!(metrics(&mut db, "later"), (0, 0, 4, 0));
+    wait_for_metrics(&mut db, "crm", (0, 0, 14, 0));
+    wait_for_metrics(&mut db, "bad", (0, 0, 0, 3));
+    wait_for_metrics(&mut db, "later", (0, 0, 4, 0));
 
     // Each trigger kept its right, recorded as what it is: subscribe()'s own triggers, and the
     // hand-written one as allowed (so unsubscribe() would not take it, disallow_publish() would).
@@ -693,7 +710,7 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
             ("public.users.insert".to_string(), 12)
         ]
     );
-    assert_eq!(metrics(&mut db, "crm"), (0, 0, 16, 0));
+    wait_for_metrics(&mut db, "crm", (0, 0, 16, 0));
     // Nothing sent twice beyond the request that was under way.
     let crm_ids = times_sent(&rx_crm.requests());
     assert_eq!(crm_ids.len(), 16);
