@@ -79,6 +79,58 @@ mod tests {
         );
     }
 
+    /// The claim's report of what it skipped (the lowest picked delivery per endpoint it did
+    /// not take) compares the picked rows with the taken ones as a set difference. As an
+    /// anti-join, the worker's planner settings (nested loops only) made it a loop over picked ×
+    /// taken rows: 94 of the 100 ms a claim of 1,000 took.
+    #[pg_test]
+    fn the_claims_report_of_what_it_skipped_is_not_a_nested_loop() {
+        use crate::worker::queries as q;
+        endpoint("a");
+        let p = plan(q::CLAIM.sql, q::CLAIM.params);
+        assert!(
+            !p.contains("Anti Join"),
+            "the claim joins what it picked against what it took:\n{p}"
+        );
+        assert!(p.contains("SetOp Except"), "no set difference:\n{p}");
+    }
+
+    /// The worker's claim runs its one generic plan: with the plan cache's choice it was planned
+    /// for each call's values at every call (2-3 ms, about a tenth of a drain).
+    #[pg_test]
+    fn the_claim_is_planned_once() {
+        use crate::worker::queries as q;
+        endpoint("a");
+        let ids: Vec<i32> = vec![one::<i32>("SELECT id FROM webhook.endpoints")];
+        for _ in 0..8 {
+            q::CLAIM
+                .run(&[
+                    Vec::<i32>::new().into(),
+                    Vec::<i32>::new().into(),
+                    100.into(),
+                    1000.into(),
+                    5000.into(),
+                    1000i64.into(),
+                    Vec::<i32>::new().into(),
+                    Vec::<i32>::new().into(),
+                    ids.clone().into(),
+                    1000.into(),
+                    1_000_000_000i64.into(),
+                    true.into(),
+                    1.into(),
+                    0.into(),
+                    Vec::<i32>::new().into(),
+                    Vec::<i64>::new().into(),
+                ])
+                .unwrap();
+        }
+        assert_eq!(
+            q::CLAIM.plannings(),
+            Some((0, 8)),
+            "(custom plans, generic runs)"
+        );
+    }
+
     /// The worker's statements and the views read pending work through the two partial indexes
     /// (new deliveries, retries) and `sending` through its own: the `(attempts = 0 OR attempts
     /// > 0)` idiom and the `id + 0` of an endpoint's head are what make that possible.

@@ -229,6 +229,20 @@ impl Statement {
         }
     }
 
+    /// How often the kept plan was planned for a call's values and how often its generic plan
+    /// ran (None before the first run): what `generic_plan` promises, for tests.
+    pub fn plannings(&'static self) -> Option<(i64, i64)> {
+        let plan = KEPT.with(|k| k.borrow().get(self.name).copied())?;
+        // SAFETY: a kept plan, on the main thread; its sources live as long as it does.
+        unsafe {
+            let sources = pgrx::PgList::<pg_sys::CachedPlanSource>::from_pg(
+                pg_sys::SPI_plan_get_plan_sources(plan),
+            );
+            let source = sources.get_ptr(0)?;
+            Some(((*source).num_custom_plans, (*source).num_generic_plans))
+        }
+    }
+
     /// Every result row, each read by `read`.
     pub fn rows<T>(
         &'static self,
