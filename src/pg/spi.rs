@@ -231,6 +231,7 @@ impl Statement {
 
     /// How often the kept plan was planned for a call's values and how often its generic plan
     /// ran (None before the first run): what `generic_plan` promises, for tests.
+    #[cfg(feature = "pg_test")]
     pub fn plannings(&'static self) -> Option<(i64, i64)> {
         let plan = KEPT.with(|k| k.borrow().get(self.name).copied())?;
         // SAFETY: a kept plan, on the main thread; its sources live as long as it does.
