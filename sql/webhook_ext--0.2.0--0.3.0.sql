@@ -85,8 +85,10 @@ SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
 -- yet names it), or a restore has not brought webhook.endpoints back yet. The worker runs it
 -- before each claim; functions that change deliveries run it first, so they find every delivery
 -- stored. Returns how many it made. Several may run at once: a delivery another made meanwhile
--- is left alone. from_id: where to start instead of the table's watermark (the worker passes the
--- one it holds in memory; the table's follows it at most once a second).
+-- is left alone. from_id: a watermark the caller knows of, when it may be above the table's (the
+-- worker passes the one it holds in memory; the table's follows it at most once a second). The
+-- higher of the two counts: starting below the table's would make deliveries again that purge()
+-- or a DELETE took below it (and send them), e.g. after a restore brought a higher row.
 CREATE FUNCTION webhook._route(from_id bigint DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan
@@ -107,7 +109,7 @@ BEGIN
       FROM webhook._events e
      CROSS JOIN LATERAL unnest(e.route) WITH ORDINALITY AS r(endpoint_id, n)
       JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
-     WHERE e.id >= COALESCE(from_id, (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x))
+     WHERE e.id >= GREATEST(from_id, (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x))
        AND e.route IS NOT NULL
        AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id)
      ORDER BY e.id, r.n

@@ -37,9 +37,10 @@ pub struct Router {
 }
 
 /// The watermark this router last raised (or read, before its first raise), and the events'
-/// sequence it is about. Only the router raises the table's; a restore's row may put a higher
-/// one beside it, never a lower one for the same sequence: so every event a pass routes is at or
-/// above it, with no read of the table at each pass.
+/// sequence it is about. The table's follows it at most once a second, so a pass passes it to
+/// `webhook._route(from_id)`, which starts at the higher of it and the table's (a restore may
+/// bring a higher row; starting below that would make purged deliveries again). It is read
+/// again when the sequence changed or went back below it (a restore of older data).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Raised {
     below: i64,
@@ -96,7 +97,10 @@ impl Router {
         // table only when it has raised none yet for this sequence (once a session).
         // What the table holds, as far as this router knows: what it wrote last, or what it
         // read (a raise of that is due at once).
-        let (from, written) = match self.raised.filter(|r| r.sequence == sequence) {
+        let kept = self
+            .raised
+            .filter(|r| r.sequence == sequence && last.is_none_or(|l| l >= r.below - 1));
+        let (from, written) = match kept {
             Some(r) => (r, self.written.filter(|(w, _)| w.sequence == sequence)),
             None => {
                 let read = Raised {
@@ -111,7 +115,7 @@ impl Router {
         let made_above = from.below.saturating_mul(DELIVERY_IDS_PER_EVENT) - 1;
         let raised = match matured {
             Some(n) => Raised {
-                below: n.last + 1,
+                below: (n.last + 1).max(from.below),
                 sequence,
             },
             None => from,

@@ -247,7 +247,10 @@ impl Session {
             .next_housekeeping
             .saturating_duration_since(Instant::now());
         // What is kept in memory ahead of the tables is written within a second, also when
-        // the queue goes quiet (not sooner than LAGGING_RETRY after a failed or busy try).
+        // the queue goes quiet (not sooner than LAGGING_RETRY after a busy try) — but not
+        // during an error's backoff: the round that failed skipped the writes, and would fail
+        // again (a review found the 1 s backoff cut to 100 ms, with its warning each time).
+        let backing_off = sleep == Some(ERROR_BACKOFF);
         let until_lagging = self
             .health_due_in()
             .into_iter()
@@ -257,6 +260,7 @@ impl Session {
                     .flatten(),
             )
             .min()
+            .filter(|_| !backing_off)
             .map_or(IDLE_POLL, |d| d.max(LAGGING_RETRY));
         let timeout = sleep
             .unwrap_or(IDLE_POLL)

@@ -1183,3 +1183,55 @@ fn under_a_held_snapshot_the_worker_writes_its_single_rows_at_most_once_a_second
     assert_eq!(unfinished(&mut db), 0);
     held.commit().unwrap();
 }
+
+/// The worker routes from the watermark it holds in memory, which the table's follows at most once
+/// a second, but never from below the table's: a restore may bring a higher watermark row, below
+/// which an event whose delivery is not stored was purged (or deleted), and making it again would
+/// send it again. (A review found `webhook._route(from_id)` starting at the worker's value alone.)
+#[test]
+fn the_worker_never_routes_from_below_the_tables_watermark() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY)")
+        .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    db.execute("INSERT INTO users VALUES (1)", &[]).unwrap();
+    rx.wait_for(1, PATIENCE);
+    db.batch_execute("ALTER SYSTEM SET webhook.paused = on")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_until(PATIENCE, "the worker to pause", || {
+        (worker_state(&mut db, "app").as_deref() == Some("paused")).then_some(())
+    });
+    // An event the worker has not routed, then a watermark row above it, as a restore of a dump
+    // taken after its delivery was made, sent and purged would bring.
+    db.execute("INSERT INTO users VALUES (2)", &[]).unwrap();
+    db.batch_execute("INSERT INTO webhook._router SELECT max(id) + 1 FROM webhook._events")
+        .unwrap();
+    assert_eq!(
+        count(&mut db, "SELECT count(*) FROM webhook.deliveries d JOIN webhook._events e ON e.id = d.event_id WHERE e.new->>'id' = '2'"),
+        0,
+        "below the watermark with no stored delivery: purged"
+    );
+    db.batch_execute("ALTER SYSTEM SET webhook.paused = off")
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    db.execute("INSERT INTO users VALUES (3)", &[]).unwrap();
+    let got = rx.wait_for(2, PATIENCE);
+    wait_settled(&mut db, PATIENCE);
+    std::thread::sleep(Duration::from_millis(500));
+    let ids: Vec<i64> = rx
+        .requests()
+        .iter()
+        .map(|r| r.json()["data"]["new"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [1, 3],
+        "row 2's delivery, purged, was made and sent again"
+    );
+    assert_eq!(got[1].json()["data"]["new"]["id"], 3);
+}
