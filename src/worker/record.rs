@@ -76,12 +76,7 @@ impl Session {
     fn record(&mut self, batch: &[Finished]) -> Result<(), WorkerError> {
         let mut rows = RecordRows::with_capacity(batch.len());
         // Changes go to copies, written back only once the transaction has committed.
-        let mut health: HashMap<i32, Health> = self
-            .health
-            .iter()
-            .filter(|(_, h)| h.dirty)
-            .map(|(id, h)| (*id, h.clone()))
-            .collect();
+        let mut health: HashMap<i32, Health> = unsaved(&self.health).into_iter().collect();
         let mut disable: Vec<(i32, String)> = Vec::new();
         let threshold = self.settings.breaker_threshold;
         let now = SystemTime::now();
@@ -122,7 +117,7 @@ impl Session {
         // The breaker's state is written as it changes (a restarted worker goes on from it); the
         // counters and last-success times of a healthy endpoint at most once a second
         // (`flush_health`): under a held snapshot each write of an endpoint's row leaves a
-        // version every later write walks.
+        // version every later read walks.
         let breaker_changed = health.iter().any(|(id, h)| {
             h.dirty
                 && !self
@@ -133,15 +128,7 @@ impl Session {
                     })
         });
         let save = breaker_changed || self.health_saved_at.elapsed() >= LAGGING_WRITES_EVERY;
-        let dirty: Vec<(i32, Health)> = if save {
-            health
-                .iter()
-                .filter(|(_, h)| h.dirty)
-                .map(|(id, h)| (*id, h.clone()))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let dirty = if save { unsaved(&health) } else { Vec::new() };
         let done_ids = rows.ids.clone();
         transaction(move || {
             rows.write()?;
@@ -178,12 +165,7 @@ impl Session {
     /// Writes the endpoints' health that changed since it was last written (the counters and
     /// last-success times `record` leaves for later), in a transaction of its own.
     pub(super) fn flush_health(&mut self) -> Result<(), WorkerError> {
-        let dirty: Vec<(i32, Health)> = self
-            .health
-            .iter()
-            .filter(|(_, h)| h.dirty)
-            .map(|(id, h)| (*id, h.clone()))
-            .collect();
+        let dirty = unsaved(&self.health);
         if !dirty.is_empty() {
             transaction(|| save_health(&dirty))?;
             for (id, _) in &dirty {
@@ -294,6 +276,15 @@ fn epoch(t: Option<SystemTime>) -> Option<f64> {
 pub(super) fn from_epoch(secs: Option<f64>) -> Option<SystemTime> {
     secs.filter(|s| s.is_finite() && *s >= 0.0)
         .map(|s| UNIX_EPOCH + Duration::from_secs_f64(s))
+}
+
+/// The endpoints whose health changed since it was last written.
+fn unsaved(health: &HashMap<i32, Health>) -> Vec<(i32, Health)> {
+    health
+        .iter()
+        .filter(|(_, h)| h.dirty)
+        .map(|(id, h)| (*id, h.clone()))
+        .collect()
 }
 
 fn save_health(dirty: &[(i32, Health)]) -> Result<(), WorkerError> {

@@ -30,21 +30,35 @@ use super::session::LAGGING_WRITES_EVERY;
 #[derive(Default)]
 pub struct Router {
     noted: Option<Note>,
-    raised: Option<Raised>,
-    /// What `webhook._router` holds as far as this router knows: what it last wrote there, and
-    /// when (None: read, not written).
-    written: Option<(Raised, Option<Instant>)>,
+    mark: Option<Mark>,
 }
 
-/// The watermark this router last raised (or read, before its first raise), and the events'
-/// sequence it is about. The table's follows it at most once a second, so a pass passes it to
-/// `webhook._route(from_id)`, which starts at the higher of it and the table's (a restore may
-/// bring a higher row; starting below that would make purged deliveries again). It is read
-/// again when the sequence changed or went back below it (a restore of older data).
+/// The watermark this router last raised (or read, before its first raise) for the events'
+/// `sequence`, and what `webhook._router` holds as far as it knows. The table's follows at most
+/// once a second, so a pass passes `below` to `webhook._route(from_id)`, which starts at the
+/// higher of it and the table's (a restore may bring a higher row; starting below that would
+/// make purged deliveries again). It is read again when the sequence changed or went back below
+/// it (a restore of older data).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Raised {
+struct Mark {
     below: i64,
     sequence: i64,
+    /// The table's value as this router last wrote or read it.
+    in_table: i64,
+    /// When this router last wrote it (None: read, not written).
+    written_at: Option<Instant>,
+}
+
+impl Mark {
+    /// How long until the table is due to be raised to `below`: not within
+    /// `LAGGING_WRITES_EVERY` of the last write. None if it is not behind.
+    fn write_due_in(&self) -> Option<Duration> {
+        (self.below > self.in_table).then(|| {
+            self.written_at.map_or(Duration::ZERO, |at| {
+                LAGGING_WRITES_EVERY.saturating_sub(at.elapsed())
+            })
+        })
+    }
 }
 
 /// What a pass noted: the last event id handed out, the noting pass's xid, and the sequence the
@@ -94,46 +108,42 @@ impl Router {
             noted
         };
         // The watermark this pass routes from: the one this router raised last, read from the
-        // table only when it has raised none yet for this sequence (once a session).
-        // What the table holds, as far as this router knows: what it wrote last, or what it
-        // read (a raise of that is due at once).
-        let kept = self
-            .raised
-            .filter(|r| r.sequence == sequence && last.is_none_or(|l| l >= r.below - 1));
-        let (from, written) = match kept {
-            Some(r) => (r, self.written.filter(|(w, _)| w.sequence == sequence)),
+        // table when it has none for this sequence (once a session) or the sequence went back.
+        let from = match self
+            .mark
+            .filter(|m| m.sequence == sequence && last.is_none_or(|l| l >= m.below - 1))
+        {
+            Some(m) => m,
             None => {
-                let read = Raised {
-                    below: sql::ROUTED_BELOW.one::<i64>(&[])?.unwrap_or(0),
+                let read = sql::ROUTED_BELOW.one::<i64>(&[])?.unwrap_or(0);
+                Mark {
+                    below: read,
                     sequence,
-                };
-                (read, Some((read, None)))
+                    in_table: read,
+                    written_at: None,
+                }
             }
         };
         let made = sql::ROUTE.one::<i64>(&[from.below.into()])?.unwrap_or(0);
         // What this pass made is at or above that watermark.
         let made_above = from.below.saturating_mul(DELIVERY_IDS_PER_EVENT) - 1;
-        let raised = match matured {
-            Some(n) => Raised {
-                below: (n.last + 1).max(from.below),
-                sequence,
-            },
-            None => from,
-        };
+        let mut mark = from;
+        if let Some(n) = matured {
+            mark.below = mark.below.max(n.last + 1);
+        }
         // The table's watermark follows at most once a second (readers other than this router —
         // the view, purge(), the SQL API's _route() — then start lower: more probes, never a
         // wrong answer).
-        let mut written = written;
-        if due_in(raised, written) == Some(Duration::ZERO) {
-            sql::RAISE_WATERMARK.run(&[raised.below.into()])?;
-            written = Some((raised, Some(Instant::now())));
+        if mark.write_due_in() == Some(Duration::ZERO) {
+            sql::RAISE_WATERMARK.run(&[mark.below.into()])?;
+            mark.in_table = mark.below;
+            mark.written_at = Some(Instant::now());
         }
         Ok((
             made,
             Pass {
                 note,
-                raised: Some(raised),
-                written,
+                mark,
                 made_above,
             },
         ))
@@ -142,31 +152,13 @@ impl Router {
     /// How long until the table's watermark is due to be raised to the one held in memory;
     /// None if it is not behind.
     pub fn write_due_in(&self) -> Option<Duration> {
-        let raised = self.raised?;
-        due_in(
-            raised,
-            self.written.filter(|(w, _)| w.sequence == raised.sequence),
-        )
+        self.mark.and_then(|m| m.write_due_in())
     }
 
     /// The pass's transaction committed.
     pub fn committed(&mut self, pass: Pass) {
         self.noted = pass.note;
-        self.raised = pass.raised;
-        self.written = pass.written;
-    }
-}
-
-/// How long until the table's watermark, `written` (when, if by this router), is due to be raised
-/// to `raised`: not within `LAGGING_WRITES_EVERY` of the last write. None if it is not behind.
-fn due_in(raised: Raised, written: Option<(Raised, Option<Instant>)>) -> Option<Duration> {
-    match written {
-        None => Some(Duration::ZERO),
-        Some((w, at)) => (raised.below > w.below).then(|| {
-            at.map_or(Duration::ZERO, |at| {
-                LAGGING_WRITES_EVERY.saturating_sub(at.elapsed())
-            })
-        }),
+        self.mark = Some(pass.mark);
     }
 }
 
@@ -176,8 +168,7 @@ const DELIVERY_IDS_PER_EVENT: i64 = 1 << 20;
 /// What a pass noted, kept once its transaction commits.
 pub struct Pass {
     note: Option<Note>,
-    raised: Option<Raised>,
-    written: Option<(Raised, Option<Instant>)>,
+    mark: Mark,
     /// Every delivery the pass made has an id above this (its events were at or above the
     /// watermark it routed from): the workers' floors come down to it
     /// (`floors::Floors::lower_to`).

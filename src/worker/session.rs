@@ -167,7 +167,7 @@ impl Session {
                     self.flush_on_leaving();
                     return Stop::Resplit;
                 }
-                self.rest(Some(Duration::from_millis(100)), seen);
+                self.rest(Some(Duration::from_millis(100)), seen, false);
                 continue;
             } else if self.settings.paused {
                 self.slot.set_state(WorkerState::Paused);
@@ -189,7 +189,7 @@ impl Session {
                 self.flush_on_leaving();
                 return Stop::Replica(self.replicated_by.clone().unwrap_or_default());
             }
-            let failed = failure.is_some();
+            let mut failed = failure.is_some();
             if let Some(e) = failure {
                 if let WorkerError::ExtensionGone(_) = e {
                     return Stop::ExtensionGone;
@@ -209,9 +209,13 @@ impl Session {
                         warning!("webhook_ext worker: writing the endpoints' health failed: {e}");
                     }
                     sleep = Some(ERROR_BACKOFF);
+                    failed = true;
                 }
             }
-            self.rest(sleep, seen);
+            // Not during an error's backoff: the round that failed skipped the lagging writes,
+            // and they would fail again (a review found the 1 s backoff cut to 100 ms, with its
+            // warning each time).
+            self.rest(sleep, seen, !failed);
         }
     }
 
@@ -233,7 +237,8 @@ impl Session {
     /// Publishes the gauges and waits for a result, a wake-up, `sleep` or housekeeping; not at
     /// all if the worker was woken since `seen` (the latch set may have been consumed by a wait
     /// inside the round: a lock, or an I/O on PostgreSQL 18).
-    fn rest(&mut self, sleep: Option<Duration>, seen: u64) {
+    /// `lagging`: also wake for what is kept in memory ahead of the tables.
+    fn rest(&mut self, sleep: Option<Duration>, seen: u64, lagging: bool) {
         // Floors due to be dropped go now; the others bound the sleep, so a delivery only the
         // rescan finds (a hand-written change) waits at most floors::RESCAN_EVERY.
         let now = Instant::now();
@@ -247,10 +252,7 @@ impl Session {
             .next_housekeeping
             .saturating_duration_since(Instant::now());
         // What is kept in memory ahead of the tables is written within a second, also when
-        // the queue goes quiet (not sooner than LAGGING_RETRY after a busy try) — but not
-        // during an error's backoff: the round that failed skipped the writes, and would fail
-        // again (a review found the 1 s backoff cut to 100 ms, with its warning each time).
-        let backing_off = sleep == Some(ERROR_BACKOFF);
+        // the queue goes quiet (not sooner than LAGGING_RETRY after a busy try).
         let until_lagging = self
             .health_due_in()
             .into_iter()
@@ -260,7 +262,7 @@ impl Session {
                     .flatten(),
             )
             .min()
-            .filter(|_| !backing_off)
+            .filter(|_| lagging)
             .map_or(IDLE_POLL, |d| d.max(LAGGING_RETRY));
         let timeout = sleep
             .unwrap_or(IDLE_POLL)

@@ -662,26 +662,7 @@ fn s2_operators_and_functions_planted_in_public_are_never_called() {
     );
 
     // The attack: nothing planted ran, nobody was made superuser.
-    let pwned: Vec<String> = su
-        .query(
-            "SELECT who || ': ' || what || ' (' || count(*) || 'x)' FROM public.pwned
-              GROUP BY who, what ORDER BY who, what",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(pwned, Vec::<String>::new(), "planted objects were called");
-    assert!(
-        !pg.log().contains("PLANTED"),
-        "a planted object ran (server log)"
-    );
-    assert_eq!(
-        superusers(&mut su),
-        ["postgres"],
-        "dbowner became superuser"
-    );
+    assert_nothing_planted_ran(&pg, &mut su, "public.pwned", "dbowner");
 
     // Every step did what it should, so the absence above means something.
     assert_eq!(failures, Vec::<String>::new());
@@ -841,7 +822,7 @@ fn s2_the_extension_commands_hook_reaches_no_planted_code() {
         .batch_execute("DROP EXTENSION webhook_ext CASCADE")
         .unwrap();
 
-    assert_nothing_planted_in_evil_ran(&pg, &mut su);
+    assert_nothing_planted_ran(&pg, &mut su, "evil.pwned", "mallory");
     assert_eq!(
         count(
             &mut su,
@@ -935,7 +916,7 @@ fn s2_a_session_search_path_with_an_attackers_schema_first_reaches_no_planted_co
     wait_settled(&mut su, PATIENCE);
 
     // Nothing planted ran, in any session, and nobody was made superuser.
-    assert_nothing_planted_in_evil_ran(&pg, &mut su);
+    assert_nothing_planted_ran(&pg, &mut su, "evil.pwned", "mallory");
     assert_eq!(rx.count(), 6);
 
     // Each payload is the row as written: the right event, images and columns.
@@ -2255,19 +2236,30 @@ fn x3_an_aggregate_planted_in_public_never_runs_inside_a_superusers_drop_databas
     );
 }
 
-/// Nothing mallory planted in schema `evil` was called (its calls table and the server log say
-/// so), and mallory is not superuser.
-fn assert_nothing_planted_in_evil_ran(pg: &Cluster, su: &mut postgres::Client) {
-    let pwned: Vec<String> = su
-        .query("SELECT who || ': ' || what FROM evil.pwned ORDER BY 1", &[])
+/// Nothing planted was called (the calls table `pwned`, schema-qualified, and the server log say
+/// so), and `attacker` is not superuser.
+fn assert_nothing_planted_ran(
+    pg: &Cluster,
+    su: &mut postgres::Client,
+    pwned: &str,
+    attacker: &str,
+) {
+    let calls: Vec<String> = su
+        .query(
+            &format!(
+                "SELECT who || ': ' || what || ' (' || count(*) || 'x)' FROM {pwned}
+                  GROUP BY who, what ORDER BY who, what"
+            ),
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(pwned, Vec::<String>::new(), "planted objects were called");
+    assert_eq!(calls, Vec::<String>::new(), "planted objects were called");
     assert!(
         !pg.log().contains("PLANTED"),
         "a planted object ran (server log)"
     );
-    assert_eq!(superusers(su), ["postgres"], "mallory became superuser");
+    assert_eq!(superusers(su), ["postgres"], "{attacker} became superuser");
 }

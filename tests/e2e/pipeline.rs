@@ -8,6 +8,34 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
+/// A client of a database where table `users (id int PRIMARY KEY)` is subscribed to endpoint
+/// `crm` at `rx`.
+fn users_subscribed_to_crm(pg: &Cluster, rx: &Receiver) -> postgres::Client {
+    let mut db = pg.client_with_extension();
+    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY)")
+        .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    db
+}
+
+/// Sets webhook.paused with ALTER SYSTEM and reloads; when pausing, waits for the worker to say
+/// it is paused.
+fn pause_the_worker(db: &mut postgres::Client, paused: bool) {
+    db.batch_execute(&format!(
+        "ALTER SYSTEM SET webhook.paused = {}",
+        if paused { "on" } else { "off" }
+    ))
+    .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    if paused {
+        wait_until(PATIENCE, "the worker to pause", || {
+            (worker_state(db, "app").as_deref() == Some("paused")).then_some(())
+        });
+    }
+}
+
 fn users_table(db: &mut postgres::Client) {
     db.batch_execute(
         "CREATE EXTENSION IF NOT EXISTS webhook_ext;
@@ -998,12 +1026,7 @@ fn deliveries_below_the_claims_floor_are_sent_at_once() {
 
     // Cancelled before its first attempt (pending → cancelled through the view), then retried
     // once later deliveries raised the floor past it.
-    db.batch_execute("ALTER SYSTEM SET webhook.paused = on")
-        .unwrap();
-    db.batch_execute("SELECT pg_reload_conf()").unwrap();
-    wait_until(PATIENCE, "the worker to pause", || {
-        (worker_state(&mut db, "app").as_deref() == Some("paused")).then_some(())
-    });
+    pause_the_worker(&mut db, true);
     let cancelled: i64 = db
         .query_one("SELECT webhook.send('cancelled.first', '{}', 'crm')", &[])
         .unwrap()
@@ -1015,9 +1038,7 @@ fn deliveries_below_the_claims_floor_are_sent_at_once() {
     .unwrap();
     db.execute("SELECT webhook.send('after.it', '{}', 'crm')", &[])
         .unwrap();
-    db.batch_execute("ALTER SYSTEM SET webhook.paused = off")
-        .unwrap();
-    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    pause_the_worker(&mut db, false);
     rx.wait_for(7, PATIENCE);
     wait_settled(&mut db, PATIENCE);
     let retried = Instant::now();
@@ -1043,12 +1064,7 @@ fn deliveries_below_the_claims_floor_are_sent_at_once() {
 fn a_delivery_the_claim_skipped_goes_with_the_next_claim() {
     let pg = Cluster::start(&[("webhook.paused", "on")]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client_with_extension();
-    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY)")
-        .unwrap();
-    create_endpoint(&mut db, "crm", &rx.url("/"));
-    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
-        .unwrap();
+    let mut db = users_subscribed_to_crm(&pg, &rx);
     db.execute("INSERT INTO users VALUES (1)", &[]).unwrap();
     // Routed and the watermark past it, as the worker would have done: the router's lowering of
     // the floors (to below the watermark) then never reaches the held delivery, and only the
@@ -1070,9 +1086,7 @@ fn a_delivery_the_claim_skipped_goes_with_the_next_claim() {
         &[&held],
     )
     .unwrap();
-    db.batch_execute("ALTER SYSTEM SET webhook.paused = off")
-        .unwrap();
-    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    pause_the_worker(&mut db, false);
     db.execute("INSERT INTO users VALUES (2)", &[]).unwrap();
     let got = rx.wait_for(1, PATIENCE);
     assert_eq!(
@@ -1109,12 +1123,8 @@ fn a_delivery_the_claim_skipped_goes_with_the_next_claim() {
 fn under_a_held_snapshot_the_worker_writes_its_single_rows_at_most_once_a_second() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client_with_extension();
-    db.batch_execute("CREATE EXTENSION pgstattuple; CREATE TABLE users (id int PRIMARY KEY)")
-        .unwrap();
-    create_endpoint(&mut db, "crm", &rx.url("/"));
-    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
-        .unwrap();
+    let mut db = users_subscribed_to_crm(&pg, &rx);
+    db.batch_execute("CREATE EXTENSION pgstattuple").unwrap();
     db.execute("INSERT INTO users VALUES (0)", &[]).unwrap();
     rx.wait_for(1, PATIENCE);
     let mut holder = pg.client();
@@ -1146,26 +1156,18 @@ fn under_a_held_snapshot_the_worker_writes_its_single_rows_at_most_once_a_second
     }
     let seconds = started.elapsed().as_secs_f64();
     // Written within a second of the last delivery, the queue being quiet.
-    wait_until(PATIENCE, "the counters of every delivery", || {
-        let n: i64 = db
-            .query_one(
-                "SELECT delivered FROM webhook.endpoint_stats WHERE name = 'crm'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (n == events as i64 + 1).then_some(())
-    });
-    wait_until(PATIENCE, "the watermark past every event", || {
-        let w: i64 = db
-            .query_one(
-                "SELECT (SELECT max(routed_below) FROM webhook._router) > (SELECT max(id) FROM webhook._events)",
-                &[],
-            )
-            .map(|r| r.get::<_, bool>(0) as i64)
-            .unwrap();
-        (w == 1).then_some(())
-    });
+    wait_for_count(
+        &mut db,
+        "SELECT delivered FROM webhook.endpoint_stats WHERE name = 'crm'",
+        events as i64 + 1,
+        PATIENCE,
+    );
+    wait_for_count(
+        &mut db,
+        "SELECT ((SELECT max(routed_below) FROM webhook._router) > (SELECT max(id) FROM webhook._events))::int::int8",
+        1,
+        PATIENCE,
+    );
     let after = versions(&mut db);
     let (health, watermark) = (after.0 - before.0, after.1 - before.1);
     println!(
@@ -1192,20 +1194,10 @@ fn under_a_held_snapshot_the_worker_writes_its_single_rows_at_most_once_a_second
 fn the_worker_never_routes_from_below_the_tables_watermark() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client_with_extension();
-    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY)")
-        .unwrap();
-    create_endpoint(&mut db, "crm", &rx.url("/"));
-    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
-        .unwrap();
+    let mut db = users_subscribed_to_crm(&pg, &rx);
     db.execute("INSERT INTO users VALUES (1)", &[]).unwrap();
     rx.wait_for(1, PATIENCE);
-    db.batch_execute("ALTER SYSTEM SET webhook.paused = on")
-        .unwrap();
-    db.batch_execute("SELECT pg_reload_conf()").unwrap();
-    wait_until(PATIENCE, "the worker to pause", || {
-        (worker_state(&mut db, "app").as_deref() == Some("paused")).then_some(())
-    });
+    pause_the_worker(&mut db, true);
     // An event the worker has not routed, then a watermark row above it, as a restore of a dump
     // taken after its delivery was made, sent and purged would bring.
     db.execute("INSERT INTO users VALUES (2)", &[]).unwrap();
@@ -1216,9 +1208,7 @@ fn the_worker_never_routes_from_below_the_tables_watermark() {
         0,
         "below the watermark with no stored delivery: purged"
     );
-    db.batch_execute("ALTER SYSTEM SET webhook.paused = off")
-        .unwrap();
-    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    pause_the_worker(&mut db, false);
     db.execute("INSERT INTO users VALUES (3)", &[]).unwrap();
     let got = rx.wait_for(2, PATIENCE);
     wait_settled(&mut db, PATIENCE);
@@ -1232,6 +1222,12 @@ fn the_worker_never_routes_from_below_the_tables_watermark() {
         ids,
         [1, 3],
         "row 2's delivery, purged, was made and sent again"
+    );
+    // Nor from below it when a caller (webhook_admin may call it) passes a lower watermark.
+    assert_eq!(
+        count(&mut db, "SELECT webhook._route(0)"),
+        0,
+        "_route(0) made the purged delivery again"
     );
     assert_eq!(got[1].json()["data"]["new"]["id"], 3);
 }

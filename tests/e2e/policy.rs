@@ -826,16 +826,12 @@ fn endpoint_stats_reports_queue_outcomes_and_latency() {
     send(&mut db, "e", 10);
     wait_settled(&mut db, PATIENCE);
     // The counters follow the deliveries' rows within a second.
-    wait_until(PATIENCE, "the endpoint's counters", || {
-        let n: i64 = db
-            .query_one(
-                "SELECT delivered + failed FROM webhook.endpoint_stats WHERE name = 'e'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (n == 10).then_some(())
-    });
+    wait_for_count(
+        &mut db,
+        "SELECT delivered + failed FROM webhook.endpoint_stats WHERE name = 'e'",
+        10,
+        PATIENCE,
+    );
     let r = db
         .query_one(
             "SELECT pending, sending, delivered, failed, attempts_last_hour, success_rate::float8,

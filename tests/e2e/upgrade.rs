@@ -342,20 +342,14 @@ fn metrics(db: &mut postgres::Client, endpoint: &str) -> (i64, i64, i64, i64) {
 }
 
 /// Waits for webhook.metrics to show `expected` for `endpoint` (the worker writes the counters
-/// within a second of the deliveries' rows), and says what it showed if it does not.
+/// within a second of the deliveries' rows).
 fn wait_for_metrics(db: &mut postgres::Client, endpoint: &str, expected: (i64, i64, i64, i64)) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let seen = metrics(db, endpoint);
-        if seen == expected {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{endpoint}: metrics (pending, sending, delivered, failed) {seen:?}, expected {expected:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_value(
+        PATIENCE,
+        &format!("{endpoint}'s (pending, sending, delivered, failed)"),
+        expected,
+        || metrics(db, endpoint),
+    );
 }
 
 /// The ids of `endpoint`'s deliveries with `status`, in order.

@@ -82,6 +82,33 @@ pub fn history_counts(db: &mut postgres::Client) -> (i64, i64, i64) {
 }
 
 /// Waits until no delivery is pending or sending.
+/// Waits until `read()` gives `expected` (what the worker writes within a second, e.g. an
+/// endpoint's counters); panics with the last value read after `timeout`.
+pub fn wait_for_value<T: PartialEq + std::fmt::Debug>(
+    timeout: Duration,
+    what: &str,
+    expected: T,
+    mut read: impl FnMut() -> T,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let seen = read();
+        if seen == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?}: {what} is {seen:?}, not {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `count(db, sql)` is `expected` (`wait_for_value`).
+pub fn wait_for_count(db: &mut postgres::Client, sql: &str, expected: i64, timeout: Duration) {
+    wait_for_value(timeout, sql, expected, || count(db, sql));
+}
+
 pub fn wait_settled(db: &mut postgres::Client, timeout: Duration) {
     wait_until(timeout, "all deliveries to finish", || {
         (unfinished(db) == 0).then_some(())
