@@ -148,6 +148,9 @@ CREATE INDEX deliveries_retry_idx ON webhook._deliveries (endpoint_id, next_atte
 -- Leases to recover after a crash.
 CREATE INDEX deliveries_sending_idx ON webhook._deliveries (next_attempt_at) WHERE status = 'sending';
 CREATE INDEX deliveries_event_idx ON webhook._deliveries (event_id);
+-- Users' queries by endpoint and time ("the latest deliveries to crm", "crm's failures of the
+-- last hour"): without it, a scan of the whole table (1.2-1.8 s on ten million rows).
+CREATE INDEX deliveries_endpoint_time_idx ON webhook._deliveries (endpoint_id, created_at);
 
 -- No statistics on status: the share of pending rows swings from none to all and back within
 -- minutes, and the finished rows sit at the front of the id order. Statistics taken during a
@@ -171,6 +174,10 @@ SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
  CROSS JOIN LATERAL pg_catalog.unnest(e.route) AS r(endpoint_id)
   JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
  WHERE e.id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
+   -- Always true (the events' MAXVALUE), and needed: the planner cannot see the watermark when
+   -- it plans, and with one bound alone it takes a third of the events to lie above it (on ten
+   -- million: a parallel scan and JIT, 40-90 ms for one row); with two, it takes a few.
+   AND e.id <= 4398046511103
    AND e.route IS NOT NULL
    AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id);
 

@@ -45,6 +45,7 @@ ALTER TABLE webhook.deliveries ALTER COLUMN id SET START WITH 461168601842738790
 -- decided on), the worker makes the deliveries. The stored deliveries are webhook._deliveries;
 -- webhook.deliveries is a view of them and of those not routed yet.
 ALTER TABLE webhook.deliveries RENAME TO _deliveries;
+CREATE INDEX deliveries_endpoint_time_idx ON webhook._deliveries (endpoint_id, created_at);
 ALTER TABLE webhook._events ADD COLUMN route integer[];
 -- Events with an id below routed_below have had their route made into deliveries; at or above
 -- it, a delivery that is not stored yet is shown pending by webhook.deliveries. Only the worker
@@ -75,6 +76,10 @@ SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
  CROSS JOIN LATERAL pg_catalog.unnest(e.route) AS r(endpoint_id)
   JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
  WHERE e.id >= (SELECT COALESCE(max(x.routed_below), 0) FROM webhook._router x)
+   -- Always true (the events' MAXVALUE), and needed: the planner cannot see the watermark when
+   -- it plans, and with one bound alone it takes a third of the events to lie above it (on ten
+   -- million: a parallel scan and JIT, 40-90 ms for one row); with two, it takes a few.
+   AND e.id <= 4398046511103
    AND e.route IS NOT NULL
    AND NOT EXISTS (SELECT FROM webhook._deliveries d WHERE d.id = e.id * 1048576 + r.endpoint_id);
 

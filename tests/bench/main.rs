@@ -6,7 +6,8 @@
 //! Run with `scripts/bench` (installs the release build first). Options:
 //!   --quick          smaller sizes, for a smoke run
 //!   --only a,b       run only these sections: throughput, ceiling, workers, latency, snapshot, trigger,
-//!                    memory, backlog (trigger-bulk: only the trigger section's 20,000-row rows)
+//!                    memory, backlog, views (trigger-bulk: only the trigger section's 20,000-row
+//!                    rows)
 //!   --out PATH       where to write the report (default BENCHMARKS.md)
 //!   --statements     the throughput runs load pg_stat_statements (track = all) and add to the
 //!                    report's notes the worker's statements that took the most time, per delivery
@@ -1062,6 +1063,104 @@ fn backlog(report: &mut Report, events: i64) {
     );
 }
 
+/// Users' point queries on the views (`webhook.deliveries`, `webhook.events`,
+/// `webhook.attempts`) over `rows` events, each with one delivered delivery and its attempt,
+/// spread over three endpoints and thirty days, written straight into the tables (the worker
+/// does not serve the database). Each query is sent as a user sends it (parsed and planned each
+/// time), 30 times after 3 to warm up; the `#[pg_test]`
+/// point_queries_on_the_views_are_index_lookups_at_ten_million_rows checks the plans.
+fn views(report: &mut Report, rows: i64) {
+    let pg = bench_cluster_with(&[("webhook.database", "'paused'")]);
+    let mut db = pg.client();
+    db.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    for name in ["a", "b", "c"] {
+        db.execute(
+            "SELECT webhook.create_endpoint($1, 'http://127.0.0.1:9/')",
+            &[&name],
+        )
+        .unwrap();
+    }
+    let t = Instant::now();
+    db.execute(
+        "INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, txid, created_at, size)
+         SELECT g, 'public.users.insert', 'public', 'users', 'INSERT',
+                jsonb_build_object('id', g, 'email', 'user' || g || '@example.com'), 1000,
+                now() - interval '30 days' * (1 - g::float8 / $1::bigint), 100
+           FROM generate_series(1, $1::bigint) g",
+        &[&rows],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, attempts, next_attempt_at,
+                                          last_status_code, created_at, delivered_at)
+         SELECT g * 1048576 + g % 3 + 1, g, g % 3 + 1, 'delivered', 1, NULL, 200, e.created_at, e.created_at
+           FROM generate_series(1, $1::bigint) g JOIN webhook._events e ON e.id = g",
+        &[&rows],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO webhook.attempts (delivery_id, attempt, endpoint_id, started_at, duration, status_code)
+         SELECT d.id, 1, d.endpoint_id, d.created_at, interval '2 ms', 200 FROM webhook._deliveries d",
+        &[],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE webhook._router SET routed_below = $1::bigint + 1",
+        &[&rows],
+    )
+    .unwrap();
+    db.batch_execute("VACUUM ANALYZE webhook._events, webhook._deliveries, webhook.attempts")
+        .unwrap();
+    let loaded = t.elapsed().as_secs_f64();
+    let mid = rows / 2;
+    let delivery = mid * 1_048_576 + mid % 3 + 1;
+    // One row each, or an hour of one endpoint's deliveries (about 4,600 of ten million over
+    // thirty days).
+    let queries = [
+        ("a delivery by id", format!("SELECT * FROM webhook.deliveries WHERE id = {delivery}")),
+        ("an event's deliveries", format!("SELECT * FROM webhook.deliveries WHERE event_id = {mid}")),
+        (
+            "an endpoint's deliveries of the last hour",
+            "SELECT * FROM webhook.deliveries WHERE endpoint_id = 2 AND created_at > now() - interval '1 hour'".to_string(),
+        ),
+        (
+            "an endpoint's latest 20 deliveries",
+            "SELECT * FROM webhook.deliveries WHERE endpoint_id = 2 ORDER BY created_at DESC LIMIT 20".to_string(),
+        ),
+        ("an event by id", format!("SELECT * FROM webhook.events WHERE id = {mid}")),
+        ("a delivery's attempts", format!("SELECT * FROM webhook.attempts WHERE delivery_id = {delivery}")),
+    ];
+    for (what, sql) in queries {
+        let mut times = Vec::new();
+        let mut found = 0;
+        for i in 0..33 {
+            let t = Instant::now();
+            found = db.query(sql.as_str(), &[]).unwrap().len();
+            if i >= 3 {
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let times = sorted(times);
+        report.add(
+            "views",
+            format!("{what}, {rows} events and deliveries ({found} rows)"),
+            format!(
+                "{:.2} ms median, {:.2} ms max",
+                percentile(&times, 0.5),
+                times[times.len() - 1]
+            ),
+            if what.contains("last hour") {
+                "≤ 10 ms"
+            } else {
+                "≤ 1 ms"
+            },
+        );
+    }
+    report.notes.push(format!(
+        "views: {rows} events, deliveries and attempts written straight into the tables in {loaded:.0} s (three endpoints, thirty days); each query sent 33 times, the first 3 not counted, parsed and planned each time as psql sends it."
+    ));
+}
+
 fn main() {
     let opts = Options::parse();
     let mut report = Report {
@@ -1137,6 +1236,9 @@ fn main() {
     }
     if opts.wants("memory") || opts.wants("backlog") {
         backlog(&mut report, if opts.quick { 50_000 } else { 1_000_000 });
+    }
+    if opts.wants("views") {
+        views(&mut report, if opts.quick { 1_000_000 } else { 10_000_000 });
     }
     write_report(&opts, &report, started);
 }
