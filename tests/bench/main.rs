@@ -214,7 +214,7 @@ fn throughput(
     } else {
         bench_cluster()
     };
-    let (rx, _) = timed_receiver(delay);
+    let (rx, arrivals) = timed_receiver(delay);
     let mut db = pg.client();
     setup_table(&mut db, &rx.url("/"), max_in_flight);
     if statements {
@@ -231,6 +231,23 @@ fn throughput(
     let recorded = Instant::now();
     let secs = (arrived - committed).as_secs_f64();
     let rate = events as f64 / secs;
+    let (first, gap, gap_at, gap_count) = {
+        let times = arrivals.lock().unwrap();
+        let mut at: Vec<f64> = times.values().map(|t| ms(committed, *t) / 1000.0).collect();
+        at.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let (mut gap, mut gap_at, mut gap_count) = (0.0, 0.0, 0);
+        for (i, w) in at.windows(2).enumerate() {
+            if w[1] - w[0] > gap {
+                (gap, gap_at, gap_count) = (w[1] - w[0], w[0], i + 1);
+            }
+        }
+        (
+            at.first().copied().unwrap_or(f64::NAN),
+            gap,
+            gap_at,
+            gap_count,
+        )
+    };
     let label = if delay.is_zero() {
         "fast receiver".to_string()
     } else {
@@ -276,7 +293,7 @@ fn throughput(
         target,
     );
     report.notes.push(format!(
-        "throughput ({label}): endpoint max_in_flight {max_in_flight}, webhook.max_in_flight 2000, webhook.batch_size 1000 (with the default max_in_flight of 100 a 50 ms receiver is capped at 2,000/s); INSERT of {events} rows took {:.2} s; commit → last arrival {:.2} s; commit → all recorded delivered {:.2} s; receiver max concurrency {}.",
+        "throughput ({label}): endpoint max_in_flight {max_in_flight}, webhook.max_in_flight 2000, webhook.batch_size 1000 (with the default max_in_flight of 100 a 50 ms receiver is capped at 2,000/s); INSERT of {events} rows took {:.2} s; commit → first arrival {first:.2} s; longest pause between arrivals {gap:.2} s (at {gap_at:.2} s, after {gap_count} arrivals); commit → last arrival {:.2} s; commit → all recorded delivered {:.2} s; receiver max concurrency {}.",
         (committed - t0).as_secs_f64(),
         secs,
         (recorded - committed).as_secs_f64(),
