@@ -86,11 +86,12 @@ mod tests {
     /// Users' point queries on the views of a queue of ten million events, deliveries and
     /// attempts (3,000 rows of each over thirty days, analyzed, then their statistics scaled to
     /// ten million rows; the same queries on ten million real rows take 0.1-0.2 ms: `cargo bench
-    /// --bench webhook -- --only views`): each is an index lookup in every branch, with no
-    /// parallel plan, and cheap enough that JIT (`jit_above_cost`, 100,000 by default) does not
-    /// compile it. The view's not-yet-routed branch starts at the watermark, a value the planner
-    /// cannot see when it plans: with that bound alone, it took a third of the events to lie
-    /// above it (on ten million: a parallel scan and JIT, 40-90 ms for one row).
+    /// --bench webhook -- --only views`): each is an index lookup in every branch, planned at a
+    /// cost under 10,000 (JIT compiles above 100,000 by default; PostgreSQL 17 and 18 may run
+    /// the branches in parallel workers, which is allowed). The view's not-yet-routed branch
+    /// starts at the watermark, a value the planner cannot see when it plans: with that bound
+    /// alone, it took a third of the events to lie above it (on ten million: cost 165,887, a
+    /// parallel scan and JIT, 40-90 ms for one row).
     #[pg_test]
     fn point_queries_on_the_views_are_index_lookups_at_ten_million_rows() {
         endpoint("a");
@@ -173,17 +174,13 @@ mod tests {
                     "{q}: reads all of {table}:\n{p}"
                 );
             }
-            assert!(!p.contains("Gather"), "{q}: a parallel plan:\n{p}");
             let cost: f64 = lines[0]
                 .split("..")
                 .nth(1)
                 .and_then(|r| r.split_whitespace().next())
                 .and_then(|c| c.parse().ok())
                 .expect("the plan's total cost");
-            assert!(
-                cost < 100_000.0,
-                "{q}: cost {cost}, JIT would compile it:\n{p}"
-            );
+            assert!(cost < 10_000.0, "{q}: cost {cost}:\n{p}");
         }
     }
 
