@@ -45,9 +45,7 @@ ALTER TABLE webhook.deliveries ALTER COLUMN id SET START WITH 461168601842738790
 -- decided on), the worker makes the deliveries. The stored deliveries are webhook._deliveries;
 -- webhook.deliveries is a view of them and of those not routed yet.
 ALTER TABLE webhook.deliveries RENAME TO _deliveries;
-ALTER TABLE webhook._deliveries ADD CONSTRAINT deliveries_attempts_check CHECK (attempts >= 0);
-CREATE INDEX deliveries_finished_idx ON webhook._deliveries (endpoint_id, created_at)
-    WHERE status IN ('delivered', 'failed', 'cancelled');
+CREATE INDEX deliveries_endpoint_time_idx ON webhook._deliveries (endpoint_id, created_at);
 ALTER TABLE webhook._events ADD COLUMN route integer[];
 -- Events with an id below routed_below have had their route made into deliveries; at or above
 -- it, a delivery that is not stored yet is shown pending by webhook.deliveries. Only the worker
@@ -65,20 +63,10 @@ SELECT pg_catalog.pg_extension_config_dump('webhook._router', '');
 
 -- What users query: every delivery, stored or not yet routed (pending, under the id the worker
 -- will give it). UPDATE and DELETE go to the stored row, routed first (the triggers below).
--- The stored rows come in two branches, finished and under way, each written so that the planner
--- can use the partial indexes for it (an endpoint's deliveries by time: deliveries_finished_idx
--- for the first; the claim's three indexes, one per arm of the second's condition, whose arms
--- together are every delivery under way, attempts never being negative).
 CREATE VIEW webhook.deliveries AS
 SELECT d.id, d.event_id, d.endpoint_id, d.status, d.attempts, d.next_attempt_at, d.last_status_code,
        d.last_error, d.created_at, d.delivered_at
   FROM webhook._deliveries d
- WHERE d.status IN ('delivered', 'failed', 'cancelled')
-UNION ALL
-SELECT d.id, d.event_id, d.endpoint_id, d.status, d.attempts, d.next_attempt_at, d.last_status_code,
-       d.last_error, d.created_at, d.delivered_at
-  FROM webhook._deliveries d
- WHERE (d.status = 'pending' AND d.attempts = 0) OR (d.status = 'pending' AND d.attempts > 0) OR d.status = 'sending'
 UNION ALL
 SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
        CASE WHEN ep.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status, 0,
