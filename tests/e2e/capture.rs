@@ -654,12 +654,7 @@ fn idle_routing_passes(db: &mut postgres::Client) {
 fn a_transaction_that_commits_late_is_routed_and_the_watermark_waits_for_it() {
     let pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client_with_extension();
-    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
-        .unwrap();
-    create_endpoint(&mut db, "crm", &rx.url("/"));
-    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
-        .unwrap();
+    let mut db = users_subscribed_to_crm(&pg, &rx);
     let mut long = pg.client();
     long.batch_execute("BEGIN; INSERT INTO users VALUES (1, 'late@example.com')")
         .unwrap();

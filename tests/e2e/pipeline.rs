@@ -8,18 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-/// A client of a database where table `users (id int PRIMARY KEY)` is subscribed to endpoint
-/// `crm` at `rx`.
-fn users_subscribed_to_crm(pg: &Cluster, rx: &Receiver) -> postgres::Client {
-    let mut db = pg.client_with_extension();
-    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY)")
-        .unwrap();
-    create_endpoint(&mut db, "crm", &rx.url("/"));
-    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
-        .unwrap();
-    db
-}
-
 /// Sets webhook.paused with ALTER SYSTEM and reloads; when pausing, waits for the worker to say
 /// it is paused.
 fn pause_the_worker(db: &mut postgres::Client, paused: bool) {

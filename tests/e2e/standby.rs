@@ -126,12 +126,7 @@ fn a_failover_with_requests_under_way_sends_them_again_under_the_same_webhook_id
         }
     }));
     let mut primary = Cluster::start(&[]);
-    let mut db = primary.client_with_extension();
-    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
-        .unwrap();
-    create_endpoint(&mut db, "crm", &rx.url("/"));
-    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
-        .unwrap();
+    let mut db = users_subscribed_to_crm(&primary, &rx);
     let standby = Cluster::standby_of(&primary);
     let mut sb = standby.client();
     db.batch_execute(&format!(

@@ -81,7 +81,6 @@ pub fn history_counts(db: &mut postgres::Client) -> (i64, i64, i64) {
     (r.get(0), r.get(1), r.get(2))
 }
 
-/// Waits until no delivery is pending or sending.
 /// Waits until `read()` gives `expected` (what the worker writes within a second, e.g. an
 /// endpoint's counters); panics with the last value read after `timeout`.
 pub fn wait_for_value<T: PartialEq + std::fmt::Debug>(
@@ -109,6 +108,7 @@ pub fn wait_for_count(db: &mut postgres::Client, sql: &str, expected: i64, timeo
     wait_for_value(timeout, sql, expected, || count(db, sql));
 }
 
+/// Waits until no delivery is pending or sending.
 pub fn wait_settled(db: &mut postgres::Client, timeout: Duration) {
     wait_until(timeout, "all deliveries to finish", || {
         (unfinished(db) == 0).then_some(())
@@ -198,4 +198,16 @@ pub fn wait_synchronised(sub: &mut postgres::Client, table: &str) {
             .map(|r| r.get(0));
         (ready.as_deref() == Some("r")).then_some(())
     });
+}
+
+/// A superuser client of `app` where `CREATE EXTENSION webhook_ext` has run and table
+/// `users (id int PRIMARY KEY, email text)` is subscribed to endpoint `crm` at `rx`.
+pub fn users_subscribed_to_crm(pg: &Cluster, rx: &Receiver) -> postgres::Client {
+    let mut db = pg.client_with_extension();
+    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+        .unwrap();
+    create_endpoint(&mut db, "crm", &rx.url("/"));
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+    db
 }
