@@ -327,6 +327,8 @@ const PLANTED_OPERATORS: &[(&str, &str, &str, &str, &str)] = &[
     ("-", "integer", "integer", "integer", "a - b"),
     (">", "integer", "integer", "boolean", "a > b"),
     ("<=", "bigint", "integer", "boolean", "a <= b"),
+    ("<=", "bigint", "bigint", "boolean", "a <= b"),
+    (">=", "bigint", "bigint", "boolean", "a >= b"),
     ("=", "anyenum", "anyenum", "boolean", "a = b"),
 ];
 
