@@ -6,6 +6,29 @@
 -- - install_id survives pg_dump/pg_restore (the oldest _meta row is in force).
 -- - Payload limits measure the body as sent; events record their size; send() measures as sent.
 
+-- The schema "webhook" is made by CREATE EXTENSION, owned by the superuser who runs it. One that
+-- already existed, owned by a role that is not a superuser (a database owner may create schemas),
+-- would leave that role owning the schema of the extension's objects: free to add objects beside
+-- them (in the schema this script searches right after pg_catalog) and to drop them. Refused.
+-- Every name and operator here is pg_catalog's, whatever the schema holds.
+DO $$
+DECLARE
+    owner pg_catalog.name;
+    trusted boolean;
+BEGIN
+    SELECT r.rolname, r.rolsuper INTO owner, trusted
+      FROM pg_catalog.pg_namespace n
+      JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+     WHERE n.nspname OPERATOR(pg_catalog.=) 'webhook';
+    IF NOT trusted THEN
+        RAISE EXCEPTION 'schema "webhook" is owned by %, a role that is not a superuser', owner
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'webhook_ext''s tables, functions and queue live in schema "webhook"; its owner could drop them or add objects beside them.',
+                  HINT = 'Check what the schema holds, then drop it (DROP SCHEMA webhook) or give it to a superuser (ALTER SCHEMA webhook OWNER TO postgres), and run the command again.';
+    END IF;
+END
+$$;
+
 ALTER FUNCTION webhook.enqueue() SECURITY INVOKER;
 
 ALTER TABLE webhook._meta DROP CONSTRAINT _meta_pkey;

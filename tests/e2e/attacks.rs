@@ -834,6 +834,106 @@ fn s2_the_extension_commands_hook_reaches_no_planted_code() {
     );
 }
 
+/// The extension's install script runs as the superuser who creates the extension, with
+/// PostgreSQL's search_path for extension scripts (the target schema, then pg_temp; pg_catalog
+/// searched first). A database owner plants every operator and function of the lists above in
+/// public and puts public first on the database's search_path, before the extension exists: the
+/// superuser's CREATE EXTENSION (and a delivery through the new extension) calls none of them.
+#[test]
+fn s2_code_planted_before_create_extension_is_never_called() {
+    let pg = Cluster::start(&[("log_min_messages", "warning")]);
+    let rx = Receiver::start(always(Reply::ok()));
+    {
+        let mut su = checker(&pg);
+        su.batch_execute(
+            "CREATE ROLE dbowner LOGIN;
+             ALTER DATABASE app OWNER TO dbowner;",
+        )
+        .unwrap();
+    }
+    let mut plant = plant_sql_in(
+        "public",
+        "dbowner",
+        SHADOWING_OPERATORS,
+        SHADOWING_FUNCTIONS,
+    );
+    plant.push_str("ALTER DATABASE app SET search_path = public, pg_catalog;\n");
+    pg.client_as("dbowner", "app")
+        .batch_execute(&plant)
+        .unwrap();
+    // A new session: the database's search_path (public first) applies to it.
+    let mut admin = pg.client();
+    assert_eq!(
+        admin
+            .query_one("SHOW search_path", &[])
+            .unwrap()
+            .get::<_, String>(0),
+        "public, pg_catalog"
+    );
+    admin.batch_execute("CREATE EXTENSION webhook_ext").unwrap();
+    admin
+        .batch_execute("CREATE TABLE public.users (id int PRIMARY KEY, email text)")
+        .unwrap();
+    create_endpoint(&mut admin, "crm", &rx.url("/"));
+    admin
+        .batch_execute(
+            "SELECT webhook.subscribe('public.users', 'crm');
+             INSERT INTO public.users VALUES (1, 'ada@example.com');",
+        )
+        .unwrap();
+    rx.wait_for(1, PATIENCE);
+    let mut su = checker(&pg);
+    assert_nothing_planted_ran(&pg, &mut su, "public.pwned", "dbowner");
+}
+
+/// A database owner may create schemas: one that makes the schema `webhook` before the
+/// extension exists, and plants every operator and function of the lists above in it (the
+/// schema an extension script searches right after pg_catalog), would own the schema the
+/// extension's objects then go into, and with it the right to drop them and to add objects
+/// beside them. CREATE EXTENSION refuses a schema `webhook` it did not make, naming its owner,
+/// and calls nothing planted there.
+#[test]
+fn s2_create_extension_refuses_a_webhook_schema_another_role_made() {
+    let pg = Cluster::start(&[("log_min_messages", "warning")]);
+    {
+        let mut su = checker(&pg);
+        su.batch_execute(
+            "CREATE ROLE dbowner LOGIN;
+             ALTER DATABASE app OWNER TO dbowner;",
+        )
+        .unwrap();
+    }
+    let mut plant =
+        String::from("CREATE SCHEMA webhook; GRANT USAGE ON SCHEMA webhook TO PUBLIC;\n");
+    plant.push_str(&plant_sql_in(
+        "webhook",
+        "dbowner",
+        SHADOWING_OPERATORS,
+        SHADOWING_FUNCTIONS,
+    ));
+    pg.client_as("dbowner", "app")
+        .batch_execute(&plant)
+        .unwrap();
+    let mut admin = pg.client();
+    let e = db_error(
+        admin.batch_execute("CREATE EXTENSION webhook_ext"),
+        "CREATE EXTENSION into dbowner's schema webhook",
+    );
+    assert!(
+        e.message().contains("schema \"webhook\"") && e.message().contains("dbowner"),
+        "{e:?}"
+    );
+    let mut su = checker(&pg);
+    assert_nothing_planted_ran(&pg, &mut su, "webhook.pwned", "dbowner");
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'webhook_ext'"
+        ),
+        0
+    );
+}
+
 /// The trigger runs with the writing session's search_path (it is SECURITY INVOKER and pins
 /// nothing; its statements name every object with its schema). A session — here a superuser's
 /// and an application role's — that puts a schema another role owns first, with pg_catalog

@@ -569,6 +569,22 @@ fn upgrading_from_the_previous_release_keeps_history_and_delivers_what_was_pendi
          GRANT EXECUTE ON FUNCTION webhook.worker_status(), webhook._worker_slots() TO monitor;",
     )
     .unwrap();
+    // A schema "webhook" owned by a role that is not a superuser (made by it before a 0.2.0
+    // CREATE EXTENSION, which took it as it was): the update refuses it, naming the owner, and
+    // changes nothing; given to a superuser, the update goes on.
+    db.batch_execute("CREATE ROLE squatter; ALTER SCHEMA webhook OWNER TO squatter")
+        .unwrap();
+    let e = db_error(
+        db.batch_execute("ALTER EXTENSION webhook_ext UPDATE"),
+        "ALTER EXTENSION UPDATE with schema webhook owned by squatter",
+    );
+    assert!(
+        e.message() == "schema \"webhook\" is owned by squatter, a role that is not a superuser",
+        "{e:?}"
+    );
+    assert_eq!(extversion(&mut db), PREVIOUS);
+    db.batch_execute("ALTER SCHEMA webhook OWNER TO CURRENT_USER; DROP ROLE squatter")
+        .unwrap();
     db.batch_execute("ALTER EXTENSION webhook_ext UPDATE")
         .unwrap();
     assert_eq!(extversion(&mut db), "0.3.0");
