@@ -370,6 +370,71 @@ mod tests {
         }
     }
 
+    /// NEXT_DUE names the endpoints (not ordered) it found no new delivery of above their floors,
+    /// with the highest computed delivery id, so their floors rise past the dead index entries
+    /// below (`floors::Floors::none_new_up_to`): an endpoint with only retries is named, one with
+    /// a new delivery above its floor is not (until its floor is above that delivery), an ordered
+    /// one never is, and the identity's ids (from 2^62) are not the top.
+    #[pg_test]
+    fn next_due_names_the_endpoints_without_new_deliveries_and_the_top() {
+        use crate::worker::queries as q;
+        endpoint("a");
+        endpoint("b");
+        Spi::run("SELECT webhook.create_endpoint('o', 'https://o.example.com', ordered => true)")
+            .unwrap();
+        let id = |name: &str| {
+            one::<i32>(&format!(
+                "SELECT id FROM webhook.endpoints WHERE name = '{name}'"
+            ))
+        };
+        let (a, b, o) = (id("a"), id("b"), id("o"));
+        Spi::run(&format!(
+            "INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, attempts, next_attempt_at)
+             VALUES (7 * 1048576 + {a}, 7, {a}, 'pending', 0, now()),
+                    (8 * 1048576 + {b}, 8, {b}, 'pending', 1, now() + interval '1 hour'),
+                    (9 * 1048576 + {o}, 9, {o}, 'pending', 1, now() + interval '1 hour'),
+                    (4611686018427387905, 9, {b}, 'delivered', 1, NULL)"
+        ))
+        .unwrap();
+        let look = |floor_ids: Vec<i32>, floors: Vec<i64>| -> (Vec<i32>, Option<i64>) {
+            let row = q::NEXT_DUE
+                .rows(
+                    &[
+                        Vec::<i32>::new().into(),
+                        Vec::<i32>::new().into(),
+                        100.into(),
+                        Vec::<i32>::new().into(),
+                        Vec::<i32>::new().into(),
+                        vec![a, b, o].into(),
+                        true.into(),
+                        1.into(),
+                        0.into(),
+                        floor_ids.into(),
+                        floors.into(),
+                    ],
+                    |row| {
+                        Ok((
+                            row.get::<Vec<i32>>(2)?.unwrap_or_default(),
+                            row.get::<i64>(3)?,
+                        ))
+                    },
+                )
+                .unwrap();
+            let (mut ids, top) = row.into_iter().next().unwrap();
+            ids.sort();
+            (ids, top)
+        };
+        let top = 9 * 1048576 + i64::from(o);
+        assert_eq!(look(vec![], vec![]), (vec![b], Some(top)));
+        let above_a = 7 * 1048576 + i64::from(a);
+        assert_eq!(look(vec![a], vec![above_a]), (vec![a, b], Some(top)));
+        assert_eq!(
+            look(vec![a, b], vec![above_a - 1, top]),
+            (vec![b], Some(top)),
+            "a floor below the new delivery: not named"
+        );
+    }
+
     /// The worker's claim runs its one generic plan: with the plan cache's choice it was planned
     /// for each call's values at every call (2-3 ms, about a tenth of a drain).
     #[pg_test]

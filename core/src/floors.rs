@@ -62,6 +62,14 @@ impl Floors {
         *f = (*f).max(id);
     }
 
+    /// A look at the endpoint's new deliveries above its floor found none, and `top` was the
+    /// highest delivery id then: none of its new deliveries lies at or below `top` either, and
+    /// any made later is below only if the router or the SQL API made it (which lower or drop
+    /// the floors, as for every floor). The floor rises to `top`.
+    pub fn none_new_up_to(&mut self, endpoint_id: i32, top: i64) {
+        self.took(endpoint_id, top);
+    }
+
     /// The endpoint's new delivery `id` was not taken: its floor stays below it.
     pub fn keep_below(&mut self, endpoint_id: i32, id: i64) {
         if let Some(f) = self.below.get_mut(&endpoint_id) {
@@ -134,6 +142,18 @@ mod tests {
         assert_eq!(f.of(1), 39);
         f.keep_below(2, 10);
         assert_eq!(f.of(2), 0, "an endpoint without a floor has none to lower");
+    }
+
+    #[test]
+    fn an_endpoint_found_without_new_deliveries_rises_to_the_top_and_comes_down_with_routing() {
+        let mut f = Floors::new(Instant::now());
+        f.took(1, 70 << 20);
+        f.none_new_up_to(1, 60 << 20);
+        assert_eq!(f.of(1), 70 << 20, "never lowered by a look");
+        f.none_new_up_to(2, 60 << 20);
+        assert_eq!(f.of(2), 60 << 20);
+        f.lower_to((50 << 20) - 1);
+        assert_eq!(f.of(2), (50 << 20) - 1, "routing lowers it like any floor");
     }
 
     #[test]

@@ -222,11 +222,25 @@ impl Session {
     /// How long until the next delivery that the claim would take is due, or until a limited
     /// endpoint may start more. Busy counts changed with the claim; the limits stay those the
     /// claim used.
-    fn next_due(&self, limits: Limits) -> Result<Option<Duration>, WorkerError> {
+    fn next_due(&mut self, limits: Limits) -> Result<Option<Duration>, WorkerError> {
         let wake = limits.wake;
         let args = self.claim_args_with(limits);
         // The parameters are built inside the transaction: an array's type is a catalog lookup.
-        let next_ms = transaction(|| Ok(sql::NEXT_DUE.one::<i64>(&args.into_next_due())?))?;
+        let (next_ms, none_new, top) = transaction(|| {
+            let row = sql::NEXT_DUE.rows(&args.into_next_due(), |row| {
+                Ok((
+                    row.get::<i64>(1)?,
+                    row.get::<Vec<i32>>(2)?.unwrap_or_default(),
+                    row.get::<i64>(3)?,
+                ))
+            })?;
+            Ok(row.into_iter().next().unwrap_or((None, Vec::new(), None)))
+        })?;
+        if let Some(top) = top {
+            for endpoint_id in none_new {
+                self.floors.none_new_up_to(endpoint_id, top);
+            }
+        }
         let due = next_ms.map(|ms| Duration::from_millis(ms.max(0) as u64 + 1));
         Ok(match (due, wake) {
             (Some(a), Some(b)) => Some(a.min(b)),
