@@ -897,6 +897,65 @@ mod tests {
             .unwrap();
     }
 
+    /// A one-row statement's event is written without the executor (`crate::pg::heap`), as the
+    /// INSERT it replaces would write it: a trigger on webhook._events (which makes the write go
+    /// through the executor, since only the executor fires triggers) gets the same row change a
+    /// second time, and the two rows differ in nothing but their ids; the primary key finds both,
+    /// the trigger saw only the second, and the view shows both deliveries pending.
+    #[pg_test]
+    fn a_one_row_event_is_written_without_the_executor_as_the_insert_would_write_it() {
+        endpoint("crm");
+        Spi::run(
+            "CREATE TABLE users (id int PRIMARY KEY, email text, plan text);
+             SELECT webhook.subscribe('users', 'crm', events => '{INSERT}');
+             INSERT INTO users VALUES (1, 'a@example.com', 'free');
+             CREATE TABLE seen (id bigint);
+             CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN INSERT INTO seen VALUES (NEW.id); RETURN NULL; END $$;
+             CREATE TRIGGER note AFTER INSERT ON webhook._events FOR EACH ROW EXECUTE FUNCTION note();
+             DELETE FROM users;
+             INSERT INTO users VALUES (1, 'a@example.com', 'free');",
+        )
+        .unwrap();
+        let first: i64 = one("SELECT min(id) FROM webhook._events");
+        let second: i64 = one("SELECT max(id) FROM webhook._events");
+        assert_eq!(second, first + 1);
+        assert_eq!(one::<i64>("SELECT count(*) FROM webhook._events"), 2);
+        assert_eq!(
+            one::<i64>("SELECT id FROM seen"),
+            second,
+            "the trigger saw the second only"
+        );
+        let differ: i64 = one(&format!(
+            "SELECT count(*) FROM (
+                 SELECT type, payload, schema_name, table_name, op, new, old, txid, created_at, size, route
+                   FROM webhook._events WHERE id = {first}
+                 EXCEPT
+                 SELECT type, payload, schema_name, table_name, op, new, old, txid, created_at, size, route
+                   FROM webhook._events WHERE id = {second}) x"
+        ));
+        assert_eq!(differ, 0, "the two rows differ");
+        assert!(
+            one::<i32>(&format!(
+                "SELECT size FROM webhook._events WHERE id = {first}"
+            )) > 0
+        );
+        Spi::run("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off").unwrap();
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT count(*) FROM webhook._events WHERE id IN ({first}, {second})"
+            )),
+            2,
+            "the primary key finds both"
+        );
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT count(*) FROM webhook.deliveries WHERE event_id IN ({first}, {second}) AND status = 'pending'"
+            )),
+            2
+        );
+    }
+
     #[pg_test]
     fn the_trigger_records_events_and_deliveries() {
         endpoint("crm");

@@ -930,14 +930,10 @@ unsafe fn to_jsonb(value: pg_sys::Datum, typid: pg_sys::Oid) -> pg_sys::Datum {
     unsafe { pg_sys::FunctionCall1Coll(flinfo, pg_sys::InvalidOid, value) }
 }
 
-/// Attribute `i` (0-based) of a tuple descriptor. PostgreSQL 18 keeps the attributes beside a
-/// compact copy, reached through `TupleDescAttr`; earlier majors have them in `attrs`.
+/// Attribute `i` (0-based) of a tuple descriptor (`crate::pg::tuple_attribute`).
 unsafe fn attribute(desc: pg_sys::TupleDesc, i: usize) -> *const pg_sys::FormData_pg_attribute {
-    // SAFETY: the caller's `desc` is valid and has more than `i` attributes.
-    #[cfg(feature = "pg18")]
-    return unsafe { pg_sys::TupleDescAttr(desc, i as std::ffi::c_int) };
-    #[cfg(not(feature = "pg18"))]
-    return unsafe { (*desc).attrs.as_ptr().add(i) };
+    // SAFETY: as the caller promised.
+    unsafe { crate::pg::tuple_attribute(desc, i) }
 }
 
 #[cfg(test)]
