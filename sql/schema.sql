@@ -2,24 +2,107 @@
 -- control file). Objects whose names start with "_" are private, not part of the contract.
 
 -- The schema "webhook" is made by CREATE EXTENSION, owned by the superuser who runs it. One that
--- already existed, owned by a role that is not a superuser (a database owner may create schemas),
--- would leave that role owning the schema of the extension's objects: free to add objects beside
--- them (in the schema this script searches right after pg_catalog) and to drop them. Refused.
--- Every name and operator here is pg_catalog's, whatever the schema holds.
+-- already existed (a database owner may create schemas) could carry a role's objects or rights
+-- into the schema of the extension's objects: functions that shadow the API's by signature,
+-- the right to add more, to drop the extension's objects or to give that right away. Refused:
+-- a schema owned by a role that is not a superuser, one where such a role may create objects,
+-- and one holding objects such a role owns that are not part of the extension (ALTER SCHEMA …
+-- OWNER TO would leave those). Every name and operator here is pg_catalog's, whatever the schema
+-- holds.
 DO $$
 DECLARE
+    nsp pg_catalog.oid;
     owner pg_catalog.name;
     trusted boolean;
+    creator pg_catalog.text;
+    foreign_object pg_catalog.text;
 BEGIN
-    SELECT r.rolname, r.rolsuper INTO owner, trusted
+    SELECT n.oid, r.rolname, r.rolsuper INTO nsp, owner, trusted
       FROM pg_catalog.pg_namespace n
       JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
      WHERE n.nspname OPERATOR(pg_catalog.=) 'webhook';
-    IF NOT trusted THEN
+    IF trusted IS NOT TRUE THEN
         RAISE EXCEPTION 'schema "webhook" is owned by %, a role that is not a superuser', owner
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'webhook_ext''s tables, functions and queue live in schema "webhook"; its owner could drop them or add objects beside them.',
-                  HINT = 'Check what the schema holds, then drop it (DROP SCHEMA webhook) or give it to a superuser (ALTER SCHEMA webhook OWNER TO postgres), and run the command again.';
+                  HINT = 'Give the schema to a superuser (ALTER SCHEMA webhook OWNER TO postgres) and run the command again: it then also refuses objects and CREATE rights other roles keep there. Before CREATE EXTENSION, DROP SCHEMA webhook CASCADE is simpler.';
+    END IF;
+    SELECT COALESCE(r.rolname::pg_catalog.text, 'PUBLIC') INTO creator
+      FROM pg_catalog.pg_namespace n
+     CROSS JOIN LATERAL pg_catalog.aclexplode(n.nspacl) a
+      LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) a.grantee
+     WHERE n.oid OPERATOR(pg_catalog.=) nsp
+       AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'
+       AND r.rolsuper IS NOT TRUE
+     LIMIT 1;
+    IF creator IS NOT NULL THEN
+        RAISE EXCEPTION 'role % may create objects in schema "webhook"', creator
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Revoke it (REVOKE CREATE ON SCHEMA webhook FROM ...), check what the schema holds, then run the command again.';
+    END IF;
+    -- Objects in the schema owned by a role that is not a superuser and not the extension's
+    -- (a member, or a part of one: a table's row type and indexes, a type's array, a column's
+    -- sequence).
+    SELECT o.what INTO foreign_object
+      FROM (SELECT 'pg_catalog.pg_class'::pg_catalog.regclass AS classid, c.oid AS objid, c.relowner AS owner,
+                   'relation ' OPERATOR(pg_catalog.||) c.relname::pg_catalog.text AS what
+              FROM pg_catalog.pg_class c WHERE c.relnamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_proc'::pg_catalog.regclass, p.oid, p.proowner,
+                   'function ' OPERATOR(pg_catalog.||) p.oid::pg_catalog.regprocedure::pg_catalog.text
+              FROM pg_catalog.pg_proc p WHERE p.pronamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_type'::pg_catalog.regclass, t.oid, t.typowner,
+                   'type ' OPERATOR(pg_catalog.||) t.typname::pg_catalog.text
+              FROM pg_catalog.pg_type t WHERE t.typnamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_operator'::pg_catalog.regclass, o.oid, o.oprowner,
+                   'operator ' OPERATOR(pg_catalog.||) o.oid::pg_catalog.regoperator::pg_catalog.text
+              FROM pg_catalog.pg_operator o WHERE o.oprnamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_opclass'::pg_catalog.regclass, c.oid, c.opcowner,
+                   'operator class ' OPERATOR(pg_catalog.||) c.opcname::pg_catalog.text
+              FROM pg_catalog.pg_opclass c WHERE c.opcnamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_opfamily'::pg_catalog.regclass, f.oid, f.opfowner,
+                   'operator family ' OPERATOR(pg_catalog.||) f.opfname::pg_catalog.text
+              FROM pg_catalog.pg_opfamily f WHERE f.opfnamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_collation'::pg_catalog.regclass, c.oid, c.collowner,
+                   'collation ' OPERATOR(pg_catalog.||) c.collname::pg_catalog.text
+              FROM pg_catalog.pg_collation c WHERE c.collnamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_conversion'::pg_catalog.regclass, c.oid, c.conowner,
+                   'conversion ' OPERATOR(pg_catalog.||) c.conname::pg_catalog.text
+              FROM pg_catalog.pg_conversion c WHERE c.connamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_ts_config'::pg_catalog.regclass, c.oid, c.cfgowner,
+                   'text search configuration ' OPERATOR(pg_catalog.||) c.cfgname::pg_catalog.text
+              FROM pg_catalog.pg_ts_config c WHERE c.cfgnamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_ts_dict'::pg_catalog.regclass, d.oid, d.dictowner,
+                   'text search dictionary ' OPERATOR(pg_catalog.||) d.dictname::pg_catalog.text
+              FROM pg_catalog.pg_ts_dict d WHERE d.dictnamespace OPERATOR(pg_catalog.=) nsp
+            UNION ALL
+            SELECT 'pg_catalog.pg_statistic_ext'::pg_catalog.regclass, s.oid, s.stxowner,
+                   'statistics object ' OPERATOR(pg_catalog.||) s.stxname::pg_catalog.text
+              FROM pg_catalog.pg_statistic_ext s WHERE s.stxnamespace OPERATOR(pg_catalog.=) nsp) o
+      JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) o.owner
+     WHERE NOT r.rolsuper
+       AND NOT EXISTS (
+           SELECT FROM pg_catalog.pg_depend d
+            WHERE d.classid OPERATOR(pg_catalog.=) o.classid AND d.objid OPERATOR(pg_catalog.=) o.objid
+              AND (d.deptype OPERATOR(pg_catalog.=) 'e'
+                   OR (d.deptype OPERATOR(pg_catalog.=) ANY ('{i,a}'::pg_catalog."char"[])
+                       AND EXISTS (SELECT FROM pg_catalog.pg_depend m
+                                    WHERE m.classid OPERATOR(pg_catalog.=) d.refclassid
+                                      AND m.objid OPERATOR(pg_catalog.=) d.refobjid
+                                      AND m.deptype OPERATOR(pg_catalog.=) 'e'))))
+     LIMIT 1;
+    IF foreign_object IS NOT NULL THEN
+        RAISE EXCEPTION 'schema "webhook" holds % of a role that is not a superuser, not part of webhook_ext', foreign_object
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Drop it (or the schema, if webhook_ext is not installed yet), then run the command again.';
     END IF;
 END
 $$;

@@ -908,8 +908,18 @@ mod tests {
         Spi::run(
             "CREATE TABLE users (id int PRIMARY KEY, email text, plan text);
              SELECT webhook.subscribe('users', 'crm', events => '{INSERT}');
-             INSERT INTO users VALUES (1, 'a@example.com', 'free');
-             CREATE TABLE seen (id bigint);
+             INSERT INTO users VALUES (1, 'a@example.com', 'free');",
+        )
+        .unwrap();
+        // Written by the user's command itself (SPI would have counted a command of its own).
+        let same_command =
+            "SELECT (SELECT max(cmin::text::int) FROM users) = (SELECT max(cmin::text::int) FROM webhook._events WHERE id = (SELECT max(id) FROM webhook._events))";
+        assert!(
+            one::<bool>(same_command),
+            "the event went through the executor"
+        );
+        Spi::run(
+            "CREATE TABLE seen (id bigint);
              CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS
                  $$ BEGIN INSERT INTO seen VALUES (NEW.id); RETURN NULL; END $$;
              CREATE TRIGGER note AFTER INSERT ON webhook._events FOR EACH ROW EXECUTE FUNCTION note();
@@ -925,6 +935,10 @@ mod tests {
             one::<i64>("SELECT id FROM seen"),
             second,
             "the trigger saw the second only"
+        );
+        assert!(
+            !one::<bool>(same_command),
+            "the second went through the executor"
         );
         let differ: i64 = one(&format!(
             "SELECT count(*) FROM (

@@ -4,9 +4,11 @@
 //! transaction; inserting the heap tuple and its index entries directly, as Postgres's own
 //! catalog code does, leaves only the work itself.
 //!
-//! Only where nothing the executor would do is skipped: a heap table with no triggers, no row
-//! security, no CHECK constraints and no generated columns; every column not given has no
-//! default and may be NULL; every index is valid, ready, immediate, not an exclusion constraint,
+//! Only where nothing the executor would do is skipped: a heap table (not a partition) with no
+//! triggers, no rules, no row security, no CHECK constraints and no generated columns; every
+//! column given of the type the caller's values are (so no domain, whose CHECK the executor
+//! would test, and no other type, whose datum would be misread); every column not given without
+//! a default and nullable; every index valid, ready, immediate, not an exclusion constraint,
 //! with plain columns and no predicate. Anything else (an administrator's trigger or index on the
 //! table, a future column) is refused by [`Inserter::open`] having written nothing, and the
 //! caller goes through SPI. No executor hook (pg_stat_statements, an audit extension) sees these
@@ -37,12 +39,13 @@ struct Index {
 
 impl Inserter {
     /// Opens the table `relid`, locked as an INSERT locks it, for rows of the columns `names`
-    /// (the others get NULL); None, with nothing written and the table closed again (its lock
-    /// kept to the transaction's end), where only the executor may write it.
+    /// (each with the type of the values that will be given for it; the others get NULL);
+    /// None, with nothing written and the table closed again (its lock kept to the
+    /// transaction's end), where only the executor may write it.
     ///
     /// # Safety
     /// Inside a transaction, on the main thread.
-    pub unsafe fn open(relid: pg_sys::Oid, names: &[&CStr]) -> Option<Inserter> {
+    pub unsafe fn open(relid: pg_sys::Oid, names: &[(&CStr, pg_sys::Oid)]) -> Option<Inserter> {
         // SAFETY: the caller's transaction; reads of an open relation's relcache entry.
         unsafe {
             let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
@@ -64,13 +67,16 @@ impl Inserter {
 
     /// # Safety
     /// `self.rel` is open and locked.
-    unsafe fn check(&mut self, names: &[&CStr]) -> bool {
+    unsafe fn check(&mut self, names: &[(&CStr, pg_sys::Oid)]) -> bool {
         // SAFETY: as for `open`.
         unsafe {
             let rel = self.rel;
             let class = &*(*rel).rd_rel;
             if class.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
                 || class.relam != pg_sys::HEAP_TABLE_AM_OID
+                || class.relispartition
+                || class.relhasrules
+                || !(*rel).rd_rules.is_null()
                 || class.relrowsecurity
                 || !(*rel).trigdesc.is_null()
             {
@@ -89,8 +95,9 @@ impl Inserter {
                     continue;
                 }
                 let name = CStr::from_ptr(att.attname.data.as_ptr());
-                match names.iter().position(|n| *n == name) {
-                    Some(k) => self.slot_of[k] = i,
+                match names.iter().position(|(n, _)| *n == name) {
+                    Some(k) if names[k].1 == att.atttypid => self.slot_of[k] = i,
+                    Some(_) => return false,
                     // A column left out gets NULL: what it would get only without a default or
                     // an identity, and allowed only if it may be NULL.
                     None if att.atthasdef

@@ -760,19 +760,19 @@ pub(crate) fn write_one(e: &Event, d: &Delivery, legacy: bool) {
 
 /// The columns of a row change's event as the trigger writes it without the executor, in the
 /// order of [`event_values`].
-const EVENT_COLUMNS: [&std::ffi::CStr; 12] = [
-    c"id",
-    c"type",
-    c"payload",
-    c"schema_name",
-    c"table_name",
-    c"op",
-    c"new",
-    c"old",
-    c"txid",
-    c"created_at",
-    c"size",
-    c"route",
+const EVENT_COLUMNS: [(&std::ffi::CStr, pg_sys::Oid); 12] = [
+    (c"id", pg_sys::INT8OID),
+    (c"type", pg_sys::TEXTOID),
+    (c"payload", pg_sys::JSONBOID),
+    (c"schema_name", pg_sys::TEXTOID),
+    (c"table_name", pg_sys::TEXTOID),
+    (c"op", pg_sys::TEXTOID),
+    (c"new", pg_sys::JSONBOID),
+    (c"old", pg_sys::JSONBOID),
+    (c"txid", pg_sys::INT8OID),
+    (c"created_at", pg_sys::TIMESTAMPTZOID),
+    (c"size", pg_sys::INT4OID),
+    (c"route", pg_sys::INT4ARRAYOID),
 ];
 
 /// An event's row, as WRITE_ONE_ROUTED writes it: its id drawn now from the

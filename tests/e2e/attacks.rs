@@ -923,6 +923,37 @@ fn s2_create_extension_refuses_a_webhook_schema_another_role_made() {
         e.message().contains("schema \"webhook\"") && e.message().contains("dbowner"),
         "{e:?}"
     );
+    // Given to a superuser, the schema still carries the database owner's right to create
+    // objects in it, and the objects it made (a `webhook.subscribe(text, text)` would take the
+    // documented call `webhook.subscribe('public.users', 'crm')` from the extension's): refused
+    // until both are gone.
+    admin
+        .batch_execute(
+            "ALTER SCHEMA webhook OWNER TO CURRENT_USER;
+             GRANT CREATE ON SCHEMA webhook TO PUBLIC;",
+        )
+        .unwrap();
+    let e = db_error(
+        admin.batch_execute("CREATE EXTENSION webhook_ext"),
+        "CREATE EXTENSION into a schema where PUBLIC may create",
+    );
+    assert_eq!(
+        e.message(),
+        "role PUBLIC may create objects in schema \"webhook\"",
+        "{e:?}"
+    );
+    admin
+        .batch_execute("REVOKE CREATE ON SCHEMA webhook FROM PUBLIC")
+        .unwrap();
+    let e = db_error(
+        admin.batch_execute("CREATE EXTENSION webhook_ext"),
+        "CREATE EXTENSION into a schema holding dbowner's objects",
+    );
+    assert!(
+        e.message().starts_with("schema \"webhook\" holds ")
+            && e.message().contains("of a role that is not a superuser"),
+        "{e:?}"
+    );
     let mut su = checker(&pg);
     assert_nothing_planted_ran(&pg, &mut su, "webhook.pwned", "dbowner");
     assert_eq!(
@@ -932,6 +963,9 @@ fn s2_create_extension_refuses_a_webhook_schema_another_role_made() {
         ),
         0
     );
+    admin
+        .batch_execute("DROP SCHEMA webhook CASCADE; CREATE EXTENSION webhook_ext")
+        .unwrap();
 }
 
 /// The trigger runs with the writing session's search_path (it is SECURITY INVOKER and pins
