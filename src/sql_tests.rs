@@ -938,7 +938,23 @@ mod tests {
         );
         assert!(
             !one::<bool>(same_command),
-            "the second went through the executor"
+            "the second did not go through the executor"
+        );
+        // One row change for two subscriptions: one event with both endpoints, written directly.
+        endpoint("erp");
+        Spi::run(
+            "DROP TRIGGER note ON webhook._events;
+             SELECT webhook.subscribe('users', 'erp', events => '{INSERT}');
+             INSERT INTO users VALUES (2, 'b@example.com', 'free');",
+        )
+        .unwrap();
+        assert!(
+            one::<bool>(same_command),
+            "two subscriptions' event went through the executor"
+        );
+        assert_eq!(
+            one::<String>("SELECT route::text FROM webhook._events ORDER BY id DESC LIMIT 1"),
+            one::<String>("SELECT ARRAY[(SELECT id FROM webhook.endpoints WHERE name = 'crm'), (SELECT id FROM webhook.endpoints WHERE name = 'erp')]::text")
         );
         let differ: i64 = one(&format!(
             "SELECT count(*) FROM (
