@@ -607,6 +607,7 @@ pub(crate) fn write_waiting() {
     });
     match (events.as_slice(), deliveries.as_slice()) {
         (_, []) => {}
+        ([e], ds) if write_routed_directly(&e.event, ds.iter().map(|d| &d.delivery)) => {}
         ([e], [d]) => write_one(&e.event, &d.delivery, false),
         (events, deliveries) => write_many(events, deliveries),
     }
@@ -656,18 +657,6 @@ fn sequence_oid() -> pg_sys::Oid {
 
 /// Writes events and their deliveries with one statement.
 fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
-    // One row change for several subscriptions, all routed: one event row, as for one.
-    if let [only] = events {
-        let endpoints: Option<Vec<i32>> = deliveries
-            .iter()
-            .map(|d| d.delivery.endpoint_id.filter(|_| d.delivery.routed()))
-            .collect();
-        if let Some(endpoints) = endpoints {
-            if write_routed_directly(std::iter::once((&only.event, endpoints.as_slice()))) {
-                return;
-            }
-        }
-    }
     let sequence = sequence_oid();
     // Pending deliveries go into their event's route (as an array literal: "{3,7}"); the rest
     // are stored now.
@@ -752,11 +741,6 @@ pub(crate) fn write_one(e: &Event, d: &Delivery, legacy: bool) {
     let statement = if legacy {
         &WRITE_ONE_LEGACY
     } else if d.routed() {
-        if let Some(endpoint) = d.endpoint_id {
-            if write_routed_directly(std::iter::once((e, &[endpoint][..]))) {
-                return;
-            }
-        }
         args.truncate(6);
         args.push(e.size.into());
         args.push(d.endpoint_id.into());
@@ -841,29 +825,31 @@ unsafe fn event_values(
     }
 }
 
-/// Writes events whose deliveries are all routed (each with its endpoints) as WRITE_ONE_ROUTED
-/// or, for one event with several, WRITE_EVENTS would, but without the executor (`crate::pg::heap`), ids drawn in order; false,
-/// with nothing written, where the table needs the executor (an administrator's trigger or
-/// index on it, say). A statement's many events still go through WRITE_EVENTS: written this
-/// way they went no faster, within the runs' spread (synchronous_commit off, three runs each:
-/// 20,000 rows 4.99-5.44 against 4.99-5.83 statements/s, 100 rows 773-1,078 against
-/// 717-886), since their executor's start-up is shared by the statement's rows.
-fn write_routed_directly<'a>(
-    events: impl ExactSizeIterator<Item = (&'a Event, &'a [i32])>,
-) -> bool {
+/// Writes one row change's event when every delivery of it is routed (one subscription or
+/// several: its route names each endpoint), as WRITE_ONE_ROUTED or WRITE_EVENTS would write
+/// it, but without the executor (`crate::pg::heap`). False, with nothing written, where a
+/// delivery must be stored now or the table needs the executor (an administrator's trigger or
+/// index on it, say). A statement's many events stay with WRITE_EVENTS: written this way they
+/// went no faster (tests/bench/2026-12-06-one-row-direct-write.md), their executor's start-up
+/// being shared by the statement's rows.
+fn write_routed_directly<'a>(e: &Event, deliveries: impl Iterator<Item = &'a Delivery>) -> bool {
+    let Some(route) = deliveries
+        .map(|d| d.endpoint_id.filter(|_| d.routed()))
+        .collect::<Option<Vec<i32>>>()
+    else {
+        return false;
+    };
     let Some(table) = events_oid() else {
         return false;
     };
     let sequence = sequence_oid();
-    // SAFETY: inside the user's transaction; the images live in the buffer's memory (or the
-    // trigger's) until the write is done.
+    // SAFETY: inside the user's transaction; the images live in the buffer's memory until the
+    // write is done.
     unsafe {
         let Some(mut inserter) = crate::pg::heap::Inserter::open(table, &EVENT_COLUMNS) else {
             return false;
         };
-        for (e, route) in events {
-            inserter.insert(&event_values(e, sequence, route));
-        }
+        inserter.insert(&event_values(e, sequence, &route));
         inserter.close();
     }
     true

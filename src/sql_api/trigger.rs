@@ -776,7 +776,7 @@ unsafe fn raw_size(
         pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
         let mut total: i64 = 0;
         for i in 0..natts {
-            let att = attribute(tupdesc, i);
+            let att = crate::pg::tuple_attribute(tupdesc, i);
             if (*att).attisdropped || nulls[i] || !wanted(att, columns) {
                 continue;
             }
@@ -807,7 +807,7 @@ unsafe fn has_user_types(rel: pg_sys::Relation, columns: Option<&[String]>) -> b
     unsafe {
         let desc = (*rel).rd_att;
         (0..(*desc).natts as usize).any(|i| {
-            let att = attribute(desc, i);
+            let att = crate::pg::tuple_attribute(desc, i);
             !(*att).attisdropped
                 && wanted(att, columns)
                 && (*att).atttypid.to_u32() >= pg_sys::FirstNormalObjectId
@@ -865,7 +865,7 @@ unsafe fn projection(tupdesc: pg_sys::TupleDesc, columns: &[String]) -> Option<P
         let natts = (*tupdesc).natts as usize;
         let picked: Vec<usize> = (0..natts)
             .filter(|&i| {
-                let att = attribute(tupdesc, i);
+                let att = crate::pg::tuple_attribute(tupdesc, i);
                 !(*att).attisdropped && wanted(att, Some(columns))
             })
             .collect();
@@ -875,7 +875,7 @@ unsafe fn projection(tupdesc: pg_sys::TupleDesc, columns: &[String]) -> Option<P
             let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
             let desc = pg_sys::CreateTemplateTupleDesc(picked.len() as i32);
             for (k, &i) in picked.iter().enumerate() {
-                let att = attribute(tupdesc, i);
+                let att = crate::pg::tuple_attribute(tupdesc, i);
                 pg_sys::TupleDescInitEntry(
                     desc,
                     (k + 1) as pg_sys::AttrNumber,
@@ -928,12 +928,6 @@ unsafe fn to_jsonb(value: pg_sys::Datum, typid: pg_sys::Oid) -> pg_sys::Datum {
         })
     });
     unsafe { pg_sys::FunctionCall1Coll(flinfo, pg_sys::InvalidOid, value) }
-}
-
-/// Attribute `i` (0-based) of a tuple descriptor (`crate::pg::tuple_attribute`).
-unsafe fn attribute(desc: pg_sys::TupleDesc, i: usize) -> *const pg_sys::FormData_pg_attribute {
-    // SAFETY: as the caller promised.
-    unsafe { crate::pg::tuple_attribute(desc, i) }
 }
 
 #[cfg(test)]

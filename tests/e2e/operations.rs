@@ -1810,15 +1810,9 @@ fn crash_torture_loses_nothing() {
     const EVENTS: usize = 50_000;
     let mut pg = Cluster::start(&[]);
     let rx = Receiver::start(always(Reply::ok()));
-    let mut db = pg.client_with_extension();
-    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    let mut db = users_subscribed_to_crm(&pg, &rx);
+    db.batch_execute("SELECT webhook.alter_endpoint('crm', max_in_flight => 500)")
         .unwrap();
-    create_endpoint(&mut db, "crm", &rx.url("/"));
-    db.batch_execute(
-        "SELECT webhook.alter_endpoint('crm', max_in_flight => 500);
-         SELECT webhook.subscribe('users', 'crm');",
-    )
-    .unwrap();
     db.batch_execute(&format!(
         "INSERT INTO users SELECT g, 'u' || g || '@example.com' FROM generate_series(1, {EVENTS}) g"
     ))
