@@ -242,11 +242,20 @@ CREATE TABLE webhook._deliveries (
     last_status_code  integer,
     last_error        text,
     created_at        timestamptz NOT NULL DEFAULT now(),
-    delivered_at      timestamptz
+    delivered_at      timestamptz,
+    -- A delivery to an ordered endpoint: the routing pass that made it (webhook._routing_passes),
+    -- so that the endpoint gets its events in the order their transactions committed, as the
+    -- router found them (by id within one pass), not in id order, which a transaction that drew
+    -- its id first and committed last breaks. 0 for every other delivery (and for those made
+    -- before their endpoint was ordered: they go first, by id).
+    routing_pass      bigint NOT NULL DEFAULT 0
 );
+-- Numbers routing passes that made deliveries to ordered endpoints (above).
+CREATE SEQUENCE webhook._routing_passes;
 -- The worker's claim, per endpoint. New deliveries (no attempt yet, due since they were made),
--- oldest first: the only index the enqueue trigger writes besides the keys.
-CREATE INDEX deliveries_pending_idx ON webhook._deliveries (endpoint_id, id)
+-- in routing order (every endpoint but an ordered one: id order): the only index the router
+-- writes besides the keys.
+CREATE INDEX deliveries_pending_idx ON webhook._deliveries (endpoint_id, routing_pass, id)
     WHERE status = 'pending' AND attempts = 0;
 -- Retries, by when they are due: a claim reads only those due now, however many wait for later.
 CREATE INDEX deliveries_retry_idx ON webhook._deliveries (endpoint_id, next_attempt_at)
@@ -309,12 +318,15 @@ BEGIN
     -- body at every call, and the worker calls this before every claim. The plan is the generic
     -- one: from_id is a parameter, and with the planner's choice each call was planned again
     -- for its value (0.48 ms a call against 0.10, tests/bench/snapshot_profile.sh).
-    INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at)
+    INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at,
+                                     routing_pass)
     SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
            CASE WHEN ep.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
            CASE WHEN ep.enabled THEN e.created_at END,
            CASE WHEN NOT ep.enabled THEN 'endpoint disabled' END,
-           e.created_at
+           e.created_at,
+           -- One number for the pass, drawn only if it routes to an ordered endpoint.
+           CASE WHEN ep.ordered THEN (SELECT nextval('webhook._routing_passes')) ELSE 0 END
       FROM webhook._events e
      CROSS JOIN LATERAL unnest(e.route) WITH ORDINALITY AS r(endpoint_id, n)
       JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
@@ -373,11 +385,14 @@ BEGIN
             RAISE EXCEPTION 'event % does not exist', NEW.event_id USING ERRCODE = 'foreign_key_violation';
         END IF;
         INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, attempts, next_attempt_at,
-                                         last_status_code, last_error, created_at, delivered_at)
+                                         last_status_code, last_error, created_at, delivered_at, routing_pass)
         VALUES (COALESCE(NEW.id, nextval(pg_get_serial_sequence('webhook._deliveries', 'id')::regclass)),
                 NEW.event_id, NEW.endpoint_id, COALESCE(NEW.status, 'pending'), COALESCE(NEW.attempts, 0),
                 NEW.next_attempt_at, NEW.last_status_code, NEW.last_error, COALESCE(NEW.created_at, now()),
-                NEW.delivered_at);
+                NEW.delivered_at,
+                -- To an ordered endpoint it goes after what was routed so far.
+                CASE WHEN EXISTS (SELECT FROM webhook.endpoints ep WHERE ep.id = NEW.endpoint_id AND ep.ordered)
+                     THEN nextval('webhook._routing_passes') ELSE 0 END);
         -- A new pending delivery: the worker reads new deliveries from the start (floors).
         IF COALESCE(NEW.status, 'pending') = 'pending' AND COALESCE(NEW.attempts, 0) = 0 THEN
             PERFORM webhook._wake();
@@ -481,3 +496,4 @@ SELECT pg_catalog.pg_extension_config_dump('webhook._endpoint_state', '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('webhook.endpoints', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('webhook._events', 'id')::regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('webhook._deliveries', 'id')::regclass, '');
+SELECT pg_catalog.pg_extension_config_dump('webhook._routing_passes', '');

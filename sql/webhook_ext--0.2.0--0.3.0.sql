@@ -152,6 +152,16 @@ ALTER TABLE webhook.deliveries ALTER COLUMN id SET START WITH 461168601842738790
 -- webhook.deliveries is a view of them and of those not routed yet.
 ALTER TABLE webhook.deliveries RENAME TO _deliveries;
 CREATE INDEX deliveries_endpoint_time_idx ON webhook._deliveries (endpoint_id, created_at);
+-- Ordered endpoints get their events in routing order (commit order as the router finds it),
+-- not id order: the routing pass that made a delivery to one, 0 for every other (and for the
+-- deliveries already made: they go first, by id, as before).
+ALTER TABLE webhook._deliveries ADD COLUMN routing_pass bigint NOT NULL DEFAULT 0;
+CREATE SEQUENCE webhook._routing_passes;
+SELECT pg_catalog.pg_extension_config_dump('webhook._routing_passes', '');
+GRANT USAGE ON SEQUENCE webhook._routing_passes TO webhook_admin;
+DROP INDEX webhook.deliveries_pending_idx;
+CREATE INDEX deliveries_pending_idx ON webhook._deliveries (endpoint_id, routing_pass, id)
+    WHERE status = 'pending' AND attempts = 0;
 ALTER TABLE webhook._events ADD COLUMN route integer[];
 -- Events with an id below routed_below have had their route made into deliveries; at or above
 -- it, a delivery that is not stored yet is shown pending by webhook.deliveries. Only the worker
@@ -211,12 +221,15 @@ BEGIN
     -- body at every call, and the worker calls this before every claim. The plan is the generic
     -- one: from_id is a parameter, and with the planner's choice each call was planned again
     -- for its value (0.48 ms a call against 0.10, tests/bench/snapshot_profile.sh).
-    INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at)
+    INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error, created_at,
+                                     routing_pass)
     SELECT e.id * 1048576 + r.endpoint_id, e.id, r.endpoint_id,
            CASE WHEN ep.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
            CASE WHEN ep.enabled THEN e.created_at END,
            CASE WHEN NOT ep.enabled THEN 'endpoint disabled' END,
-           e.created_at
+           e.created_at,
+           -- One number for the pass, drawn only if it routes to an ordered endpoint.
+           CASE WHEN ep.ordered THEN (SELECT nextval('webhook._routing_passes')) ELSE 0 END
       FROM webhook._events e
      CROSS JOIN LATERAL unnest(e.route) WITH ORDINALITY AS r(endpoint_id, n)
       JOIN webhook.endpoints ep ON ep.id = r.endpoint_id
@@ -275,11 +288,14 @@ BEGIN
             RAISE EXCEPTION 'event % does not exist', NEW.event_id USING ERRCODE = 'foreign_key_violation';
         END IF;
         INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, attempts, next_attempt_at,
-                                         last_status_code, last_error, created_at, delivered_at)
+                                         last_status_code, last_error, created_at, delivered_at, routing_pass)
         VALUES (COALESCE(NEW.id, nextval(pg_get_serial_sequence('webhook._deliveries', 'id')::regclass)),
                 NEW.event_id, NEW.endpoint_id, COALESCE(NEW.status, 'pending'), COALESCE(NEW.attempts, 0),
                 NEW.next_attempt_at, NEW.last_status_code, NEW.last_error, COALESCE(NEW.created_at, now()),
-                NEW.delivered_at);
+                NEW.delivered_at,
+                -- To an ordered endpoint it goes after what was routed so far.
+                CASE WHEN EXISTS (SELECT FROM webhook.endpoints ep WHERE ep.id = NEW.endpoint_id AND ep.ordered)
+                     THEN nextval('webhook._routing_passes') ELSE 0 END);
         -- A new pending delivery: the worker reads new deliveries from the start (floors).
         IF COALESCE(NEW.status, 'pending') = 'pending' AND COALESCE(NEW.attempts, 0) = 0 THEN
             PERFORM webhook._wake();
@@ -777,14 +793,23 @@ BEGIN
     IF endpoint IS NOT NULL THEN
         SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
     END IF;
-    INSERT INTO webhook._events (type, payload, size) VALUES (event_type, payload, size) RETURNING id INTO event_id;
+    -- The event's route names the enabled endpoints it goes to; the worker makes their deliveries
+    -- once it commits, as for a row change's (so an ordered endpoint gets it in commit order).
+    -- The transaction's xid is taken before the event's id is drawn, as a row change's is: the
+    -- router's watermark counts on it (src/worker/route.rs).
+    PERFORM pg_current_xact_id();
+    INSERT INTO webhook._events (type, payload, size, route)
+    VALUES (event_type, payload, size,
+            NULLIF(ARRAY(SELECT e.id FROM webhook.endpoints e
+                          WHERE e.enabled
+                            AND CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END
+                          ORDER BY e.id), '{}'))
+    RETURNING id INTO event_id;
     INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
-    SELECT event_id * 1048576 + e.id, event_id, e.id,
-           CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
-           CASE WHEN e.enabled THEN now() END,
-           CASE WHEN NOT e.enabled THEN 'endpoint disabled' END
+    SELECT event_id * 1048576 + e.id, event_id, e.id, 'cancelled', NULL, 'endpoint disabled'
       FROM webhook.endpoints e
-     WHERE CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END;
+     WHERE NOT e.enabled
+       AND CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END;
     PERFORM webhook._wake();
     RETURN event_id;
 END
@@ -850,8 +875,8 @@ BEGIN
         RAISE EXCEPTION 'since must be earlier than until' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM webhook._route();
-    INSERT INTO webhook._deliveries (event_id, endpoint_id)
-    SELECT ev.id, ep.id
+    INSERT INTO webhook._deliveries (event_id, endpoint_id, routing_pass)
+    SELECT ev.id, ep.id, CASE WHEN ep.ordered THEN (SELECT nextval('webhook._routing_passes')) ELSE 0 END
       FROM webhook._events ev
      WHERE ev.created_at >= since AND ev.created_at < until
        AND EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)

@@ -399,6 +399,7 @@ mod tests {
         ))
         .unwrap();
         let look = |floor_ids: Vec<i32>, floors: Vec<i64>| -> (Vec<i32>, Option<i64>) {
+            let passes = vec![0i64; floor_ids.len()];
             let row = q::NEXT_DUE
                 .rows(
                     &[
@@ -413,6 +414,7 @@ mod tests {
                         0.into(),
                         floor_ids.into(),
                         floors.into(),
+                        passes.into(),
                     ],
                     |row| {
                         Ok((
@@ -463,6 +465,7 @@ mod tests {
                     0.into(),
                     Vec::<i32>::new().into(),
                     Vec::<i64>::new().into(),
+                    Vec::<i64>::new().into(),
                 ])
                 .unwrap();
         }
@@ -489,8 +492,11 @@ mod tests {
         // The floors (floors::Floors): new deliveries are read from the endpoint's floor on,
         // in the index, not filtered after reading the dead entries below it.
         for (s, cond) in [
-            (&q::CLAIM, "(id > cap.floor)"),
-            (&q::NEXT_DUE, "(id > COALESCE(f.below"),
+            (
+                &q::CLAIM,
+                "(ROW(routing_pass, id) > ROW(cap.floor_pass, cap.floor))",
+            ),
+            (&q::NEXT_DUE, "(ROW(routing_pass, id) > ROW(COALESCE(f.pass"),
         ] {
             let p = plan(s.sql, s.params);
             assert!(

@@ -41,6 +41,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE
 -- The watermark is the worker's alone: lowered, it would make purged deliveries again; raised,
 -- it would skip events not routed yet.
 GRANT SELECT ON webhook._router TO webhook_admin;
+-- Routing (webhook._route(), which retry() and the others run first) numbers its passes.
+GRANT USAGE ON SEQUENCE webhook._routing_passes TO webhook_admin;
 GRANT SELECT, UPDATE, DELETE ON webhook.deliveries TO webhook_admin;
 GRANT SELECT ON webhook.events, webhook.subscriptions, webhook.endpoint_stats, webhook.metrics TO webhook_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook TO webhook_admin;

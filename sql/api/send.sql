@@ -27,14 +27,23 @@ BEGIN
     IF endpoint IS NOT NULL THEN
         SELECT * INTO ep FROM webhook.endpoints e WHERE e.id = webhook._endpoint_id(endpoint);
     END IF;
-    INSERT INTO webhook._events (type, payload, size) VALUES (event_type, payload, size) RETURNING id INTO event_id;
+    -- The event's route names the enabled endpoints it goes to; the worker makes their deliveries
+    -- once it commits, as for a row change's (so an ordered endpoint gets it in commit order).
+    -- The transaction's xid is taken before the event's id is drawn, as a row change's is: the
+    -- router's watermark counts on it (src/worker/route.rs).
+    PERFORM pg_current_xact_id();
+    INSERT INTO webhook._events (type, payload, size, route)
+    VALUES (event_type, payload, size,
+            NULLIF(ARRAY(SELECT e.id FROM webhook.endpoints e
+                          WHERE e.enabled
+                            AND CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END
+                          ORDER BY e.id), '{}'))
+    RETURNING id INTO event_id;
     INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
-    SELECT event_id * 1048576 + e.id, event_id, e.id,
-           CASE WHEN e.enabled THEN 'pending' ELSE 'cancelled' END::webhook.delivery_status,
-           CASE WHEN e.enabled THEN now() END,
-           CASE WHEN NOT e.enabled THEN 'endpoint disabled' END
+    SELECT event_id * 1048576 + e.id, event_id, e.id, 'cancelled', NULL, 'endpoint disabled'
       FROM webhook.endpoints e
-     WHERE CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END;
+     WHERE NOT e.enabled
+       AND CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END;
     PERFORM webhook._wake();
     RETURN event_id;
 END
@@ -100,8 +109,8 @@ BEGIN
         RAISE EXCEPTION 'since must be earlier than until' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM webhook._route();
-    INSERT INTO webhook._deliveries (event_id, endpoint_id)
-    SELECT ev.id, ep.id
+    INSERT INTO webhook._deliveries (event_id, endpoint_id, routing_pass)
+    SELECT ev.id, ep.id, CASE WHEN ep.ordered THEN (SELECT nextval('webhook._routing_passes')) ELSE 0 END
       FROM webhook._events ev
      WHERE ev.created_at >= since AND ev.created_at < until
        AND EXISTS (SELECT FROM webhook._deliveries d WHERE d.event_id = ev.id AND d.endpoint_id = ep.id)

@@ -82,6 +82,7 @@ struct ClaimArgs {
     room: ClaimRoom,
     split: Split,
     floor_ids: Vec<i32>,
+    floor_passes: Vec<i64>,
     floors: Vec<i64>,
 }
 
@@ -113,6 +114,7 @@ impl ClaimArgs {
             self.split.part.into(),
             self.floor_ids.into(),
             self.floors.into(),
+            self.floor_passes.into(),
         ];
         (params, self.limits)
     }
@@ -133,6 +135,7 @@ impl ClaimArgs {
             self.split.part.into(),
             self.floor_ids.into(),
             self.floors.into(),
+            self.floor_passes.into(),
         ]
     }
 }
@@ -177,6 +180,9 @@ impl Session {
             }
             if self.policies.as_ref().is_none_or(|p| p.version != version) {
                 self.policies = Some(Policies::load(version, self.split)?);
+                // An endpoint made ordered (or not) since: its new deliveries change routing
+                // passes, and a floor kept across that could lie above some (floors::Floors).
+                self.floors.drop_all(Instant::now());
             }
             let (params, limits) = self.claim_args().into_claim(
                 limit,
@@ -191,10 +197,10 @@ impl Session {
             return Ok(None);
         };
         let full = claimed.len() as i32 >= limit;
-        // A claim takes an endpoint's new deliveries in id order: all of them up to the highest,
-        // but for those it picked and could not take (the floor stays below the lowest).
+        // A claim takes an endpoint's new deliveries in routing order: all of them up to the
+        // last, but for those it picked and could not take (the floor stays below the first).
         for c in claimed.iter().filter(|c| c.attempts == 0) {
-            self.floors.took(c.endpoint_id, c.id);
+            self.floors.took(c.endpoint_id, (c.routing_pass, c.id));
         }
         for c in &claimed {
             if let Some(hole) = c.hole {
@@ -266,9 +272,10 @@ impl Session {
 
     fn claim_args_with(&self, limits: Limits) -> ClaimArgs {
         let (busy_ids, busy_counts) = self.in_flight.busy().iter().map(|(k, v)| (*k, *v)).unzip();
-        let (floor_ids, floors) = self.floors.arrays();
+        let (floor_ids, floor_passes, floors) = self.floors.arrays();
         ClaimArgs {
             floor_ids,
+            floor_passes,
             floors,
             busy_ids,
             busy_counts,
@@ -369,8 +376,10 @@ struct Claimed {
     size: i64,
     /// The install id in force (part of the webhook-id).
     install_id: String,
-    /// The endpoint's lowest new delivery the claim picked but did not take.
-    hole: Option<i64>,
+    /// The delivery's routing pass (0 but for an ordered endpoint's: `floors::Place`).
+    routing_pass: i64,
+    /// The endpoint's first new delivery (routing pass, id) the claim picked but did not take.
+    hole: Option<(i64, i64)>,
 }
 
 struct RowChange {
@@ -411,7 +420,11 @@ impl Claimed {
             },
             size: row.get::<i32>(20)?.map_or(0, i64::from),
             install_id: row.get(21)?.unwrap_or_default(),
-            hole: row.get(22)?,
+            routing_pass: row.get(22)?.unwrap_or_default(),
+            hole: match (row.get(23)?, row.get(24)?) {
+                (Some(pass), Some(id)) => Some((pass, id)),
+                _ => None,
+            },
         })
     }
 

@@ -39,30 +39,33 @@ macro_rules! owned_by {
     };
 }
 
-/// The head of the endpoint whose id is `$ep`: its oldest pending delivery, new or retry, due
-/// or not (an ordered endpoint sends only its head). Columns `id, event_id, next_attempt_at`,
-/// `fresh` (never attempted).
-/// The oldest new one (id order, above the endpoint's floor `$floor`: `floors::Floors`) and the
-/// oldest retry — the latter sorted by `id + 0`, so it is read from the retry index and sorted,
-/// never found by walking the primary key.
+/// The head of the endpoint whose id is `$ep`: its first pending delivery in routing order
+/// (`routing_pass`, then id: the order its events' transactions committed in, as the router
+/// found them), new or retry, due or not (an ordered endpoint sends only its head). Columns `id,
+/// event_id, next_attempt_at`, `fresh` (never attempted).
+/// The first new one (above the endpoint's floor `($pass, $floor)`: `floors::Floors`) and the first
+/// retry — the latter sorted by `routing_pass + 0, id + 0`, so it is read from the retry index
+/// and sorted, never found by walking the primary key.
 macro_rules! head_of {
-    ($ep:literal, $floor:literal) => {
+    ($ep:literal, $pass:literal, $floor:literal) => {
         concat!(
-            "SELECT u.id, u.event_id, u.next_attempt_at, u.fresh FROM (
-               (SELECT x.id, x.event_id, x.next_attempt_at, true AS fresh FROM webhook._deliveries x
+            "SELECT u.id, u.event_id, u.next_attempt_at, u.fresh, u.routing_pass FROM (
+               (SELECT x.id, x.event_id, x.next_attempt_at, true AS fresh, x.routing_pass FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = ",
             $ep,
-            " AND x.id > ",
+            " AND (x.routing_pass, x.id) > (",
+            $pass,
+            ", ",
             $floor,
-            "
-                 ORDER BY x.id LIMIT 1)
+            ")
+                 ORDER BY x.routing_pass, x.id LIMIT 1)
                UNION ALL
-               (SELECT x.id, x.event_id, x.next_attempt_at, false FROM webhook._deliveries x
+               (SELECT x.id, x.event_id, x.next_attempt_at, false, x.routing_pass FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = ",
             $ep,
             "
-                 ORDER BY x.id + 0 LIMIT 1)) u
-            ORDER BY u.id
+                 ORDER BY x.routing_pass + 0, x.id + 0 LIMIT 1)) u
+            ORDER BY u.routing_pass, u.id
             LIMIT 1"
         )
     };
@@ -79,53 +82,58 @@ macro_rules! head_of {
 /// the claim may take, by the sizes events recorded; $12: take the first delivery even if it is
 /// larger (when nothing else is under way, so a large body is never stuck); $13/$14: this
 /// worker's share of the endpoints (`split::Split`: `id mod parts = part`, the remainder taken
-/// non-negative as Rust's `rem_euclid`, whatever the id's sign); $15/$16: endpoints' floors
-/// (`floors::Floors`: new deliveries are read above them; 0 for an endpoint not listed). The
-/// last column: the endpoint's lowest new delivery the claim picked but did not take, if any.
+/// non-negative as Rust's `rem_euclid`, whatever the id's sign); $15/$16/$17: endpoints'
+/// floors, as ids and routing passes (`floors::Floors`: new deliveries are read above them in
+/// routing order; (0, 0) for an endpoint not listed). The last columns: the delivery's routing
+/// pass, and the endpoint's first new delivery (routing pass, id) the claim picked but did not
+/// take, if any.
 pub static CLAIM: Statement = Statement::new(
     "claim",
     concat!(
         r#"
 WITH cap AS (
     SELECT ep.id, ep.ordered, NOT (ep.id = ANY ($9::int[])) AS suspect, COALESCE(f.below, 0) AS floor,
+           COALESCE(f.pass, 0) AS floor_pass,
            LEAST(CASE WHEN ep.ordered THEN 1 ELSE COALESCE(ep.max_in_flight, $3) END - COALESCE(b.n, 0),
                  COALESCE(o.n, $4), $4) AS n
       FROM webhook.endpoints ep
       LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
       LEFT JOIN unnest($7::int[], $8::int[]) AS o(id, n) ON o.id = ep.id
-      LEFT JOIN unnest($15::int[], $16::int8[]) AS f(id, below) ON f.id = ep.id
+      LEFT JOIN unnest($15::int[], $16::int8[], $17::int8[]) AS f(id, below, pass) ON f.id = ep.id
      WHERE ep.enabled AND "#,
         owned_by!("ep.id", "$13", "$14"),
         r#"
 ), cand AS (
-    SELECT d.id, d.event_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.id) AS rn,
-           d.endpoint_id, d.fresh
+    SELECT d.id, d.event_id, cap.suspect, row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.routing_pass, d.id) AS rn,
+           d.endpoint_id, d.fresh, d.routing_pass
       FROM cap
      CROSS JOIN LATERAL (
            -- New deliveries (due since they were made) oldest first, and retries that are due,
            -- each from its own index: retries waiting for later are never read.
-           SELECT u.id, u.endpoint_id, u.event_id, u.fresh FROM (
-               (SELECT x.id, x.endpoint_id, x.event_id, true AS fresh FROM webhook._deliveries x
+           SELECT u.id, u.endpoint_id, u.event_id, u.fresh, u.routing_pass FROM (
+               (SELECT x.id, x.endpoint_id, x.event_id, true AS fresh, x.routing_pass FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = cap.id
-                   AND x.id > cap.floor AND x.next_attempt_at <= now()
-                 ORDER BY x.id LIMIT cap.n)
+                   AND (x.routing_pass, x.id) > (cap.floor_pass, cap.floor) AND x.next_attempt_at <= now()
+                 ORDER BY x.routing_pass, x.id LIMIT cap.n)
                UNION ALL
-               (SELECT x.id, x.endpoint_id, x.event_id, false FROM webhook._deliveries x
+               (SELECT x.id, x.endpoint_id, x.event_id, false, x.routing_pass FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts > 0 AND x.endpoint_id = cap.id
                    AND x.next_attempt_at <= now()
                  ORDER BY x.next_attempt_at LIMIT cap.n)) u
-            ORDER BY u.id
+            -- In routing order, so that the new ones taken are the first of theirs (floors).
+            ORDER BY u.routing_pass, u.id
             LIMIT cap.n) d
      WHERE cap.n > 0 AND NOT cap.ordered AND (NOT cap.suspect OR $10 > 0)
     UNION ALL
-    SELECT h.id, h.event_id, cap.suspect, 1, cap.id, h.fresh
+    SELECT h.id, h.event_id, cap.suspect, 1, cap.id, h.fresh, h.routing_pass
       FROM cap
      CROSS JOIN LATERAL ("#,
-        head_of!("cap.id", "cap.floor"),
+        head_of!("cap.id", "cap.floor_pass", "cap.floor"),
         r#") h
      WHERE cap.n > 0 AND cap.ordered AND h.next_attempt_at <= now() AND (NOT cap.suspect OR $10 > 0)
 ), pick AS (
-    SELECT c.id, c.event_id, c.endpoint_id, c.fresh, row_number() OVER (ORDER BY c.suspect, c.rn, c.id) AS ord
+    SELECT c.id, c.event_id, c.endpoint_id, c.fresh, c.routing_pass,
+           row_number() OVER (ORDER BY c.suspect, c.rn, c.id) AS ord
       FROM (SELECT cand.*, row_number() OVER (PARTITION BY cand.suspect ORDER BY cand.rn, cand.id) AS k FROM cand) c
      WHERE NOT c.suspect OR c.k <= $10
      ORDER BY c.suspect, c.rn, c.id
@@ -160,27 +168,28 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           ep.max_attempts, ep.retry_schedule,
           e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid, locked.size,
           -- Read with every claim: a restore adds the source's (older) row after CREATE EXTENSION.
-          (SELECT m.install_id FROM webhook._meta m ORDER BY m.created_at, m.install_id LIMIT 1)
+          (SELECT m.install_id FROM webhook._meta m ORDER BY m.created_at, m.install_id LIMIT 1),
+          d.routing_pass
 )
 -- And, per endpoint, the lowest new delivery picked but not taken (held by another transaction,
 -- its event not visible, or over the byte budget): the endpoint's floor stays below it. (A set
 -- difference, sorted or hashed: as an anti-join the worker's planner settings made it a nested
 -- loop over picked × taken rows, 94 of the 100 ms a claim of 1,000 took.)
 , hole AS (
-    SELECT z.endpoint_id, min(z.id) AS hole
-      FROM (SELECT p.endpoint_id, p.id FROM pick p WHERE p.fresh
+    SELECT DISTINCT ON (z.endpoint_id) z.endpoint_id, z.routing_pass AS hole_pass, z.id AS hole
+      FROM (SELECT p.endpoint_id, p.routing_pass, p.id FROM pick p WHERE p.fresh
             EXCEPT
-            SELECT u.endpoint_id, u.id FROM upd u) z
-     GROUP BY z.endpoint_id
+            SELECT u.endpoint_id, u.routing_pass, u.id FROM upd u) z
+     ORDER BY z.endpoint_id, z.routing_pass, z.id
 )
-SELECT upd.*, h.hole
+SELECT upd.*, h.hole_pass, h.hole
   FROM upd
   LEFT JOIN hole h ON h.endpoint_id = upd.endpoint_id
 "#
     ),
     &[
         INT4_ARRAY, INT4_ARRAY, INT4, INT4, INT4, INT8, INT4_ARRAY, INT4_ARRAY, INT4_ARRAY, INT4,
-        INT8, BOOL, INT4, INT4, INT4_ARRAY, INT8_ARRAY,
+        INT8, BOOL, INT4, INT4, INT4_ARRAY, INT8_ARRAY, INT8_ARRAY,
     ],
 )
 .generic_plan();
@@ -188,7 +197,7 @@ SELECT upd.*, h.hole
 /// Milliseconds until the next pending delivery of an endpoint with room is due (an ordered
 /// endpoint: its head). $1/$2 busy, $3 default limit, $4/$5 limits, as for CLAIM; $6 healthy
 /// endpoints and $7 whether the others have room left; $8/$9 this worker's share of the
-/// endpoints (`split::Split`); $10/$11 the endpoints' floors, as for CLAIM.
+/// endpoints (`split::Split`); $10/$11/$12 the endpoints' floors, as for CLAIM.
 /// Also the endpoints (not ordered) it found no new delivery of above their floors, and the
 /// highest computed delivery id there is (the identity's ids, from 2^62, left out): their floors
 /// may rise to it (`floors::Floors::none_new_up_to`), so that neither the claim nor this reads
@@ -208,7 +217,7 @@ SELECT (extract(epoch FROM min(s.t) - clock_timestamp()) * 1000)::int8,
   FROM (SELECT ep.id,
                CASE WHEN ep.ordered
                     THEN (SELECT h.next_attempt_at FROM ("#,
-        head_of!("ep.id", "COALESCE(f.below, 0)"),
+        head_of!("ep.id", "COALESCE(f.pass, 0)", "COALESCE(f.below, 0)"),
         r#") h)
                     ELSE LEAST(
                         n.next_attempt_at,
@@ -220,12 +229,12 @@ SELECT (extract(epoch FROM min(s.t) - clock_timestamp()) * 1000)::int8,
           FROM webhook.endpoints ep
           LEFT JOIN unnest($1::int[], $2::int[]) AS b(id, n) ON b.id = ep.id
           LEFT JOIN unnest($4::int[], $5::int[]) AS o(id, n) ON o.id = ep.id
-          LEFT JOIN unnest($10::int[], $11::int8[]) AS f(id, below) ON f.id = ep.id
+          LEFT JOIN unnest($10::int[], $11::int8[], $12::int8[]) AS f(id, below, pass) ON f.id = ep.id
           LEFT JOIN LATERAL (
                 SELECT x.id, x.next_attempt_at FROM webhook._deliveries x
                  WHERE x.status = 'pending' AND x.attempts = 0 AND x.endpoint_id = ep.id
-                   AND x.id > COALESCE(f.below, 0)
-                 ORDER BY x.id LIMIT 1) n ON NOT ep.ordered
+                   AND (x.routing_pass, x.id) > (COALESCE(f.pass, 0), COALESCE(f.below, 0))
+                 ORDER BY x.routing_pass, x.id LIMIT 1) n ON NOT ep.ordered
          WHERE ep.enabled AND "#,
         owned_by!("ep.id", "$8", "$9"),
         r#"
@@ -236,7 +245,7 @@ SELECT (extract(epoch FROM min(s.t) - clock_timestamp()) * 1000)::int8,
     ),
     &[
         INT4_ARRAY, INT4_ARRAY, INT4, INT4_ARRAY, INT4_ARRAY, INT4_ARRAY, BOOL, INT4, INT4,
-        INT4_ARRAY, INT8_ARRAY,
+        INT4_ARRAY, INT8_ARRAY, INT8_ARRAY,
     ],
 )
 .generic_plan();

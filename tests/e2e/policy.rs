@@ -673,6 +673,78 @@ fn ordered_endpoint_delivers_in_order_through_failures_and_moves_past_a_failed_h
     assert_eq!(outcome, expected);
 }
 
+/// An ordered endpoint gets events in the order their transactions committed, as the worker
+/// found them (issue 13), not in event id order: a transaction that took its id first but
+/// committed after a later one comes after it. The head fails meanwhile, so both wait routed.
+#[test]
+fn an_ordered_endpoint_gets_a_late_commit_after_the_earlier_commit_of_a_later_id() {
+    let pg = Cluster::start(&[("webhook.retry_schedule", "'200ms'")]);
+    let open = Arc::new(AtomicBool::new(false));
+    let gate = open.clone();
+    let rx = Receiver::start(Arc::new(move |req, _| {
+        let n = req.json()["data"]["new"]["n"].as_i64().expect("data.new.n");
+        if n == 0 && !gate.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    }));
+    let mut db = pg.client_with_extension();
+    db.execute(
+        "SELECT webhook.create_endpoint('e', $1, ordered => true, max_attempts => 100)",
+        &[&rx.url("/")],
+    )
+    .unwrap();
+    db.batch_execute("CREATE TABLE items (n int PRIMARY KEY); SELECT webhook.subscribe('items', 'e', events => '{INSERT}')")
+        .unwrap();
+    db.execute("INSERT INTO items VALUES (0)", &[]).unwrap();
+    rx.wait_for(2, PATIENCE);
+    // The first transaction takes the lower event id and stays open.
+    let mut early = pg.client();
+    early
+        .batch_execute("BEGIN; INSERT INTO items VALUES (1)")
+        .unwrap();
+    let stored = |db: &mut postgres::Client, n: i32| {
+        count(
+            db,
+            &format!(
+                "SELECT count(*) FROM webhook._deliveries d JOIN webhook._events e ON e.id = d.event_id
+                  WHERE e.new->>'n' = '{n}'"
+            ),
+        )
+    };
+    db.execute("INSERT INTO items VALUES (2)", &[]).unwrap();
+    wait_until(PATIENCE, "the later id's delivery routed", || {
+        (stored(&mut db, 2) == 1).then_some(())
+    });
+    early.batch_execute("COMMIT").unwrap();
+    wait_until(PATIENCE, "the late commit's delivery routed", || {
+        (stored(&mut db, 1) == 1).then_some(())
+    });
+    let ids: Vec<i64> = db
+        .query(
+            "SELECT e.id FROM webhook._events e ORDER BY (e.new->>'n')::int",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        ids[1] < ids[2],
+        "the open transaction took the lower id: {ids:?}"
+    );
+    open.store(true, Ordering::SeqCst);
+    wait_settled(&mut db, Duration::from_secs(60));
+    let delivered: Vec<i64> = rx
+        .exchanges()
+        .iter()
+        .filter(|e| e.status == Some(200))
+        .map(|e| e.request.json()["data"]["new"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(delivered, vec![0, 2, 1], "commit order, not id order");
+}
+
 #[test]
 fn both_signatures_verify_during_rotation_and_only_the_new_one_after() {
     let pg = Cluster::start(&[]);

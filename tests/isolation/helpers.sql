@@ -42,7 +42,7 @@ BEGIN
     FOR r IN EXECUTE iso.stmt('claim')
         USING '{}'::int[], '{}'::int[], 100, n, 5000, 1000::int8, '{}'::int[], '{}'::int[],
               (SELECT array_agg(e.id) FROM webhook.endpoints e), n, 1000000000::int8, true, 1, 0,
-              '{}'::int[], '{}'::int8[]
+              '{}'::int[], '{}'::int8[], '{}'::int8[]
     LOOP
         ids := ids || r.id;
         eps := eps || r.endpoint_id;
