@@ -205,10 +205,13 @@ CREATE TABLE webhook._events (
     -- Bytes of the request body (measured as sent where it could pass max_payload_bytes,
     -- estimated from the stored size below that); bounds how much one claim takes into memory.
     size        integer,
-    -- The endpoints a row change is to be delivered to, as the trigger decided with the writer's
-    -- rights; the worker makes the deliveries (webhook._route()). NULL: its deliveries were
-    -- written with it (send(), and events from before 0.3.0).
-    route       integer[]
+    -- The endpoints an event is to be delivered to, as the trigger (with the writer's rights) or
+    -- send() decided; the worker makes the deliveries (webhook._route()). NULL: its deliveries
+    -- were written with it (events from before 0.3.0, and those no enabled endpoint wanted).
+    route       integer[],
+    -- The writer's W3C trace context (webhook.traceparent, checked when set), sent with every
+    -- attempt of its deliveries as the traceparent header. NULL: none.
+    traceparent text
 );
 
 -- Events with an id below routed_below have had their route made into deliveries; at or above
@@ -441,7 +444,8 @@ SELECT e.id,
                 pg_catalog.jsonb_build_object('schema', e.schema_name, 'table', e.table_name, 'op', e.op,
                                               'new', e.new, 'old', e.old, 'txid', e.txid)) AS payload,
        e.txid,
-       e.created_at
+       e.created_at,
+       e.traceparent
   FROM webhook._events e;
 
 CREATE TABLE webhook.attempts (

@@ -163,6 +163,26 @@ DROP INDEX webhook.deliveries_pending_idx;
 CREATE INDEX deliveries_pending_idx ON webhook._deliveries (endpoint_id, routing_pass, id)
     WHERE status = 'pending' AND attempts = 0;
 ALTER TABLE webhook._events ADD COLUMN route integer[];
+
+-- Trace context: the writer's webhook.traceparent, stored with each event and sent with its
+-- deliveries; webhook.events shows it (a new last column).
+ALTER TABLE webhook._events ADD COLUMN traceparent text;
+CREATE FUNCTION webhook."_traceparent"() RETURNS TEXT /* core::option::Option<alloc::string::String> */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_traceparent_wrapper';
+REVOKE ALL ON FUNCTION webhook._traceparent() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhook._traceparent() TO webhook_admin;
+CREATE OR REPLACE VIEW webhook.events AS
+SELECT e.id,
+       e.type,
+       COALESCE(e.payload,
+                pg_catalog.jsonb_build_object('schema', e.schema_name, 'table', e.table_name, 'op', e.op,
+                                              'new', e.new, 'old', e.old, 'txid', e.txid)) AS payload,
+       e.txid,
+       e.created_at,
+       e.traceparent
+  FROM webhook._events e;
 -- Events with an id below routed_below have had their route made into deliveries; at or above
 -- it, a delivery that is not stored yet is shown pending by webhook.deliveries. Only the worker
 -- raises it (src/worker/route.rs says when it may). A restored dump brings its own row beside the
@@ -798,8 +818,8 @@ BEGIN
     -- The transaction's xid is taken before the event's id is drawn, as a row change's is: the
     -- router's watermark counts on it (src/worker/route.rs).
     PERFORM pg_current_xact_id();
-    INSERT INTO webhook._events (type, payload, size, route)
-    VALUES (event_type, payload, size,
+    INSERT INTO webhook._events (type, payload, size, traceparent, route)
+    VALUES (event_type, payload, size, webhook._traceparent(),
             NULLIF(ARRAY(SELECT e.id FROM webhook.endpoints e
                           WHERE e.enabled
                             AND CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END

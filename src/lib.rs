@@ -17,7 +17,9 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-pub use webhook_core::{floors, http, limits, policy, request, retry, signing, split, target};
+pub use webhook_core::{
+    floors, http, limits, policy, request, retry, signing, split, target, trace,
+};
 
 mod launcher;
 mod pg;

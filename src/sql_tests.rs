@@ -914,7 +914,8 @@ mod tests {
     fn a_one_row_event_is_written_without_the_executor_as_the_insert_would_write_it() {
         endpoint("crm");
         Spi::run(
-            "CREATE TABLE users (id int PRIMARY KEY, email text, plan text);
+            "SET LOCAL webhook.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+             CREATE TABLE users (id int PRIMARY KEY, email text, plan text);
              SELECT webhook.subscribe('users', 'crm', events => '{INSERT}');
              INSERT INTO users VALUES (1, 'a@example.com', 'free');",
         )
@@ -966,10 +967,10 @@ mod tests {
         );
         let differ: i64 = one(&format!(
             "SELECT count(*) FROM (
-                 SELECT type, payload, schema_name, table_name, op, new, old, txid, created_at, size, route
+                 SELECT type, payload, schema_name, table_name, op, new, old, txid, created_at, size, route, traceparent
                    FROM webhook._events WHERE id = {first}
                  EXCEPT
-                 SELECT type, payload, schema_name, table_name, op, new, old, txid, created_at, size, route
+                 SELECT type, payload, schema_name, table_name, op, new, old, txid, created_at, size, route, traceparent
                    FROM webhook._events WHERE id = {second}) x"
         ));
         assert_eq!(differ, 0, "the two rows differ");
@@ -977,6 +978,14 @@ mod tests {
             one::<i32>(&format!(
                 "SELECT size FROM webhook._events WHERE id = {first}"
             )) > 0
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM webhook._events
+                  WHERE traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'"
+            ),
+            3,
+            "each event has the writer's traceparent"
         );
         Spi::run("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off").unwrap();
         assert_eq!(

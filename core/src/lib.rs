@@ -14,6 +14,7 @@ pub mod retry;
 pub mod signing;
 pub mod split;
 pub mod target;
+pub mod trace;
 
 #[cfg(test)]
 mod proptests;

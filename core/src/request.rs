@@ -21,6 +21,13 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "expect",
 ];
 
+/// The event's W3C `traceparent` (checked when it was written: `trace::parse`) replaces one the
+/// endpoint's own headers carry, whatever its case.
+pub fn set_traceparent(headers: &mut Vec<(String, String)>, traceparent: String) {
+    headers.retain(|(name, _)| !name.eq_ignore_ascii_case("traceparent"));
+    headers.push(("traceparent".to_owned(), traceparent));
+}
+
 /// `webhook-id`: unique per delivery, the same on every retry and after a crash.
 /// `install` is a random tag chosen at CREATE EXTENSION, so ids never repeat across databases
 /// or after the extension is dropped and created again.
@@ -220,6 +227,21 @@ pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, HeaderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_events_traceparent_replaces_the_endpoints() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = parse_headers(r#"{"X-Team": "crm", "TraceParent": "static"}"#).unwrap();
+        set_traceparent(&mut headers, tp.to_owned());
+        headers.sort();
+        assert_eq!(
+            headers,
+            vec![
+                ("X-Team".to_owned(), "crm".to_owned()),
+                ("traceparent".to_owned(), tp.to_owned())
+            ]
+        );
+    }
 
     #[test]
     fn body_length_is_measured_as_sent() {

@@ -32,8 +32,8 @@ BEGIN
     -- The transaction's xid is taken before the event's id is drawn, as a row change's is: the
     -- router's watermark counts on it (src/worker/route.rs).
     PERFORM pg_current_xact_id();
-    INSERT INTO webhook._events (type, payload, size, route)
-    VALUES (event_type, payload, size,
+    INSERT INTO webhook._events (type, payload, size, traceparent, route)
+    VALUES (event_type, payload, size, webhook._traceparent(),
             NULLIF(ARRAY(SELECT e.id FROM webhook.endpoints e
                           WHERE e.enabled
                             AND CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END

@@ -11,6 +11,7 @@ use crate::limits;
 use crate::retry::{self, Schedule};
 use crate::split;
 use crate::target;
+use crate::trace;
 
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -33,6 +34,7 @@ pub static DNS_SERVERS: GucSetting<Option<CString>> = GucSetting::<Option<CStrin
 pub static SSL_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static CIRCUIT_BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static AUTO_DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 24 * 3600);
+pub static TRACEPARENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// Defines every setting and reserves the `webhook` prefix (typos become errors, not silent no-ops).
 /// Long, and kept whole on purpose: one flat list of definitions, one per setting, in the order
@@ -231,6 +233,20 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    // SAFETY: as above.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"webhook.traceparent",
+            c"W3C traceparent stored with the events this session or transaction writes and sent with their deliveries.",
+            c"Set it per transaction (SET LOCAL) to the application's trace context: the receiver's span then joins the trace. Empty = none.",
+            &TRACEPARENT,
+            GucContext::Userset,
+            none,
+            Some(check_traceparent),
+            None,
+            None,
+        );
+    }
     // SAFETY: called once from _PG_init, on the main thread.
     #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17", feature = "pg18"))]
     unsafe {
@@ -248,6 +264,15 @@ pub fn string(setting: &GucSetting<Option<CString>>) -> String {
         .get()
         .map(|c| c.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// `webhook.traceparent` as stored and sent (version 00), None when unset. The check hook
+/// guarantees it parses.
+pub fn traceparent() -> Option<String> {
+    let value = TRACEPARENT.get()?;
+    trace::parse(&value.to_string_lossy())
+        .ok()
+        .map(|t| t.as_str().to_owned())
 }
 
 /// The configured schedule; the check hook guarantees it parses.
@@ -326,6 +351,22 @@ unsafe extern "C-unwind" fn check_allowed_networks(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     match target::parse_networks(&unsafe { new_value(newval) }) {
+        Ok(_) => true,
+        Err(e) => unsafe { reject(&e.to_string()) },
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_traceparent(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = unsafe { new_value(newval) };
+    if value.is_empty() {
+        return true;
+    }
+    match trace::parse(&value) {
         Ok(_) => true,
         Err(e) => unsafe { reject(&e.to_string()) },
     }

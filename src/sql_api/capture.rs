@@ -37,10 +37,10 @@ use crate::pg::spi::Statement;
 /// Writes a statement's events, in the order they were decided: $1 the events' id sequence; $2
 /// type, $3 schema, $4 table, $5 op, $6/$7 new and old row images (NULL when absent or not kept),
 /// $8 size of the body, $9 route (the endpoints of its pending deliveries, as an array literal;
-/// the worker makes those deliveries, `webhook._route()`). Deliveries that are not pending (an
-/// endpoint disabled or missing, a body too large) are written here, in order: $10 which event
-/// (its position in the events' arrays, from 1), $11 endpoint id (NULL if unknown), $12 status,
-/// $13 reason; each with its computed id (event id * 2^20 + endpoint id) or, to an endpoint that
+/// the worker makes those deliveries, `webhook._route()`), $10 the writer's `traceparent` (NULL
+/// if none). Deliveries that are not pending (an endpoint disabled or missing, a body too large)
+/// are written here, in order: $11 which event (its position in the events' arrays, from 1), $12
+/// endpoint id (NULL if unknown), $13 status, $14 reason; each with its computed id (event id * 2^20 + endpoint id) or, to an endpoint that
 /// does not exist, one from the identity. Event ids are drawn in order, so ids follow the rows as
 /// they did when each row was written by itself.
 static WRITE: Statement = Statement::new("enqueue_write", WRITE_SQL, WRITE_PARAMS);
@@ -48,20 +48,20 @@ const WRITE_SQL: &str = "WITH ev AS MATERIALIZED (
     SELECT pg_catalog.nextval($1::pg_catalog.regclass) AS id, u.*
       FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4),
                       pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($7),
-                      pg_catalog.unnest($8), pg_catalog.unnest($9)) WITH ORDINALITY
-           AS u(type, schema_name, table_name, op, new, old, size, route, n)
+                      pg_catalog.unnest($8), pg_catalog.unnest($9), pg_catalog.unnest($10)) WITH ORDINALITY
+           AS u(type, schema_name, table_name, op, new, old, size, route, traceparent, n)
 ), written AS (
-    INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, old, size, route)
+    INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, old, size, route, traceparent)
     SELECT ev.id, ev.type, ev.schema_name, ev.table_name, ev.op, ev.new, ev.old, ev.size,
-           ev.route::pg_catalog.int4[]
+           ev.route::pg_catalog.int4[], ev.traceparent
       FROM ev
 )
 INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
 SELECT COALESCE(ev.id OPERATOR(pg_catalog.*) 1048576 OPERATOR(pg_catalog.+) d.endpoint_id, pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('webhook._deliveries', 'id')::pg_catalog.regclass)),
        ev.id, d.endpoint_id, d.status::webhook.delivery_status,
        CASE WHEN d.status OPERATOR(pg_catalog.=) 'pending' THEN pg_catalog.now() END, d.reason
-  FROM ROWS FROM (pg_catalog.unnest($10), pg_catalog.unnest($11), pg_catalog.unnest($12),
-                  pg_catalog.unnest($13)) WITH ORDINALITY AS d(event, endpoint_id, status, reason, k)
+  FROM ROWS FROM (pg_catalog.unnest($11), pg_catalog.unnest($12), pg_catalog.unnest($13),
+                  pg_catalog.unnest($14)) WITH ORDINALITY AS d(event, endpoint_id, status, reason, k)
   JOIN ev ON ev.n OPERATOR(pg_catalog.=) d.event
  ORDER BY d.k";
 const WRITE_PARAMS: &[pg_sys::Oid] = &[
@@ -74,6 +74,7 @@ const WRITE_PARAMS: &[pg_sys::Oid] = &[
     pg_sys::JSONBARRAYOID,
     pg_sys::INT4ARRAYOID,
     pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTARRAYOID,
     pg_sys::INT4ARRAYOID,
     pg_sys::INT4ARRAYOID,
     pg_sys::TEXTARRAYOID,
@@ -81,26 +82,27 @@ const WRITE_PARAMS: &[pg_sys::Oid] = &[
 ];
 
 /// The same events as WRITE when none of their deliveries is stored now (the common case): a
-/// plain INSERT … SELECT, whose rows need not be materialised for a second use. $1–$9 as WRITE's.
+/// plain INSERT … SELECT, whose rows need not be materialised for a second use. $1–$10 as WRITE's.
 static WRITE_EVENTS: Statement = Statement::new(
     "enqueue_write_events",
-    "INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, old, size, route)
+    "INSERT INTO webhook._events (id, type, schema_name, table_name, op, new, old, size, route, traceparent)
      SELECT pg_catalog.nextval($1::pg_catalog.regclass), u.type, u.schema_name, u.table_name, u.op,
-            u.new, u.old, u.size, u.route::pg_catalog.int4[]
+            u.new, u.old, u.size, u.route::pg_catalog.int4[], u.traceparent
        FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4),
                        pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($7),
-                       pg_catalog.unnest($8), pg_catalog.unnest($9))
-            AS u(type, schema_name, table_name, op, new, old, size, route)",
-    WRITE_PARAMS.split_at(9).0,
+                       pg_catalog.unnest($8), pg_catalog.unnest($9), pg_catalog.unnest($10))
+            AS u(type, schema_name, table_name, op, new, old, size, route, traceparent)",
+    WRITE_PARAMS.split_at(10).0,
 );
 
 /// One event with one pending delivery (the common case: a one-row statement with one
 /// subscription, or a row written as it fires): the event row alone, its route the one
-/// endpoint. $1 type, $2 schema, $3 table, $4 op, $5/$6 new and old images, $7 size, $8 endpoint.
+/// endpoint. $1 type, $2 schema, $3 table, $4 op, $5/$6 new and old images, $7 size, $8 endpoint,
+/// $9 traceparent.
 static WRITE_ONE_ROUTED: Statement = Statement::new(
     "enqueue_write_one_routed",
-    "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old, size, route)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, ARRAY[$8]::pg_catalog.int4[])",
+    "INSERT INTO webhook._events (type, schema_name, table_name, op, new, old, size, route, traceparent)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, ARRAY[$8]::pg_catalog.int4[], $9)",
     &[
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
@@ -110,14 +112,15 @@ static WRITE_ONE_ROUTED: Statement = Statement::new(
         pg_sys::JSONBOID,
         pg_sys::INT4OID,
         pg_sys::INT4OID,
+        pg_sys::TEXTOID,
     ],
 );
 
 /// One event and its one delivery that is not pending (or any, on a schema from before 0.3.0):
 /// the same rows as WRITE, by a statement whose plan is cheaper to run than unnesting arrays of
 /// one. $1 type, $2 schema, $3 table, $4 op, $5/$6 new and old
-/// images, $7 endpoint id, $8 status, $9 reason, and $10 the body's size where the schema has
-/// the column (`$size_column`/`$size_value` are empty for a schema from before 0.3.0: this
+/// images, $7 endpoint id, $8 status, $9 reason, and $10 the body's size and $11 the traceparent
+/// where the schema has the columns (`$size_column`/`$size_value` are empty for a schema from before 0.3.0: this
 /// library installed, ALTER EXTENSION … UPDATE not yet run). From 0.3.0 on the stored
 /// deliveries are `webhook._deliveries` (`$deliveries`) and a delivery's id is computed
 /// (`$id_column`/`$id_value`); before, `webhook.deliveries` and the identity.
@@ -159,12 +162,13 @@ const ONE_ROW: &[pg_sys::Oid] = &[
     pg_sys::TEXTOID,
     pg_sys::TEXTOID,
     pg_sys::INT4OID,
+    pg_sys::TEXTOID,
 ];
 static WRITE_ONE: Statement = Statement::new(
     "enqueue_write_one",
     write_one_sql!(
-        ", size",
-        ", $10",
+        ", size, traceparent",
+        ", $10, $11",
         "_deliveries",
         "id, ",
         "COALESCE(ev.id OPERATOR(pg_catalog.*) 1048576 OPERATOR(pg_catalog.+) $7, pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('webhook._deliveries', 'id')::pg_catalog.regclass)), "
@@ -198,6 +202,8 @@ pub(crate) struct Event {
     pub new: Option<pg_sys::Datum>,
     pub old: Option<pg_sys::Datum>,
     pub size: Option<i32>,
+    /// The writer's W3C `traceparent` (`webhook.traceparent`), sent with its deliveries.
+    pub traceparent: Option<String>,
     /// Why no delivery of it can be sent (too large to publish), if so.
     pub too_large: Option<String>,
 }
@@ -697,6 +703,12 @@ fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
         jsonbs(&|e| e.old),
         ints(events.iter().map(|w| w.event.size).collect()),
         texts(routes.iter().map(|r| r.as_deref()).collect()),
+        texts(
+            events
+                .iter()
+                .map(|w| w.event.traceparent.as_deref())
+                .collect(),
+        ),
         ints(stored.iter().map(|d| Some(d.event as i32 + 1)).collect()),
         ints(stored.iter().map(|d| d.delivery.endpoint_id).collect()),
         texts(stored.iter().map(|d| Some(d.delivery.status)).collect()),
@@ -708,7 +720,7 @@ fn write_many(events: &[WaitingEvent], deliveries: &[WaitingDelivery]) {
         ),
     ];
     let written = if stored.is_empty() {
-        WRITE_EVENTS.run(&args[..9])
+        WRITE_EVENTS.run(&args[..10])
     } else {
         WRITE.run(&args)
     };
@@ -744,9 +756,11 @@ pub(crate) fn write_one(e: &Event, d: &Delivery, legacy: bool) {
         args.truncate(6);
         args.push(e.size.into());
         args.push(d.endpoint_id.into());
+        args.push(e.traceparent.as_deref().into());
         &WRITE_ONE_ROUTED
     } else {
         args.push(e.size.into());
+        args.push(e.traceparent.as_deref().into());
         &WRITE_ONE
     };
     if let Err(err) = statement.run(&args) {
@@ -756,7 +770,7 @@ pub(crate) fn write_one(e: &Event, d: &Delivery, legacy: bool) {
 
 /// The columns of a row change's event as the trigger writes it without the executor, in the
 /// order of [`event_values`].
-const EVENT_COLUMNS: [(&std::ffi::CStr, pg_sys::Oid); 12] = [
+const EVENT_COLUMNS: [(&std::ffi::CStr, pg_sys::Oid); 13] = [
     (c"id", pg_sys::INT8OID),
     (c"type", pg_sys::TEXTOID),
     (c"payload", pg_sys::JSONBOID),
@@ -769,6 +783,7 @@ const EVENT_COLUMNS: [(&std::ffi::CStr, pg_sys::Oid); 12] = [
     (c"created_at", pg_sys::TIMESTAMPTZOID),
     (c"size", pg_sys::INT4OID),
     (c"route", pg_sys::INT4ARRAYOID),
+    (c"traceparent", pg_sys::TEXTOID),
 ];
 
 /// An event's row, as WRITE_ONE_ROUTED writes it: its id drawn now from the
@@ -821,6 +836,7 @@ unsafe fn event_values(
             Some(pg_sys::Datum::from(now)),
             e.size.map(pg_sys::Datum::from),
             route,
+            e.traceparent.as_deref().and_then(text),
         ]
     }
 }
@@ -1064,11 +1080,14 @@ mod tests {
         assert!(sql.contains("VALUES ($1, $2, $3, $4, $5, $6)\n"), "{sql}");
         assert!(!sql.contains("$10"), "{sql}");
         assert!(
-            super::WRITE_ONE.sql.contains("new, old, size)")
-                && super::WRITE_ONE.sql.contains("$6, $10)")
+            super::WRITE_ONE
+                .sql
+                .contains("new, old, size, traceparent)")
+                && super::WRITE_ONE.sql.contains("$6, $10, $11)")
         );
-        assert!(super::WRITE_SQL
-            .contains("(id, type, schema_name, table_name, op, new, old, size, route)"));
+        assert!(super::WRITE_SQL.contains(
+            "(id, type, schema_name, table_name, op, new, old, size, route, traceparent)"
+        ));
         // Before 0.3.0 the deliveries table was webhook.deliveries (now a view of
         // webhook._deliveries, which the current statements write).
         assert!(sql.contains("INSERT INTO webhook.deliveries ("), "{sql}");

@@ -218,6 +218,12 @@ fn _max_payload_bytes() -> i32 {
     gucs::MAX_PAYLOAD_BYTES.get()
 }
 
+/// `webhook.traceparent` as events store it (version 00), NULL when unset.
+#[pg_extern(stable, parallel_safe)]
+fn _traceparent() -> Option<String> {
+    gucs::traceparent()
+}
+
 /// The databases listed in `webhook.database`.
 #[pg_extern(stable, parallel_safe)]
 fn _served_databases() -> Vec<String> {

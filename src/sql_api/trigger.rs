@@ -244,6 +244,7 @@ unsafe fn fire(data: &pg_sys::TriggerData, op: &'static str, args: &[String]) ->
         new: images.new,
         old: images.old,
         size: size.map(|n| n.min(i64::from(i32::MAX)) as i32),
+        traceparent: gucs::traceparent(),
         too_large: None,
     };
     let too_large = match size {

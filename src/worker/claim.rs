@@ -25,7 +25,7 @@ use crate::pg::spi::{Row, SpiError};
 use crate::policy::{self, ClaimRoom, Limits};
 use crate::retry::{Outcome, Schedule};
 use crate::split::Split;
-use crate::{request, signing};
+use crate::{request, signing, trace};
 
 /// How long a claimed delivery stays `sending` beyond its timeout before it is due again.
 const LEASE_MARGIN_MS: i64 = 60_000;
@@ -378,6 +378,8 @@ struct Claimed {
     install_id: String,
     /// The delivery's routing pass (0 but for an ordered endpoint's: `floors::Place`).
     routing_pass: i64,
+    /// The W3C `traceparent` its event was written with, sent as that header.
+    traceparent: Option<String>,
     /// The endpoint's first new delivery (routing pass, id) the claim picked but did not take.
     hole: Option<(i64, i64)>,
 }
@@ -421,7 +423,8 @@ impl Claimed {
             size: row.get::<i32>(20)?.map_or(0, i64::from),
             install_id: row.get(21)?.unwrap_or_default(),
             routing_pass: row.get(22)?.unwrap_or_default(),
-            hole: match (row.get(23)?, row.get(24)?) {
+            traceparent: row.get(23)?,
+            hole: match (row.get(24)?, row.get(25)?) {
                 (Some(pass), Some(id)) => Some((pass, id)),
                 _ => None,
             },
@@ -451,12 +454,16 @@ impl Claimed {
     }
 
     /// The signed request for this attempt, or why it cannot be sent.
-    fn job(self, attempt: i32) -> Result<Job, Unsendable> {
+    fn job(mut self, attempt: i32) -> Result<Job, Unsendable> {
         let mut keys = vec![signing::decode_secret(&self.secret).map_err(Unsendable::Secret)?];
         if let Some(prev) = &self.previous_secret {
             keys.push(signing::decode_secret(prev).map_err(Unsendable::PreviousSecret)?);
         }
-        let headers = request::parse_headers(&self.headers).map_err(Unsendable::Headers)?;
+        let mut headers = request::parse_headers(&self.headers).map_err(Unsendable::Headers)?;
+        // Checked again: the column is the table's, which an administrator may write by hand.
+        if let Some(tp) = self.traceparent.take().and_then(|t| trace::parse(&t).ok()) {
+            request::set_traceparent(&mut headers, tp.as_str().to_owned());
+        }
         Ok(Job {
             delivery_id: self.id,
             endpoint_id: self.endpoint_id,

@@ -85,7 +85,7 @@ macro_rules! head_of {
 /// non-negative as Rust's `rem_euclid`, whatever the id's sign); $15/$16/$17: endpoints'
 /// floors, as ids and routing passes (`floors::Floors`: new deliveries are read above them in
 /// routing order; (0, 0) for an endpoint not listed). The last columns: the delivery's routing
-/// pass, and the endpoint's first new delivery (routing pass, id) the claim picked but did not
+/// pass, its event's traceparent, and the endpoint's first new delivery (routing pass, id) the claim picked but did not
 /// take, if any.
 pub static CLAIM: Statement = Statement::new(
     "claim",
@@ -169,7 +169,7 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid, locked.size,
           -- Read with every claim: a restore adds the source's (older) row after CREATE EXTENSION.
           (SELECT m.install_id FROM webhook._meta m ORDER BY m.created_at, m.install_id LIMIT 1),
-          d.routing_pass
+          d.routing_pass, e.traceparent
 )
 -- And, per endpoint, the lowest new delivery picked but not taken (held by another transaction,
 -- its event not visible, or over the byte budget): the endpoint's floor stays below it. (A set

@@ -1220,3 +1220,129 @@ fn the_worker_never_routes_from_below_the_tables_watermark() {
     );
     assert_eq!(got[1].json()["data"]["new"]["id"], 3);
 }
+
+/// W3C trace context (issue 16): the `traceparent` an application sets for its transaction (or
+/// session) is stored with each event it writes, shown by `webhook.events`, and sent with every
+/// attempt of the event's deliveries, replacing one the endpoint's own headers carry. A value
+/// that is not a traceparent is refused when it is set, naming what is wrong; a later version is
+/// sent as version 00.
+#[test]
+fn the_writers_traceparent_goes_with_its_events_to_every_attempt() {
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const OTHER: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let pg = Cluster::start(&[("webhook.retry_schedule", "'100ms'")]);
+    // Every event's first attempt fails: the retry must carry the same traceparent.
+    let seen = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+    let s = seen.clone();
+    let rx = Receiver::start(Arc::new(move |req, _| {
+        if s.lock().unwrap().insert(req.webhook_id()) {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    }));
+    let mut db = pg.client_with_extension();
+    db.batch_execute("CREATE TABLE users (id int PRIMARY KEY, email text)")
+        .unwrap();
+    db.execute(
+        r#"SELECT webhook.create_endpoint('crm', $1, headers => '{"TraceParent": "from-the-endpoint"}')"#,
+        &[&rx.url("/")],
+    )
+    .unwrap();
+    db.execute("SELECT webhook.subscribe('users', 'crm')", &[])
+        .unwrap();
+
+    let refused = db_error(
+        db.batch_execute(
+            "SET webhook.traceparent = '00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01'",
+        ),
+        "an upper-case trace-id",
+    );
+    assert_eq!(
+        refused.code(),
+        &postgres::error::SqlState::INVALID_PARAMETER_VALUE
+    );
+    assert!(
+        refused.message().contains("webhook.traceparent")
+            && refused
+                .detail()
+                .unwrap_or_default()
+                .contains("trace-id is not 32 lower-case hex digits"),
+        "{refused:?}"
+    );
+    let refused = db_error(
+        db.batch_execute("SET webhook.traceparent = 'abc'"),
+        "a short value",
+    );
+    assert!(
+        refused
+            .detail()
+            .unwrap_or_default()
+            .contains("3 characters long, not 55"),
+        "{refused:?}"
+    );
+
+    // One row (written without the executor), a statement of three (written together), both in
+    // a transaction with SET LOCAL; then one without; then send() under a session's setting of
+    // a later version.
+    db.batch_execute(&format!(
+        "BEGIN; SET LOCAL webhook.traceparent = '{TRACE}';
+         INSERT INTO users VALUES (1);
+         INSERT INTO users SELECT g FROM generate_series(2, 4) g;
+         COMMIT;
+         INSERT INTO users VALUES (5);"
+    ))
+    .unwrap();
+    db.batch_execute(&format!(
+        "SET webhook.traceparent = 'cc{}-and-more';
+         SELECT webhook.send('note', '{{\"id\": 6}}', 'crm');
+         RESET webhook.traceparent;",
+        &OTHER[2..]
+    ))
+    .unwrap();
+    let exchanges = wait_until(Duration::from_secs(60), "two attempts of each of 6", || {
+        let ex = rx.exchanges();
+        (ex.len() >= 12).then_some(ex)
+    });
+    let mut by_id: HashMap<i64, Vec<Option<String>>> = HashMap::new();
+    for e in &exchanges {
+        let body = e.request.json();
+        let id = body["data"]["new"]["id"]
+            .as_i64()
+            .or_else(|| body["data"]["id"].as_i64())
+            .expect("an id");
+        by_id
+            .entry(id)
+            .or_default()
+            .push(e.request.header("traceparent").map(str::to_owned));
+    }
+    for id in 1..=6 {
+        let expected = match id {
+            1..=4 => Some(TRACE.to_owned()),
+            5 => Some("from-the-endpoint".to_owned()),
+            _ => Some(OTHER.to_owned()),
+        };
+        assert_eq!(
+            by_id.get(&id),
+            Some(&vec![expected.clone(), expected]),
+            "event {id}: both attempts"
+        );
+    }
+    let stored: Vec<Option<String>> = db
+        .query("SELECT traceparent FROM webhook.events ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            Some(TRACE.to_owned()),
+            Some(TRACE.to_owned()),
+            Some(TRACE.to_owned()),
+            Some(TRACE.to_owned()),
+            None,
+            Some(OTHER.to_owned())
+        ]
+    );
+}

@@ -74,5 +74,21 @@ SELECT endpoint, consecutive_failures, circuit_open FROM webhook.metrics ORDER B
 -- (http is accepted again)
 SELECT (webhook.create_endpoint('plain', 'http://plain.example.com/hooks')).url;
 
+-- webhook.traceparent: any role sets it; a value that is not a W3C traceparent is refused when
+-- set, naming the field; a later version is read as version 00 (what events store).
+SET webhook.traceparent = 'abc';
+SET webhook.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01';
+SET webhook.traceparent = '00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01';
+SET webhook.traceparent = '01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later';
+SELECT webhook._traceparent();
+CREATE ROLE regress_tracer;
+SET ROLE regress_tracer;
+SET webhook.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00';
+SHOW webhook.traceparent;
+RESET ROLE;
+DROP ROLE regress_tracer;
+RESET webhook.traceparent;
+SELECT webhook._traceparent() IS NULL AS unset;
+
 -- Clean up.
 SELECT regress.drop_all_endpoints() AS endpoints_dropped;
