@@ -1097,7 +1097,7 @@ mod tests {
         assert!(super::WRITE_SQL.contains("INSERT INTO webhook._deliveries ("));
         assert!(super::WRITE_ONE_ROUTED
             .sql
-            .contains("(type, schema_name, table_name, op, new, old, size, route)"));
+            .contains("(type, schema_name, table_name, op, new, old, size, route, traceparent)"));
     }
 
     #[test]
