@@ -41,6 +41,11 @@ fn lower_hex(s: &str) -> bool {
 pub fn parse(value: &str) -> Result<TraceParent, TraceParentError> {
     let v = value.trim_matches(|c| c == ' ' || c == '\t');
     let err = |what: &str| Err(TraceParentError(format!("{what}; expected {FORM}")));
+    // Byte positions below: a character of several bytes would put them inside it (and the
+    // worker, which checks a stored value again, would panic).
+    if !v.is_ascii() {
+        return err("traceparent has a character that is not ASCII");
+    }
     if v.len() < 55 {
         return err(&format!(
             "traceparent is {} characters long, not 55",
@@ -113,6 +118,8 @@ mod tests {
         let cases = [
             ("", "0 characters long"),
             (&GOOD[..54], "54 characters long"),
+            (&format!("€{}", &GOOD[1..]), "not ASCII"),
+            (&format!("0€{}", &GOOD[2..]), "not ASCII"),
             (&format!("{GOOD}-00"), "version 00 is 58 characters long"),
             (&GOOD.replace("00-4b", "ff-4b"), "version ff"),
             (&GOOD.replacen("00", "0g", 1), "version is not"),

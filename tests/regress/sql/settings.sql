@@ -77,6 +77,7 @@ SELECT (webhook.create_endpoint('plain', 'http://plain.example.com/hooks')).url;
 -- webhook.traceparent: any role sets it; a value that is not a W3C traceparent is refused when
 -- set, naming the field; a later version is read as version 00 (what events store).
 SET webhook.traceparent = 'abc';
+SET webhook.traceparent = '€0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
 SET webhook.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01';
 SET webhook.traceparent = '00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01';
 SET webhook.traceparent = '01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later';
