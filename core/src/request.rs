@@ -1,5 +1,7 @@
 //! What goes on the wire: the JSON envelope, the `webhook-id`, and the endpoint's extra headers.
 
+use crate::trace::TraceParent;
+
 /// Longest header name or value accepted from `create_endpoint(headers => …)`.
 pub const MAX_HEADER_LEN: usize = 8192;
 /// Most extra headers one endpoint may carry.
@@ -21,11 +23,11 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "expect",
 ];
 
-/// The event's W3C `traceparent` (checked when it was written: `trace::parse`) replaces one the
-/// endpoint's own headers carry, whatever its case.
-pub fn set_traceparent(headers: &mut Vec<(String, String)>, traceparent: String) {
+/// The event's W3C `traceparent` (a checked one: `trace::parse`) replaces one the endpoint's own
+/// headers carry, whatever its case.
+pub fn set_traceparent(headers: &mut Vec<(String, String)>, traceparent: &TraceParent) {
     headers.retain(|(name, _)| !name.eq_ignore_ascii_case("traceparent"));
-    headers.push(("traceparent".to_owned(), traceparent));
+    headers.push(("traceparent".to_owned(), traceparent.as_str().to_owned()));
 }
 
 /// `webhook-id`: unique per delivery, the same on every retry and after a crash.
@@ -232,7 +234,7 @@ mod tests {
     fn the_events_traceparent_replaces_the_endpoints() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut headers = parse_headers(r#"{"X-Team": "crm", "TraceParent": "static"}"#).unwrap();
-        set_traceparent(&mut headers, tp.to_owned());
+        set_traceparent(&mut headers, &crate::trace::parse(tp).unwrap());
         headers.sort();
         assert_eq!(
             headers,

@@ -91,6 +91,14 @@ pub fn parse(value: &str) -> Result<TraceParent, TraceParentError> {
     Ok(TraceParent(format!("00-{trace_id}-{parent_id}-{flags}")))
 }
 
+/// `webhook.traceparent` as set: empty is none; anything else must parse.
+pub fn parse_setting(value: &str) -> Result<Option<TraceParent>, TraceParentError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    parse(value).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +109,13 @@ mod tests {
     fn the_specifications_example_is_kept_as_it_is() {
         assert_eq!(parse(GOOD).unwrap().as_str(), GOOD);
         assert_eq!(parse(&format!(" \t{GOOD} ")).unwrap().as_str(), GOOD);
+    }
+
+    #[test]
+    fn an_empty_setting_is_none() {
+        assert_eq!(parse_setting(""), Ok(None));
+        assert_eq!(parse_setting(GOOD).unwrap().unwrap().as_str(), GOOD);
+        assert!(parse_setting(" ").is_err());
     }
 
     #[test]

@@ -266,12 +266,13 @@ pub fn string(setting: &GucSetting<Option<CString>>) -> String {
         .unwrap_or_default()
 }
 
-/// `webhook.traceparent` as stored and sent (version 00), None when unset. The check hook
-/// guarantees it parses.
+/// `webhook.traceparent` as stored and sent (version 00), None when unset or empty. The check
+/// hook guarantees it parses.
 pub fn traceparent() -> Option<String> {
     let value = TRACEPARENT.get()?;
-    trace::parse(&value.to_string_lossy())
+    trace::parse_setting(&value.to_string_lossy())
         .ok()
+        .flatten()
         .map(|t| t.as_str().to_owned())
 }
 
@@ -362,11 +363,7 @@ unsafe extern "C-unwind" fn check_traceparent(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    let value = unsafe { new_value(newval) };
-    if value.is_empty() {
-        return true;
-    }
-    match trace::parse(&value) {
+    match trace::parse_setting(&unsafe { new_value(newval) }) {
         Ok(_) => true,
         Err(e) => unsafe { reject(&e.to_string()) },
     }

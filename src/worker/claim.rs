@@ -462,7 +462,7 @@ impl Claimed {
         let mut headers = request::parse_headers(&self.headers).map_err(Unsendable::Headers)?;
         // Checked again: the column is the table's, which an administrator may write by hand.
         if let Some(tp) = self.traceparent.take().and_then(|t| trace::parse(&t).ok()) {
-            request::set_traceparent(&mut headers, tp.as_str().to_owned());
+            request::set_traceparent(&mut headers, &tp);
         }
         Ok(Job {
             delivery_id: self.id,
