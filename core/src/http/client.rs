@@ -1,13 +1,17 @@
 //! The reqwest client every attempt goes through: HTTP/1.1 only, no redirects, no proxy, the
-//! guarded resolver for every host name, and the extra trusted roots.
+//! guarded resolver for every host name, the extra trusted roots, and, for an endpoint with a
+//! client certificate, that certificate.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::resolver::GuardedResolver;
-use super::HttpConfig;
+use super::{ClientIdentity, HttpConfig};
 
-pub(super) fn build_client(config: &HttpConfig) -> Result<reqwest::Client, String> {
+pub(super) fn build_client(
+    config: &HttpConfig,
+    identity: Option<&ClientIdentity>,
+) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .user_agent(config.user_agent.clone())
         .redirect(reqwest::redirect::Policy::none())
@@ -27,6 +31,12 @@ pub(super) fn build_client(config: &HttpConfig) -> Result<reqwest::Client, Strin
             builder = builder.add_root_certificate(cert);
         }
     }
+    if let Some(identity) = identity {
+        // Checked when it was stored (ClientIdentity::from_pem); the error names no key material.
+        let id = reqwest::Identity::from_pem(&identity.pem)
+            .map_err(|_| "endpoint client certificate: unusable (client_cert, client_key)")?;
+        builder = builder.identity(id);
+    }
     builder
         .build()
         .map_err(|e| format!("could not build the HTTP client: {e}"))
@@ -41,6 +51,8 @@ mod tests {
 
     use std::net::TcpListener;
     use std::sync::Arc;
+
+    use crate::http::ClientIdentity;
 
     use super::build_client;
     use crate::http::testutil::config;
@@ -106,11 +118,30 @@ mod tests {
 
     /// A TLS server on loopback for one handshake, presenting `cert` (whose key is `key`).
     fn serve_once(cert: Vec<u8>, key: &rcgen::KeyPair) -> u16 {
+        serve_once_to(cert, key, None)
+    }
+
+    /// The same, requiring a client certificate signed by `client_ca` when one is given.
+    fn serve_once_to(cert: Vec<u8>, key: &rcgen::KeyPair, client_ca: Option<Vec<u8>>) -> u16 {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
+            .unwrap();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.into()).unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder
             .with_single_cert(
                 vec![cert.into()],
                 rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
@@ -153,6 +184,46 @@ mod tests {
     }
 
     #[test]
+    fn a_client_certificate_is_presented_when_the_endpoint_has_one() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let leaf = params
+            .signed_by(&server_key, &ca, &ca_key)
+            .unwrap()
+            .der()
+            .to_vec();
+        let client_key = rcgen::KeyPair::generate().unwrap();
+        let client_cert = rcgen::CertificateParams::new(vec!["client".to_string()])
+            .unwrap()
+            .signed_by(&client_key, &ca, &ca_key)
+            .unwrap();
+        let identity =
+            ClientIdentity::from_pem(&client_cert.pem(), &client_key.serialize_pem()).unwrap();
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut cfg = config(true);
+        cfg.extra_roots_pem = Some(ca.pem().into_bytes());
+        let with = build_client(&cfg, Some(&identity)).unwrap();
+        let without = build_client(&cfg, None).unwrap();
+        let ca_der = ca.der().to_vec();
+        let port = serve_once_to(leaf.clone(), &server_key, Some(ca_der.clone()));
+        assert_eq!(post(&rt, &with, port), Ok(200));
+        let port = serve_once_to(leaf, &server_key, Some(ca_der));
+        let err = post(&rt, &without, port).unwrap_err();
+        assert!(err.to_lowercase().contains("certificate"), "{err}");
+    }
+
+    #[test]
     fn mozilla_roots_stay_trusted_beside_an_extra_ca_file() {
         // The extra CA (as webhook.ssl_ca_file would hold it) and a server certificate it signed.
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -178,7 +249,7 @@ mod tests {
         for extra in [None, Some(ca.pem().into_bytes())] {
             let mut cfg = config(true);
             cfg.extra_roots_pem = extra.clone();
-            let client = build_client(&cfg).unwrap();
+            let client = build_client(&cfg, None).unwrap();
             let with_extra = extra.is_some();
 
             // The extra CA's certificate is trusted exactly when the file is given.

@@ -57,8 +57,13 @@ async fn exchange(
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs() as i64;
-    let signature =
-        signing::signature_header(&job.keys, &job.msg_id, timestamp, job.body.as_bytes());
+    let signature = signing::signatures_header(
+        &job.keys,
+        &job.signing_keys,
+        &job.msg_id,
+        timestamp,
+        job.body.as_bytes(),
+    );
     let mut request = client
         .post(&job.url)
         .header("content-type", "application/json")

@@ -19,24 +19,29 @@
 //! ```
 //!
 //! - `runtime`: [`HttpRuntime`]: the threads, the queue of finished requests, the wake pipe.
-//! - `client`: the reqwest client (no redirects, no proxy, extra roots, the guarded resolver).
+//! - `client`: the reqwest client (no redirects, no proxy, extra roots, the guarded resolver),
+//!   one more per client certificate (`identity`: an endpoint's mutual TLS certificate, checked).
 //! - `resolver`: asynchronous DNS behind the SSRF guard; [`parse_dns_servers`].
 //! - `exchange`: one attempt: sign, send, time, cap the response, classify failures.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::retry::Outcome;
+use crate::signing::SigningKey;
 use crate::target::AddressPolicy;
 
 mod client;
 mod exchange;
+mod identity;
 mod resolver;
 mod runtime;
 
 #[cfg(test)]
 mod testutil;
 
+pub use identity::{ClientIdentity, IdentityError};
 pub use resolver::parse_dns_servers;
 pub use runtime::HttpRuntime;
 
@@ -50,8 +55,13 @@ pub struct Job {
     pub url: String,
     pub msg_id: String,
     pub body: String,
-    /// HMAC keys: the current secret's, plus the previous one's during a rotation's grace period.
+    /// HMAC keys: the current secret's, plus the previous one's during a rotation's grace period
+    /// (none for an endpoint that signs with ed25519 alone).
     pub keys: Vec<Vec<u8>>,
+    /// ed25519 keys (`v1a` signatures), after the HMAC ones, likewise.
+    pub signing_keys: Vec<Arc<SigningKey>>,
+    /// The endpoint's client certificate (mutual TLS), if it has one.
+    pub identity: Option<Arc<ClientIdentity>>,
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
 }

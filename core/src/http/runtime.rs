@@ -8,6 +8,7 @@
 //! `block_in_place`) are spawned by runtime threads, so they inherit the blocked mask too;
 //! nothing here spawns a thread from the caller's thread after `start`.
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,9 +17,15 @@ use super::client::build_client;
 use super::exchange::attempt;
 use super::{Finished, HttpConfig, Job};
 
+/// Most clients kept for client certificates; past it they are all dropped and built again as
+/// needed (requests under way keep theirs).
+const MAX_IDENTITY_CLIENTS: usize = 1024;
+
 pub struct HttpRuntime {
     runtime: tokio::runtime::Runtime,
     client: reqwest::Client,
+    /// One client per client certificate (each has its own TLS configuration and pool).
+    identity_clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
     config: Arc<HttpConfig>,
     shared: Arc<Shared>,
     wake_read: OwnedFd,
@@ -52,10 +59,11 @@ impl HttpRuntime {
         };
         let (wake_read, wake_write) =
             nonblocking_pipe().map_err(|e| format!("could not create the wake pipe: {e}"))?;
-        let client = build_client(&config)?;
+        let client = build_client(&config, None)?;
         Ok(HttpRuntime {
             runtime,
             client,
+            identity_clients: Mutex::new(HashMap::new()),
             config: Arc::new(config),
             shared: Arc::new(Shared {
                 finished: Mutex::new(Vec::new()),
@@ -69,7 +77,11 @@ impl HttpRuntime {
 
     /// Replaces the client (new policy, limits or roots); requests under way finish on the old one.
     pub fn reconfigure(&mut self, config: HttpConfig) -> Result<(), String> {
-        self.client = build_client(&config)?;
+        self.client = build_client(&config, None)?;
+        self.identity_clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.config = Arc::new(config);
         Ok(())
     }
@@ -85,7 +97,21 @@ impl HttpRuntime {
 
     /// Starts one attempt; its result arrives through `take_finished`.
     pub fn submit(&self, job: Job) {
-        let client = self.client.clone();
+        let client = match self.client_for(&job) {
+            Ok(client) => client,
+            Err(why) => {
+                return self.push_finished(Finished {
+                    delivery_id: job.delivery_id,
+                    endpoint_id: job.endpoint_id,
+                    attempt: job.attempt,
+                    started_at: std::time::SystemTime::now(),
+                    duration: std::time::Duration::ZERO,
+                    outcome: crate::retry::Outcome::Refused,
+                    response_body: None,
+                    error: Some(why),
+                })
+            }
+        };
         let config = self.config.clone();
         let shared = self.shared.clone();
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -99,6 +125,26 @@ impl HttpRuntime {
             shared.in_flight.fetch_sub(1, Ordering::AcqRel);
             shared.signal();
         });
+    }
+
+    /// The client for a job: the shared one, or the one built for its client certificate.
+    fn client_for(&self, job: &Job) -> Result<reqwest::Client, String> {
+        let Some(identity) = &job.identity else {
+            return Ok(self.client.clone());
+        };
+        let mut clients = self
+            .identity_clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(&identity.fingerprint) {
+            return Ok(client.clone());
+        }
+        let client = build_client(&self.config, Some(identity))?;
+        if clients.len() >= MAX_IDENTITY_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(identity.fingerprint, client.clone());
+        Ok(client)
     }
 
     /// Queues a result that needed no request (the attempt was refused before sending).

@@ -32,6 +32,8 @@ pub(super) fn job(url: String) -> Job {
         msg_id: "msg_t_7".into(),
         body: "{}".into(),
         keys: vec![vec![1u8; 32]],
+        signing_keys: Vec::new(),
+        identity: None,
         headers: vec![("X-Extra".into(), "yes".into())],
         timeout: Duration::from_secs(5),
     }
