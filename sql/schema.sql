@@ -179,7 +179,19 @@ CREATE TABLE webhook.endpoints (
     enabled                     boolean NOT NULL DEFAULT true,
     disabled_reason             text,
     created_at                  timestamptz NOT NULL DEFAULT now(),
-    updated_at                  timestamptz NOT NULL DEFAULT now()
+    updated_at                  timestamptz NOT NULL DEFAULT now(),
+    -- How requests are signed (webhook-signature): 'hmac' (v1, with secret), 'ed25519' (v1a,
+    -- with signing_key: receivers verify with its public key, webhook.public_keys), or 'both'.
+    signing                     text NOT NULL DEFAULT 'hmac'
+                                CONSTRAINT endpoints_signing_check CHECK (signing IN ('hmac', 'ed25519', 'both')),
+    signing_key                 text,
+    previous_signing_key        text,
+    previous_signing_key_expires_at timestamptz,
+    -- Mutual TLS: the client certificate (PEM, its own first, then intermediates) and its key.
+    client_cert                 text,
+    client_key                  text,
+    CONSTRAINT endpoints_signing_key_check CHECK (signing = 'hmac' OR signing_key IS NOT NULL),
+    CONSTRAINT endpoints_client_identity_check CHECK ((client_cert IS NULL) = (client_key IS NULL))
 );
 COMMENT ON TABLE webhook.endpoints IS 'Receivers of webhooks. NULL limits follow the webhook.* settings.';
 

@@ -1099,6 +1099,274 @@ GRANT EXECUTE ON FUNCTION webhook._worker_statements() TO webhook_admin;
 SELECT webhook._add_flush_trigger(t."table")
   FROM (SELECT DISTINCT s."table" FROM webhook.subscriptions s WHERE s.trigger_name = 'webhook_' || s.endpoint) t;
 
+-- Signatures with ed25519 (Standard Webhooks v1a: receivers verify with a public key, which
+-- webhook.public_keys shows to every role that may use the schema) and client certificates
+-- (mutual TLS): new last columns of webhook.endpoints, in the order a fresh install has them.
+ALTER TABLE webhook.endpoints
+    ADD COLUMN signing text NOT NULL DEFAULT 'hmac'
+        CONSTRAINT endpoints_signing_check CHECK (signing IN ('hmac', 'ed25519', 'both')),
+    ADD COLUMN signing_key text,
+    ADD COLUMN previous_signing_key text,
+    ADD COLUMN previous_signing_key_expires_at timestamptz,
+    ADD COLUMN client_cert text,
+    ADD COLUMN client_key text,
+    ADD CONSTRAINT endpoints_signing_key_check CHECK (signing = 'hmac' OR signing_key IS NOT NULL),
+    ADD CONSTRAINT endpoints_client_identity_check CHECK ((client_cert IS NULL) = (client_key IS NULL));
+CREATE FUNCTION webhook."_check_client_identity"(
+	"cert" TEXT, /* Option < & str > */
+	"key" TEXT /* Option < & str > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_client_identity_wrapper';
+CREATE FUNCTION webhook."_check_signing_key"(
+	"key" TEXT /* Option < & str > */
+) RETURNS TEXT /* String */
+VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_signing_key_wrapper';
+CREATE FUNCTION webhook."_public_key"(
+	"key" TEXT /* & str */
+) RETURNS TEXT /* Option < String > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_public_key_wrapper';
+
+CREATE FUNCTION webhook._check_signing(signing text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF signing IS NULL OR signing NOT IN ('hmac', 'ed25519', 'both') THEN
+        RAISE EXCEPTION 'signing must be ''hmac'', ''ed25519'' or ''both'', not %', COALESCE(quote_literal(signing), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'hmac: v1 signatures with the secret; ed25519: v1a signatures that receivers verify with the public key (webhook.public_keys); both: each request carries both.';
+    END IF;
+END
+$$;
+
+-- create_endpoint() and alter_endpoint() take the new settings (new last arguments), so they are
+-- made anew; the EXECUTE grants operators gave on them are given again below.
+SELECT pg_catalog.set_config('webhook_ext.endpoint_api_grantees',
+         COALESCE(pg_catalog.string_agg(DISTINCT a.grantee::pg_catalog.text, ' '), ''), true)
+  FROM pg_catalog.pg_proc p, LATERAL pg_catalog.aclexplode(p.proacl) a
+ WHERE p.oid IN ('webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text)'::pg_catalog.regprocedure,
+                 'webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[])'::pg_catalog.regprocedure)
+   AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+   AND a.grantee <> 'webhook_admin'::pg_catalog.regrole;
+DROP FUNCTION webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text);
+DROP FUNCTION webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[]);
+
+CREATE FUNCTION webhook.create_endpoint(
+    name text,
+    url text,
+    secret text DEFAULT NULL,
+    headers jsonb DEFAULT '{}',
+    event_types text[] DEFAULT NULL,
+    max_attempts integer DEFAULT NULL,
+    timeout interval DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL,
+    rate_limit integer DEFAULT NULL,
+    ordered boolean DEFAULT false,
+    retry_schedule text DEFAULT NULL,
+    signing text DEFAULT 'hmac',
+    signing_key text DEFAULT NULL,
+    client_cert text DEFAULT NULL,
+    client_key text DEFAULT NULL)
+RETURNS webhook.endpoints
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r webhook.endpoints;
+    how text := COALESCE(create_endpoint.signing, 'hmac');
+BEGIN
+    PERFORM webhook._check_endpoint_args(create_endpoint.name, create_endpoint.max_attempts, create_endpoint.timeout,
+                                         create_endpoint.max_in_flight, create_endpoint.rate_limit, create_endpoint.event_types);
+    PERFORM webhook._check_signing(how);
+    PERFORM webhook._check_client_identity(create_endpoint.client_cert, create_endpoint.client_key);
+    IF create_endpoint.url IS NULL THEN
+        RAISE EXCEPTION 'invalid endpoint url: URL is empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM webhook.endpoints e WHERE e.name = create_endpoint.name) THEN
+        RAISE EXCEPTION 'endpoint "%" already exists', create_endpoint.name
+            USING ERRCODE = 'duplicate_object', HINT = 'Use webhook.alter_endpoint() to change it.';
+    END IF;
+    INSERT INTO webhook.endpoints AS e
+           (name, url, secret, headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, ordered, retry_schedule,
+            signing, signing_key, client_cert, client_key)
+    VALUES (create_endpoint.name,
+            webhook._check_url(create_endpoint.url),
+            webhook._check_secret(create_endpoint.secret),
+            webhook._check_headers(COALESCE(create_endpoint.headers, '{}')),
+            create_endpoint.event_types,
+            create_endpoint.max_attempts,
+            create_endpoint.timeout,
+            create_endpoint.max_in_flight,
+            create_endpoint.rate_limit,
+            COALESCE(create_endpoint.ordered, false),
+            CASE WHEN create_endpoint.retry_schedule IS NOT NULL THEN webhook._check_schedule(create_endpoint.retry_schedule) END,
+            how,
+            -- A key given is checked; one is generated for an endpoint that signs with ed25519.
+            CASE WHEN create_endpoint.signing_key IS NOT NULL OR how <> 'hmac'
+                 THEN webhook._check_signing_key(create_endpoint.signing_key) END,
+            create_endpoint.client_cert,
+            create_endpoint.client_key)
+    RETURNING * INTO r;
+    RETURN r;
+END
+$$;
+
+-- NULL arguments leave a setting unchanged; list settings in "reset" to return them to the default.
+CREATE FUNCTION webhook.alter_endpoint(
+    name text,
+    url text DEFAULT NULL,
+    secret text DEFAULT NULL,
+    headers jsonb DEFAULT NULL,
+    event_types text[] DEFAULT NULL,
+    max_attempts integer DEFAULT NULL,
+    timeout interval DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL,
+    rate_limit integer DEFAULT NULL,
+    ordered boolean DEFAULT NULL,
+    retry_schedule text DEFAULT NULL,
+    reset text[] DEFAULT '{}',
+    signing text DEFAULT NULL,
+    signing_key text DEFAULT NULL,
+    client_cert text DEFAULT NULL,
+    client_key text DEFAULT NULL)
+RETURNS webhook.endpoints
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r webhook.endpoints;
+    cur webhook.endpoints;
+    bad text;
+    how text;
+    key text;
+    cert text;
+    cert_key text;
+BEGIN
+    PERFORM webhook._endpoint_id(alter_endpoint.name);
+    PERFORM webhook._check_endpoint_args(alter_endpoint.name, alter_endpoint.max_attempts, alter_endpoint.timeout,
+                                         alter_endpoint.max_in_flight, alter_endpoint.rate_limit, alter_endpoint.event_types);
+    SELECT s INTO bad FROM unnest(COALESCE(reset, '{}')) s
+     WHERE s IS NULL OR s NOT IN ('headers', 'event_types', 'max_attempts', 'timeout', 'max_in_flight', 'rate_limit', 'retry_schedule',
+                                  'signing', 'client_cert')
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'cannot reset "%"', bad
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert.';
+    END IF;
+    SELECT * INTO cur FROM webhook.endpoints e WHERE e.name = alter_endpoint.name FOR UPDATE;
+    how := CASE WHEN 'signing' = ANY (reset) THEN 'hmac' ELSE COALESCE(alter_endpoint.signing, cur.signing) END;
+    PERFORM webhook._check_signing(how);
+    key := CASE WHEN alter_endpoint.signing_key IS NOT NULL THEN webhook._check_signing_key(alter_endpoint.signing_key)
+                ELSE cur.signing_key END;
+    IF how <> 'hmac' AND key IS NULL THEN
+        key := webhook._check_signing_key(NULL);
+    END IF;
+    -- reset client_cert drops the certificate and its key; either given alone replaces its half
+    -- (a renewed certificate for the same key), and the pair is checked again.
+    IF 'client_cert' = ANY (reset) THEN
+        cert := NULL;
+        cert_key := NULL;
+    ELSE
+        cert := COALESCE(alter_endpoint.client_cert, cur.client_cert);
+        cert_key := COALESCE(alter_endpoint.client_key, cur.client_key);
+        IF alter_endpoint.client_cert IS NOT NULL OR alter_endpoint.client_key IS NOT NULL THEN
+            PERFORM webhook._check_client_identity(cert, cert_key);
+        END IF;
+    END IF;
+    UPDATE webhook.endpoints e SET
+        url            = COALESCE(webhook._check_url(alter_endpoint.url), e.url),
+        secret         = COALESCE(CASE WHEN alter_endpoint.secret IS NOT NULL THEN webhook._check_secret(alter_endpoint.secret) END, e.secret),
+        headers        = CASE WHEN 'headers' = ANY (reset) THEN '{}'
+                              ELSE COALESCE(webhook._check_headers(alter_endpoint.headers), e.headers) END,
+        event_types    = CASE WHEN 'event_types' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.event_types, e.event_types) END,
+        max_attempts   = CASE WHEN 'max_attempts' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.max_attempts, e.max_attempts) END,
+        timeout        = CASE WHEN 'timeout' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.timeout, e.timeout) END,
+        max_in_flight  = CASE WHEN 'max_in_flight' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.max_in_flight, e.max_in_flight) END,
+        rate_limit     = CASE WHEN 'rate_limit' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.rate_limit, e.rate_limit) END,
+        ordered        = COALESCE(alter_endpoint.ordered, e.ordered),
+        retry_schedule = CASE WHEN 'retry_schedule' = ANY (reset) THEN NULL
+                              ELSE COALESCE(webhook._check_schedule(alter_endpoint.retry_schedule), e.retry_schedule) END,
+        signing        = how,
+        signing_key    = key,
+        client_cert    = cert,
+        client_key     = cert_key,
+        updated_at     = now()
+     WHERE e.name = alter_endpoint.name
+    RETURNING * INTO r;
+    PERFORM webhook._wake();
+    RETURN r;
+END
+$$;
+-- A new ed25519 signing key; until the grace period ends every request carries a v1a signature
+-- with the old key too, and webhook.public_keys shows both public keys. Returns the new public key.
+CREATE FUNCTION webhook.rotate_signing_key(name text, grace interval DEFAULT '24 hours')
+RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep integer := webhook._endpoint_id(rotate_signing_key.name);
+    fresh text := webhook._check_signing_key(NULL);
+BEGIN
+    IF grace IS NULL OR grace < '0' THEN
+        RAISE EXCEPTION 'grace must be an interval of 0 or more, not %', grace USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (SELECT e.signing_key FROM webhook.endpoints e WHERE e.id = ep) IS NULL THEN
+        RAISE EXCEPTION 'endpoint "%" has no signing key to rotate', rotate_signing_key.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Sign with ed25519 first: webhook.alter_endpoint(name, signing => ''ed25519'') (or ''both'').';
+    END IF;
+    UPDATE webhook.endpoints e
+       SET previous_signing_key = CASE WHEN grace > '0' THEN e.signing_key END,
+           previous_signing_key_expires_at = CASE WHEN grace > '0' THEN now() + grace END,
+           signing_key = fresh,
+           updated_at = now()
+     WHERE e.id = ep;
+    RETURN webhook._public_key(fresh);
+END
+$$;
+-- The ed25519 public keys receivers verify v1a signatures with: public, so readable by every
+-- role that may use the schema (GRANT USAGE ON SCHEMA webhook TO a role that serves them), which
+-- sees nothing else of webhook.endpoints. The previous key is shown while its grace period runs.
+CREATE VIEW webhook.public_keys WITH (security_barrier) AS
+SELECT e.name AS endpoint,
+       e.signing,
+       webhook._public_key(e.signing_key) AS public_key,
+       CASE WHEN e.previous_signing_key_expires_at > now() THEN webhook._public_key(e.previous_signing_key) END AS previous_public_key,
+       CASE WHEN e.previous_signing_key_expires_at > now() THEN e.previous_signing_key_expires_at END AS previous_expires_at
+  FROM webhook.endpoints e
+ WHERE e.signing_key IS NOT NULL;
+
+REVOKE ALL ON FUNCTION webhook._check_client_identity(text, text), webhook._check_signing_key(text), webhook._public_key(text),
+    webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text),
+    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text),
+    webhook.rotate_signing_key(text, interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhook._check_client_identity(text, text), webhook._check_signing_key(text), webhook._public_key(text),
+    webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text),
+    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text),
+    webhook.rotate_signing_key(text, interval) TO webhook_admin;
+REVOKE USAGE ON TYPE webhook.public_keys FROM PUBLIC;
+-- Public keys are public (the view shows nothing else; its function derives one from a key).
+GRANT SELECT ON webhook.public_keys TO PUBLIC;
+GRANT EXECUTE ON FUNCTION webhook._public_key(text) TO PUBLIC;
+DO $$
+DECLARE
+    g pg_catalog.oid;
+BEGIN
+    FOR g IN SELECT x::pg_catalog.oid
+               FROM pg_catalog.regexp_split_to_table(pg_catalog.current_setting('webhook_ext.endpoint_api_grantees', true), ' ') x
+              WHERE x <> ''
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text), '
+                                  'webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text) TO %I',
+                                  (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = g));
+    END LOOP;
+END
+$$;
+
 -- Sessions drop their endpoint caches when this commits, and the worker (waiting for this
 -- update) is woken.
 DELETE FROM webhook.endpoints WHERE false;

@@ -56,7 +56,12 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/api/views.sql",
     name = "api_views",
-    requires = ["api_retention", _worker_slots, _served_databases]
+    requires = [
+        "api_retention",
+        _worker_slots,
+        _served_databases,
+        _public_key
+    ]
 );
 pgrx::extension_sql_file!(
     "../sql/api/privileges.sql",

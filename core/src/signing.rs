@@ -98,7 +98,7 @@ pub const SIGNING_KEY_PREFIX: &str = "whsk_";
 /// The prefix of an ed25519 public key: `whpk_<base64 of the 32-byte key>`.
 pub const PUBLIC_KEY_PREFIX: &str = "whpk_";
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SigningKeyError {
     #[error("signing key must start with \"whsk_\"")]
     NoPrefix,

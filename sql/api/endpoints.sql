@@ -38,6 +38,18 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION webhook._check_signing(signing text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF signing IS NULL OR signing NOT IN ('hmac', 'ed25519', 'both') THEN
+        RAISE EXCEPTION 'signing must be ''hmac'', ''ed25519'' or ''both'', not %', COALESCE(quote_literal(signing), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'hmac: v1 signatures with the secret; ed25519: v1a signatures that receivers verify with the public key (webhook.public_keys); both: each request carries both.';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION webhook._endpoint_id(endpoint text) RETURNS integer
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
@@ -64,15 +76,22 @@ CREATE FUNCTION webhook.create_endpoint(
     max_in_flight integer DEFAULT NULL,
     rate_limit integer DEFAULT NULL,
     ordered boolean DEFAULT false,
-    retry_schedule text DEFAULT NULL)
+    retry_schedule text DEFAULT NULL,
+    signing text DEFAULT 'hmac',
+    signing_key text DEFAULT NULL,
+    client_cert text DEFAULT NULL,
+    client_key text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r webhook.endpoints;
+    how text := COALESCE(create_endpoint.signing, 'hmac');
 BEGIN
     PERFORM webhook._check_endpoint_args(create_endpoint.name, create_endpoint.max_attempts, create_endpoint.timeout,
                                          create_endpoint.max_in_flight, create_endpoint.rate_limit, create_endpoint.event_types);
+    PERFORM webhook._check_signing(how);
+    PERFORM webhook._check_client_identity(create_endpoint.client_cert, create_endpoint.client_key);
     IF create_endpoint.url IS NULL THEN
         RAISE EXCEPTION 'invalid endpoint url: URL is empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -81,7 +100,8 @@ BEGIN
             USING ERRCODE = 'duplicate_object', HINT = 'Use webhook.alter_endpoint() to change it.';
     END IF;
     INSERT INTO webhook.endpoints AS e
-           (name, url, secret, headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, ordered, retry_schedule)
+           (name, url, secret, headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, ordered, retry_schedule,
+            signing, signing_key, client_cert, client_key)
     VALUES (create_endpoint.name,
             webhook._check_url(create_endpoint.url),
             webhook._check_secret(create_endpoint.secret),
@@ -92,7 +112,13 @@ BEGIN
             create_endpoint.max_in_flight,
             create_endpoint.rate_limit,
             COALESCE(create_endpoint.ordered, false),
-            CASE WHEN create_endpoint.retry_schedule IS NOT NULL THEN webhook._check_schedule(create_endpoint.retry_schedule) END)
+            CASE WHEN create_endpoint.retry_schedule IS NOT NULL THEN webhook._check_schedule(create_endpoint.retry_schedule) END,
+            how,
+            -- A key given is checked; one is generated for an endpoint that signs with ed25519.
+            CASE WHEN create_endpoint.signing_key IS NOT NULL OR how <> 'hmac'
+                 THEN webhook._check_signing_key(create_endpoint.signing_key) END,
+            create_endpoint.client_cert,
+            create_endpoint.client_key)
     RETURNING * INTO r;
     RETURN r;
 END
@@ -111,24 +137,54 @@ CREATE FUNCTION webhook.alter_endpoint(
     rate_limit integer DEFAULT NULL,
     ordered boolean DEFAULT NULL,
     retry_schedule text DEFAULT NULL,
-    reset text[] DEFAULT '{}')
+    reset text[] DEFAULT '{}',
+    signing text DEFAULT NULL,
+    signing_key text DEFAULT NULL,
+    client_cert text DEFAULT NULL,
+    client_key text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r webhook.endpoints;
+    cur webhook.endpoints;
     bad text;
+    how text;
+    key text;
+    cert text;
+    cert_key text;
 BEGIN
     PERFORM webhook._endpoint_id(alter_endpoint.name);
     PERFORM webhook._check_endpoint_args(alter_endpoint.name, alter_endpoint.max_attempts, alter_endpoint.timeout,
                                          alter_endpoint.max_in_flight, alter_endpoint.rate_limit, alter_endpoint.event_types);
     SELECT s INTO bad FROM unnest(COALESCE(reset, '{}')) s
-     WHERE s IS NULL OR s NOT IN ('headers', 'event_types', 'max_attempts', 'timeout', 'max_in_flight', 'rate_limit', 'retry_schedule')
+     WHERE s IS NULL OR s NOT IN ('headers', 'event_types', 'max_attempts', 'timeout', 'max_in_flight', 'rate_limit', 'retry_schedule',
+                                  'signing', 'client_cert')
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'cannot reset "%"', bad
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule.';
+                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert.';
+    END IF;
+    SELECT * INTO cur FROM webhook.endpoints e WHERE e.name = alter_endpoint.name FOR UPDATE;
+    how := CASE WHEN 'signing' = ANY (reset) THEN 'hmac' ELSE COALESCE(alter_endpoint.signing, cur.signing) END;
+    PERFORM webhook._check_signing(how);
+    key := CASE WHEN alter_endpoint.signing_key IS NOT NULL THEN webhook._check_signing_key(alter_endpoint.signing_key)
+                ELSE cur.signing_key END;
+    IF how <> 'hmac' AND key IS NULL THEN
+        key := webhook._check_signing_key(NULL);
+    END IF;
+    -- reset client_cert drops the certificate and its key; either given alone replaces its half
+    -- (a renewed certificate for the same key), and the pair is checked again.
+    IF 'client_cert' = ANY (reset) THEN
+        cert := NULL;
+        cert_key := NULL;
+    ELSE
+        cert := COALESCE(alter_endpoint.client_cert, cur.client_cert);
+        cert_key := COALESCE(alter_endpoint.client_key, cur.client_key);
+        IF alter_endpoint.client_cert IS NOT NULL OR alter_endpoint.client_key IS NOT NULL THEN
+            PERFORM webhook._check_client_identity(cert, cert_key);
+        END IF;
     END IF;
     UPDATE webhook.endpoints e SET
         url            = COALESCE(webhook._check_url(alter_endpoint.url), e.url),
@@ -143,6 +199,10 @@ BEGIN
         ordered        = COALESCE(alter_endpoint.ordered, e.ordered),
         retry_schedule = CASE WHEN 'retry_schedule' = ANY (reset) THEN NULL
                               ELSE COALESCE(webhook._check_schedule(alter_endpoint.retry_schedule), e.retry_schedule) END,
+        signing        = how,
+        signing_key    = key,
+        client_cert    = cert,
+        client_key     = cert_key,
         updated_at     = now()
      WHERE e.name = alter_endpoint.name
     RETURNING * INTO r;
@@ -235,5 +295,33 @@ BEGIN
            updated_at = now()
      WHERE e.id = ep;
     RETURN fresh;
+END
+$$;
+
+-- A new ed25519 signing key; until the grace period ends every request carries a v1a signature
+-- with the old key too, and webhook.public_keys shows both public keys. Returns the new public key.
+CREATE FUNCTION webhook.rotate_signing_key(name text, grace interval DEFAULT '24 hours')
+RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ep integer := webhook._endpoint_id(rotate_signing_key.name);
+    fresh text := webhook._check_signing_key(NULL);
+BEGIN
+    IF grace IS NULL OR grace < '0' THEN
+        RAISE EXCEPTION 'grace must be an interval of 0 or more, not %', grace USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (SELECT e.signing_key FROM webhook.endpoints e WHERE e.id = ep) IS NULL THEN
+        RAISE EXCEPTION 'endpoint "%" has no signing key to rotate', rotate_signing_key.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Sign with ed25519 first: webhook.alter_endpoint(name, signing => ''ed25519'') (or ''both'').';
+    END IF;
+    UPDATE webhook.endpoints e
+       SET previous_signing_key = CASE WHEN grace > '0' THEN e.signing_key END,
+           previous_signing_key_expires_at = CASE WHEN grace > '0' THEN now() + grace END,
+           signing_key = fresh,
+           updated_at = now()
+     WHERE e.id = ep;
+    RETURN webhook._public_key(fresh);
 END
 $$;

@@ -46,6 +46,9 @@ GRANT USAGE ON SEQUENCE webhook._routing_passes TO webhook_admin;
 GRANT SELECT, UPDATE, DELETE ON webhook.deliveries TO webhook_admin;
 GRANT SELECT ON webhook.events, webhook.subscriptions, webhook.endpoint_stats, webhook.metrics TO webhook_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA webhook TO webhook_admin;
+-- Public keys are public (the view shows nothing else; its function derives one from a key).
+GRANT SELECT ON webhook.public_keys TO PUBLIC;
+GRANT EXECUTE ON FUNCTION webhook._public_key(text) TO PUBLIC;
 -- Firing the trigger needs no privilege on webhook.*; it refuses tables not allowed to publish.
 GRANT EXECUTE ON FUNCTION webhook.enqueue() TO PUBLIC;
 -- Nor does its statement trigger's: it writes only what webhook.enqueue() decided.

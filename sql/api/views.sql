@@ -101,3 +101,15 @@ AS $$
      WHERE current_database() <> ALL (webhook._served_databases()) OR pg_is_in_recovery()
     ORDER BY 1, 11
 $$;
+
+-- The ed25519 public keys receivers verify v1a signatures with: public, so readable by every
+-- role that may use the schema (GRANT USAGE ON SCHEMA webhook TO a role that serves them), which
+-- sees nothing else of webhook.endpoints. The previous key is shown while its grace period runs.
+CREATE VIEW webhook.public_keys WITH (security_barrier) AS
+SELECT e.name AS endpoint,
+       e.signing,
+       webhook._public_key(e.signing_key) AS public_key,
+       CASE WHEN e.previous_signing_key_expires_at > now() THEN webhook._public_key(e.previous_signing_key) END AS previous_public_key,
+       CASE WHEN e.previous_signing_key_expires_at > now() THEN e.previous_signing_key_expires_at END AS previous_expires_at
+  FROM webhook.endpoints e
+ WHERE e.signing_key IS NOT NULL;

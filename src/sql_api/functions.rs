@@ -43,6 +43,46 @@ fn _check_secret(secret: Option<&str>) -> String {
     }
 }
 
+/// Returns an ed25519 signing key (`whsk_…`) after checking it, or a fresh one when NULL.
+#[pg_extern(volatile)]
+fn _check_signing_key(key: Option<&str>) -> String {
+    match key {
+        None => signing::SigningKey::generate()
+            .unwrap_or_else(|e| error!("could not generate a signing key: {e}")),
+        Some(k) => match signing::SigningKey::decode(k) {
+            Ok(_) => k.trim().to_string(),
+            Err(e) => invalid(format!("invalid endpoint {e}")),
+        },
+    }
+}
+
+/// The public key (`whpk_…`) of a signing key; NULL for one that is not valid (a value written
+/// into the table by hand), so that reading webhook.public_keys never fails.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _public_key(key: &str) -> Option<String> {
+    signing::SigningKey::decode(key)
+        .ok()
+        .map(|k| k.public_key())
+}
+
+/// Checks an endpoint's client certificate (PEM chain, its own first) and private key (PEM):
+/// both or neither, readable, and the key the certificate's.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_client_identity(cert: Option<&str>, key: Option<&str>) {
+    match (cert, key) {
+        (None, None) => {}
+        (Some(cert), Some(key)) => {
+            if let Err(e) = crate::http::ClientIdentity::from_pem(cert, key) {
+                invalid(format!("invalid endpoint client certificate: {e}"));
+            }
+        }
+        _ => invalid(format!(
+            "invalid endpoint client certificate: {}",
+            crate::http::IdentityError::Half
+        )),
+    }
+}
+
 /// Checks an endpoint's extra headers: a JSON object of string values, no reserved names, no CR/LF.
 #[pg_extern(immutable, parallel_safe)]
 fn _check_headers(headers: pgrx::JsonB) -> pgrx::JsonB {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use pgrx::datum::DatumWithOid;
 
+use super::credentials::Credentials;
 use super::error::{transaction, WorkerError};
 use super::inflight::Tracked;
 use super::queries as sql;
@@ -191,6 +192,10 @@ impl Session {
                 nothing_in_flight,
             );
             let rows = sql::CLAIM.rows(&params, Claimed::from_row)?;
+            self.credentials.refresh_identities(
+                rows.iter()
+                    .filter_map(|c| c.identity_version.map(|v| (c.endpoint_id, v))),
+            )?;
             Ok(Some((rows, limits)))
         })?;
         let Some((claimed, limits)) = claimed else {
@@ -307,7 +312,7 @@ impl Session {
         );
         let attempt = c.attempts + 1;
         let (delivery_id, endpoint_id) = (c.id, c.endpoint_id);
-        match c.job(attempt) {
+        match c.job(attempt, &mut self.credentials) {
             Ok(job) => self.http().submit(job),
             Err(unsendable) => self.http().push_finished(Finished {
                 delivery_id,
@@ -342,6 +347,9 @@ impl Session {
 enum Unsendable {
     Secret(signing::SecretError),
     PreviousSecret(signing::SecretError),
+    SigningKey(signing::SigningKeyError),
+    PreviousSigningKey(signing::SigningKeyError),
+    Identity(crate::http::IdentityError),
     Headers(request::HeaderError),
 }
 
@@ -350,6 +358,9 @@ impl std::fmt::Display for Unsendable {
         match self {
             Unsendable::Secret(e) => write!(f, "endpoint {e}"),
             Unsendable::PreviousSecret(e) => write!(f, "endpoint previous {e}"),
+            Unsendable::SigningKey(e) => write!(f, "endpoint {e}"),
+            Unsendable::PreviousSigningKey(e) => write!(f, "endpoint previous {e}"),
+            Unsendable::Identity(e) => write!(f, "endpoint client certificate: {e}"),
             Unsendable::Headers(e) => write!(f, "endpoint headers: {e}"),
         }
     }
@@ -380,6 +391,13 @@ struct Claimed {
     routing_pass: i64,
     /// The W3C `traceparent` its event was written with, sent as that header.
     traceparent: Option<String>,
+    /// How the endpoint signs: 'hmac', 'ed25519' or 'both'.
+    signing: String,
+    signing_key: Option<String>,
+    /// The signing key before a rotation, while its grace period runs.
+    previous_signing_key: Option<String>,
+    /// The version of the endpoint's row, when it has a client certificate (`Credentials`).
+    identity_version: Option<i64>,
     /// The endpoint's first new delivery (routing pass, id) the claim picked but did not take.
     hole: Option<(i64, i64)>,
 }
@@ -424,7 +442,11 @@ impl Claimed {
             install_id: row.get(21)?.unwrap_or_default(),
             routing_pass: row.get(22)?.unwrap_or_default(),
             traceparent: row.get(23)?,
-            hole: match (row.get(24)?, row.get(25)?) {
+            signing: row.get(24)?.unwrap_or_else(|| "hmac".into()),
+            signing_key: row.get(25)?,
+            previous_signing_key: row.get(26)?,
+            identity_version: row.get(27)?,
+            hole: match (row.get(28)?, row.get(29)?) {
                 (Some(pass), Some(id)) => Some((pass, id)),
                 _ => None,
             },
@@ -454,11 +476,43 @@ impl Claimed {
     }
 
     /// The signed request for this attempt, or why it cannot be sent.
-    fn job(mut self, attempt: i32) -> Result<Job, Unsendable> {
-        let mut keys = vec![signing::decode_secret(&self.secret).map_err(Unsendable::Secret)?];
-        if let Some(prev) = &self.previous_secret {
-            keys.push(signing::decode_secret(prev).map_err(Unsendable::PreviousSecret)?);
+    fn job(mut self, attempt: i32, credentials: &mut Credentials) -> Result<Job, Unsendable> {
+        let (hmac, ed25519) = match self.signing.as_str() {
+            "ed25519" => (false, true),
+            "both" => (true, true),
+            _ => (true, false),
+        };
+        let mut keys = Vec::new();
+        if hmac {
+            keys.push(signing::decode_secret(&self.secret).map_err(Unsendable::Secret)?);
+            if let Some(prev) = &self.previous_secret {
+                keys.push(signing::decode_secret(prev).map_err(Unsendable::PreviousSecret)?);
+            }
         }
+        let mut signing_keys = Vec::new();
+        if ed25519 {
+            // The table's CHECK requires a key; a missing one reads as an empty, refused key.
+            let key = self.signing_key.as_deref().unwrap_or_default();
+            signing_keys.push(
+                credentials
+                    .signing_key(key)
+                    .map_err(Unsendable::SigningKey)?,
+            );
+            if let Some(prev) = &self.previous_signing_key {
+                signing_keys.push(
+                    credentials
+                        .signing_key(prev)
+                        .map_err(Unsendable::PreviousSigningKey)?,
+                );
+            }
+        }
+        let identity = match self.identity_version {
+            None => None,
+            Some(_) => credentials
+                .identity(self.endpoint_id)
+                .transpose()
+                .map_err(Unsendable::Identity)?,
+        };
         let mut headers = request::parse_headers(&self.headers).map_err(Unsendable::Headers)?;
         // Checked again: the column is the table's, which an administrator may write by hand.
         if let Some(tp) = self.traceparent.take().and_then(|t| trace::parse(&t).ok()) {
@@ -472,6 +526,8 @@ impl Claimed {
             body: self.body(),
             url: self.url,
             keys,
+            signing_keys,
+            identity,
             headers,
             timeout: Duration::from_millis(self.timeout_ms.clamp(1, 3_600_000) as u64),
         })

@@ -18,6 +18,7 @@
 //! on, and never takes the worker down. The statements are in queries.rs.
 
 mod claim;
+mod credentials;
 mod error;
 mod housekeeping;
 mod inflight;

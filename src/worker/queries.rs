@@ -169,7 +169,12 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           e.schema_name, e.table_name, e.op, e.new::text, e.old::text, e.txid, locked.size,
           -- Read with every claim: a restore adds the source's (older) row after CREATE EXTENSION.
           (SELECT m.install_id FROM webhook._meta m ORDER BY m.created_at, m.install_id LIMIT 1),
-          d.routing_pass, e.traceparent
+          d.routing_pass, e.traceparent,
+          ep.signing, ep.signing_key,
+          CASE WHEN ep.previous_signing_key_expires_at > now() THEN ep.previous_signing_key END,
+          -- The endpoint row's version when it has a client certificate: the worker keeps each
+          -- certificate checked in memory, and reads it (IDENTITIES) when its row changed.
+          CASE WHEN ep.client_cert IS NOT NULL THEN ep.xmin::text::int8 END
 )
 -- And, per endpoint, the lowest new delivery picked but not taken (held by another transaction,
 -- its event not visible, or over the byte budget): the endpoint's floor stays below it. (A set
@@ -193,6 +198,17 @@ SELECT upd.*, h.hole_pass, h.hole
     ],
 )
 .generic_plan();
+
+/// The client certificates (mutual TLS) of endpoints $1, with their rows' versions.
+pub static IDENTITIES: Statement = Statement::new(
+    "identities",
+    r#"
+SELECT ep.id, ep.xmin::text::int8, ep.client_cert, ep.client_key
+  FROM webhook.endpoints ep
+ WHERE ep.id = ANY ($1) AND ep.client_cert IS NOT NULL
+"#,
+    &[INT4_ARRAY],
+);
 
 /// Milliseconds until the next pending delivery of an endpoint with room is due (an ordered
 /// endpoint: its head). $1/$2 busy, $3 default limit, $4/$5 limits, as for CLAIM; $6 healthy

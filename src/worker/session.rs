@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 
 use super::claim::Policies;
+use super::credentials::Credentials;
 use super::error::{transaction, WorkerError};
 use super::inflight::InFlight;
 use super::queries as sql;
@@ -62,6 +63,8 @@ pub struct Session {
     pub(super) buckets: HashMap<i32, TokenBucket>,
     /// Endpoints' own retry schedules, parsed once.
     pub(super) schedules: HashMap<String, Arc<Schedule>>,
+    /// Endpoints' signing keys and client certificates, checked once.
+    pub(super) credentials: Credentials,
     /// Results not recorded yet (a failed batch is tried again next round).
     pub(super) unrecorded: Vec<Finished>,
     /// Deliveries whose result could not be written yet, and how often that failed.
@@ -121,6 +124,7 @@ impl Session {
             health,
             buckets: HashMap::new(),
             schedules: HashMap::new(),
+            credentials: Credentials::default(),
             unrecorded: Vec::new(),
             record_failures: HashMap::new(),
             stats,

@@ -701,6 +701,8 @@ fn ceiling(report: &mut Report, requests: i64) -> f64 {
             msg_id: request::message_id("benchceiling", i),
             body: request::envelope("public.t.insert", created_us, &data),
             keys: vec![key.clone()],
+            signing_keys: vec![],
+            identity: None,
             headers: vec![],
             timeout: Duration::from_millis(15_000),
         }

@@ -13,6 +13,7 @@ mod capture;
 mod operations;
 mod pipeline;
 mod policy;
+mod receivers;
 mod roles;
 mod security;
 mod standby;

@@ -14,18 +14,18 @@ use crate::harness::*;
 /// every `webhook-signature` value), endpoint URLs whole and their path and query. Every line is
 /// checked, `STATEMENT:` lines included, and so is the literal `whsec_`.
 #[derive(Default)]
-struct Sensitive {
+pub(crate) struct Sensitive {
     items: Vec<(String, &'static str)>,
 }
 
 impl Sensitive {
-    fn add(&mut self, text: &str, what: &'static str) -> &mut Self {
+    pub(crate) fn add(&mut self, text: &str, what: &'static str) -> &mut Self {
         assert!(text.len() >= 6, "too short to look for: {what}");
         self.items.push((text.to_string(), what));
         self
     }
 
-    fn secret(&mut self, secret: &str) -> &mut Self {
+    pub(crate) fn secret(&mut self, secret: &str) -> &mut Self {
         let key = secret.strip_prefix("whsec_").expect("a whsec_ secret");
         self.add(secret, "a secret")
             .add(key, "a secret's base64 key")
@@ -41,7 +41,7 @@ impl Sensitive {
     }
 
     /// The values of the headers the receiver got: every signature, and the custom ones named.
-    fn sent(&mut self, requests: &[Request], custom: &[&str]) -> &mut Self {
+    pub(crate) fn sent(&mut self, requests: &[Request], custom: &[&str]) -> &mut Self {
         assert!(
             !requests.is_empty(),
             "no request to take header values from"
@@ -62,7 +62,7 @@ impl Sensitive {
         self
     }
 
-    fn assert_not_in_log(&self, pg: &Cluster) {
+    pub(crate) fn assert_not_in_log(&self, pg: &Cluster) {
         assert!(!self.items.is_empty());
         let log = pg.log();
         assert!(log.lines().count() > 3, "the server log is there");
@@ -96,11 +96,11 @@ fn attempts_of(db: &mut postgres::Client, endpoint: &str) -> i32 {
 }
 
 /// The message of the database error `sql` has to fail with.
-fn error_of(db: &mut postgres::Client, sql: &str) -> String {
+pub(crate) fn error_of(db: &mut postgres::Client, sql: &str) -> String {
     db_error(db.batch_execute(sql), sql).message().to_string()
 }
 
-fn last_error(db: &mut postgres::Client, endpoint: &str) -> (String, Option<String>) {
+pub(crate) fn last_error(db: &mut postgres::Client, endpoint: &str) -> (String, Option<String>) {
     let r = db
         .query_one(
             "SELECT d.status::text, d.last_error FROM webhook.deliveries d JOIN webhook.endpoints e ON e.id = d.endpoint_id

@@ -444,9 +444,11 @@ impl Drop for Cluster {
         // (Postgres itself echoes the text of a failed statement; a literal in it is the caller's.)
         if !std::thread::panicking() {
             let log = self.log();
-            let leak = log
-                .lines()
-                .find(|l| l.contains("whsec_") && !l.contains("STATEMENT:"));
+            // Secrets, ed25519 signing keys, PEM private keys (client certificates').
+            let leak = log.lines().find(|l| {
+                (l.contains("whsec_") || l.contains("whsk_") || l.contains("PRIVATE KEY"))
+                    && !l.contains("STATEMENT:")
+            });
             assert!(
                 leak.is_none(),
                 "a secret in the server log: {}",

@@ -13,9 +13,44 @@ pub struct TlsReceiver {
     pub served: Arc<AtomicUsize>,
 }
 
+/// A throwaway CA for client certificates (mutual TLS).
+pub struct ClientCa {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+}
+
+impl ClientCa {
+    pub fn new(name: &str) -> ClientCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        ClientCa { key, cert }
+    }
+
+    /// A client certificate it signed and its key, both PEM.
+    pub fn issue(&self, name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
 impl TlsReceiver {
     /// Starts a receiver for `https://127.0.0.1:<port>/` answering 200 to every request.
     pub fn start() -> TlsReceiver {
+        TlsReceiver::start_requiring(None)
+    }
+
+    /// The same, refusing (in the handshake) every client without a certificate `clients` signed.
+    pub fn start_requiring(clients: Option<&ClientCa>) -> TlsReceiver {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -31,10 +66,25 @@ impl TlsReceiver {
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
+            .unwrap();
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.cert.der().clone()).unwrap();
+                builder.with_client_cert_verifier(
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider,
+                    )
+                    .build()
+                    .unwrap(),
+                )
+            }
+        };
+        let config = builder
             .with_single_cert(
                 vec![cert.der().clone()],
                 rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),

@@ -399,6 +399,33 @@ SELECT webhook.drop_endpoint(NULL);
 SELECT webhook.drop_endpoint('ep_raw');
 \echo SQLSTATE :SQLSTATE
 
+-- Signing with ed25519: a key is made for an endpoint that signs with it, or checked when given;
+-- webhook.public_keys shows its public key (derived, so comparable here: RFC 8032's test key).
+SELECT signing, signing_key IS NOT NULL AS has_key FROM webhook.create_endpoint('ep_ed', 'http://127.0.0.1:9/', signing => 'ed25519');
+SELECT signing, signing_key FROM webhook.create_endpoint('ep_rfc', 'http://127.0.0.1:9/', signing => 'both',
+       signing_key => 'whsk_nWGxne/9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A=');
+SELECT endpoint, signing, public_key, previous_public_key FROM webhook.public_keys WHERE endpoint = 'ep_rfc';
+SELECT count(*) AS listed FROM webhook.public_keys WHERE endpoint IN ('ep_ed', 'ep_rfc', 'ep_full');
+SELECT webhook.rotate_signing_key('ep_rfc', '1 hour') <> 'whpk_11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=' AS rotated;
+SELECT previous_public_key FROM webhook.public_keys WHERE endpoint = 'ep_rfc';
+SELECT webhook.create_endpoint('ep_bad', 'http://127.0.0.1:9/', signing => 'ecdsa');
+\echo SQLSTATE :SQLSTATE
+SELECT webhook.create_endpoint('ep_bad', 'http://127.0.0.1:9/', signing => 'ed25519', signing_key => 'whsk_AAAA');
+\echo SQLSTATE :SQLSTATE
+SELECT webhook.alter_endpoint('ep_ed', signing_key => 'whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD');
+\echo SQLSTATE :SQLSTATE
+SELECT webhook.rotate_signing_key('ep_full');
+\echo SQLSTATE :SQLSTATE
+SELECT webhook.rotate_signing_key('ep_ed', NULL);
+\echo SQLSTATE :SQLSTATE
+-- Client certificates (mutual TLS): both halves or neither, and PEM; e2e receivers:: test the rest.
+SELECT webhook.create_endpoint('ep_bad', 'http://127.0.0.1:9/', client_cert => 'x');
+\echo SQLSTATE :SQLSTATE
+SELECT webhook.create_endpoint('ep_bad', 'http://127.0.0.1:9/', client_cert => 'x', client_key => 'y');
+\echo SQLSTATE :SQLSTATE
+SELECT webhook.alter_endpoint('ep_ed', client_key => 'y');
+\echo SQLSTATE :SQLSTATE
+
 -- Clean up: drop this file's endpoints and tables.
 SELECT regress.drop_all_endpoints() AS endpoints_dropped;
 DROP TABLE ep_orders, ep_users, ep_stray;

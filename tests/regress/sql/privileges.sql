@@ -29,7 +29,7 @@ SELECT p.proname AS function,
        has_function_privilege('regress_ops', p.oid, 'EXECUTE') AS ops
   FROM pg_proc p WHERE p.pronamespace = 'webhook'::regnamespace AND p.proname !~ '^_'
  ORDER BY 1;
--- Private functions executable by PUBLIC (none).
+-- Private functions executable by PUBLIC: only _public_key, which webhook.public_keys calls.
 SELECT p.proname AS private_function_public_may_execute
   FROM pg_proc p WHERE p.pronamespace = 'webhook'::regnamespace AND p.proname ~ '^_'
    AND has_function_privilege('public', p.oid, 'EXECUTE')

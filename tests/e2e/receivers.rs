@@ -1,0 +1,441 @@
+//! End-to-end: receivers as enterprises run them (README "Signatures" and "Mutual TLS"):
+//! asymmetric signatures (Standard Webhooks `v1a`, ed25519) verified by an independent
+//! implementation with the public key a role without rights on the endpoints reads, and client
+//! certificates presented to a receiver that requires them.
+
+use std::sync::atomic::Ordering;
+
+use base64::Engine;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+
+use crate::harness::tls::{ClientCa, TlsReceiver};
+use crate::harness::*;
+use crate::security::{error_of, last_error, Sensitive};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// The `v1a` signatures of a request that `public_key` (`whpk_…`) verifies, checked with
+/// ed25519-dalek (not the ring code that signed them) over `id.timestamp.body`.
+fn v1a_verified_by(req: &Request, public_key: &str) -> usize {
+    let raw = B64
+        .decode(public_key.strip_prefix("whpk_").expect("a whpk_ key"))
+        .unwrap();
+    let key = VerifyingKey::from_bytes(&raw.try_into().expect("32 bytes")).unwrap();
+    let mut content = format!(
+        "{}.{}.",
+        req.header("webhook-id").unwrap(),
+        req.header("webhook-timestamp").unwrap()
+    )
+    .into_bytes();
+    content.extend_from_slice(&req.body);
+    req.header("webhook-signature")
+        .unwrap()
+        .split(' ')
+        .filter_map(|s| s.strip_prefix("v1a,"))
+        .filter(|sig| {
+            let sig = Signature::from_slice(&B64.decode(sig).unwrap()).unwrap();
+            key.verify(&content, &sig).is_ok()
+        })
+        .count()
+}
+
+/// The schemes of a request's signatures, in order (`v1`, `v1a`).
+fn schemes(req: &Request) -> Vec<String> {
+    req.header("webhook-signature")
+        .unwrap()
+        .split(' ')
+        .map(|s| s.split_once(',').unwrap().0.to_string())
+        .collect()
+}
+
+#[test]
+fn ed25519_signatures_verify_with_the_public_key_any_schema_user_may_read() {
+    let pg = Cluster::start(&[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let mut db = pg.client_with_extension();
+    db.batch_execute(
+        "CREATE ROLE key_reader LOGIN;
+         GRANT USAGE ON SCHEMA webhook TO key_reader;",
+    )
+    .unwrap();
+    let secret: String = db
+        .query_one(
+            "SELECT secret FROM webhook.create_endpoint('ed', $1, signing => 'ed25519')",
+            &[&rx.url("/ed")],
+        )
+        .unwrap()
+        .get(0);
+    let both_secret: String = db
+        .query_one(
+            "SELECT secret FROM webhook.create_endpoint('both', $1, signing => 'both')",
+            &[&rx.url("/both")],
+        )
+        .unwrap()
+        .get(0);
+    create_endpoint(&mut db, "plain", &rx.url("/plain"));
+
+    // A role with nothing but USAGE on the schema reads the public keys, and only those.
+    let mut reader = pg.client_as("key_reader", "app");
+    let keys: Vec<(String, String, String)> = reader
+        .query(
+            "SELECT endpoint, signing, public_key FROM webhook.public_keys ORDER BY endpoint",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        keys.iter()
+            .map(|(e, s, _)| (e.as_str(), s.as_str()))
+            .collect::<Vec<_>>(),
+        [("both", "both"), ("ed", "ed25519")],
+        "endpoints without a signing key are not listed"
+    );
+    let key_of = |name: &str| keys.iter().find(|k| k.0 == name).unwrap().2.clone();
+    let (ed_key, both_key) = (key_of("ed"), key_of("both"));
+    assert!(ed_key.starts_with("whpk_") && ed_key != both_key);
+    for sql in [
+        "SELECT signing_key FROM webhook.endpoints",
+        "SELECT * FROM webhook.deliveries",
+        "SELECT webhook.rotate_signing_key('ed')",
+    ] {
+        let err = error_of(&mut reader, sql);
+        assert!(err.contains("permission denied"), "{sql}: {err}");
+    }
+    // Without USAGE on the schema, not even the public keys.
+    db.batch_execute("CREATE ROLE stranger LOGIN").unwrap();
+    let err = error_of(
+        &mut pg.client_as("stranger", "app"),
+        "SELECT * FROM webhook.public_keys",
+    );
+    assert!(
+        err.contains("permission denied for schema webhook"),
+        "{err}"
+    );
+
+    for ep in ["ed", "both", "plain"] {
+        db.execute(
+            "SELECT webhook.send('user.created', '{\"id\": 1}', $1)",
+            &[&ep],
+        )
+        .unwrap();
+    }
+    rx.wait_for(3, PATIENCE);
+    let by_path = |path: &str| {
+        rx.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect::<Vec<_>>()
+    };
+    let ed = by_path("/ed").pop().unwrap();
+    assert_eq!(schemes(&ed), ["v1a"], "ed25519 only: no HMAC signature");
+    assert_eq!(v1a_verified_by(&ed, &ed_key), 1);
+    assert_eq!(
+        v1a_verified_by(&ed, &both_key),
+        0,
+        "another key does not verify"
+    );
+    assert!(verify_with_standardwebhooks(&secret, &ed).is_err());
+    // A changed body no longer verifies.
+    let mut forged = ed.clone();
+    forged.body = b"{\"id\": 2}".to_vec();
+    assert_eq!(v1a_verified_by(&forged, &ed_key), 0);
+
+    let both = by_path("/both").pop().unwrap();
+    assert_eq!(schemes(&both), ["v1", "v1a"]);
+    verify_with_standardwebhooks(&both_secret, &both).unwrap();
+    assert_eq!(v1a_verified_by(&both, &both_key), 1);
+    let plain = by_path("/plain").pop().unwrap();
+    assert_eq!(schemes(&plain), ["v1"]);
+
+    // Rotation: the new public key is returned; until the grace period ends, requests carry a
+    // signature with each key, and public_keys shows both.
+    let fresh: String = db
+        .query_one("SELECT webhook.rotate_signing_key('ed', '1 hour')", &[])
+        .unwrap()
+        .get(0);
+    assert!(fresh.starts_with("whpk_") && fresh != ed_key);
+    let (now, previous): (String, Option<String>) = {
+        let r = reader
+            .query_one(
+                "SELECT public_key, previous_public_key FROM webhook.public_keys WHERE endpoint = 'ed'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (now.as_str(), previous.as_deref()),
+        (fresh.as_str(), Some(ed_key.as_str()))
+    );
+    db.execute(
+        "SELECT webhook.send('user.created', '{\"id\": 3}', 'ed')",
+        &[],
+    )
+    .unwrap();
+    rx.wait_for(4, PATIENCE);
+    let rotated = by_path("/ed").pop().unwrap();
+    assert_eq!(schemes(&rotated), ["v1a", "v1a"]);
+    assert_eq!(v1a_verified_by(&rotated, &fresh), 1);
+    assert_eq!(v1a_verified_by(&rotated, &ed_key), 1);
+    // Without grace the old key goes at once.
+    db.execute("SELECT webhook.rotate_signing_key('ed', '0')", &[])
+        .unwrap();
+    db.execute(
+        "SELECT webhook.send('user.created', '{\"id\": 4}', 'ed')",
+        &[],
+    )
+    .unwrap();
+    rx.wait_for(5, PATIENCE);
+    let last = by_path("/ed").pop().unwrap();
+    assert_eq!(schemes(&last), ["v1a"]);
+    let current: String = reader
+        .query_one(
+            "SELECT public_key FROM webhook.public_keys WHERE endpoint = 'ed' AND previous_public_key IS NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(v1a_verified_by(&last, &current), 1);
+
+    // No signing key, nor any signature, in the server log.
+    let mut sensitive = Sensitive::default();
+    sensitive.sent(&rx.requests(), &[]);
+    for row in db
+        .query(
+            "SELECT signing_key FROM webhook.endpoints WHERE signing_key IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+    {
+        let key: String = row.get(0);
+        sensitive
+            .add(&key, "a signing key")
+            .add(key.strip_prefix("whsk_").unwrap(), "a signing key's base64");
+    }
+    sensitive.assert_not_in_log(&pg);
+}
+
+#[test]
+fn signing_settings_are_checked_and_changed_by_alter_endpoint() {
+    let pg = Cluster::start(&[]);
+    let mut db = pg.client_with_extension();
+    let url = "http://127.0.0.1:9/x";
+    for (sql, expected) in [
+        (
+            format!("SELECT webhook.create_endpoint('a', '{url}', signing => 'rsa')"),
+            "signing must be 'hmac', 'ed25519' or 'both', not 'rsa'",
+        ),
+        (
+            format!("SELECT webhook.create_endpoint('a', '{url}', signing => NULL)"),
+            "",
+        ),
+        (
+            format!("SELECT webhook.create_endpoint('b', '{url}', signing => 'ed25519', signing_key => 'whsk_AAAA')"),
+            "invalid endpoint signing key has 3 bytes; an ed25519 key has 32 (the seed) or 64 (the seed, then its public key)",
+        ),
+        (
+            format!("SELECT webhook.create_endpoint('b', '{url}', signing => 'ed25519', signing_key => 'whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD')"),
+            "invalid endpoint signing key must start with \"whsk_\"",
+        ),
+        (
+            "SELECT webhook.rotate_signing_key('a')".to_string(),
+            "endpoint \"a\" has no signing key to rotate",
+        ),
+        (
+            "SELECT webhook.alter_endpoint('a', signing => 'ed')".to_string(),
+            "signing must be 'hmac', 'ed25519' or 'both', not 'ed'",
+        ),
+    ] {
+        match db.batch_execute(&sql) {
+            Ok(()) => assert_eq!(expected, "", "{sql} succeeded"),
+            Err(e) => assert_eq!(
+                db_error(Err::<(), _>(e), &sql).message(),
+                expected,
+                "{sql}"
+            ),
+        }
+    }
+    let signing = |db: &mut postgres::Client| -> (String, Option<String>) {
+        let r = db
+            .query_one(
+                "SELECT signing, signing_key FROM webhook.endpoints WHERE name = 'a'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(signing(&mut db), ("hmac".to_string(), None));
+    // Switching to ed25519 makes a key; going back keeps it for later; a key given is kept as given.
+    db.batch_execute("SELECT webhook.alter_endpoint('a', signing => 'both')")
+        .unwrap();
+    let (how, key) = signing(&mut db);
+    assert_eq!(how, "both");
+    let key = key.expect("a key was made");
+    assert!(key.starts_with("whsk_"), "{key}");
+    db.batch_execute("SELECT webhook.alter_endpoint('a', reset => '{signing}')")
+        .unwrap();
+    assert_eq!(signing(&mut db), ("hmac".to_string(), Some(key.clone())));
+    let mine = format!("whsk_{}", B64.encode([7u8; 32]));
+    db.execute(
+        "SELECT webhook.alter_endpoint('a', signing => 'ed25519', signing_key => $1)",
+        &[&mine],
+    )
+    .unwrap();
+    assert_eq!(
+        signing(&mut db),
+        ("ed25519".to_string(), Some(mine.clone()))
+    );
+    // The table refuses an ed25519 endpoint without a key, whoever writes it.
+    let err = error_of(
+        &mut db,
+        "UPDATE webhook.endpoints SET signing_key = NULL WHERE name = 'a'",
+    );
+    assert!(err.contains("endpoints_signing_key_check"), "{err}");
+}
+
+#[test]
+fn mutual_tls_presents_the_endpoints_client_certificate() {
+    let pg = Cluster::start(&[
+        ("webhook.retry_schedule", "'200ms'"),
+        ("webhook.default_max_attempts", "1"),
+    ]);
+    let trusted = ClientCa::new("clients the receiver trusts");
+    let stranger = ClientCa::new("someone else");
+    let tls = TlsReceiver::start_requiring(Some(&trusted));
+    let ca = pg.dir.join("receiver-ca.pem");
+    tls.write_ca(&ca);
+    pg.set("webhook.ssl_ca_file", &format!("'{}'", ca.display()));
+    pg.reload();
+    let mut db = pg.client_with_extension();
+    let (cert, key) = trusted.issue("webhook_ext");
+    let (other_cert, other_key) = stranger.issue("webhook_ext");
+
+    // Checked when given, with errors that name the problem and never the key.
+    for (c, k, expected) in [
+        (
+            Some(&cert),
+            None,
+            "client_cert and client_key must be given together",
+        ),
+        (
+            None,
+            Some(&key),
+            "client_cert and client_key must be given together",
+        ),
+        (
+            Some(&cert),
+            Some(&other_key),
+            "client_key is not the private key of client_cert's first certificate",
+        ),
+        (
+            Some(&key),
+            Some(&key),
+            "client_cert holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        ),
+        (
+            Some(&cert),
+            Some(&cert),
+            "client_key holds no PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC)",
+        ),
+    ] {
+        let err = db
+            .execute(
+                "SELECT webhook.create_endpoint('mtls', $1, client_cert => $2, client_key => $3)",
+                &[&tls.url(), &c, &k],
+            )
+            .unwrap_err();
+        let msg = err.as_db_error().unwrap().message().to_string();
+        assert_eq!(
+            msg,
+            format!("invalid endpoint client certificate: {expected}")
+        );
+    }
+
+    // Without a certificate the receiver refuses the handshake, and the attempt says so.
+    db.execute("SELECT webhook.create_endpoint('mtls', $1)", &[&tls.url()])
+        .unwrap();
+    let send = |db: &mut postgres::Client| {
+        db.execute("SELECT webhook.send('x', '{}', 'mtls')", &[])
+            .unwrap();
+        wait_settled(db, PATIENCE);
+        last_error(db, "mtls")
+    };
+    let (status, err) = send(&mut db);
+    assert_eq!(status, "failed");
+    let err = err.unwrap_or_default();
+    assert!(err.contains("CertificateRequired"), "{err}");
+    assert_eq!(tls.served.load(Ordering::SeqCst), 0);
+
+    // With the trusted certificate it is served.
+    db.execute(
+        "SELECT webhook.alter_endpoint('mtls', client_cert => $1, client_key => $2)",
+        &[&cert, &key],
+    )
+    .unwrap();
+    assert_eq!(send(&mut db), ("delivered".to_string(), None));
+    assert_eq!(tls.served.load(Ordering::SeqCst), 1);
+
+    // A certificate from another CA: the worker uses the new one at once (and is refused).
+    db.execute(
+        "SELECT webhook.alter_endpoint('mtls', client_cert => $1, client_key => $2)",
+        &[&other_cert, &other_key],
+    )
+    .unwrap();
+    let (status, err) = send(&mut db);
+    assert_eq!(status, "failed");
+    let err = err.unwrap_or_default();
+    assert!(err.contains("fatal alert"), "{err}");
+    eprintln!("another CA's certificate: {err}");
+    assert_eq!(tls.served.load(Ordering::SeqCst), 1);
+
+    // A renewed certificate for the same key is given alone.
+    let renewed = {
+        let again = ClientCa::new("someone else, again");
+        let (c, _) = again.issue("x");
+        c
+    };
+    let err = db
+        .execute(
+            "SELECT webhook.alter_endpoint('mtls', client_cert => $1)",
+            &[&renewed],
+        )
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("client_key is not the private key"),
+        "{err}"
+    );
+    db.execute(
+        "SELECT webhook.alter_endpoint('mtls', client_cert => $1, client_key => $2)",
+        &[&cert, &key],
+    )
+    .unwrap();
+    assert_eq!(send(&mut db), ("delivered".to_string(), None));
+    // Reset: no certificate any more, refused again.
+    db.execute(
+        "SELECT webhook.alter_endpoint('mtls', reset => '{client_cert}')",
+        &[],
+    )
+    .unwrap();
+    assert!(db
+        .query_one(
+            "SELECT client_cert IS NULL AND client_key IS NULL FROM webhook.endpoints WHERE name = 'mtls'",
+            &[]
+        )
+        .unwrap()
+        .get::<_, bool>(0));
+    assert_eq!(send(&mut db).0, "failed");
+    assert_eq!(tls.served.load(Ordering::SeqCst), 2);
+
+    // Neither key is in the server log (the cluster's own check looks for PEM private keys).
+    let mut sensitive = Sensitive::default();
+    for k in [&key, &other_key] {
+        let body = k.lines().nth(1).unwrap();
+        sensitive.add(body, "a client key's PEM body");
+    }
+    sensitive.assert_not_in_log(&pg);
+}
