@@ -190,6 +190,8 @@ CREATE TABLE webhook.endpoints (
     -- Mutual TLS: the client certificate (PEM, its own first, then intermediates) and its key.
     client_cert                 text,
     client_key                  text,
+    -- The forward proxy: NULL follows webhook.proxy, 'direct' goes around it, else a proxy URL.
+    proxy                       text,
     CONSTRAINT endpoints_signing_key_check CHECK (signing = 'hmac' OR signing_key IS NOT NULL),
     CONSTRAINT endpoints_client_identity_check CHECK ((client_cert IS NULL) = (client_key IS NULL))
 );

@@ -1100,8 +1100,9 @@ SELECT webhook._add_flush_trigger(t."table")
   FROM (SELECT DISTINCT s."table" FROM webhook.subscriptions s WHERE s.trigger_name = 'webhook_' || s.endpoint) t;
 
 -- Signatures with ed25519 (Standard Webhooks v1a: receivers verify with a public key, which
--- webhook.public_keys shows to every role that may use the schema) and client certificates
--- (mutual TLS): new last columns of webhook.endpoints, in the order a fresh install has them.
+-- webhook.public_keys shows to every role that may use the schema), client certificates
+-- (mutual TLS) and forward proxies: new last columns of webhook.endpoints, in the order a fresh
+-- install has them.
 ALTER TABLE webhook.endpoints
     ADD COLUMN signing text NOT NULL DEFAULT 'hmac'
         CONSTRAINT endpoints_signing_check CHECK (signing IN ('hmac', 'ed25519', 'both')),
@@ -1110,6 +1111,7 @@ ALTER TABLE webhook.endpoints
     ADD COLUMN previous_signing_key_expires_at timestamptz,
     ADD COLUMN client_cert text,
     ADD COLUMN client_key text,
+    ADD COLUMN proxy text,
     ADD CONSTRAINT endpoints_signing_key_check CHECK (signing = 'hmac' OR signing_key IS NOT NULL),
     ADD CONSTRAINT endpoints_client_identity_check CHECK ((client_cert IS NULL) = (client_key IS NULL));
 CREATE FUNCTION webhook."_check_client_identity"(
@@ -1131,13 +1133,24 @@ CREATE FUNCTION webhook."_public_key"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_public_key_wrapper';
+CREATE FUNCTION webhook."_check_proxy"(
+	"proxy" TEXT /* & str */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_proxy_wrapper';
 
 CREATE FUNCTION webhook._check_signing(signing text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF signing IS NULL OR signing NOT IN ('hmac', 'ed25519', 'both') THEN
-        RAISE EXCEPTION 'signing must be ''hmac'', ''ed25519'' or ''both'', not %', COALESCE(quote_literal(signing), 'NULL')
+        -- The value is quoted only when it looks like a word: a key given here by mistake
+        -- (signing => 'whsk_…' for signing_key) must not reach the message and the log.
+        RAISE EXCEPTION 'signing must be ''hmac'', ''ed25519'' or ''both'', not %',
+                        CASE WHEN signing IS NULL THEN 'NULL'
+                             WHEN signing ~ '^[a-z0-9]{1,16}$' THEN quote_literal(signing)
+                             ELSE 'that value' END
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'hmac: v1 signatures with the secret; ed25519: v1a signatures that receivers verify with the public key (webhook.public_keys); both: each request carries both.';
     END IF;
@@ -1171,7 +1184,8 @@ CREATE FUNCTION webhook.create_endpoint(
     signing text DEFAULT 'hmac',
     signing_key text DEFAULT NULL,
     client_cert text DEFAULT NULL,
-    client_key text DEFAULT NULL)
+    client_key text DEFAULT NULL,
+    proxy text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1192,7 +1206,7 @@ BEGIN
     END IF;
     INSERT INTO webhook.endpoints AS e
            (name, url, secret, headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, ordered, retry_schedule,
-            signing, signing_key, client_cert, client_key)
+            signing, signing_key, client_cert, client_key, proxy)
     VALUES (create_endpoint.name,
             webhook._check_url(create_endpoint.url),
             webhook._check_secret(create_endpoint.secret),
@@ -1209,7 +1223,8 @@ BEGIN
             CASE WHEN create_endpoint.signing_key IS NOT NULL OR how <> 'hmac'
                  THEN webhook._check_signing_key(create_endpoint.signing_key) END,
             create_endpoint.client_cert,
-            create_endpoint.client_key)
+            create_endpoint.client_key,
+            webhook._check_proxy(create_endpoint.proxy))
     RETURNING * INTO r;
     RETURN r;
 END
@@ -1232,7 +1247,8 @@ CREATE FUNCTION webhook.alter_endpoint(
     signing text DEFAULT NULL,
     signing_key text DEFAULT NULL,
     client_cert text DEFAULT NULL,
-    client_key text DEFAULT NULL)
+    client_key text DEFAULT NULL,
+    proxy text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1250,12 +1266,12 @@ BEGIN
                                          alter_endpoint.max_in_flight, alter_endpoint.rate_limit, alter_endpoint.event_types);
     SELECT s INTO bad FROM unnest(COALESCE(reset, '{}')) s
      WHERE s IS NULL OR s NOT IN ('headers', 'event_types', 'max_attempts', 'timeout', 'max_in_flight', 'rate_limit', 'retry_schedule',
-                                  'signing', 'client_cert')
+                                  'signing', 'client_cert', 'proxy')
      LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'cannot reset "%"', bad
+        RAISE EXCEPTION 'cannot reset "%"', CASE WHEN bad ~ '^[A-Za-z0-9_]{1,32}$' OR bad IS NULL THEN bad ELSE '(not a setting name)' END
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert.';
+                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert, proxy.';
     END IF;
     SELECT * INTO cur FROM webhook.endpoints e WHERE e.name = alter_endpoint.name FOR UPDATE;
     how := CASE WHEN 'signing' = ANY (reset) THEN 'hmac' ELSE COALESCE(alter_endpoint.signing, cur.signing) END;
@@ -1294,6 +1310,8 @@ BEGIN
         signing_key    = key,
         client_cert    = cert,
         client_key     = cert_key,
+        proxy          = CASE WHEN 'proxy' = ANY (reset) THEN NULL
+                              ELSE COALESCE(webhook._check_proxy(alter_endpoint.proxy), e.proxy) END,
         updated_at     = now()
      WHERE e.name = alter_endpoint.name
     RETURNING * INTO r;
@@ -1341,12 +1359,12 @@ SELECT e.name AS endpoint,
  WHERE e.signing_key IS NOT NULL;
 
 REVOKE ALL ON FUNCTION webhook._check_client_identity(text, text), webhook._check_signing_key(text), webhook._public_key(text),
-    webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text),
-    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text),
+    webhook._check_proxy(text), webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text, text),
+    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text, text),
     webhook.rotate_signing_key(text, interval) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION webhook._check_client_identity(text, text), webhook._check_signing_key(text), webhook._public_key(text),
-    webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text),
-    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text),
+    webhook._check_proxy(text), webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text, text),
+    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text, text),
     webhook.rotate_signing_key(text, interval) TO webhook_admin;
 REVOKE USAGE ON TYPE webhook.public_keys FROM PUBLIC;
 -- Public keys are public (the view shows nothing else; its function derives one from a key).
@@ -1360,8 +1378,8 @@ BEGIN
                FROM pg_catalog.regexp_split_to_table(pg_catalog.current_setting('webhook_ext.endpoint_api_grantees', true), ' ') x
               WHERE x <> ''
     LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text), '
-                                  'webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text) TO %I',
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text, text), '
+                                  'webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text, text) TO %I',
                                   (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = g));
     END LOOP;
 END

@@ -29,8 +29,12 @@ pub enum SecretError {
 
 /// Decodes a `whsec_…` secret into its HMAC key, refusing keys too short to be safe.
 pub fn decode_secret(secret: &str) -> Result<Vec<u8>, SecretError> {
-    let b64 = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
-    let key = B64.decode(b64.trim()).map_err(|_| SecretError::NotBase64)?;
+    let b64 = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret).trim();
+    // Bounded before decoding (a key of MAX_KEY_BYTES takes 88 characters).
+    if b64.len() > 4 * MAX_KEY_BYTES {
+        return Err(SecretError::TooLong(b64.len() / 4 * 3));
+    }
+    let key = B64.decode(b64).map_err(|_| SecretError::NotBase64)?;
     if key.len() < MIN_KEY_BYTES {
         return Err(SecretError::TooShort(key.len()));
     }
@@ -132,6 +136,10 @@ impl SigningKey {
             .trim()
             .strip_prefix(SIGNING_KEY_PREFIX)
             .ok_or(SigningKeyError::NoPrefix)?;
+        // Bounded before decoding: anyone may ask webhook.public_keys' function to decode a key.
+        if b64.len() > 100 {
+            return Err(SigningKeyError::WrongLength(b64.len() / 4 * 3));
+        }
         let bytes = B64.decode(b64).map_err(|_| SigningKeyError::NotBase64)?;
         if bytes.len() != 32 && bytes.len() != 64 {
             return Err(SigningKeyError::WrongLength(bytes.len()));
@@ -345,6 +353,11 @@ mod tests {
         assert_eq!(
             SigningKey::decode(&format!("whsk_{}", B64.encode([1u8; 64]))).unwrap_err(),
             SigningKeyError::Inconsistent
+        );
+        // Refused by length before anything is decoded.
+        assert_eq!(
+            SigningKey::decode(&format!("whsk_{}", "A".repeat(4_000_000))).unwrap_err(),
+            SigningKeyError::WrongLength(3_000_000)
         );
         let key = SigningKey::decode(&SigningKey::generate().unwrap()).unwrap();
         assert!(format!("{key:?}").contains("whpk_"));

@@ -43,7 +43,12 @@ LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF signing IS NULL OR signing NOT IN ('hmac', 'ed25519', 'both') THEN
-        RAISE EXCEPTION 'signing must be ''hmac'', ''ed25519'' or ''both'', not %', COALESCE(quote_literal(signing), 'NULL')
+        -- The value is quoted only when it looks like a word: a key given here by mistake
+        -- (signing => 'whsk_…' for signing_key) must not reach the message and the log.
+        RAISE EXCEPTION 'signing must be ''hmac'', ''ed25519'' or ''both'', not %',
+                        CASE WHEN signing IS NULL THEN 'NULL'
+                             WHEN signing ~ '^[a-z0-9]{1,16}$' THEN quote_literal(signing)
+                             ELSE 'that value' END
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'hmac: v1 signatures with the secret; ed25519: v1a signatures that receivers verify with the public key (webhook.public_keys); both: each request carries both.';
     END IF;
@@ -80,7 +85,8 @@ CREATE FUNCTION webhook.create_endpoint(
     signing text DEFAULT 'hmac',
     signing_key text DEFAULT NULL,
     client_cert text DEFAULT NULL,
-    client_key text DEFAULT NULL)
+    client_key text DEFAULT NULL,
+    proxy text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -101,7 +107,7 @@ BEGIN
     END IF;
     INSERT INTO webhook.endpoints AS e
            (name, url, secret, headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, ordered, retry_schedule,
-            signing, signing_key, client_cert, client_key)
+            signing, signing_key, client_cert, client_key, proxy)
     VALUES (create_endpoint.name,
             webhook._check_url(create_endpoint.url),
             webhook._check_secret(create_endpoint.secret),
@@ -118,7 +124,8 @@ BEGIN
             CASE WHEN create_endpoint.signing_key IS NOT NULL OR how <> 'hmac'
                  THEN webhook._check_signing_key(create_endpoint.signing_key) END,
             create_endpoint.client_cert,
-            create_endpoint.client_key)
+            create_endpoint.client_key,
+            webhook._check_proxy(create_endpoint.proxy))
     RETURNING * INTO r;
     RETURN r;
 END
@@ -141,7 +148,8 @@ CREATE FUNCTION webhook.alter_endpoint(
     signing text DEFAULT NULL,
     signing_key text DEFAULT NULL,
     client_cert text DEFAULT NULL,
-    client_key text DEFAULT NULL)
+    client_key text DEFAULT NULL,
+    proxy text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -159,12 +167,12 @@ BEGIN
                                          alter_endpoint.max_in_flight, alter_endpoint.rate_limit, alter_endpoint.event_types);
     SELECT s INTO bad FROM unnest(COALESCE(reset, '{}')) s
      WHERE s IS NULL OR s NOT IN ('headers', 'event_types', 'max_attempts', 'timeout', 'max_in_flight', 'rate_limit', 'retry_schedule',
-                                  'signing', 'client_cert')
+                                  'signing', 'client_cert', 'proxy')
      LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'cannot reset "%"', bad
+        RAISE EXCEPTION 'cannot reset "%"', CASE WHEN bad ~ '^[A-Za-z0-9_]{1,32}$' OR bad IS NULL THEN bad ELSE '(not a setting name)' END
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert.';
+                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert, proxy.';
     END IF;
     SELECT * INTO cur FROM webhook.endpoints e WHERE e.name = alter_endpoint.name FOR UPDATE;
     how := CASE WHEN 'signing' = ANY (reset) THEN 'hmac' ELSE COALESCE(alter_endpoint.signing, cur.signing) END;
@@ -203,6 +211,8 @@ BEGIN
         signing_key    = key,
         client_cert    = cert,
         client_key     = cert_key,
+        proxy          = CASE WHEN 'proxy' = ANY (reset) THEN NULL
+                              ELSE COALESCE(webhook._check_proxy(alter_endpoint.proxy), e.proxy) END,
         updated_at     = now()
      WHERE e.name = alter_endpoint.name
     RETURNING * INTO r;

@@ -32,6 +32,9 @@ pub static HTTPS_ONLY: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static PAUSED: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static DNS_SERVERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static SSL_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static PROXY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static PROXY_PASSWORD_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
 pub static CIRCUIT_BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static AUTO_DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 24 * 3600);
 pub static TRACEPARENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -213,6 +216,26 @@ pub fn init() {
         GucContext::Sighup,
         none,
     );
+    // No password in it (Postgres logs a reloaded setting's new value): that comes from
+    // webhook.proxy_password_file. No check hook either: Postgres would quote a refused value in
+    // its message; the worker says what is wrong instead, and sends nothing through or around
+    // it meanwhile.
+    GucRegistry::define_string_guc(
+        c"webhook.proxy",
+        c"Forward proxy for every endpoint without its own: http(s)://[user@]host[:port]; empty = none.",
+        c"HTTP CONNECT for https targets, absolute-form requests for http ones. The SSRF guard checks each target before the request goes to the proxy.",
+        &PROXY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"webhook.proxy_password_file",
+        c"File whose first line is the password of webhook.proxy's user (read at start and on reload).",
+        c"",
+        &PROXY_PASSWORD_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_int_guc(
         c"webhook.circuit_breaker_threshold",
         c"Consecutive failed attempts after which an endpoint gets one probe at a time instead of its backlog; 0 = off.",
@@ -299,6 +322,36 @@ pub fn address_policy() -> target::AddressPolicy {
 /// `webhook.dns_servers` (checked when set, so never malformed here).
 pub fn dns_servers() -> Vec<std::net::SocketAddr> {
     crate::http::parse_dns_servers(&string(&DNS_SERVERS)).unwrap_or_default()
+}
+
+/// `webhook.proxy`, with the password of `webhook.proxy_password_file`: none, a proxy, or why
+/// it cannot be used (never quoting either).
+pub fn proxy() -> Result<Option<std::sync::Arc<crate::http::ProxyUrl>>, crate::http::ProxyError> {
+    use crate::http::{ProxyError, ProxyUrl};
+    let text = string(&PROXY);
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let proxy = ProxyUrl::parse(&text)?;
+    if proxy.has_password() {
+        return Err(ProxyError::PasswordInSetting);
+    }
+    let file = string(&PROXY_PASSWORD_FILE);
+    let proxy = if file.trim().is_empty() {
+        proxy
+    } else {
+        let content = std::fs::read_to_string(file.trim())
+            .map_err(|e| ProxyError::PasswordFile(format!("cannot read {:?}: {e}", file.trim())))?;
+        let password = content.lines().next().unwrap_or_default();
+        if password.is_empty() {
+            return Err(ProxyError::PasswordFile(format!(
+                "{:?} holds no password on its first line",
+                file.trim()
+            )));
+        }
+        proxy.with_password(password)?
+    };
+    Ok(Some(std::sync::Arc::new(proxy)))
 }
 
 /// The databases named by `webhook.database`, trimmed, de-duplicated, in order.

@@ -60,6 +60,7 @@ fn _check_signing_key(key: Option<&str>) -> String {
 /// into the table by hand), so that reading webhook.public_keys never fails.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn _public_key(key: &str) -> Option<String> {
+    // (SigningKey::decode refuses a long text before decoding it: PUBLIC may call this.)
     signing::SigningKey::decode(key)
         .ok()
         .map(|k| k.public_key())
@@ -79,6 +80,18 @@ fn _check_client_identity(cert: Option<&str>, key: Option<&str>) {
         _ => invalid(format!(
             "invalid endpoint client certificate: {}",
             crate::http::IdentityError::Half
+        )),
+    }
+}
+
+/// Checks an endpoint's forward proxy: `direct` (none, whatever webhook.proxy says) or a proxy
+/// URL, `http(s)://[user:password@]host[:port]`. The error never quotes it (it may hold a password).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _check_proxy(proxy: &str) -> String {
+    match crate::http::ProxyUrl::choice(Some(proxy)) {
+        Ok(_) => proxy.trim().to_string(),
+        Err(e) => invalid(format!(
+            "invalid endpoint proxy: {e} (or 'direct' for none)"
         )),
     }
 }

@@ -192,10 +192,8 @@ impl Session {
                 nothing_in_flight,
             );
             let rows = sql::CLAIM.rows(&params, Claimed::from_row)?;
-            self.credentials.refresh_identities(
-                rows.iter()
-                    .filter_map(|c| c.identity_version.map(|v| (c.endpoint_id, v))),
-            )?;
+            self.credentials
+                .refresh_identities(rows.iter().map(|c| (c.endpoint_id, c.identity_version)))?;
             Ok(Some((rows, limits)))
         })?;
         let Some((claimed, limits)) = claimed else {
@@ -350,6 +348,7 @@ enum Unsendable {
     SigningKey(signing::SigningKeyError),
     PreviousSigningKey(signing::SigningKeyError),
     Identity(crate::http::IdentityError),
+    Proxy(crate::http::ProxyError),
     Headers(request::HeaderError),
 }
 
@@ -361,6 +360,7 @@ impl std::fmt::Display for Unsendable {
             Unsendable::SigningKey(e) => write!(f, "endpoint {e}"),
             Unsendable::PreviousSigningKey(e) => write!(f, "endpoint previous {e}"),
             Unsendable::Identity(e) => write!(f, "endpoint client certificate: {e}"),
+            Unsendable::Proxy(e) => write!(f, "endpoint {e}"),
             Unsendable::Headers(e) => write!(f, "endpoint headers: {e}"),
         }
     }
@@ -398,6 +398,8 @@ struct Claimed {
     previous_signing_key: Option<String>,
     /// The version of the endpoint's row, when it has a client certificate (`Credentials`).
     identity_version: Option<i64>,
+    /// The endpoint's forward proxy: NULL (webhook.proxy), `direct`, or a proxy URL.
+    proxy: Option<String>,
     /// The endpoint's first new delivery (routing pass, id) the claim picked but did not take.
     hole: Option<(i64, i64)>,
 }
@@ -446,7 +448,8 @@ impl Claimed {
             signing_key: row.get(25)?,
             previous_signing_key: row.get(26)?,
             identity_version: row.get(27)?,
-            hole: match (row.get(28)?, row.get(29)?) {
+            proxy: row.get(28)?,
+            hole: match (row.get(29)?, row.get(30)?) {
                 (Some(pass), Some(id)) => Some((pass, id)),
                 _ => None,
             },
@@ -513,6 +516,9 @@ impl Claimed {
                 .transpose()
                 .map_err(Unsendable::Identity)?,
         };
+        let proxy = credentials
+            .proxy(self.proxy.as_deref())
+            .map_err(Unsendable::Proxy)?;
         let mut headers = request::parse_headers(&self.headers).map_err(Unsendable::Headers)?;
         // Checked again: the column is the table's, which an administrator may write by hand.
         if let Some(tp) = self.traceparent.take().and_then(|t| trace::parse(&t).ok()) {
@@ -528,6 +534,7 @@ impl Claimed {
             keys,
             signing_keys,
             identity,
+            proxy,
             headers,
             timeout: Duration::from_millis(self.timeout_ms.clamp(1, 3_600_000) as u64),
         })

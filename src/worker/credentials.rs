@@ -1,5 +1,5 @@
-//! What signs and authenticates an endpoint's requests beyond its HMAC secret, kept decoded in
-//! memory: ed25519 signing keys (decoding one costs a scalar multiplication, too much for every
+//! What signs, authenticates and routes an endpoint's requests beyond its HMAC secret and URL,
+//! kept decoded in memory: forward proxies, by their text; ed25519 signing keys (decoding one costs a scalar multiplication, too much for every
 //! request), by their text; and client certificates (mutual TLS), checked once per version of
 //! their endpoint's row and read again (IDENTITIES) only when a claim sees that row changed.
 
@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::queries as sql;
-use crate::http::{ClientIdentity, IdentityError};
+use crate::http::{ClientIdentity, IdentityError, ProxyChoice, ProxyError, ProxyUrl};
 use crate::pg::spi::SpiError;
 use crate::signing::{SigningKey, SigningKeyError};
 
-/// Most decoded signing keys kept; past it they are all dropped and decoded again as needed.
+/// Most decoded signing keys (and proxies) kept; past it they are all dropped and decoded again
+/// as needed.
 const MAX_SIGNING_KEYS: usize = 4096;
 
 #[derive(Default)]
@@ -19,6 +20,8 @@ pub(super) struct Credentials {
     signing_keys: HashMap<String, Result<Arc<SigningKey>, SigningKeyError>>,
     /// Per endpoint: the version (xmin) of the row it was read from, and the checked certificate.
     identities: HashMap<i32, (i64, Result<Arc<ClientIdentity>, IdentityError>)>,
+    /// Endpoints' own proxies, by their column's text.
+    proxies: HashMap<String, Result<ProxyChoice, ProxyError>>,
 }
 
 impl Credentials {
@@ -35,16 +38,42 @@ impl Credentials {
         decoded
     }
 
-    /// Reads the certificates of the endpoints (id, row version) whose copy in memory is missing
-    /// or older; in the claim's transaction.
+    /// What an endpoint's `proxy` column says (checked once per text).
+    pub(super) fn proxy(&mut self, column: Option<&str>) -> Result<ProxyChoice, ProxyError> {
+        let Some(text) = column else {
+            return Ok(ProxyChoice::Default);
+        };
+        if let Some(found) = self.proxies.get(text) {
+            return found.clone();
+        }
+        if self.proxies.len() >= MAX_SIGNING_KEYS {
+            self.proxies.clear();
+        }
+        let choice = ProxyUrl::choice(Some(text));
+        self.proxies.insert(text.to_string(), choice.clone());
+        choice
+    }
+
+    /// Reads the certificates of the claimed endpoints (id, row version when it has one) whose
+    /// copy in memory is missing or older, and forgets those of endpoints that have none any
+    /// more; in the claim's transaction.
     pub(super) fn refresh_identities(
         &mut self,
-        wanted: impl Iterator<Item = (i32, i64)>,
+        claimed: impl Iterator<Item = (i32, Option<i64>)>,
     ) -> Result<(), SpiError> {
-        let mut stale: Vec<i32> = wanted
-            .filter(|(id, version)| self.identities.get(id).is_none_or(|(v, _)| v != version))
-            .map(|(id, _)| id)
-            .collect();
+        let mut stale: Vec<i32> = Vec::new();
+        for (id, version) in claimed {
+            match version {
+                None => {
+                    self.identities.remove(&id);
+                }
+                Some(version) => {
+                    if self.identities.get(&id).is_none_or(|(v, _)| *v != version) {
+                        stale.push(id);
+                    }
+                }
+            }
+        }
         if stale.is_empty() {
             return Ok(());
         }

@@ -174,7 +174,8 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           CASE WHEN ep.previous_signing_key_expires_at > now() THEN ep.previous_signing_key END,
           -- The endpoint row's version when it has a client certificate: the worker keeps each
           -- certificate checked in memory, and reads it (IDENTITIES) when its row changed.
-          CASE WHEN ep.client_cert IS NOT NULL THEN ep.xmin::text::int8 END
+          CASE WHEN ep.client_cert IS NOT NULL THEN ep.xmin::text::int8 END,
+          ep.proxy
 )
 -- And, per endpoint, the lowest new delivery picked but not taken (held by another transaction,
 -- its event not visible, or over the byte budget): the endpoint's floor stays below it. (A set

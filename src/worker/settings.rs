@@ -72,7 +72,14 @@ impl Settings {
                 }
             }
         };
+        let proxy = gucs::proxy();
+        if let Err(e) = &proxy {
+            // LOG, as Postgres reports a setting it cannot use on reload (a WARNING would not
+            // reach a log kept at the default level).
+            log!("webhook.proxy is not usable: {e}; the requests of endpoints without a proxy of their own fail until it is fixed");
+        }
         HttpConfig {
+            proxy,
             policy: gucs::address_policy(),
             https_only: gucs::HTTPS_ONLY.get(),
             response_body_limit: gucs::RESPONSE_BODY_LIMIT.get().max(0) as usize,

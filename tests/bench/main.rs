@@ -681,6 +681,7 @@ fn ceiling(report: &mut Report, requests: i64) -> f64 {
         extra_roots_pem: None,
         threads: 2,
         dns_servers: vec![],
+        proxy: Ok(None),
     })
     .unwrap();
     let key = signing::decode_secret(&signing::generate_secret().unwrap()).unwrap();
@@ -703,6 +704,7 @@ fn ceiling(report: &mut Report, requests: i64) -> f64 {
             keys: vec![key.clone()],
             signing_keys: vec![],
             identity: None,
+            proxy: webhook_ext::http::ProxyChoice::Default,
             headers: vec![],
             timeout: Duration::from_millis(15_000),
         }

@@ -413,6 +413,9 @@ fn every_sql_example_in_the_readme_runs() {
         !lines[1][2].contains("1min,10min,1h"),
         "reset returns to the default"
     );
+    // ... and signing with ed25519 too shows a public key.
+    assert_eq!(lines[1][4], "both");
+    assert!(lines[1][5].starts_with("billing|whpk_"), "{:?}", lines[1]);
     // Sources: webhook.subscriptions lists both subscriptions and the hand-written trigger.
     assert_eq!(
         lines[2][lines[2].len() - 3..],
@@ -1255,6 +1258,9 @@ struct Reloads {
     hanging: Receiver,
     long_body: Receiver,
     tls: crate::harness::tls::TlsReceiver,
+    /// A forward proxy (webhook.proxy), and one that requires a password (webhook.proxy_password_file).
+    proxy: crate::harness::proxy::Proxy,
+    auth_proxy: crate::harness::proxy::Proxy,
     /// A delivery finished when the test began (for webhook.retention).
     old_delivery: i64,
     n: usize,
@@ -1540,6 +1546,21 @@ fn p_ssl_ca_file(r: &mut Reloads) -> bool {
     matches!(r.one_attempt(&url, ""), Some((s, _, _)) if s == "delivered")
 }
 
+/// A request to the ok receiver went through the proxy.
+fn p_proxy(r: &mut Reloads) -> bool {
+    let seen = r.proxy.asked().len();
+    let url = r.ok.url("/");
+    matches!(r.one_attempt(&url, ""), Some((s, _, _)) if s == "delivered")
+        && r.proxy.asked().len() > seen
+}
+
+/// A request went through the proxy that requires a password (with it: delivered).
+fn p_proxy_password_file(r: &mut Reloads) -> bool {
+    let url = r.ok.url("/");
+    matches!(r.one_attempt(&url, ""), Some((s, _, _)) if s == "delivered")
+        && r.auth_proxy.asked().last().is_some_and(|a| a.authorized)
+}
+
 fn p_circuit_breaker_threshold(r: &mut Reloads) -> bool {
     // One failed attempt, then five more events: with the circuit open (threshold 1) they go
     // one probe at a time; closed, all at once.
@@ -1636,9 +1657,20 @@ fn every_setting_takes_effect_on_reload() {
         hanging: Receiver::start(always(Reply::ok().after(Duration::from_secs(60)))),
         long_body: Receiver::start(always(Reply::ok().body(vec![b'x'; 100]))),
         tls,
+        proxy: crate::harness::proxy::Proxy::start(None, &[]),
+        auth_proxy: crate::harness::proxy::Proxy::start(Some(("hook", "reload-pw")), &[]),
         old_delivery,
         n: 0,
     };
+    let password_file = r.pg.dir.join("proxy-password");
+    std::fs::write(&password_file, "reload-pw\n").unwrap();
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let proxy = leak(format!("'http://127.0.0.1:{}'", r.proxy.port));
+    let auth_proxy: &'static [(&'static str, &'static str)] = Box::leak(Box::new([(
+        "webhook.proxy",
+        leak(format!("'http://hook@127.0.0.1:{}'", r.auth_proxy.port)),
+    )]));
+    let password_file = leak(format!("'{}'", password_file.display()));
     let dns = format!("'{nameserver}'");
     let ca_file = format!("'{}'", ca.display());
     let dns: &'static str = Box::leak(dns.into_boxed_str());
@@ -1708,6 +1740,16 @@ fn every_setting_takes_effect_on_reload() {
         case("webhook.dns_servers", dns, false, p_dns_servers),
         case("webhook.paused", "on", true, p_paused),
         case("webhook.ssl_ca_file", ca_file, true, p_ssl_ca_file),
+        case("webhook.proxy", proxy, true, p_proxy),
+        ReloadCase {
+            setting: "webhook.proxy_password_file",
+            value: password_file,
+            // Shown refused by the proxy (407) under `first`; after both resets: direct.
+            first: auth_proxy,
+            before: false,
+            after: false,
+            probe: p_proxy_password_file,
+        },
         case(
             "webhook.circuit_breaker_threshold",
             "1",

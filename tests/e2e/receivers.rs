@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use base64::Engine;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 
+use crate::harness::proxy::Proxy;
 use crate::harness::tls::{ClientCa, TlsReceiver};
 use crate::harness::*;
 use crate::security::{error_of, last_error, Sensitive};
@@ -332,12 +333,12 @@ fn mutual_tls_presents_the_endpoints_client_certificate() {
         (
             Some(&key),
             Some(&key),
-            "client_cert holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            "client_cert must hold certificates only, and holds a private key",
         ),
         (
             Some(&cert),
             Some(&cert),
-            "client_key holds no PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC)",
+            "client_key holds no PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC; not encrypted)",
         ),
     ] {
         let err = db
@@ -438,4 +439,253 @@ fn mutual_tls_presents_the_endpoints_client_certificate() {
         sensitive.add(body, "a client key's PEM body");
     }
     sensitive.assert_not_in_log(&pg);
+}
+
+#[test]
+fn a_forward_proxy_carries_requests_with_its_credentials_and_endpoints_may_choose_their_own() {
+    let password = "pr0xy-s3cret-pass";
+    let own_password = "0wn-pr0xy-s3cret";
+    let proxy = Proxy::start(Some(("hook", password)), &[]);
+    let other = Proxy::start(Some(("own", own_password)), &[]);
+    let rx = Receiver::start(always(Reply::ok()));
+    let tls = TlsReceiver::start();
+    let pg = Cluster::start(&[
+        ("webhook.retry_schedule", "'200ms'"),
+        ("webhook.default_max_attempts", "1"),
+    ]);
+    let ca = pg.dir.join("receiver-ca.pem");
+    tls.write_ca(&ca);
+    pg.set("webhook.ssl_ca_file", &format!("'{}'", ca.display()));
+    // The password comes from a file: Postgres logs a reloaded setting's new value.
+    let password_file = pg.dir.join("proxy-password");
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    pg.set(
+        "webhook.proxy",
+        &format!("'http://hook@127.0.0.1:{}'", proxy.port),
+    );
+    pg.set(
+        "webhook.proxy_password_file",
+        &format!("'{}'", password_file.display()),
+    );
+    pg.reload();
+    let mut db = pg.client_with_extension();
+    create_endpoint(&mut db, "plain", &rx.url("/plain"));
+    create_endpoint(&mut db, "tls", &tls.url());
+    db.execute(
+        "SELECT webhook.create_endpoint('direct', $1, proxy => 'direct')",
+        &[&rx.url("/direct")],
+    )
+    .unwrap();
+    db.execute(
+        "SELECT webhook.create_endpoint('own', $1, proxy => $2)",
+        &[
+            &rx.url("/own"),
+            &format!("http://own:{own_password}@127.0.0.1:{}", other.port),
+        ],
+    )
+    .unwrap();
+    let send = |db: &mut postgres::Client, ep: &str| {
+        db.execute("SELECT webhook.send('x', '{}', $1)", &[&ep])
+            .unwrap();
+        wait_settled(db, PATIENCE);
+        last_error(db, ep)
+    };
+    for ep in ["plain", "tls", "direct", "own"] {
+        assert_eq!(send(&mut db, ep), ("delivered".to_string(), None), "{ep}");
+    }
+    assert_eq!(rx.count(), 3);
+    assert_eq!(tls.served.load(Ordering::SeqCst), 1);
+    // webhook.proxy carried plain http in absolute form and https in a CONNECT tunnel, with its
+    // credentials; the endpoint with its own proxy went there, the direct one nowhere.
+    let lines = |p: &Proxy| {
+        p.asked()
+            .into_iter()
+            .map(|a| {
+                assert!(a.authorized, "{a:?}");
+                a.line
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        lines(&proxy),
+        [
+            format!("POST {}", rx.url("/plain")),
+            format!("CONNECT 127.0.0.1:{}", tls.port),
+        ]
+    );
+    assert_eq!(lines(&other), [format!("POST {}", rx.url("/own"))]);
+
+    // Wrong credentials: the proxy's refusal is the attempt's error; an endpoint's own proxy URL
+    // is checked when given, and the error never quotes it.
+    db.execute(
+        "SELECT webhook.alter_endpoint('own', proxy => $1)",
+        &[&format!(
+            "http://own:wrong-{own_password}@127.0.0.1:{}",
+            other.port
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        send(&mut db, "own"),
+        (
+            "failed".to_string(),
+            Some("HTTP 407 (gave up after 1 attempt)".to_string())
+        )
+    );
+    let err = db
+        .execute(
+            "SELECT webhook.alter_endpoint('own', proxy => $1)",
+            &[&format!("socks5://hook:{password}@127.0.0.1:1080")],
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().unwrap().message(),
+        "invalid endpoint proxy: proxy URL must start with http:// or https://, not socks5:// (or 'direct' for none)"
+    );
+    // reset => '{proxy}' follows webhook.proxy again.
+    db.execute(
+        "SELECT webhook.alter_endpoint('own', reset => '{proxy}')",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(send(&mut db, "own"), ("delivered".to_string(), None));
+    assert_eq!(
+        proxy.asked().last().unwrap().line,
+        format!("POST {}", rx.url("/own"))
+    );
+
+    // Only superusers may read the setting (its URL holds the password).
+    db.batch_execute("CREATE ROLE snoop LOGIN").unwrap();
+    let err = error_of(&mut pg.client_as("snoop", "app"), "SHOW webhook.proxy");
+    assert!(err.contains("must be superuser"), "{err}");
+
+    // An unusable webhook.proxy: requests that would go through it fail with the reason (none is
+    // sent around it); the endpoint that goes direct is not concerned.
+    pg.set("webhook.proxy", "'socks5://hook@127.0.0.1:1080'");
+    pg.reload();
+    wait_until(
+        PATIENCE,
+        "the worker refusing to send around a broken proxy",
+        || match send(&mut db, "plain") {
+            (s, Some(e)) if s == "failed" && e.starts_with("webhook.proxy is not usable") => {
+                Some(e)
+            }
+            (s, None) if s == "delivered" => None,
+            other => panic!("{other:?}"),
+        },
+    );
+    let (_, err) = send(&mut db, "plain");
+    assert_eq!(
+        err.as_deref(),
+        Some("webhook.proxy is not usable: proxy URL must start with http:// or https://, not socks5://")
+    );
+    assert_eq!(send(&mut db, "direct"), ("delivered".to_string(), None));
+    // A password in the setting itself is refused (Postgres has logged it by then: the message
+    // says where it goes instead).
+    pg.set(
+        "webhook.proxy",
+        &format!("'http://hook:inline-pw@127.0.0.1:{}'", proxy.port),
+    );
+    pg.reload();
+    wait_until(
+        PATIENCE,
+        "the worker refusing a password in webhook.proxy",
+        || {
+            let (_, err) = send(&mut db, "plain");
+            err.filter(|e| e.contains("must not hold a password"))
+        },
+    );
+    // An unreadable password file likewise.
+    pg.set(
+        "webhook.proxy",
+        &format!("'http://hook@127.0.0.1:{}'", proxy.port),
+    );
+    pg.set(
+        "webhook.proxy_password_file",
+        "'/nonexistent/proxy-password'",
+    );
+    pg.reload();
+    let err = wait_until(
+        PATIENCE,
+        "the worker refusing an unreadable password file",
+        || {
+            let (_, err) = send(&mut db, "plain");
+            err.filter(|e| e.contains("cannot read"))
+        },
+    );
+    assert!(
+        err.starts_with("webhook.proxy is not usable: webhook.proxy_password_file: cannot read \"/nonexistent/proxy-password\""),
+        "{err}"
+    );
+
+    let mut sensitive = Sensitive::default();
+    sensitive.add(password, "the proxy's password");
+    sensitive.add(own_password, "an endpoint proxy's password");
+    sensitive.assert_not_in_log(&pg);
+    assert!(
+        pg.log().contains("webhook.proxy is not usable"),
+        "the worker says so in the log"
+    );
+}
+
+#[test]
+fn through_a_proxy_the_guard_checks_each_target_and_not_the_proxy() {
+    let rx = Receiver::start(always(Reply::ok()));
+    let port = rx.port();
+    // The proxy has its own view of partner.test (as a proxy with its own DNS would).
+    let proxy = Proxy::start(None, &[("partner.test", "127.0.0.1")]);
+    // The worker's nameserver: the proxy and internal.test are on loopback; partner.test on an
+    // address the guard is told to allow (nothing listens there: a request that went around
+    // the proxy would fail).
+    let ns = crate::harness::dns::nameserver(&[
+        ("proxy.test", [127, 0, 0, 1]),
+        ("internal.test", [127, 0, 0, 1]),
+        ("partner.test", [127, 0, 0, 3]),
+    ]);
+    let pg = Cluster::start(&[
+        ("webhook.allow_private_networks", "off"),
+        ("webhook.allowed_networks", "'127.0.0.3/32'"),
+        ("webhook.dns_servers", &format!("'{ns}'")),
+        (
+            "webhook.proxy",
+            &format!("'http://proxy.test:{}'", proxy.port),
+        ),
+        ("webhook.default_max_attempts", "1"),
+    ]);
+    let mut db = pg.client_with_extension();
+    for (name, url) in [
+        ("partner", format!("http://partner.test:{port}/p")),
+        ("internal", format!("http://internal.test:{port}/i")),
+        ("literal", format!("http://127.0.0.1:{port}/l")),
+    ] {
+        create_endpoint(&mut db, name, &url);
+        db.execute("SELECT webhook.send('x', '{}', $1)", &[&name])
+            .unwrap();
+    }
+    wait_settled(&mut db, PATIENCE);
+    // The proxy itself, named by a host name that resolves to loopback, is used: the guard
+    // checks targets, and the administrator chose the proxy.
+    assert_eq!(
+        last_error(&mut db, "partner"),
+        ("delivered".to_string(), None)
+    );
+    assert_eq!(rx.requests()[0].path, "/p");
+    // Targets the guard refuses never reach the proxy, by name or literal.
+    for ep in ["internal", "literal"] {
+        let (status, err) = last_error(&mut db, ep);
+        assert_eq!(status, "failed", "{ep}");
+        let err = err.unwrap_or_default();
+        assert!(
+            err.starts_with("refused to connect to 127.0.0.1: loopback address"),
+            "{ep}: {err}"
+        );
+    }
+    assert_eq!(
+        proxy
+            .asked()
+            .into_iter()
+            .map(|a| a.line)
+            .collect::<Vec<_>>(),
+        [format!("POST http://partner.test:{port}/p")]
+    );
 }

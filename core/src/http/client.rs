@@ -1,4 +1,5 @@
-//! The reqwest client every attempt goes through: HTTP/1.1 only, no redirects, no proxy, the
+//! The reqwest client every attempt goes through: HTTP/1.1 only, no redirects, the configured
+//! forward proxy (never the environment's), the
 //! guarded resolver for every host name, the extra trusted roots, and, for an endpoint with a
 //! client certificate, that certificate.
 
@@ -6,24 +7,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::resolver::GuardedResolver;
-use super::{ClientIdentity, HttpConfig};
+use super::{ClientIdentity, HttpConfig, ProxyUrl};
 
 pub(super) fn build_client(
     config: &HttpConfig,
     identity: Option<&ClientIdentity>,
+    proxy: Option<&ProxyUrl>,
 ) -> Result<reqwest::Client, String> {
+    // Through a proxy this resolver is asked for the proxy's address only (the proxy resolves
+    // the target; `exchange` checks the target itself first), and the proxy is the
+    // administrator's choice: its own addresses are not refused.
+    let resolver = GuardedResolver::new(config.policy.clone(), &config.dns_servers)
+        .exempt(proxy.map(|p| p.host().to_string()));
     let mut builder = reqwest::Client::builder()
         .user_agent(config.user_agent.clone())
         .redirect(reqwest::redirect::Policy::none())
+        // Never the environment's (HTTPS_PROXY and the like): only the configured one.
         .no_proxy()
         .http1_only()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(1024)
-        .dns_resolver(Arc::new(GuardedResolver::new(
-            config.policy.clone(),
-            &config.dns_servers,
-        )));
+        .dns_resolver(Arc::new(resolver));
+    if let Some(proxy) = proxy {
+        // Credentials in the URL become Proxy-Authorization (basic); no error quotes the URL.
+        let p = reqwest::Proxy::all(proxy.url()).map_err(|_| "proxy URL cannot be used")?;
+        builder = builder.proxy(p);
+    }
     if let Some(pem) = &config.extra_roots_pem {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
             .map_err(|e| format!("webhook.ssl_ca_file: {e}"))?;
@@ -213,8 +223,8 @@ mod tests {
             .unwrap();
         let mut cfg = config(true);
         cfg.extra_roots_pem = Some(ca.pem().into_bytes());
-        let with = build_client(&cfg, Some(&identity)).unwrap();
-        let without = build_client(&cfg, None).unwrap();
+        let with = build_client(&cfg, Some(&identity), None).unwrap();
+        let without = build_client(&cfg, None, None).unwrap();
         let ca_der = ca.der().to_vec();
         let port = serve_once_to(leaf.clone(), &server_key, Some(ca_der.clone()));
         assert_eq!(post(&rt, &with, port), Ok(200));
@@ -249,7 +259,7 @@ mod tests {
         for extra in [None, Some(ca.pem().into_bytes())] {
             let mut cfg = config(true);
             cfg.extra_roots_pem = extra.clone();
-            let client = build_client(&cfg, None).unwrap();
+            let client = build_client(&cfg, None, None).unwrap();
             let with_extra = extra.is_some();
 
             // The extra CA's certificate is trusted exactly when the file is given.

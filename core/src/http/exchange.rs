@@ -4,24 +4,35 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::resolver::Refused;
+use super::resolver::{GuardedResolver, Refused};
 use super::{Finished, HttpConfig, Job};
 use crate::retry::{self, Outcome};
 use crate::signing;
 
 /// Runs one attempt under the job's deadline and reports what happened.
-pub(super) async fn attempt(client: &reqwest::Client, config: &HttpConfig, job: Job) -> Finished {
+/// `proxy_guard`: for a request through a forward proxy, the guard that checks its target (the
+/// proxy resolves and connects to it, so the client's own resolver never sees it).
+pub(super) async fn attempt(
+    client: &reqwest::Client,
+    config: &HttpConfig,
+    proxy_guard: Option<&GuardedResolver>,
+    job: Job,
+) -> Finished {
     let started_at = SystemTime::now();
     let clock = Instant::now();
-    let (outcome, response_body, error) =
-        match tokio::time::timeout(job.timeout, exchange(client, config, &job)).await {
-            Ok(result) => result,
-            Err(_) => (
-                Outcome::Timeout,
-                None,
-                Some(format!("timed out after {}", human(job.timeout))),
-            ),
-        };
+    let (outcome, response_body, error) = match tokio::time::timeout(
+        job.timeout,
+        exchange(client, config, proxy_guard, &job),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => (
+            Outcome::Timeout,
+            None,
+            Some(format!("timed out after {}", human(job.timeout))),
+        ),
+    };
     Finished {
         delivery_id: job.delivery_id,
         endpoint_id: job.endpoint_id,
@@ -38,6 +49,7 @@ pub(super) async fn attempt(client: &reqwest::Client, config: &HttpConfig, job: 
 async fn exchange(
     client: &reqwest::Client,
     config: &HttpConfig,
+    proxy_guard: Option<&GuardedResolver>,
     job: &Job,
 ) -> (Outcome, Option<String>, Option<String>) {
     if config.https_only && !job.url.starts_with("https:") {
@@ -51,6 +63,17 @@ async fn exchange(
     if let Some(ip) = literal_ip(&job.url) {
         if let Err(why) = config.policy.check(ip) {
             return (Outcome::Refused, None, Some(why));
+        }
+    } else if let Some(guard) = proxy_guard {
+        // Through a proxy the target's name is resolved by the proxy: it is resolved and
+        // checked here first, as it would be without one (the proxy's own lookup may differ).
+        if let Some(host) = url::Url::parse(&job.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+        {
+            if let Err(e) = guard.check_host(&host).await {
+                return (Outcome::Refused, None, Some(e));
+            }
         }
     }
     let timestamp = SystemTime::now()

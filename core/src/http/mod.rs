@@ -19,8 +19,9 @@
 //! ```
 //!
 //! - `runtime`: [`HttpRuntime`]: the threads, the queue of finished requests, the wake pipe.
-//! - `client`: the reqwest client (no redirects, no proxy, extra roots, the guarded resolver),
-//!   one more per client certificate (`identity`: an endpoint's mutual TLS certificate, checked).
+//! - `client`: the reqwest client (no redirects, extra roots, the guarded resolver), one per
+//!   client certificate (`identity`: an endpoint's mutual TLS certificate, checked) and forward
+//!   proxy (`proxy`: webhook.proxy or an endpoint's own) in use.
 //! - `resolver`: asynchronous DNS behind the SSRF guard; [`parse_dns_servers`].
 //! - `exchange`: one attempt: sign, send, time, cap the response, classify failures.
 
@@ -35,6 +36,7 @@ use crate::target::AddressPolicy;
 mod client;
 mod exchange;
 mod identity;
+mod proxy;
 mod resolver;
 mod runtime;
 
@@ -42,6 +44,7 @@ mod runtime;
 mod testutil;
 
 pub use identity::{ClientIdentity, IdentityError};
+pub use proxy::{ProxyChoice, ProxyError, ProxyUrl, DIRECT};
 pub use resolver::parse_dns_servers;
 pub use runtime::HttpRuntime;
 
@@ -62,6 +65,8 @@ pub struct Job {
     pub signing_keys: Vec<Arc<SigningKey>>,
     /// The endpoint's client certificate (mutual TLS), if it has one.
     pub identity: Option<Arc<ClientIdentity>>,
+    /// The forward proxy the request goes through.
+    pub proxy: ProxyChoice,
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
 }
@@ -103,4 +108,7 @@ pub struct HttpConfig {
     pub threads: usize,
     /// Nameservers to ask (webhook.dns_servers); empty: the system's (/etc/resolv.conf).
     pub dns_servers: Vec<SocketAddr>,
+    /// webhook.proxy: the forward proxy of endpoints without their own, or why it is unusable
+    /// (their requests then fail: sending around a proxy the administrator set is not an option).
+    pub proxy: Result<Option<Arc<ProxyUrl>>, ProxyError>,
 }

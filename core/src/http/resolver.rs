@@ -14,6 +14,8 @@ use crate::target::AddressPolicy;
 pub(super) struct GuardedResolver {
     policy: AddressPolicy,
     resolver: hickory_resolver::TokioAsyncResolver,
+    /// A host whose addresses are not checked: the forward proxy a client goes through.
+    exempt: Option<String>,
 }
 
 impl GuardedResolver {
@@ -22,7 +24,25 @@ impl GuardedResolver {
         GuardedResolver {
             policy,
             resolver: build_resolver(servers),
+            exempt: None,
         }
+    }
+
+    /// Resolves `host` and fails, with the guard's reason, unless one of its addresses is allowed.
+    pub(super) async fn check_host(&self, host: &str) -> Result<(), String> {
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = host
+            .parse()
+            .map_err(|_| format!("could not resolve {host}: not a host name"))?;
+        match self.resolve(name).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub(super) fn exempt(mut self, host: Option<String>) -> GuardedResolver {
+        self.exempt = host.map(|h| h.to_ascii_lowercase());
+        self
     }
 }
 
@@ -96,6 +116,10 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let policy = self.policy.clone();
         let host = name.as_str().to_string();
         let resolver = self.resolver.clone();
+        let exempt = self
+            .exempt
+            .as_deref()
+            .is_some_and(|e| e.eq_ignore_ascii_case(&host));
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = resolver
                 .lookup_ip(host.as_str())
@@ -107,11 +131,16 @@ impl reqwest::dns::Resolve for GuardedResolver {
             let mut refusal = None;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
-                .filter(|a| match policy.check(a.ip()) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        refusal.get_or_insert(why);
-                        false
+                .filter(|a| {
+                    match policy
+                        .check(a.ip())
+                        .or_else(|e| if exempt { Ok(()) } else { Err(e) })
+                    {
+                        Ok(()) => true,
+                        Err(why) => {
+                            refusal.get_or_insert(why);
+                            false
+                        }
                     }
                 })
                 .collect();

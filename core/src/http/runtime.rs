@@ -15,17 +15,27 @@ use std::sync::{Arc, Mutex};
 
 use super::client::build_client;
 use super::exchange::attempt;
-use super::{Finished, HttpConfig, Job};
+use super::resolver::GuardedResolver;
+use super::{Finished, HttpConfig, Job, ProxyChoice, ProxyUrl};
 
-/// Most clients kept for client certificates; past it they are all dropped and built again as
-/// needed (requests under way keep theirs).
-const MAX_IDENTITY_CLIENTS: usize = 1024;
+/// Most clients kept for client certificates and proxies; past it they are all dropped and
+/// built again as needed (requests under way keep theirs).
+const MAX_OTHER_CLIENTS: usize = 1024;
+
+/// What a client is built with beyond the configuration: a client certificate (its digest) and
+/// a forward proxy (its URL).
+type ClientKey = (Option<[u8; 32]>, Option<Arc<ProxyUrl>>);
 
 pub struct HttpRuntime {
     runtime: tokio::runtime::Runtime,
-    client: reqwest::Client,
-    /// One client per client certificate (each has its own TLS configuration and pool).
-    identity_clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
+    /// The client of requests without a client certificate that go through webhook.proxy (or
+    /// directly, without it); None when webhook.proxy is unusable.
+    client: Option<reqwest::Client>,
+    /// One client per other certificate and proxy in use (each has its own TLS configuration,
+    /// proxy and connection pool).
+    other_clients: Mutex<HashMap<ClientKey, reqwest::Client>>,
+    /// Checks a proxied request's target (the proxy resolves it; this refuses it first).
+    guard: Arc<GuardedResolver>,
     config: Arc<HttpConfig>,
     shared: Arc<Shared>,
     wake_read: OwnedFd,
@@ -59,11 +69,16 @@ impl HttpRuntime {
         };
         let (wake_read, wake_write) =
             nonblocking_pipe().map_err(|e| format!("could not create the wake pipe: {e}"))?;
-        let client = build_client(&config, None)?;
+        let client = default_client(&config)?;
+        let guard = Arc::new(GuardedResolver::new(
+            config.policy.clone(),
+            &config.dns_servers,
+        ));
         Ok(HttpRuntime {
             runtime,
             client,
-            identity_clients: Mutex::new(HashMap::new()),
+            other_clients: Mutex::new(HashMap::new()),
+            guard,
             config: Arc::new(config),
             shared: Arc::new(Shared {
                 finished: Mutex::new(Vec::new()),
@@ -77,8 +92,12 @@ impl HttpRuntime {
 
     /// Replaces the client (new policy, limits or roots); requests under way finish on the old one.
     pub fn reconfigure(&mut self, config: HttpConfig) -> Result<(), String> {
-        self.client = build_client(&config, None)?;
-        self.identity_clients
+        self.client = default_client(&config)?;
+        self.guard = Arc::new(GuardedResolver::new(
+            config.policy.clone(),
+            &config.dns_servers,
+        ));
+        self.other_clients
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
@@ -97,8 +116,8 @@ impl HttpRuntime {
 
     /// Starts one attempt; its result arrives through `take_finished`.
     pub fn submit(&self, job: Job) {
-        let client = match self.client_for(&job) {
-            Ok(client) => client,
+        let (client, proxied) = match self.client_for(&job) {
+            Ok(found) => found,
             Err(why) => {
                 return self.push_finished(Finished {
                     delivery_id: job.delivery_id,
@@ -114,9 +133,10 @@ impl HttpRuntime {
         };
         let config = self.config.clone();
         let shared = self.shared.clone();
+        let guard = proxied.then(|| self.guard.clone());
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
         self.runtime.spawn(async move {
-            let done = attempt(&client, &config, job).await;
+            let done = attempt(&client, &config, guard.as_deref(), job).await;
             shared
                 .finished
                 .lock()
@@ -127,24 +147,35 @@ impl HttpRuntime {
         });
     }
 
-    /// The client for a job: the shared one, or the one built for its client certificate.
-    fn client_for(&self, job: &Job) -> Result<reqwest::Client, String> {
-        let Some(identity) = &job.identity else {
-            return Ok(self.client.clone());
+    /// The client for a job (the shared one, or the one built for its client certificate and
+    /// proxy), and whether it goes through a proxy; or why it cannot be sent.
+    fn client_for(&self, job: &Job) -> Result<(reqwest::Client, bool), String> {
+        let proxy = match &job.proxy {
+            ProxyChoice::Default => match &self.config.proxy {
+                Ok(p) => p.clone(),
+                Err(e) => return Err(format!("webhook.proxy is not usable: {e}")),
+            },
+            ProxyChoice::Direct => None,
+            ProxyChoice::Via(p) => Some(p.clone()),
         };
-        let mut clients = self
-            .identity_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(client) = clients.get(&identity.fingerprint) {
-            return Ok(client.clone());
+        let proxied = proxy.is_some();
+        let default = matches!(job.proxy, ProxyChoice::Default) && job.identity.is_none();
+        if default {
+            if let Some(client) = &self.client {
+                return Ok((client.clone(), proxied));
+            }
         }
-        let client = build_client(&self.config, Some(identity))?;
-        if clients.len() >= MAX_IDENTITY_CLIENTS {
+        let key: ClientKey = (job.identity.as_ref().map(|i| i.fingerprint), proxy);
+        let mut clients = self.other_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(&key) {
+            return Ok((client.clone(), proxied));
+        }
+        let client = build_client(&self.config, job.identity.as_deref(), key.1.as_deref())?;
+        if clients.len() >= MAX_OTHER_CLIENTS {
             clients.clear();
         }
-        clients.insert(identity.fingerprint, client.clone());
-        Ok(client)
+        clients.insert(key, client.clone());
+        Ok((client, proxied))
     }
 
     /// Queues a result that needed no request (the attempt was refused before sending).
@@ -186,6 +217,15 @@ impl HttpRuntime {
     /// again (with the same `webhook-id`) when the worker next starts.
     pub fn shutdown(self) {
         self.runtime.shutdown_background();
+    }
+}
+
+/// The shared client: no client certificate, webhook.proxy if set; None when it is unusable (its
+/// requests then fail with the reason, `client_for`).
+fn default_client(config: &HttpConfig) -> Result<Option<reqwest::Client>, String> {
+    match &config.proxy {
+        Ok(proxy) => build_client(config, None, proxy.as_deref()).map(Some),
+        Err(_) => Ok(None),
     }
 }
 

@@ -20,6 +20,7 @@ pub(super) fn config(allow_private: bool) -> HttpConfig {
         extra_roots_pem: None,
         threads: 1,
         dns_servers: vec![],
+        proxy: Ok(None),
     }
 }
 
@@ -34,6 +35,7 @@ pub(super) fn job(url: String) -> Job {
         keys: vec![vec![1u8; 32]],
         signing_keys: Vec::new(),
         identity: None,
+        proxy: crate::http::ProxyChoice::Default,
         headers: vec![("X-Extra".into(), "yes".into())],
         timeout: Duration::from_secs(5),
     }

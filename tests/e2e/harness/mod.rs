@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod dns;
+pub mod proxy;
 pub mod receiver;
 pub mod tls;
 

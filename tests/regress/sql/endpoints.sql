@@ -425,6 +425,14 @@ SELECT webhook.create_endpoint('ep_bad', 'http://127.0.0.1:9/', client_cert => '
 \echo SQLSTATE :SQLSTATE
 SELECT webhook.alter_endpoint('ep_ed', client_key => 'y');
 \echo SQLSTATE :SQLSTATE
+-- Forward proxies: 'direct', or a URL (checked, never quoted: it may hold a password).
+SELECT proxy FROM webhook.create_endpoint('ep_direct', 'http://127.0.0.1:9/', proxy => 'direct');
+SELECT proxy FROM webhook.alter_endpoint('ep_direct', proxy => 'http://egress.internal:3128');
+SELECT webhook.alter_endpoint('ep_direct', proxy => 'socks5://user:pw-not-shown@egress.internal:1080');
+\echo SQLSTATE :SQLSTATE
+SELECT webhook.alter_endpoint('ep_direct', proxy => 'http://user:pw-not-shown@egress.internal:3128/path');
+\echo SQLSTATE :SQLSTATE
+SELECT proxy IS NULL AS follows_setting FROM webhook.alter_endpoint('ep_direct', reset => '{proxy}');
 
 -- Clean up: drop this file's endpoints and tables.
 SELECT regress.drop_all_endpoints() AS endpoints_dropped;
