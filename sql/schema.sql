@@ -192,8 +192,16 @@ CREATE TABLE webhook.endpoints (
     client_key                  text,
     -- The forward proxy: NULL follows webhook.proxy, 'direct' goes around it, else a proxy URL.
     proxy                       text,
+    -- OAuth2 client credentials: the worker sends a bearer token it gets from the token URL.
+    oauth_token_url             text,
+    oauth_client_id             text,
+    oauth_client_secret         text,
+    oauth_scope                 text,
     CONSTRAINT endpoints_signing_key_check CHECK (signing = 'hmac' OR signing_key IS NOT NULL),
-    CONSTRAINT endpoints_client_identity_check CHECK ((client_cert IS NULL) = (client_key IS NULL))
+    CONSTRAINT endpoints_client_identity_check CHECK ((client_cert IS NULL) = (client_key IS NULL)),
+    CONSTRAINT endpoints_oauth_check CHECK ((oauth_token_url IS NULL) = (oauth_client_id IS NULL)
+                                           AND (oauth_client_id IS NULL) = (oauth_client_secret IS NULL)
+                                           AND (oauth_scope IS NULL OR oauth_token_url IS NOT NULL))
 );
 COMMENT ON TABLE webhook.endpoints IS 'Receivers of webhooks. NULL limits follow the webhook.* settings.';
 

@@ -1101,7 +1101,7 @@ SELECT webhook._add_flush_trigger(t."table")
 
 -- Signatures with ed25519 (Standard Webhooks v1a: receivers verify with a public key, which
 -- webhook.public_keys shows to every role that may use the schema), client certificates
--- (mutual TLS) and forward proxies: new last columns of webhook.endpoints, in the order a fresh
+-- (mutual TLS), forward proxies and OAuth2 client credentials: new last columns of webhook.endpoints, in the order a fresh
 -- install has them.
 ALTER TABLE webhook.endpoints
     ADD COLUMN signing text NOT NULL DEFAULT 'hmac'
@@ -1112,8 +1112,15 @@ ALTER TABLE webhook.endpoints
     ADD COLUMN client_cert text,
     ADD COLUMN client_key text,
     ADD COLUMN proxy text,
+    ADD COLUMN oauth_token_url text,
+    ADD COLUMN oauth_client_id text,
+    ADD COLUMN oauth_client_secret text,
+    ADD COLUMN oauth_scope text,
     ADD CONSTRAINT endpoints_signing_key_check CHECK (signing = 'hmac' OR signing_key IS NOT NULL),
-    ADD CONSTRAINT endpoints_client_identity_check CHECK ((client_cert IS NULL) = (client_key IS NULL));
+    ADD CONSTRAINT endpoints_client_identity_check CHECK ((client_cert IS NULL) = (client_key IS NULL)),
+    ADD CONSTRAINT endpoints_oauth_check CHECK ((oauth_token_url IS NULL) = (oauth_client_id IS NULL)
+                                               AND (oauth_client_id IS NULL) = (oauth_client_secret IS NULL)
+                                               AND (oauth_scope IS NULL OR oauth_token_url IS NOT NULL));
 CREATE FUNCTION webhook."_check_client_identity"(
 	"cert" TEXT, /* Option < & str > */
 	"key" TEXT /* Option < & str > */
@@ -1133,6 +1140,15 @@ CREATE FUNCTION webhook."_public_key"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_public_key_wrapper';
+CREATE FUNCTION webhook."_check_oauth"(
+	"token_url" TEXT, /* Option < & str > */
+	"client_id" TEXT, /* Option < & str > */
+	"client_secret" TEXT, /* Option < & str > */
+	"scope" TEXT /* Option < & str > */
+) RETURNS void
+STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_oauth_wrapper';
 CREATE FUNCTION webhook."_check_proxy"(
 	"proxy" TEXT /* & str */
 ) RETURNS TEXT /* String */
@@ -1185,7 +1201,11 @@ CREATE FUNCTION webhook.create_endpoint(
     signing_key text DEFAULT NULL,
     client_cert text DEFAULT NULL,
     client_key text DEFAULT NULL,
-    proxy text DEFAULT NULL)
+    proxy text DEFAULT NULL,
+    oauth_token_url text DEFAULT NULL,
+    oauth_client_id text DEFAULT NULL,
+    oauth_client_secret text DEFAULT NULL,
+    oauth_scope text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1197,6 +1217,8 @@ BEGIN
                                          create_endpoint.max_in_flight, create_endpoint.rate_limit, create_endpoint.event_types);
     PERFORM webhook._check_signing(how);
     PERFORM webhook._check_client_identity(create_endpoint.client_cert, create_endpoint.client_key);
+    PERFORM webhook._check_oauth(create_endpoint.oauth_token_url, create_endpoint.oauth_client_id,
+                                 create_endpoint.oauth_client_secret, create_endpoint.oauth_scope);
     IF create_endpoint.url IS NULL THEN
         RAISE EXCEPTION 'invalid endpoint url: URL is empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -1206,7 +1228,8 @@ BEGIN
     END IF;
     INSERT INTO webhook.endpoints AS e
            (name, url, secret, headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, ordered, retry_schedule,
-            signing, signing_key, client_cert, client_key, proxy)
+            signing, signing_key, client_cert, client_key, proxy,
+            oauth_token_url, oauth_client_id, oauth_client_secret, oauth_scope)
     VALUES (create_endpoint.name,
             webhook._check_url(create_endpoint.url),
             webhook._check_secret(create_endpoint.secret),
@@ -1224,7 +1247,11 @@ BEGIN
                  THEN webhook._check_signing_key(create_endpoint.signing_key) END,
             create_endpoint.client_cert,
             create_endpoint.client_key,
-            webhook._check_proxy(create_endpoint.proxy))
+            webhook._check_proxy(create_endpoint.proxy),
+            create_endpoint.oauth_token_url,
+            create_endpoint.oauth_client_id,
+            create_endpoint.oauth_client_secret,
+            create_endpoint.oauth_scope)
     RETURNING * INTO r;
     RETURN r;
 END
@@ -1248,13 +1275,21 @@ CREATE FUNCTION webhook.alter_endpoint(
     signing_key text DEFAULT NULL,
     client_cert text DEFAULT NULL,
     client_key text DEFAULT NULL,
-    proxy text DEFAULT NULL)
+    proxy text DEFAULT NULL,
+    oauth_token_url text DEFAULT NULL,
+    oauth_client_id text DEFAULT NULL,
+    oauth_client_secret text DEFAULT NULL,
+    oauth_scope text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r webhook.endpoints;
     cur webhook.endpoints;
+    token_url text;
+    client_id text;
+    client_secret text;
+    scope text;
     bad text;
     how text;
     key text;
@@ -1266,12 +1301,12 @@ BEGIN
                                          alter_endpoint.max_in_flight, alter_endpoint.rate_limit, alter_endpoint.event_types);
     SELECT s INTO bad FROM unnest(COALESCE(reset, '{}')) s
      WHERE s IS NULL OR s NOT IN ('headers', 'event_types', 'max_attempts', 'timeout', 'max_in_flight', 'rate_limit', 'retry_schedule',
-                                  'signing', 'client_cert', 'proxy')
+                                  'signing', 'client_cert', 'proxy', 'oauth', 'oauth_scope')
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'cannot reset "%"', CASE WHEN bad ~ '^[A-Za-z0-9_]{1,32}$' OR bad IS NULL THEN bad ELSE '(not a setting name)' END
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert, proxy.';
+                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert, proxy, oauth, oauth_scope.';
     END IF;
     SELECT * INTO cur FROM webhook.endpoints e WHERE e.name = alter_endpoint.name FOR UPDATE;
     how := CASE WHEN 'signing' = ANY (reset) THEN 'hmac' ELSE COALESCE(alter_endpoint.signing, cur.signing) END;
@@ -1293,6 +1328,19 @@ BEGIN
             PERFORM webhook._check_client_identity(cert, cert_key);
         END IF;
     END IF;
+    -- reset oauth drops the credentials (and the scope); a part given alone replaces its part.
+    IF 'oauth' = ANY (reset) THEN
+        token_url := NULL;
+        client_id := NULL;
+        client_secret := NULL;
+        scope := NULL;
+    ELSE
+        token_url := COALESCE(alter_endpoint.oauth_token_url, cur.oauth_token_url);
+        client_id := COALESCE(alter_endpoint.oauth_client_id, cur.oauth_client_id);
+        client_secret := COALESCE(alter_endpoint.oauth_client_secret, cur.oauth_client_secret);
+        scope := CASE WHEN 'oauth_scope' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.oauth_scope, cur.oauth_scope) END;
+        PERFORM webhook._check_oauth(token_url, client_id, client_secret, scope);
+    END IF;
     UPDATE webhook.endpoints e SET
         url            = COALESCE(webhook._check_url(alter_endpoint.url), e.url),
         secret         = COALESCE(CASE WHEN alter_endpoint.secret IS NOT NULL THEN webhook._check_secret(alter_endpoint.secret) END, e.secret),
@@ -1312,6 +1360,10 @@ BEGIN
         client_key     = cert_key,
         proxy          = CASE WHEN 'proxy' = ANY (reset) THEN NULL
                               ELSE COALESCE(webhook._check_proxy(alter_endpoint.proxy), e.proxy) END,
+        oauth_token_url     = token_url,
+        oauth_client_id     = client_id,
+        oauth_client_secret = client_secret,
+        oauth_scope         = scope,
         updated_at     = now()
      WHERE e.name = alter_endpoint.name
     RETURNING * INTO r;
@@ -1357,15 +1409,40 @@ SELECT e.name AS endpoint,
        CASE WHEN e.previous_signing_key_expires_at > now() THEN e.previous_signing_key_expires_at END AS previous_expires_at
   FROM webhook.endpoints e
  WHERE e.signing_key IS NOT NULL;
+-- An operational event (src/worker/ops.rs: a circuit opened or closed, an endpoint disabled, a
+-- backlog past webhook.ops_backlog_threshold): a NOTIFY webhook_ops with its payload, completed
+-- with the endpoint's name, the database and when; and a webhook of its type to
+-- webhook.ops_endpoint when that names an enabled endpoint other than the one it is about.
+CREATE FUNCTION webhook._ops_event(endpoint_id integer, kind text, payload jsonb)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ops_name text := NULLIF(current_setting('webhook.ops_endpoint', true), '');
+    ops_id integer;
+    body jsonb := payload || jsonb_build_object(
+        'endpoint', (SELECT e.name FROM webhook.endpoints e WHERE e.id = _ops_event.endpoint_id),
+        'database', current_database(),
+        'occurred_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'));
+BEGIN
+    PERFORM pg_notify('webhook_ops', body::text);
+    IF ops_name IS NOT NULL THEN
+        SELECT e.id INTO ops_id FROM webhook.endpoints e WHERE e.name = ops_name AND e.enabled;
+        IF ops_id IS NOT NULL AND ops_id <> _ops_event.endpoint_id THEN
+            PERFORM webhook.send(kind, body, ops_name);
+        END IF;
+    END IF;
+END
+$$;
 
 REVOKE ALL ON FUNCTION webhook._check_client_identity(text, text), webhook._check_signing_key(text), webhook._public_key(text),
-    webhook._check_proxy(text), webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text, text),
-    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text, text),
-    webhook.rotate_signing_key(text, interval) FROM PUBLIC;
+    webhook._check_proxy(text), webhook._check_oauth(text, text, text, text), webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text, text, text, text, text, text),
+    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text, text, text, text, text, text),
+    webhook.rotate_signing_key(text, interval), webhook._ops_event(integer, text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION webhook._check_client_identity(text, text), webhook._check_signing_key(text), webhook._public_key(text),
-    webhook._check_proxy(text), webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text, text),
-    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text, text),
-    webhook.rotate_signing_key(text, interval) TO webhook_admin;
+    webhook._check_proxy(text), webhook._check_oauth(text, text, text, text), webhook._check_signing(text), webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text, text, text, text, text, text),
+    webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text, text, text, text, text, text),
+    webhook.rotate_signing_key(text, interval), webhook._ops_event(integer, text, jsonb) TO webhook_admin;
 REVOKE USAGE ON TYPE webhook.public_keys FROM PUBLIC;
 -- Public keys are public (the view shows nothing else; its function derives one from a key).
 GRANT SELECT ON webhook.public_keys TO PUBLIC;
@@ -1378,8 +1455,8 @@ BEGIN
                FROM pg_catalog.regexp_split_to_table(pg_catalog.current_setting('webhook_ext.endpoint_api_grantees', true), ' ') x
               WHERE x <> ''
     LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text, text), '
-                                  'webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text, text) TO %I',
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION webhook.create_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text, text, text, text, text, text, text, text, text), '
+                                  'webhook.alter_endpoint(text, text, text, jsonb, text[], integer, interval, integer, integer, boolean, text, text[], text, text, text, text, text, text, text, text, text) TO %I',
                                   (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = g));
     END LOOP;
 END

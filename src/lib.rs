@@ -18,7 +18,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 pub use webhook_core::{
-    floors, http, limits, policy, request, retry, signing, split, target, trace,
+    floors, http, limits, ops, policy, request, retry, signing, split, target, trace,
 };
 
 mod launcher;

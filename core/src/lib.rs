@@ -8,6 +8,7 @@
 pub mod floors;
 pub mod http;
 pub mod limits;
+pub mod ops;
 pub mod policy;
 pub mod request;
 pub mod retry;

@@ -86,7 +86,11 @@ CREATE FUNCTION webhook.create_endpoint(
     signing_key text DEFAULT NULL,
     client_cert text DEFAULT NULL,
     client_key text DEFAULT NULL,
-    proxy text DEFAULT NULL)
+    proxy text DEFAULT NULL,
+    oauth_token_url text DEFAULT NULL,
+    oauth_client_id text DEFAULT NULL,
+    oauth_client_secret text DEFAULT NULL,
+    oauth_scope text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -98,6 +102,8 @@ BEGIN
                                          create_endpoint.max_in_flight, create_endpoint.rate_limit, create_endpoint.event_types);
     PERFORM webhook._check_signing(how);
     PERFORM webhook._check_client_identity(create_endpoint.client_cert, create_endpoint.client_key);
+    PERFORM webhook._check_oauth(create_endpoint.oauth_token_url, create_endpoint.oauth_client_id,
+                                 create_endpoint.oauth_client_secret, create_endpoint.oauth_scope);
     IF create_endpoint.url IS NULL THEN
         RAISE EXCEPTION 'invalid endpoint url: URL is empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -107,7 +113,8 @@ BEGIN
     END IF;
     INSERT INTO webhook.endpoints AS e
            (name, url, secret, headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, ordered, retry_schedule,
-            signing, signing_key, client_cert, client_key, proxy)
+            signing, signing_key, client_cert, client_key, proxy,
+            oauth_token_url, oauth_client_id, oauth_client_secret, oauth_scope)
     VALUES (create_endpoint.name,
             webhook._check_url(create_endpoint.url),
             webhook._check_secret(create_endpoint.secret),
@@ -125,7 +132,11 @@ BEGIN
                  THEN webhook._check_signing_key(create_endpoint.signing_key) END,
             create_endpoint.client_cert,
             create_endpoint.client_key,
-            webhook._check_proxy(create_endpoint.proxy))
+            webhook._check_proxy(create_endpoint.proxy),
+            create_endpoint.oauth_token_url,
+            create_endpoint.oauth_client_id,
+            create_endpoint.oauth_client_secret,
+            create_endpoint.oauth_scope)
     RETURNING * INTO r;
     RETURN r;
 END
@@ -149,13 +160,21 @@ CREATE FUNCTION webhook.alter_endpoint(
     signing_key text DEFAULT NULL,
     client_cert text DEFAULT NULL,
     client_key text DEFAULT NULL,
-    proxy text DEFAULT NULL)
+    proxy text DEFAULT NULL,
+    oauth_token_url text DEFAULT NULL,
+    oauth_client_id text DEFAULT NULL,
+    oauth_client_secret text DEFAULT NULL,
+    oauth_scope text DEFAULT NULL)
 RETURNS webhook.endpoints
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r webhook.endpoints;
     cur webhook.endpoints;
+    token_url text;
+    client_id text;
+    client_secret text;
+    scope text;
     bad text;
     how text;
     key text;
@@ -167,12 +186,12 @@ BEGIN
                                          alter_endpoint.max_in_flight, alter_endpoint.rate_limit, alter_endpoint.event_types);
     SELECT s INTO bad FROM unnest(COALESCE(reset, '{}')) s
      WHERE s IS NULL OR s NOT IN ('headers', 'event_types', 'max_attempts', 'timeout', 'max_in_flight', 'rate_limit', 'retry_schedule',
-                                  'signing', 'client_cert', 'proxy')
+                                  'signing', 'client_cert', 'proxy', 'oauth', 'oauth_scope')
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'cannot reset "%"', CASE WHEN bad ~ '^[A-Za-z0-9_]{1,32}$' OR bad IS NULL THEN bad ELSE '(not a setting name)' END
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert, proxy.';
+                  HINT = 'reset accepts headers, event_types, max_attempts, timeout, max_in_flight, rate_limit, retry_schedule, signing, client_cert, proxy, oauth, oauth_scope.';
     END IF;
     SELECT * INTO cur FROM webhook.endpoints e WHERE e.name = alter_endpoint.name FOR UPDATE;
     how := CASE WHEN 'signing' = ANY (reset) THEN 'hmac' ELSE COALESCE(alter_endpoint.signing, cur.signing) END;
@@ -194,6 +213,19 @@ BEGIN
             PERFORM webhook._check_client_identity(cert, cert_key);
         END IF;
     END IF;
+    -- reset oauth drops the credentials (and the scope); a part given alone replaces its part.
+    IF 'oauth' = ANY (reset) THEN
+        token_url := NULL;
+        client_id := NULL;
+        client_secret := NULL;
+        scope := NULL;
+    ELSE
+        token_url := COALESCE(alter_endpoint.oauth_token_url, cur.oauth_token_url);
+        client_id := COALESCE(alter_endpoint.oauth_client_id, cur.oauth_client_id);
+        client_secret := COALESCE(alter_endpoint.oauth_client_secret, cur.oauth_client_secret);
+        scope := CASE WHEN 'oauth_scope' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.oauth_scope, cur.oauth_scope) END;
+        PERFORM webhook._check_oauth(token_url, client_id, client_secret, scope);
+    END IF;
     UPDATE webhook.endpoints e SET
         url            = COALESCE(webhook._check_url(alter_endpoint.url), e.url),
         secret         = COALESCE(CASE WHEN alter_endpoint.secret IS NOT NULL THEN webhook._check_secret(alter_endpoint.secret) END, e.secret),
@@ -213,6 +245,10 @@ BEGIN
         client_key     = cert_key,
         proxy          = CASE WHEN 'proxy' = ANY (reset) THEN NULL
                               ELSE COALESCE(webhook._check_proxy(alter_endpoint.proxy), e.proxy) END,
+        oauth_token_url     = token_url,
+        oauth_client_id     = client_id,
+        oauth_client_secret = client_secret,
+        oauth_scope         = scope,
         updated_at     = now()
      WHERE e.name = alter_endpoint.name
     RETURNING * INTO r;

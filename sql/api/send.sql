@@ -125,3 +125,29 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- An operational event (src/worker/ops.rs: a circuit opened or closed, an endpoint disabled, a
+-- backlog past webhook.ops_backlog_threshold): a NOTIFY webhook_ops with its payload, completed
+-- with the endpoint's name, the database and when; and a webhook of its type to
+-- webhook.ops_endpoint when that names an enabled endpoint other than the one it is about.
+CREATE FUNCTION webhook._ops_event(endpoint_id integer, kind text, payload jsonb)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ops_name text := NULLIF(current_setting('webhook.ops_endpoint', true), '');
+    ops_id integer;
+    body jsonb := payload || jsonb_build_object(
+        'endpoint', (SELECT e.name FROM webhook.endpoints e WHERE e.id = _ops_event.endpoint_id),
+        'database', current_database(),
+        'occurred_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'));
+BEGIN
+    PERFORM pg_notify('webhook_ops', body::text);
+    IF ops_name IS NOT NULL THEN
+        SELECT e.id INTO ops_id FROM webhook.endpoints e WHERE e.name = ops_name AND e.enabled;
+        IF ops_id IS NOT NULL AND ops_id <> _ops_event.endpoint_id THEN
+            PERFORM webhook.send(kind, body, ops_name);
+        END IF;
+    END IF;
+END
+$$;

@@ -33,6 +33,8 @@ pub static PAUSED: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static DNS_SERVERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static SSL_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PROXY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static OPS_ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static OPS_BACKLOG_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static PROXY_PASSWORD_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static CIRCUIT_BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
@@ -235,6 +237,24 @@ pub fn init() {
         &PROXY_PASSWORD_FILE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"webhook.ops_endpoint",
+        c"Endpoint that gets operational events (circuit opened or closed, endpoint disabled, backlog past the threshold) as webhooks; empty = NOTIFY webhook_ops only.",
+        c"",
+        &OPS_ENDPOINT,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"webhook.ops_backlog_threshold",
+        c"Pending deliveries of one endpoint past which an operational event says so; 0 = off.",
+        c"",
+        &OPS_BACKLOG_THRESHOLD,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        none,
     );
     GucRegistry::define_int_guc(
         c"webhook.circuit_breaker_threshold",

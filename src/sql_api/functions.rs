@@ -96,6 +96,33 @@ fn _check_proxy(proxy: &str) -> String {
     }
 }
 
+/// Checks an endpoint's OAuth2 client credentials: none, or a token URL, client id and secret
+/// (and optionally a scope). The token URL is checked as an endpoint URL is.
+#[pg_extern(stable, parallel_safe)]
+fn _check_oauth(
+    token_url: Option<&str>,
+    client_id: Option<&str>,
+    client_secret: Option<&str>,
+    scope: Option<&str>,
+) {
+    let err = match (token_url, client_id, client_secret) {
+        (None, None, None) if scope.is_none() => return,
+        (Some(url), Some(id), Some(secret)) => {
+            if let Err(e) = target::validate_url(url, gucs::HTTPS_ONLY.get()) {
+                invalid(format!(
+                    "invalid endpoint OAuth2 credentials: oauth_token_url: {e}"
+                ));
+            }
+            match crate::http::OAuthClient::new(url, id, secret, scope) {
+                Ok(_) => return,
+                Err(e) => e,
+            }
+        }
+        _ => crate::http::OAuthError::Incomplete,
+    };
+    invalid(format!("invalid endpoint OAuth2 credentials: {err}"))
+}
+
 /// Checks an endpoint's extra headers: a JSON object of string values, no reserved names, no CR/LF.
 #[pg_extern(immutable, parallel_safe)]
 fn _check_headers(headers: pgrx::JsonB) -> pgrx::JsonB {

@@ -349,6 +349,7 @@ enum Unsendable {
     PreviousSigningKey(signing::SigningKeyError),
     Identity(crate::http::IdentityError),
     Proxy(crate::http::ProxyError),
+    OAuth(crate::http::OAuthError),
     Headers(request::HeaderError),
 }
 
@@ -361,6 +362,7 @@ impl std::fmt::Display for Unsendable {
             Unsendable::PreviousSigningKey(e) => write!(f, "endpoint previous {e}"),
             Unsendable::Identity(e) => write!(f, "endpoint client certificate: {e}"),
             Unsendable::Proxy(e) => write!(f, "endpoint {e}"),
+            Unsendable::OAuth(e) => write!(f, "endpoint OAuth2 credentials: {e}"),
             Unsendable::Headers(e) => write!(f, "endpoint headers: {e}"),
         }
     }
@@ -400,6 +402,8 @@ struct Claimed {
     identity_version: Option<i64>,
     /// The endpoint's forward proxy: NULL (webhook.proxy), `direct`, or a proxy URL.
     proxy: Option<String>,
+    /// OAuth2 client credentials: token URL, client id, client secret, scope.
+    oauth: Option<(String, String, String, Option<String>)>,
     /// The endpoint's first new delivery (routing pass, id) the claim picked but did not take.
     hole: Option<(i64, i64)>,
 }
@@ -449,7 +453,11 @@ impl Claimed {
             previous_signing_key: row.get(26)?,
             identity_version: row.get(27)?,
             proxy: row.get(28)?,
-            hole: match (row.get(29)?, row.get(30)?) {
+            oauth: match (row.get(29)?, row.get(30)?, row.get(31)?) {
+                (Some(url), Some(id), Some(secret)) => Some((url, id, secret, row.get(32)?)),
+                _ => None,
+            },
+            hole: match (row.get(33)?, row.get(34)?) {
                 (Some(pass), Some(id)) => Some((pass, id)),
                 _ => None,
             },
@@ -519,6 +527,10 @@ impl Claimed {
         let proxy = credentials
             .proxy(self.proxy.as_deref())
             .map_err(Unsendable::Proxy)?;
+        let oauth = match &self.oauth {
+            None => None,
+            Some(c) => Some(credentials.oauth(c).map_err(Unsendable::OAuth)?),
+        };
         let mut headers = request::parse_headers(&self.headers).map_err(Unsendable::Headers)?;
         // Checked again: the column is the table's, which an administrator may write by hand.
         if let Some(tp) = self.traceparent.take().and_then(|t| trace::parse(&t).ok()) {
@@ -535,6 +547,7 @@ impl Claimed {
             signing_keys,
             identity,
             proxy,
+            oauth,
             headers,
             timeout: Duration::from_millis(self.timeout_ms.clamp(1, 3_600_000) as u64),
         })

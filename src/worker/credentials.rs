@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::queries as sql;
-use crate::http::{ClientIdentity, IdentityError, ProxyChoice, ProxyError, ProxyUrl};
+use crate::http::{
+    ClientIdentity, IdentityError, OAuthClient, OAuthError, ProxyChoice, ProxyError, ProxyUrl,
+};
 use crate::pg::spi::SpiError;
 use crate::signing::{SigningKey, SigningKeyError};
 
@@ -22,7 +24,11 @@ pub(super) struct Credentials {
     identities: HashMap<i32, (i64, Result<Arc<ClientIdentity>, IdentityError>)>,
     /// Endpoints' own proxies, by their column's text.
     proxies: HashMap<String, Result<ProxyChoice, ProxyError>>,
+    /// OAuth2 client credentials, by their columns' text (token URL, id, secret, scope).
+    oauth: HashMap<OAuthColumns, Result<Arc<OAuthClient>, OAuthError>>,
 }
+
+type OAuthColumns = (String, String, String, Option<String>);
 
 impl Credentials {
     /// The decoded key of a `whsk_…` text.
@@ -52,6 +58,20 @@ impl Credentials {
         let choice = ProxyUrl::choice(Some(text));
         self.proxies.insert(text.to_string(), choice.clone());
         choice
+    }
+
+    /// An endpoint's OAuth2 client credentials, checked (once per value).
+    pub(super) fn oauth(&mut self, columns: &OAuthColumns) -> Result<Arc<OAuthClient>, OAuthError> {
+        if let Some(found) = self.oauth.get(columns) {
+            return found.clone();
+        }
+        if self.oauth.len() >= MAX_SIGNING_KEYS {
+            self.oauth.clear();
+        }
+        let (url, id, secret, scope) = columns;
+        let checked = OAuthClient::new(url, id, secret, scope.as_deref());
+        self.oauth.insert(columns.clone(), checked.clone());
+        checked
     }
 
     /// Reads the certificates of the claimed endpoints (id, row version when it has one) whose

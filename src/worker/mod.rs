@@ -22,6 +22,7 @@ mod credentials;
 mod error;
 mod housekeeping;
 mod inflight;
+mod ops;
 pub(crate) mod queries;
 mod record;
 mod route;

@@ -3,7 +3,7 @@
 use pgrx::pg_sys::{
     BOOLOID as BOOL, FLOAT8ARRAYOID as FLOAT8_ARRAY, FLOAT8OID as FLOAT8,
     INT4ARRAYOID as INT4_ARRAY, INT4OID as INT4, INT8ARRAYOID as INT8_ARRAY, INT8OID as INT8,
-    TEXTARRAYOID as TEXT_ARRAY,
+    TEXTARRAYOID as TEXT_ARRAY, TEXTOID as TEXT,
 };
 
 use crate::pg::spi::Statement;
@@ -175,7 +175,7 @@ RETURNING d.id, d.endpoint_id, d.attempts, e.type,
           -- The endpoint row's version when it has a client certificate: the worker keeps each
           -- certificate checked in memory, and reads it (IDENTITIES) when its row changed.
           CASE WHEN ep.client_cert IS NOT NULL THEN ep.xmin::text::int8 END,
-          ep.proxy
+          ep.proxy, ep.oauth_token_url, ep.oauth_client_id, ep.oauth_client_secret, ep.oauth_scope
 )
 -- And, per endpoint, the lowest new delivery picked but not taken (held by another transaction,
 -- its event not visible, or over the byte budget): the endpoint's floor stays below it. (A set
@@ -199,6 +199,49 @@ SELECT upd.*, h.hole_pass, h.hole
     ],
 )
 .generic_plan();
+
+/// An operational event about endpoint $1, of type $2 with payload $3: a NOTIFY webhook_ops,
+/// and a webhook to webhook.ops_endpoint (`webhook._ops_event`).
+pub static OPS_EVENT: Statement = Statement::new(
+    "ops_event",
+    "SELECT webhook._ops_event($1, $2, $3::jsonb)",
+    &[INT4, TEXT, TEXT],
+);
+
+/// The pending deliveries (new and retries) of each enabled endpoint of this worker's share
+/// ($2/$3), each kind counted up to $1 (the backlog threshold + 1: index entries read stay
+/// bounded however large a backlog grows).
+pub static BACKLOGS: Statement = Statement::new(
+    "backlogs",
+    concat!(
+        r#"
+SELECT ep.id,
+       (SELECT count(*) FROM (SELECT 1 FROM webhook._deliveries d
+                               WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts = 0
+                               LIMIT $1) n)
+     + (SELECT count(*) FROM (SELECT 1 FROM webhook._deliveries d
+                               WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.attempts > 0
+                               LIMIT $1) r)
+  FROM webhook.endpoints ep
+ WHERE ep.enabled AND "#,
+        owned_by!("ep.id", "$2", "$3"),
+        "
+"
+    ),
+    &[INT8, INT4, INT4],
+);
+
+/// The pending deliveries of endpoint $1, all counted (for a backlog event's payload).
+pub static BACKLOG_OF: Statement = Statement::new(
+    "backlog_of",
+    concat!(
+        "SELECT count(*) FROM webhook._deliveries d WHERE d.endpoint_id = $1 AND ",
+        pending!("d"),
+        "
+"
+    ),
+    &[INT4],
+);
 
 /// The client certificates (mutual TLS) of endpoints $1, with their rows' versions.
 pub static IDENTITIES: Statement = Statement::new(

@@ -16,6 +16,7 @@ use super::error::{transaction, WorkerError};
 use super::queries as sql;
 use super::session::{Session, LAGGING_WRITES_EVERY};
 use crate::http::Finished;
+use crate::ops::{self, OpsEvent};
 use crate::policy::{self, Health};
 
 impl Session {
@@ -78,6 +79,7 @@ impl Session {
         // Changes go to copies, written back only once the transaction has committed.
         let mut health: HashMap<i32, Health> = unsaved(&self.health).into_iter().collect();
         let mut disable: Vec<(i32, String)> = Vec::new();
+        let mut last_errors: HashMap<i32, Option<String>> = HashMap::new();
         let threshold = self.settings.breaker_threshold;
         let now = SystemTime::now();
         let (mut delivered, mut failed) = (0u64, 0u64);
@@ -109,11 +111,31 @@ impl Session {
             if let Some(reason) = j.disable {
                 disable.push((t.endpoint_id, reason));
             }
+            last_errors.insert(t.endpoint_id, f.error.clone());
             let (status, delay, error) = (j.status, j.delay.as_millis() as i64, j.error);
             rows.push(f, t.endpoint_id, status, delay, error);
         }
         disable.sort_by_key(|(id, _)| *id);
         disable.dedup_by_key(|(id, _)| *id);
+        // Operational events, sent once this batch is written: the breaker opened or closed,
+        // an endpoint disabled.
+        let mut ops: Vec<(i32, OpsEvent)> = health
+            .iter()
+            .filter_map(|(id, h)| {
+                let before = self.health.get(id).cloned().unwrap_or_default();
+                let error = last_errors.get(id).cloned().flatten();
+                ops::breaker_change(&before, h, threshold, error.as_deref()).map(|e| (*id, e))
+            })
+            .collect();
+        ops.extend(disable.iter().map(|(id, reason)| {
+            (
+                *id,
+                OpsEvent::Disabled {
+                    reason: reason.clone(),
+                },
+            )
+        }));
+        ops.sort_by_key(|(id, _)| *id);
         // The breaker's state is written as it changes (a restarted worker goes on from it); the
         // counters and last-success times of a healthy endpoint at most once a second
         // (`flush_health`): under a held snapshot each write of an endpoint's row leaves a
@@ -157,6 +179,7 @@ impl Session {
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.slot.delivered.fetch_add(delivered, Ordering::Relaxed);
         self.slot.failed.fetch_add(failed, Ordering::Relaxed);
+        self.ops_events(ops);
         Ok(())
     }
 }

@@ -21,6 +21,7 @@ use super::claim::Policies;
 use super::credentials::Credentials;
 use super::error::{transaction, WorkerError};
 use super::inflight::InFlight;
+use super::ops::BACKLOG_CHECK_EVERY;
 use super::queries as sql;
 use super::record::load_health;
 use super::route::{Router, ROUTE_LOCK_TIMEOUT};
@@ -28,6 +29,7 @@ use super::settings::Settings;
 use super::{Stop, ERROR_BACKOFF, STATS_REFRESH_FLOOR};
 use crate::floors::Floors;
 use crate::http::{Finished, HttpRuntime};
+use crate::ops::BacklogWatch;
 use crate::pg::process::{override_settings, reload_if_asked, shutdown_requested, wait};
 use crate::pg::shmem::{self, Slot, WorkerState};
 use crate::pg::spi;
@@ -65,6 +67,9 @@ pub struct Session {
     pub(super) schedules: HashMap<String, Arc<Schedule>>,
     /// Endpoints' signing keys and client certificates, checked once.
     pub(super) credentials: Credentials,
+    /// Which endpoints' backlogs are past webhook.ops_backlog_threshold (ops.rs).
+    pub(super) backlogs: BacklogWatch,
+    next_backlog_check: Instant,
     /// Results not recorded yet (a failed batch is tried again next round).
     pub(super) unrecorded: Vec<Finished>,
     /// Deliveries whose result could not be written yet, and how often that failed.
@@ -125,6 +130,8 @@ impl Session {
             buckets: HashMap::new(),
             schedules: HashMap::new(),
             credentials: Credentials::default(),
+            backlogs: BacklogWatch::default(),
+            next_backlog_check: Instant::now(),
             unrecorded: Vec::new(),
             record_failures: HashMap::new(),
             stats,
@@ -206,6 +213,10 @@ impl Session {
             if Instant::now() >= self.next_housekeeping {
                 self.next_housekeeping = Instant::now() + self.settings.housekeeping_every();
                 self.housekeeping();
+            }
+            if !failed && Instant::now() >= self.next_backlog_check {
+                self.next_backlog_check = Instant::now() + BACKLOG_CHECK_EVERY;
+                self.check_backlogs();
             }
             if !failed && self.health_due_in().is_some_and(|d| d.is_zero()) {
                 if let Err(e) = self.flush_health() {

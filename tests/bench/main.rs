@@ -705,6 +705,7 @@ fn ceiling(report: &mut Report, requests: i64) -> f64 {
             signing_keys: vec![],
             identity: None,
             proxy: webhook_ext::http::ProxyChoice::Default,
+            oauth: None,
             headers: vec![],
             timeout: Duration::from_millis(15_000),
         }

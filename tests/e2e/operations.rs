@@ -321,9 +321,9 @@ fn every_sql_example_in_the_readme_runs() {
     pg.create_database("app");
     let blocks = readme_blocks("sql");
     assert!(blocks.len() >= 5, "the README has SQL examples");
-    // The README has exactly this many ```sql blocks (the quick start, SQL API, Security): a
-    // block the parser stops seeing fails here rather than going untested.
-    assert_eq!(blocks.len(), 7, "```sql blocks in README.md");
+    // The README has exactly this many ```sql blocks (the quick start, SQL API, operational
+    // events, Security): a block the parser stops seeing fails here rather than going untested.
+    assert_eq!(blocks.len(), 8, "```sql blocks in README.md");
     let mut ran = 0;
     let mut outputs: Vec<String> = Vec::new();
     let mut db = pg.client_to("app");
@@ -451,7 +451,13 @@ fn every_sql_example_in_the_readme_runs() {
         worker_row.starts_with("app|") && worker_row.ends_with("|5"),
         "worker_status(): {worker_row}"
     );
-    assert!(lines[6].is_empty(), "{:?}", lines[6]);
+    // Operational events: the ops endpoint made, the setting reloaded.
+    assert!(
+        lines[6].len() == 2 && lines[6][0].contains(",ops,") && lines[6][1] == "t",
+        "{:?}",
+        lines[6]
+    );
+    assert!(lines[7].is_empty(), "{:?}", lines[7]);
 }
 
 /// The standardwebhooks packages from PyPI and npm, installed once into a directory kept
@@ -1261,6 +1267,8 @@ struct Reloads {
     /// A forward proxy (webhook.proxy), and one that requires a password (webhook.proxy_password_file).
     proxy: crate::harness::proxy::Proxy,
     auth_proxy: crate::harness::proxy::Proxy,
+    /// The receiver of endpoint `opsrx` (for webhook.ops_endpoint).
+    ops_rx: Receiver,
     /// A delivery finished when the test began (for webhook.retention).
     old_delivery: i64,
     n: usize,
@@ -1546,6 +1554,43 @@ fn p_ssl_ca_file(r: &mut Reloads) -> bool {
     matches!(r.one_attempt(&url, ""), Some((s, _, _)) if s == "delivered")
 }
 
+/// An endpoint disabled by a 410: its operational event reached endpoint `opsrx`.
+fn p_ops_endpoint(r: &mut Reloads) -> bool {
+    let gone = Receiver::start(always(Reply::status(410)));
+    let seen = r.ops_rx.count();
+    let name = r.endpoint(&gone.url("/"), "");
+    r.send(&name);
+    soft_wait(Duration::from_secs(10), || r.ops_rx.count() > seen)
+        && r.ops_rx.requests()[seen].json()["type"] == "webhook.endpoint.disabled"
+}
+
+/// Four events for an endpoint that takes one request at a time (to the hanging receiver):
+/// three pending, so a backlog event (NOTIFY webhook_ops) within a backlog check or two.
+fn p_ops_backlog_threshold(r: &mut Reloads) -> bool {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut listener = r.pg.client();
+    listener.batch_execute("LISTEN webhook_ops").unwrap();
+    let url = r.hanging.url("/");
+    let name = r.endpoint(&url, ", max_in_flight => 1");
+    r.db.execute(
+        "SELECT webhook.send('probe', to_jsonb(g), $1) FROM generate_series(1, 4) g",
+        &[&name],
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(22);
+    while Instant::now() < deadline {
+        let mut n = listener.notifications();
+        let mut it = n.timeout_iter(Duration::from_millis(500));
+        while let Ok(Some(note)) = it.next() {
+            let v: serde_json::Value = serde_json::from_str(note.payload()).unwrap();
+            if v["type"] == "webhook.endpoint.backlog" && v["endpoint"] == name.as_str() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// A request to the ok receiver went through the proxy.
 fn p_proxy(r: &mut Reloads) -> bool {
     let seen = r.proxy.asked().len();
@@ -1659,9 +1704,11 @@ fn every_setting_takes_effect_on_reload() {
         tls,
         proxy: crate::harness::proxy::Proxy::start(None, &[]),
         auth_proxy: crate::harness::proxy::Proxy::start(Some(("hook", "reload-pw")), &[]),
+        ops_rx: Receiver::start(always(Reply::ok())),
         old_delivery,
         n: 0,
     };
+    create_endpoint(&mut r.db, "opsrx", &r.ops_rx.url("/"));
     let password_file = r.pg.dir.join("proxy-password");
     std::fs::write(&password_file, "reload-pw\n").unwrap();
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
@@ -1741,6 +1788,14 @@ fn every_setting_takes_effect_on_reload() {
         case("webhook.paused", "on", true, p_paused),
         case("webhook.ssl_ca_file", ca_file, true, p_ssl_ca_file),
         case("webhook.proxy", proxy, true, p_proxy),
+        case("webhook.ops_endpoint", "'opsrx'", true, p_ops_endpoint),
+        // Before: the default threshold, 10,000.
+        case(
+            "webhook.ops_backlog_threshold",
+            "2",
+            false,
+            p_ops_backlog_threshold,
+        ),
         ReloadCase {
             setting: "webhook.proxy_password_file",
             value: password_file,

@@ -3,7 +3,9 @@
 //! implementation with the public key a role without rights on the endpoints reads, and client
 //! certificates presented to a receiver that requires them.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
@@ -688,4 +690,375 @@ fn through_a_proxy_the_guard_checks_each_target_and_not_the_proxy() {
             .collect::<Vec<_>>(),
         [format!("POST http://partner.test:{port}/p")]
     );
+}
+
+/// A token endpoint (RFC 6749 client credentials) on 127.0.0.1 and the receiver that accepts
+/// its tokens: tokens `tok-1`, `tok-2`, … each valid until revoked, for `lifetime` seconds as
+/// the answer says (`expires_in`).
+struct Tokens {
+    server: Receiver,
+    issued: Arc<Mutex<Vec<String>>>,
+    valid: Arc<Mutex<Vec<String>>>,
+    lifetime: Arc<AtomicU64>,
+}
+
+impl Tokens {
+    fn start(client_id: &'static str, secret: &'static str) -> Tokens {
+        let issued = Arc::new(Mutex::new(Vec::<String>::new()));
+        let valid = Arc::new(Mutex::new(Vec::<String>::new()));
+        let lifetime = Arc::new(AtomicU64::new(3600));
+        let (i, v, l) = (issued.clone(), valid.clone(), lifetime.clone());
+        let server = Receiver::start(Arc::new(move |req: &Request, _| {
+            let basic = format!("Basic {}", B64.encode(format!("{client_id}:{secret}")));
+            let body = String::from_utf8_lossy(&req.body);
+            if req.header("authorization") != Some(basic.as_str()) {
+                return Reply::status(401).body(
+                    r#"{"error":"invalid_client","error_description":"unknown client or wrong secret"}"#,
+                );
+            }
+            if body != "grant_type=client_credentials&scope=hooks.write" {
+                return Reply::status(400).body(r#"{"error":"invalid_request"}"#);
+            }
+            let mut issued = i.lock().unwrap();
+            let token = format!("tok-{}", issued.len() + 1);
+            issued.push(token.clone());
+            v.lock().unwrap().push(token.clone());
+            Reply::ok().body(format!(
+                r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{}}}"#,
+                l.load(Ordering::SeqCst)
+            ))
+        }));
+        Tokens {
+            server,
+            issued,
+            valid,
+            lifetime,
+        }
+    }
+
+    fn receiver(&self) -> Receiver {
+        let valid = self.valid.clone();
+        Receiver::start(Arc::new(move |req: &Request, _| {
+            let ok = req
+                .header("authorization")
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .is_some_and(|t| valid.lock().unwrap().iter().any(|v| v == t));
+            if ok {
+                Reply::ok()
+            } else {
+                Reply::status(401)
+            }
+        }))
+    }
+
+    fn issued(&self) -> Vec<String> {
+        self.issued.lock().unwrap().clone()
+    }
+
+    fn revoke_all(&self) {
+        self.valid.lock().unwrap().clear();
+    }
+}
+
+#[test]
+fn oauth2_client_credentials_fetch_cache_refresh_and_fail_clearly() {
+    let tokens = Tokens::start("hooks-client", "cl1ent-s3cret-value");
+    let rx = tokens.receiver();
+    let pg = Cluster::start(&[
+        ("webhook.retry_schedule", "'200ms'"),
+        ("webhook.default_max_attempts", "2"),
+    ]);
+    let mut db = pg.client_with_extension();
+    db.execute(
+        "SELECT webhook.create_endpoint('api', $1, headers => '{\"Authorization\": \"Basic not-this\"}',
+                oauth_token_url => $2, oauth_client_id => 'hooks-client',
+                oauth_client_secret => $3, oauth_scope => 'hooks.write')",
+        &[
+            &rx.url("/hooks"),
+            &tokens.server.url("/token"),
+            &"cl1ent-s3cret-value",
+        ],
+    )
+    .unwrap();
+    let send = |db: &mut postgres::Client| {
+        db.execute("SELECT webhook.send('x', '{}', 'api')", &[])
+            .unwrap();
+        wait_settled(db, PATIENCE);
+        let r = db
+            .query_one(
+                "SELECT d.status::text, d.attempts, d.last_error FROM webhook.deliveries d
+                  ORDER BY d.created_at DESC, d.id DESC LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (
+            r.get::<_, String>(0),
+            r.get::<_, i32>(1),
+            r.get::<_, Option<String>>(2),
+        )
+    };
+    let bearer = |r: &Request| r.header("authorization").unwrap_or_default().to_string();
+    // One token for both deliveries; the endpoint's own Authorization header gives way to it.
+    assert_eq!(send(&mut db), ("delivered".into(), 1, None));
+    assert_eq!(send(&mut db), ("delivered".into(), 1, None));
+    assert_eq!(tokens.issued(), ["tok-1"]);
+    let got = rx.requests();
+    assert!(got.iter().all(|r| bearer(r) == "Bearer tok-1"), "{got:?}");
+    assert!(got.iter().all(|r| r
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "authorization")
+        .count()
+        == 1));
+
+    // The receiver refuses the token (revoked): one new token, the request sent again in the
+    // same attempt.
+    tokens.revoke_all();
+    assert_eq!(send(&mut db), ("delivered".into(), 1, None));
+    assert_eq!(tokens.issued(), ["tok-1", "tok-2"]);
+    let last_two: Vec<String> = rx.requests().iter().rev().take(2).map(bearer).collect();
+    assert_eq!(last_two, ["Bearer tok-2", "Bearer tok-1"]);
+
+    // A token that expires is fetched again before it is used (no 401 on the way).
+    tokens.lifetime.store(1, Ordering::SeqCst);
+    tokens.revoke_all();
+    assert_eq!(send(&mut db), ("delivered".into(), 1, None));
+    assert_eq!(tokens.issued().last().unwrap(), "tok-3");
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = rx.count();
+    assert_eq!(send(&mut db), ("delivered".into(), 1, None));
+    assert_eq!(tokens.issued().last().unwrap(), "tok-4");
+    assert_eq!(rx.count(), before + 1, "sent once, with the new token");
+    assert_eq!(bearer(&rx.requests()[before]), "Bearer tok-4");
+
+    // The token endpoint refuses the client: the attempt says why (its error and description).
+    db.execute(
+        "SELECT webhook.alter_endpoint('api', oauth_client_secret => 'wrong-secret')",
+        &[],
+    )
+    .unwrap();
+    let (status, attempts, err) = send(&mut db);
+    assert_eq!((status.as_str(), attempts), ("failed", 2));
+    assert_eq!(
+        err.as_deref(),
+        Some("OAuth2 token request failed: HTTP 401: invalid_client (unknown client or wrong secret) (gave up after 2 attempts)")
+    );
+    // The token endpoint is down (nothing listens at its port): retried, then failed, saying so.
+    let down = Down::new();
+    db.execute(
+        "SELECT webhook.alter_endpoint('api', oauth_client_secret => 'cl1ent-s3cret-value',
+                oauth_token_url => $1)",
+        &[&format!("http://127.0.0.1:{}/token", down.port())],
+    )
+    .unwrap();
+    let (status, attempts, err) = send(&mut db);
+    assert_eq!((status.as_str(), attempts), ("failed", 2));
+    let err = err.unwrap_or_default();
+    assert!(
+        err.starts_with("OAuth2 token request failed: connection failed"),
+        "{err}"
+    );
+
+    // Checked when given: all three parts or none, the token URL as an endpoint URL.
+    for (sql, expected) in [
+        (
+            "SELECT webhook.alter_endpoint('api', reset => '{oauth}', oauth_client_id => 'x')",
+            None,
+        ),
+        (
+            "SELECT webhook.create_endpoint('b', 'http://127.0.0.1:9/', oauth_client_id => 'x')",
+            Some("invalid endpoint OAuth2 credentials: oauth_token_url, oauth_client_id and oauth_client_secret must be given together"),
+        ),
+        (
+            "SELECT webhook.create_endpoint('b', 'http://127.0.0.1:9/', oauth_token_url => 'ftp://auth/token', oauth_client_id => 'x', oauth_client_secret => 'y')",
+            Some("invalid endpoint OAuth2 credentials: oauth_token_url: URL scheme \"ftp\" is not allowed: use http or https"),
+        ),
+        (
+            "SELECT webhook.create_endpoint('b', 'http://127.0.0.1:9/', oauth_token_url => 'http://auth/token', oauth_client_id => 'x', oauth_client_secret => '')",
+            Some("invalid endpoint OAuth2 credentials: oauth_client_secret must not be empty"),
+        ),
+    ] {
+        match (db.batch_execute(sql), expected) {
+            (Ok(()), None) => {}
+            (Err(e), Some(msg)) => {
+                assert_eq!(db_error(Err::<(), _>(e), sql).message(), msg, "{sql}")
+            }
+            (got, _) => panic!("{sql}: {got:?}"),
+        }
+    }
+    assert!(db
+        .query_one(
+            "SELECT oauth_token_url IS NULL AND oauth_client_secret IS NULL FROM webhook.endpoints WHERE name = 'api'",
+            &[]
+        )
+        .unwrap()
+        .get::<_, bool>(0));
+
+    let mut sensitive = Sensitive::default();
+    sensitive.add("cl1ent-s3cret-value", "the OAuth2 client secret");
+    for t in tokens.issued() {
+        sensitive.add(&format!("Bearer {t}"), "a bearer token");
+    }
+    sensitive.assert_not_in_log(&pg);
+}
+
+#[test]
+fn an_oauth2_token_url_goes_through_the_ssrf_guard() {
+    // The webhook's host is allowed (nothing listens there); the token URL is on loopback.
+    let ns = crate::harness::dns::nameserver(&[("partner.test", [127, 0, 0, 3])]);
+    let tokens = Tokens::start("id", "s3cret-for-guard");
+    let pg = Cluster::start(&[
+        ("webhook.allow_private_networks", "off"),
+        ("webhook.allowed_networks", "'127.0.0.3/32'"),
+        ("webhook.dns_servers", &format!("'{ns}'")),
+        ("webhook.default_max_attempts", "1"),
+    ]);
+    let mut db = pg.client_with_extension();
+    db.execute(
+        "SELECT webhook.create_endpoint('api', 'http://partner.test:9/hooks',
+                oauth_token_url => $1, oauth_client_id => 'id', oauth_client_secret => 's3cret-for-guard',
+                oauth_scope => 'hooks.write')",
+        &[&tokens.server.url("/token")],
+    )
+    .unwrap();
+    db.execute("SELECT webhook.send('x', '{}', 'api')", &[])
+        .unwrap();
+    wait_settled(&mut db, PATIENCE);
+    let (status, err) = last_error(&mut db, "api");
+    assert_eq!(status, "failed");
+    assert!(
+        err.as_deref().unwrap_or_default().starts_with(
+            "OAuth2 token request refused: refused to connect to 127.0.0.1: loopback address"
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        tokens.server.count(),
+        0,
+        "the token endpoint was never asked"
+    );
+}
+
+/// The notifications `listener` got on channel webhook_ops within `wait`, as JSON.
+fn ops_notifications(listener: &mut postgres::Client, wait: Duration) -> Vec<serde_json::Value> {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut got = Vec::new();
+    let mut n = listener.notifications();
+    let mut it = n.timeout_iter(wait);
+    while let Ok(Some(note)) = it.next() {
+        assert_eq!(note.channel(), "webhook_ops");
+        got.push(serde_json::from_str(note.payload()).unwrap());
+    }
+    got
+}
+
+#[test]
+fn operational_events_go_to_the_ops_endpoint_and_to_notify() {
+    let ops_rx = Receiver::start(always(Reply::ok()));
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = healthy.clone();
+    let flaky = Receiver::start(Arc::new(move |_: &Request, _| {
+        if h.load(Ordering::SeqCst) {
+            Reply::ok()
+        } else {
+            Reply::status(503)
+        }
+    }));
+    let gone = Receiver::start(always(Reply::status(410)));
+    let slow = Receiver::start(always(Reply::ok().after(Duration::from_secs(30))));
+    let pg = Cluster::start(&[
+        ("webhook.retry_schedule", "'300ms'"),
+        ("webhook.default_max_attempts", "20"),
+        ("webhook.circuit_breaker_threshold", "2"),
+        ("webhook.ops_endpoint", "'ops'"),
+        ("webhook.ops_backlog_threshold", "3"),
+    ]);
+    let mut db = pg.client_with_extension();
+    let ops_secret = create_endpoint(&mut db, "ops", &ops_rx.url("/ops"));
+    create_endpoint(&mut db, "crm", &flaky.url("/crm"));
+    create_endpoint(&mut db, "gone", &gone.url("/gone"));
+    db.execute(
+        "SELECT webhook.create_endpoint('slow', $1, max_in_flight => 1)",
+        &[&slow.url("/slow")],
+    )
+    .unwrap();
+    let mut listener = pg.client();
+    listener.batch_execute("LISTEN webhook_ops").unwrap();
+
+    // crm fails twice: its circuit opens. Then it recovers: the probe closes it.
+    db.execute("SELECT webhook.send('x', '{}', 'crm')", &[])
+        .unwrap();
+    let opened = ops_rx.wait_for(1, PATIENCE);
+    healthy.store(true, Ordering::SeqCst);
+    let closed = ops_rx.wait_for(2, PATIENCE);
+    // gone answers 410: disabled.
+    db.execute("SELECT webhook.send('x', '{}', 'gone')", &[])
+        .unwrap();
+    let disabled = ops_rx.wait_for(3, PATIENCE);
+    // slow holds one request and has five more pending: past the threshold of 3.
+    db.execute(
+        "SELECT webhook.send('x', to_jsonb(g), 'slow') FROM generate_series(1, 6) g",
+        &[],
+    )
+    .unwrap();
+    let backlog = ops_rx.wait_for(4, Duration::from_secs(40));
+    let events: Vec<serde_json::Value> = [&opened[0], &closed[1], &disabled[2], &backlog[3]]
+        .iter()
+        .map(|r| {
+            // Signed like any other webhook, with the ops endpoint's secret.
+            verify_with_standardwebhooks(&ops_secret, r).unwrap();
+            r.json()
+        })
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "webhook.endpoint.circuit_opened",
+            "webhook.endpoint.circuit_closed",
+            "webhook.endpoint.disabled",
+            "webhook.endpoint.backlog"
+        ]
+    );
+    let data: Vec<&serde_json::Value> = events.iter().map(|e| &e["data"]).collect();
+    assert_eq!(data[0]["endpoint"], "crm");
+    assert_eq!(data[0]["database"], "app");
+    assert_eq!(data[0]["consecutive_failures"], 2);
+    assert_eq!(data[0]["last_error"], "HTTP 503");
+    assert!(data[0]["failing_since"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(data[1]["endpoint"], "crm");
+    assert_eq!(data[2]["endpoint"], "gone");
+    assert!(
+        data[2]["reason"].as_str().unwrap().contains("410"),
+        "{}",
+        data[2]
+    );
+    assert_eq!(data[3]["endpoint"], "slow");
+    assert_eq!(data[3]["pending"], 5);
+    assert_eq!(data[3]["threshold"], 3);
+    // The same four on NOTIFY webhook_ops, in the same order.
+    let notes = ops_notifications(&mut listener, Duration::from_secs(1));
+    let noted: Vec<&str> = notes.iter().map(|n| n["type"].as_str().unwrap()).collect();
+    assert_eq!(noted, kinds);
+    assert_eq!(notes[3]["endpoint"], "slow");
+    assert!(notes[0]["occurred_at"].as_str().is_some());
+    // A backlog that stays high is not said again.
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(ops_rx.count(), 4);
+
+    // An event about the ops endpoint itself goes to NOTIFY only.
+    db.execute(
+        "SELECT webhook.alter_endpoint('ops', url => $1)",
+        &[&gone.url("/ops")],
+    )
+    .unwrap();
+    db.execute("SELECT webhook.send('x', '{}', 'ops')", &[])
+        .unwrap();
+    let notes = wait_until(PATIENCE, "the ops endpoint's own event", || {
+        let n = ops_notifications(&mut listener, Duration::from_millis(500));
+        (!n.is_empty()).then_some(n)
+    });
+    assert_eq!(notes[0]["type"], "webhook.endpoint.disabled");
+    assert_eq!(notes[0]["endpoint"], "ops");
+    assert_eq!(ops_rx.count(), 4);
 }

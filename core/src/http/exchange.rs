@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::oauth::{self, OAuthClient, TokenCache, TokenFailure};
 use super::resolver::{GuardedResolver, Refused};
 use super::{Finished, HttpConfig, Job};
 use crate::retry::{self, Outcome};
@@ -16,13 +17,14 @@ pub(super) async fn attempt(
     client: &reqwest::Client,
     config: &HttpConfig,
     proxy_guard: Option<&GuardedResolver>,
+    tokens: &TokenCache,
     job: Job,
 ) -> Finished {
     let started_at = SystemTime::now();
     let clock = Instant::now();
     let (outcome, response_body, error) = match tokio::time::timeout(
         job.timeout,
-        exchange(client, config, proxy_guard, &job),
+        exchange(client, config, proxy_guard, tokens, &job),
     )
     .await
     {
@@ -46,34 +48,72 @@ pub(super) async fn attempt(
 }
 
 /// Sends the job once: the outcome, the capped response body, and why it failed, if it did.
+/// What the SSRF guard and webhook.https_only check of a URL before anything is sent to it
+/// (the guarded resolver checks the addresses of a host name it resolves itself).
+async fn check_target(
+    config: &HttpConfig,
+    proxy_guard: Option<&GuardedResolver>,
+    url: &str,
+) -> Result<(), String> {
+    if config.https_only && !url.starts_with("https:") {
+        return Err("refused to send over plain http while webhook.https_only is on".into());
+    }
+    // Literal addresses never reach the resolver, so the guard checks them here.
+    if let Some(ip) = literal_ip(url) {
+        config.policy.check(ip)?;
+    } else if let Some(guard) = proxy_guard {
+        // Through a proxy the target's name is resolved by the proxy: it is resolved and
+        // checked here first, as it would be without one (the proxy's own lookup may differ).
+        if let Some(host) = url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+        {
+            guard.check_host(&host).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The bearer token for a job with OAuth2 credentials (`stale`: the one its receiver refused).
+async fn bearer(
+    client: &reqwest::Client,
+    config: &HttpConfig,
+    proxy_guard: Option<&GuardedResolver>,
+    tokens: &TokenCache,
+    oauth: &OAuthClient,
+    stale: Option<&str>,
+) -> Result<String, (Outcome, Option<String>, Option<String>)> {
+    if let Err(why) = check_target(config, proxy_guard, &oauth.token_url).await {
+        return Err((
+            Outcome::Refused,
+            None,
+            Some(format!("OAuth2 token request refused: {why}")),
+        ));
+    }
+    tokens
+        .token(oauth, stale, || oauth::fetch(client, oauth, describe))
+        .await
+        .map_err(|f| match f {
+            TokenFailure::Refused(why) => (Outcome::Refused, None, Some(why)),
+            TokenFailure::Failed(why) => (Outcome::Transport, None, Some(why)),
+        })
+}
+
 async fn exchange(
     client: &reqwest::Client,
     config: &HttpConfig,
     proxy_guard: Option<&GuardedResolver>,
+    tokens: &TokenCache,
     job: &Job,
 ) -> (Outcome, Option<String>, Option<String>) {
-    if config.https_only && !job.url.starts_with("https:") {
-        return (
-            Outcome::Refused,
-            None,
-            Some("refused to send over plain http while webhook.https_only is on".into()),
-        );
+    if let Err(why) = check_target(config, proxy_guard, &job.url).await {
+        return (Outcome::Refused, None, Some(why));
     }
-    // Literal addresses never reach the resolver, so the guard checks them here.
-    if let Some(ip) = literal_ip(&job.url) {
-        if let Err(why) = config.policy.check(ip) {
-            return (Outcome::Refused, None, Some(why));
-        }
-    } else if let Some(guard) = proxy_guard {
-        // Through a proxy the target's name is resolved by the proxy: it is resolved and
-        // checked here first, as it would be without one (the proxy's own lookup may differ).
-        if let Some(host) = url::Url::parse(&job.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_string))
-        {
-            if let Err(e) = guard.check_host(&host).await {
-                return (Outcome::Refused, None, Some(e));
-            }
+    let mut token = None;
+    if let Some(oauth) = &job.oauth {
+        match bearer(client, config, proxy_guard, tokens, oauth, None).await {
+            Ok(t) => token = Some(t),
+            Err(failed) => return failed,
         }
     }
     let timestamp = SystemTime::now()
@@ -87,19 +127,41 @@ async fn exchange(
         timestamp,
         job.body.as_bytes(),
     );
-    let mut request = client
-        .post(&job.url)
-        .header("content-type", "application/json")
-        .header("webhook-id", &job.msg_id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", signature);
-    for (name, value) in &job.headers {
-        request = request.header(name.as_str(), value.as_str());
-    }
-    let response = match request.body(job.body.clone()).send().await {
+    let request = |token: Option<&str>| {
+        let mut request = client
+            .post(&job.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &job.msg_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature.as_str());
+        for (name, value) in &job.headers {
+            // The bearer token replaces an Authorization header of the endpoint's own.
+            if token.is_some() && name.eq_ignore_ascii_case("authorization") {
+                continue;
+            }
+            request = request.header(name.as_str(), value.as_str());
+        }
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        request.body(job.body.clone())
+    };
+    let mut response = match request(token.as_deref()).send().await {
         Ok(r) => r,
         Err(e) => return transport_failure(e),
     };
+    // A 401 with a token: the token is fetched again (unless another request already did)
+    // and the request sent once more, within the same attempt and deadline.
+    if let (401, Some(oauth), Some(refused)) = (response.status().as_u16(), &job.oauth, &token) {
+        let fresh = match bearer(client, config, proxy_guard, tokens, oauth, Some(refused)).await {
+            Ok(t) => t,
+            Err(failed) => return failed,
+        };
+        response = match request(Some(&fresh)).send().await {
+            Ok(r) => r,
+            Err(e) => return transport_failure(e),
+        };
+    }
     let code = response.status().as_u16();
     let retry_after = response
         .headers()
@@ -141,6 +203,11 @@ async fn read_capped(
         }
     }
     (Some(String::from_utf8_lossy(&buf).into_owned()), None)
+}
+
+/// The SSRF guard's refusal somewhere in a request's error, if that is why it failed.
+pub(super) fn refusal(e: &reqwest::Error) -> Option<String> {
+    find_source::<Refused>(e).map(|r| r.0.clone())
 }
 
 fn transport_failure(e: reqwest::Error) -> (Outcome, Option<String>, Option<String>) {

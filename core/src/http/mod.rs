@@ -24,6 +24,7 @@
 //!   proxy (`proxy`: webhook.proxy or an endpoint's own) in use.
 //! - `resolver`: asynchronous DNS behind the SSRF guard; [`parse_dns_servers`].
 //! - `exchange`: one attempt: sign, send, time, cap the response, classify failures.
+//! - `oauth`: OAuth2 client credentials: bearer tokens fetched, cached, refreshed on a 401.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use crate::target::AddressPolicy;
 mod client;
 mod exchange;
 mod identity;
+mod oauth;
 mod proxy;
 mod resolver;
 mod runtime;
@@ -44,6 +46,7 @@ mod runtime;
 mod testutil;
 
 pub use identity::{ClientIdentity, IdentityError};
+pub use oauth::{OAuthClient, OAuthError};
 pub use proxy::{ProxyChoice, ProxyError, ProxyUrl, DIRECT};
 pub use resolver::parse_dns_servers;
 pub use runtime::HttpRuntime;
@@ -67,6 +70,8 @@ pub struct Job {
     pub identity: Option<Arc<ClientIdentity>>,
     /// The forward proxy the request goes through.
     pub proxy: ProxyChoice,
+    /// OAuth2 client credentials: the request carries a bearer token fetched with them.
+    pub oauth: Option<Arc<OAuthClient>>,
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
 }

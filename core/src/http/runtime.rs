@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use super::client::build_client;
 use super::exchange::attempt;
+use super::oauth::TokenCache;
 use super::resolver::GuardedResolver;
 use super::{Finished, HttpConfig, Job, ProxyChoice, ProxyUrl};
 
@@ -36,6 +37,8 @@ pub struct HttpRuntime {
     other_clients: Mutex<HashMap<ClientKey, reqwest::Client>>,
     /// Checks a proxied request's target (the proxy resolves it; this refuses it first).
     guard: Arc<GuardedResolver>,
+    /// OAuth2 bearer tokens in use (kept across reconfigurations).
+    tokens: Arc<TokenCache>,
     config: Arc<HttpConfig>,
     shared: Arc<Shared>,
     wake_read: OwnedFd,
@@ -79,6 +82,7 @@ impl HttpRuntime {
             client,
             other_clients: Mutex::new(HashMap::new()),
             guard,
+            tokens: Arc::new(TokenCache::default()),
             config: Arc::new(config),
             shared: Arc::new(Shared {
                 finished: Mutex::new(Vec::new()),
@@ -134,9 +138,10 @@ impl HttpRuntime {
         let config = self.config.clone();
         let shared = self.shared.clone();
         let guard = proxied.then(|| self.guard.clone());
+        let tokens = self.tokens.clone();
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
         self.runtime.spawn(async move {
-            let done = attempt(&client, &config, guard.as_deref(), job).await;
+            let done = attempt(&client, &config, guard.as_deref(), &tokens, job).await;
             shared
                 .finished
                 .lock()

@@ -36,6 +36,7 @@ pub(super) fn job(url: String) -> Job {
         signing_keys: Vec::new(),
         identity: None,
         proxy: crate::http::ProxyChoice::Default,
+        oauth: None,
         headers: vec![("X-Extra".into(), "yes".into())],
         timeout: Duration::from_secs(5),
     }

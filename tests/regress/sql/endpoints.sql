@@ -433,6 +433,17 @@ SELECT webhook.alter_endpoint('ep_direct', proxy => 'socks5://user:pw-not-shown@
 SELECT webhook.alter_endpoint('ep_direct', proxy => 'http://user:pw-not-shown@egress.internal:3128/path');
 \echo SQLSTATE :SQLSTATE
 SELECT proxy IS NULL AS follows_setting FROM webhook.alter_endpoint('ep_direct', reset => '{proxy}');
+-- OAuth2 client credentials: token URL, id and secret together; reset => '{oauth}' drops them.
+SELECT oauth_token_url, oauth_client_id, oauth_scope
+  FROM webhook.alter_endpoint('ep_direct', oauth_token_url => 'https://auth.example.com/token',
+                              oauth_client_id => 'hooks', oauth_client_secret => 'not-shown', oauth_scope => 'hooks.write');
+SELECT webhook.alter_endpoint('ep_direct', reset => '{oauth_scope}', oauth_client_secret => '');
+\echo SQLSTATE :SQLSTATE
+SELECT webhook.create_endpoint('ep_bad', 'http://127.0.0.1:9/', oauth_token_url => 'https://auth.example.com/token');
+\echo SQLSTATE :SQLSTATE
+SELECT webhook.create_endpoint('ep_bad', 'http://127.0.0.1:9/', oauth_token_url => 'file:///token', oauth_client_id => 'a', oauth_client_secret => 'b');
+\echo SQLSTATE :SQLSTATE
+SELECT oauth_token_url IS NULL AND oauth_client_secret IS NULL AS dropped FROM webhook.alter_endpoint('ep_direct', reset => '{oauth}');
 
 -- Clean up: drop this file's endpoints and tables.
 SELECT regress.drop_all_endpoints() AS endpoints_dropped;

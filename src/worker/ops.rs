@@ -1,0 +1,106 @@
+//! Operational events (`webhook_core::ops`): the breaker's changes and endpoints disabled, as
+//! `record` finds them, and backlogs past `webhook.ops_backlog_threshold`, looked at every
+//! BACKLOG_CHECK_EVERY. Each goes out in a transaction of its own after what caused it was
+//! written: `NOTIFY webhook_ops`, and a webhook to `webhook.ops_endpoint` (`webhook._ops_event`).
+//! An event that cannot be written is said in the log and not tried again (operators hear of a
+//! change at most once; the change itself is in the tables).
+
+use std::time::Duration;
+
+use pgrx::prelude::*;
+
+use super::error::transaction;
+use super::queries as sql;
+use super::session::Session;
+use crate::ops::OpsEvent;
+use crate::pg::gucs;
+
+/// How often the backlogs are counted (each endpoint's up to the threshold + 1).
+pub(super) const BACKLOG_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+impl Session {
+    /// Sends operational events, in one transaction.
+    pub(super) fn ops_events(&mut self, events: Vec<(i32, OpsEvent)>) {
+        if events.is_empty() {
+            return;
+        }
+        let sent = transaction(|| {
+            for (endpoint_id, e) in &events {
+                sql::OPS_EVENT.run(&[
+                    (*endpoint_id).into(),
+                    e.kind().into(),
+                    e.payload(*endpoint_id).into(),
+                ])?;
+            }
+            Ok(())
+        });
+        if let Err(e) = sent {
+            warning!(
+                "webhook_ext worker: {} operational event(s) could not be sent: {e}",
+                events.len()
+            );
+        }
+    }
+
+    /// Counts the pending deliveries of this worker's endpoints; one that has passed the
+    /// threshold is an event (`BacklogWatch`).
+    pub(super) fn check_backlogs(&mut self) {
+        let threshold = i64::from(gucs::OPS_BACKLOG_THRESHOLD.get().max(0));
+        if threshold == 0 {
+            self.backlogs.observe(&[], 0);
+            return;
+        }
+        let split = self.split;
+        let counted = transaction(|| {
+            Ok(sql::BACKLOGS.rows(
+                &[
+                    (threshold + 1).into(),
+                    split.parts.into(),
+                    split.part.into(),
+                ],
+                |row| {
+                    Ok((
+                        row.get::<i32>(1)?.unwrap_or_default(),
+                        row.get::<i64>(2)?.unwrap_or_default(),
+                    ))
+                },
+            )?)
+        });
+        let counts = match counted {
+            Ok(c) => c,
+            Err(e) => {
+                if e.worth_saying() {
+                    warning!("webhook_ext worker: counting the backlogs failed: {e}");
+                }
+                return;
+            }
+        };
+        let crossed = self.backlogs.observe(&counts, threshold);
+        if crossed.is_empty() {
+            return;
+        }
+        // The payload says how many exactly (the check counted only up to the threshold + 1).
+        let events = transaction(|| {
+            let mut out = Vec::new();
+            for (id, e) in crossed {
+                let pending = sql::BACKLOG_OF
+                    .one::<i64>(&[id.into()])?
+                    .unwrap_or_default();
+                out.push((
+                    id,
+                    match e {
+                        OpsEvent::Backlog { threshold, .. } => {
+                            OpsEvent::Backlog { pending, threshold }
+                        }
+                        other => other,
+                    },
+                ));
+            }
+            Ok(out)
+        });
+        match events {
+            Ok(events) => self.ops_events(events),
+            Err(e) => warning!("webhook_ext worker: counting a backlog failed: {e}"),
+        }
+    }
+}
