@@ -1248,7 +1248,8 @@ BEGIN
             create_endpoint.client_cert,
             create_endpoint.client_key,
             webhook._check_proxy(create_endpoint.proxy),
-            create_endpoint.oauth_token_url,
+            -- Checked by _check_oauth above; stored as _check_url writes it (scheme lower case).
+            CASE WHEN create_endpoint.oauth_token_url IS NOT NULL THEN webhook._check_url(create_endpoint.oauth_token_url) END,
             create_endpoint.oauth_client_id,
             create_endpoint.oauth_client_secret,
             create_endpoint.oauth_scope)
@@ -1340,6 +1341,7 @@ BEGIN
         client_secret := COALESCE(alter_endpoint.oauth_client_secret, cur.oauth_client_secret);
         scope := CASE WHEN 'oauth_scope' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.oauth_scope, cur.oauth_scope) END;
         PERFORM webhook._check_oauth(token_url, client_id, client_secret, scope);
+        token_url := webhook._check_url(token_url);
     END IF;
     UPDATE webhook.endpoints e SET
         url            = COALESCE(webhook._check_url(alter_endpoint.url), e.url),
@@ -1410,9 +1412,11 @@ SELECT e.name AS endpoint,
   FROM webhook.endpoints e
  WHERE e.signing_key IS NOT NULL;
 -- An operational event (src/worker/ops.rs: a circuit opened or closed, an endpoint disabled, a
--- backlog past webhook.ops_backlog_threshold): a NOTIFY webhook_ops with its payload, completed
--- with the endpoint's name, the database and when; and a webhook of its type to
--- webhook.ops_endpoint when that names an enabled endpoint other than the one it is about.
+-- backlog past webhook.ops_backlog_threshold): a webhook of its type to webhook.ops_endpoint
+-- when that names an enabled endpoint other than the one it is about, its payload completed
+-- with the endpoint's name, the database and when; and a NOTIFY webhook_ops. Any role of the
+-- database may LISTEN (and NOTIFY), so the notification says only what happened to which
+-- endpoint id, and when: the details are in the signed webhook and in webhook.endpoint_stats.
 CREATE FUNCTION webhook._ops_event(endpoint_id integer, kind text, payload jsonb)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -1425,7 +1429,8 @@ DECLARE
         'database', current_database(),
         'occurred_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'));
 BEGIN
-    PERFORM pg_notify('webhook_ops', body::text);
+    PERFORM pg_notify('webhook_ops', jsonb_build_object('type', kind, 'endpoint_id', _ops_event.endpoint_id,
+                                                        'occurred_at', body -> 'occurred_at')::text);
     IF ops_name IS NOT NULL THEN
         SELECT e.id INTO ops_id FROM webhook.endpoints e WHERE e.name = ops_name AND e.enabled;
         IF ops_id IS NOT NULL AND ops_id <> _ops_event.endpoint_id THEN

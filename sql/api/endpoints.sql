@@ -133,7 +133,8 @@ BEGIN
             create_endpoint.client_cert,
             create_endpoint.client_key,
             webhook._check_proxy(create_endpoint.proxy),
-            create_endpoint.oauth_token_url,
+            -- Checked by _check_oauth above; stored as _check_url writes it (scheme lower case).
+            CASE WHEN create_endpoint.oauth_token_url IS NOT NULL THEN webhook._check_url(create_endpoint.oauth_token_url) END,
             create_endpoint.oauth_client_id,
             create_endpoint.oauth_client_secret,
             create_endpoint.oauth_scope)
@@ -225,6 +226,7 @@ BEGIN
         client_secret := COALESCE(alter_endpoint.oauth_client_secret, cur.oauth_client_secret);
         scope := CASE WHEN 'oauth_scope' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.oauth_scope, cur.oauth_scope) END;
         PERFORM webhook._check_oauth(token_url, client_id, client_secret, scope);
+        token_url := webhook._check_url(token_url);
     END IF;
     UPDATE webhook.endpoints e SET
         url            = COALESCE(webhook._check_url(alter_endpoint.url), e.url),

@@ -127,9 +127,11 @@ END
 $$;
 
 -- An operational event (src/worker/ops.rs: a circuit opened or closed, an endpoint disabled, a
--- backlog past webhook.ops_backlog_threshold): a NOTIFY webhook_ops with its payload, completed
--- with the endpoint's name, the database and when; and a webhook of its type to
--- webhook.ops_endpoint when that names an enabled endpoint other than the one it is about.
+-- backlog past webhook.ops_backlog_threshold): a webhook of its type to webhook.ops_endpoint
+-- when that names an enabled endpoint other than the one it is about, its payload completed
+-- with the endpoint's name, the database and when; and a NOTIFY webhook_ops. Any role of the
+-- database may LISTEN (and NOTIFY), so the notification says only what happened to which
+-- endpoint id, and when: the details are in the signed webhook and in webhook.endpoint_stats.
 CREATE FUNCTION webhook._ops_event(endpoint_id integer, kind text, payload jsonb)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -142,7 +144,8 @@ DECLARE
         'database', current_database(),
         'occurred_at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'));
 BEGIN
-    PERFORM pg_notify('webhook_ops', body::text);
+    PERFORM pg_notify('webhook_ops', jsonb_build_object('type', kind, 'endpoint_id', _ops_event.endpoint_id,
+                                                        'occurred_at', body -> 'occurred_at')::text);
     IF ops_name IS NOT NULL THEN
         SELECT e.id INTO ops_id FROM webhook.endpoints e WHERE e.name = ops_name AND e.enabled;
         IF ops_id IS NOT NULL AND ops_id <> _ops_event.endpoint_id THEN

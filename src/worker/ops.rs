@@ -19,26 +19,24 @@ use crate::pg::gucs;
 pub(super) const BACKLOG_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 impl Session {
-    /// Sends operational events, in one transaction.
+    /// Sends operational events, each in a transaction of its own (one that fails, a send()
+    /// over webhook.max_payload_bytes say, takes no other with it).
     pub(super) fn ops_events(&mut self, events: Vec<(i32, OpsEvent)>) {
-        if events.is_empty() {
-            return;
-        }
-        let sent = transaction(|| {
-            for (endpoint_id, e) in &events {
+        for (endpoint_id, e) in events {
+            let sent = transaction(|| {
                 sql::OPS_EVENT.run(&[
-                    (*endpoint_id).into(),
+                    endpoint_id.into(),
                     e.kind().into(),
-                    e.payload(*endpoint_id).into(),
+                    e.payload(endpoint_id).into(),
                 ])?;
+                Ok(())
+            });
+            if let Err(err) = sent {
+                warning!(
+                    "webhook_ext worker: operational event {} of endpoint {endpoint_id} could not be sent: {err}",
+                    e.kind()
+                );
             }
-            Ok(())
-        });
-        if let Err(e) = sent {
-            warning!(
-                "webhook_ext worker: {} operational event(s) could not be sent: {e}",
-                events.len()
-            );
         }
     }
 

@@ -1564,26 +1564,39 @@ fn p_ops_endpoint(r: &mut Reloads) -> bool {
         && r.ops_rx.requests()[seen].json()["type"] == "webhook.endpoint.disabled"
 }
 
-/// Four events for an endpoint that takes one request at a time (to the hanging receiver):
-/// three pending, so a backlog event (NOTIFY webhook_ops) within a backlog check or two.
+/// Eight events for an endpoint that takes one request at a time (to a receiver that answers
+/// after 5 s): more than two pending for half a minute, so a backlog event (NOTIFY webhook_ops)
+/// at the next backlog check. The endpoint is disabled afterwards (its pending deliveries cancelled: the test ends
+/// with everything settled).
 fn p_ops_backlog_threshold(r: &mut Reloads) -> bool {
-    use postgres::fallible_iterator::FallibleIterator;
     let mut listener = r.pg.client();
     listener.batch_execute("LISTEN webhook_ops").unwrap();
-    let url = r.hanging.url("/");
-    let name = r.endpoint(&url, ", max_in_flight => 1");
+    let slow = Receiver::start(always(Reply::ok().after(Duration::from_secs(5))));
+    let name = r.endpoint(&slow.url("/"), ", max_in_flight => 1");
+    let seen = backlog_noted(&mut listener, r, &name);
+    r.db.execute("SELECT webhook.disable_endpoint($1)", &[&name])
+        .unwrap();
+    seen
+}
+
+fn backlog_noted(listener: &mut postgres::Client, r: &mut Reloads, name: &str) -> bool {
+    use postgres::fallible_iterator::FallibleIterator;
     r.db.execute(
-        "SELECT webhook.send('probe', to_jsonb(g), $1) FROM generate_series(1, 4) g",
+        "SELECT webhook.send('probe', to_jsonb(g), $1) FROM generate_series(1, 8) g",
         &[&name],
     )
     .unwrap();
+    let endpoint_id: i32 =
+        r.db.query_one("SELECT id FROM webhook.endpoints WHERE name = $1", &[&name])
+            .unwrap()
+            .get(0);
     let deadline = Instant::now() + Duration::from_secs(22);
     while Instant::now() < deadline {
         let mut n = listener.notifications();
         let mut it = n.timeout_iter(Duration::from_millis(500));
         while let Ok(Some(note)) = it.next() {
             let v: serde_json::Value = serde_json::from_str(note.payload()).unwrap();
-            if v["type"] == "webhook.endpoint.backlog" && v["endpoint"] == name.as_str() {
+            if v["type"] == "webhook.endpoint.backlog" && v["endpoint_id"] == endpoint_id {
                 return true;
             }
         }

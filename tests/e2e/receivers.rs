@@ -664,6 +664,24 @@ fn through_a_proxy_the_guard_checks_each_target_and_not_the_proxy() {
         db.execute("SELECT webhook.send('x', '{}', $1)", &[&name])
             .unwrap();
     }
+    // An endpoint's own proxy is an administrator's choice, not the superuser's: the guard
+    // checks its address like a target's, named or literal.
+    for (name, proxy_url) in [
+        ("own_named", format!("http://proxy.test:{}", proxy.port)),
+        ("own_literal", format!("http://127.0.0.1:{}", proxy.port)),
+    ] {
+        db.execute(
+            "SELECT webhook.create_endpoint($1, $2, proxy => $3)",
+            &[
+                &name,
+                &format!("http://partner.test:{port}/{name}"),
+                &proxy_url,
+            ],
+        )
+        .unwrap();
+        db.execute("SELECT webhook.send('x', '{}', $1)", &[&name])
+            .unwrap();
+    }
     wait_settled(&mut db, PATIENCE);
     // The proxy itself, named by a host name that resolves to loopback, is used: the guard
     // checks targets, and the administrator chose the proxy.
@@ -682,6 +700,22 @@ fn through_a_proxy_the_guard_checks_each_target_and_not_the_proxy() {
             "{ep}: {err}"
         );
     }
+    let (status, err) = last_error(&mut db, "own_literal");
+    assert_eq!(status, "failed");
+    assert!(
+        err.as_deref()
+            .unwrap_or_default()
+            .starts_with("endpoint proxy: refused to connect to 127.0.0.1: loopback address"),
+        "{err:?}"
+    );
+    let (status, err) = last_error(&mut db, "own_named");
+    assert_eq!(status, "failed");
+    assert!(
+        err.as_deref()
+            .unwrap_or_default()
+            .starts_with("refused to connect to 127.0.0.1: loopback address"),
+        "{err:?}"
+    );
     assert_eq!(
         proxy
             .asked()
@@ -736,9 +770,15 @@ impl Tokens {
         }
     }
 
-    fn receiver(&self) -> Receiver {
+    /// The receiver: 200 for a valid token, 401 with `WWW-Authenticate: Bearer
+    /// error="invalid_token"` (RFC 6750) for another; a plain 401 whatever the token while
+    /// `plain_401` is set.
+    fn receiver(&self, plain_401: Arc<std::sync::atomic::AtomicBool>) -> Receiver {
         let valid = self.valid.clone();
         Receiver::start(Arc::new(move |req: &Request, _| {
+            if plain_401.load(Ordering::SeqCst) {
+                return Reply::status(401);
+            }
             let ok = req
                 .header("authorization")
                 .and_then(|a| a.strip_prefix("Bearer "))
@@ -746,7 +786,7 @@ impl Tokens {
             if ok {
                 Reply::ok()
             } else {
-                Reply::status(401)
+                Reply::status(401).header("www-authenticate", "Bearer error=\"invalid_token\"")
             }
         }))
     }
@@ -763,7 +803,8 @@ impl Tokens {
 #[test]
 fn oauth2_client_credentials_fetch_cache_refresh_and_fail_clearly() {
     let tokens = Tokens::start("hooks-client", "cl1ent-s3cret-value");
-    let rx = tokens.receiver();
+    let plain_401 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rx = tokens.receiver(plain_401.clone());
     let pg = Cluster::start(&[
         ("webhook.retry_schedule", "'200ms'"),
         ("webhook.default_max_attempts", "2"),
@@ -831,6 +872,15 @@ fn oauth2_client_credentials_fetch_cache_refresh_and_fail_clearly() {
     assert_eq!(rx.count(), before + 1, "sent once, with the new token");
     assert_eq!(bearer(&rx.requests()[before]), "Bearer tok-4");
 
+    // A 401 that does not say the token is bad, for a token just fetched: no new token (a
+    // receiver refusing for another reason must not cost a token request per attempt).
+    plain_401.store(true, Ordering::SeqCst);
+    let (status, attempts, err) = send(&mut db);
+    assert_eq!((status.as_str(), attempts), ("failed", 2));
+    assert_eq!(err.as_deref(), Some("HTTP 401 (gave up after 2 attempts)"));
+    assert_eq!(tokens.issued().len(), 4);
+    plain_401.store(false, Ordering::SeqCst);
+
     // The token endpoint refuses the client: the attempt says why (its error and description).
     db.execute(
         "SELECT webhook.alter_endpoint('api', oauth_client_secret => 'wrong-secret')",
@@ -841,7 +891,7 @@ fn oauth2_client_credentials_fetch_cache_refresh_and_fail_clearly() {
     assert_eq!((status.as_str(), attempts), ("failed", 2));
     assert_eq!(
         err.as_deref(),
-        Some("OAuth2 token request failed: HTTP 401: invalid_client (unknown client or wrong secret) (gave up after 2 attempts)")
+        Some("OAuth2 token request failed: HTTP 401: invalid_client (gave up after 2 attempts)")
     );
     // The token endpoint is down (nothing listens at its port): retried, then failed, saying so.
     let down = Down::new();
@@ -1037,11 +1087,22 @@ fn operational_events_go_to_the_ops_endpoint_and_to_notify() {
     assert_eq!(data[3]["pending"], 5);
     assert_eq!(data[3]["threshold"], 3);
     // The same four on NOTIFY webhook_ops, in the same order.
+    // Any role may LISTEN: the notification says what, which endpoint id and when, no more.
     let notes = ops_notifications(&mut listener, Duration::from_secs(1));
     let noted: Vec<&str> = notes.iter().map(|n| n["type"].as_str().unwrap()).collect();
     assert_eq!(noted, kinds);
-    assert_eq!(notes[3]["endpoint"], "slow");
-    assert!(notes[0]["occurred_at"].as_str().is_some());
+    let id_of = |db: &mut postgres::Client, name: &str| -> i32 {
+        db.query_one("SELECT id FROM webhook.endpoints WHERE name = $1", &[&name])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(notes[3]["endpoint_id"], id_of(&mut db, "slow"));
+    assert_eq!(notes[3]["endpoint_id"], data[3]["endpoint_id"]);
+    for n in &notes {
+        let mut keys: Vec<&str> = n.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["endpoint_id", "occurred_at", "type"], "{n}");
+    }
     // A backlog that stays high is not said again.
     std::thread::sleep(Duration::from_secs(11));
     assert_eq!(ops_rx.count(), 4);
@@ -1059,6 +1120,6 @@ fn operational_events_go_to_the_ops_endpoint_and_to_notify() {
         (!n.is_empty()).then_some(n)
     });
     assert_eq!(notes[0]["type"], "webhook.endpoint.disabled");
-    assert_eq!(notes[0]["endpoint"], "ops");
+    assert_eq!(notes[0]["endpoint_id"], id_of(&mut db, "ops"));
     assert_eq!(ops_rx.count(), 4);
 }

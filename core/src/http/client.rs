@@ -9,16 +9,21 @@ use std::time::Duration;
 use super::resolver::GuardedResolver;
 use super::{ClientIdentity, HttpConfig, ProxyUrl};
 
+/// `trusted_proxy`: the proxy is webhook.proxy (a superuser's choice), whose own addresses the
+/// guard does not refuse; an endpoint's own proxy is checked like any target.
 pub(super) fn build_client(
     config: &HttpConfig,
     identity: Option<&ClientIdentity>,
     proxy: Option<&ProxyUrl>,
+    trusted_proxy: bool,
 ) -> Result<reqwest::Client, String> {
     // Through a proxy this resolver is asked for the proxy's address only (the proxy resolves
-    // the target; `exchange` checks the target itself first), and the proxy is the
-    // administrator's choice: its own addresses are not refused.
-    let resolver = GuardedResolver::new(config.policy.clone(), &config.dns_servers)
-        .exempt(proxy.map(|p| p.host().to_string()));
+    // the target; `exchange` checks the target itself first).
+    let resolver = GuardedResolver::new(config.policy.clone(), &config.dns_servers).exempt(
+        proxy
+            .filter(|_| trusted_proxy)
+            .map(|p| p.host().to_string()),
+    );
     let mut builder = reqwest::Client::builder()
         .user_agent(config.user_agent.clone())
         .redirect(reqwest::redirect::Policy::none())
@@ -223,8 +228,8 @@ mod tests {
             .unwrap();
         let mut cfg = config(true);
         cfg.extra_roots_pem = Some(ca.pem().into_bytes());
-        let with = build_client(&cfg, Some(&identity), None).unwrap();
-        let without = build_client(&cfg, None, None).unwrap();
+        let with = build_client(&cfg, Some(&identity), None, false).unwrap();
+        let without = build_client(&cfg, None, None, false).unwrap();
         let ca_der = ca.der().to_vec();
         let port = serve_once_to(leaf.clone(), &server_key, Some(ca_der.clone()));
         assert_eq!(post(&rt, &with, port), Ok(200));
@@ -259,7 +264,7 @@ mod tests {
         for extra in [None, Some(ca.pem().into_bytes())] {
             let mut cfg = config(true);
             cfg.extra_roots_pem = extra.clone();
-            let client = build_client(&cfg, None, None).unwrap();
+            let client = build_client(&cfg, None, None, false).unwrap();
             let with_extra = extra.is_some();
 
             // The extra CA's certificate is trusted exactly when the file is given.

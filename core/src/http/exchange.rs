@@ -6,17 +6,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::oauth::{self, OAuthClient, TokenCache, TokenFailure};
 use super::resolver::{GuardedResolver, Refused};
-use super::{Finished, HttpConfig, Job};
+use super::{Finished, HttpConfig, Job, ProxyUrl};
 use crate::retry::{self, Outcome};
 use crate::signing;
 
 /// Runs one attempt under the job's deadline and reports what happened.
 /// `proxy_guard`: for a request through a forward proxy, the guard that checks its target (the
-/// proxy resolves and connects to it, so the client's own resolver never sees it).
+/// proxy resolves and connects to it, so the client's own resolver never sees it);
+/// `own_proxy`: the endpoint's own proxy (not webhook.proxy), whose address the guard checks too.
 pub(super) async fn attempt(
     client: &reqwest::Client,
     config: &HttpConfig,
     proxy_guard: Option<&GuardedResolver>,
+    own_proxy: Option<&ProxyUrl>,
     tokens: &TokenCache,
     job: Job,
 ) -> Finished {
@@ -24,7 +26,7 @@ pub(super) async fn attempt(
     let clock = Instant::now();
     let (outcome, response_body, error) = match tokio::time::timeout(
         job.timeout,
-        exchange(client, config, proxy_guard, tokens, &job),
+        exchange(client, config, proxy_guard, own_proxy, tokens, &job),
     )
     .await
     {
@@ -68,13 +70,19 @@ async fn check_target(
             .ok()
             .and_then(|u| u.host_str().map(str::to_string))
         {
-            guard.check_host(&host).await?;
+            // Every address: the proxy chooses among them, not the guard.
+            guard.check_every_address(&host).await?;
         }
     }
     Ok(())
 }
 
-/// The bearer token for a job with OAuth2 credentials (`stale`: the one its receiver refused).
+/// A 401 makes the worker fetch a token again when the one it sent is at least this old (or the
+/// receiver says `invalid_token`).
+const TOKEN_RETRY_AGE: Duration = Duration::from_secs(10);
+
+/// The bearer token for a job with OAuth2 credentials (`stale`: the one its receiver refused),
+/// and when it was fetched.
 async fn bearer(
     client: &reqwest::Client,
     config: &HttpConfig,
@@ -82,7 +90,7 @@ async fn bearer(
     tokens: &TokenCache,
     oauth: &OAuthClient,
     stale: Option<&str>,
-) -> Result<String, (Outcome, Option<String>, Option<String>)> {
+) -> Result<(String, Instant), (Outcome, Option<String>, Option<String>)> {
     if let Err(why) = check_target(config, proxy_guard, &oauth.token_url).await {
         return Err((
             Outcome::Refused,
@@ -103,9 +111,21 @@ async fn exchange(
     client: &reqwest::Client,
     config: &HttpConfig,
     proxy_guard: Option<&GuardedResolver>,
+    own_proxy: Option<&ProxyUrl>,
     tokens: &TokenCache,
     job: &Job,
 ) -> (Outcome, Option<String>, Option<String>) {
+    // An endpoint's own proxy is its administrator's choice, not the superuser's: the guard
+    // checks its address as a target's (a name, when the client resolves it; a literal here).
+    if let Some(ip) = own_proxy.and_then(ProxyUrl::literal_ip) {
+        if let Err(why) = config.policy.check(ip) {
+            return (
+                Outcome::Refused,
+                None,
+                Some(format!("endpoint proxy: {why}")),
+            );
+        }
+    }
     if let Err(why) = check_target(config, proxy_guard, &job.url).await {
         return (Outcome::Refused, None, Some(why));
     }
@@ -116,6 +136,8 @@ async fn exchange(
             Err(failed) => return failed,
         }
     }
+    let fetched_at = token.as_ref().map(|(_, at)| *at);
+    let token = token.map(|(t, _)| t);
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
@@ -152,9 +174,24 @@ async fn exchange(
     };
     // A 401 with a token: the token is fetched again (unless another request already did)
     // and the request sent once more, within the same attempt and deadline.
-    if let (401, Some(oauth), Some(refused)) = (response.status().as_u16(), &job.oauth, &token) {
+    // Only when the receiver says the token is bad (RFC 6750 `invalid_token`) or the token is
+    // not brand new: a receiver that answers 401 for another reason (its signature check,
+    // say) would otherwise cost a token request per attempt, and could get the client locked
+    // out at the token server.
+    let invalid_token = response
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("invalid_token")));
+    let not_new = fetched_at.is_some_and(|at| at.elapsed() >= TOKEN_RETRY_AGE);
+    if let (401, Some(oauth), Some(refused), true) = (
+        response.status().as_u16(),
+        &job.oauth,
+        &token,
+        invalid_token || not_new,
+    ) {
         let fresh = match bearer(client, config, proxy_guard, tokens, oauth, Some(refused)).await {
-            Ok(t) => t,
+            Ok((t, _)) => t,
             Err(failed) => return failed,
         };
         response = match request(Some(&fresh)).send().await {

@@ -120,6 +120,7 @@ impl OAuthClient {
 #[derive(Clone)]
 pub(super) struct Token {
     value: String,
+    fetched_at: Instant,
     refresh_at: Instant,
 }
 
@@ -148,15 +149,15 @@ impl TokenCache {
         slots.entry(oauth.key).or_default().clone()
     }
 
-    /// A token for these credentials: the cached one while it is fresh, else a new one.
-    /// `stale`: a token the receiver refused (401), fetched again unless another request
-    /// already replaced it.
+    /// A token for these credentials (and when it was fetched): the cached one while it is
+    /// fresh, else a new one. `stale`: a token the receiver refused (401), fetched again unless
+    /// another request already replaced it.
     pub(super) async fn token<F, Fut>(
         &self,
         oauth: &OAuthClient,
         stale: Option<&str>,
         fetch: F,
-    ) -> Result<String, TokenFailure>
+    ) -> Result<(String, Instant), TokenFailure>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Token, TokenFailure>>,
@@ -166,14 +167,14 @@ impl TokenCache {
         if let Some(t) = held.as_ref() {
             let refused = stale.is_some_and(|s| s == t.value);
             if !refused && Instant::now() < t.refresh_at {
-                return Ok(t.value.clone());
+                return Ok((t.value.clone(), t.fetched_at));
             }
         }
         *held = None;
         let fresh = fetch().await?;
-        let value = fresh.value.clone();
+        let got = (fresh.value.clone(), fresh.fetched_at);
         *held = Some(fresh);
-        Ok(value)
+        Ok(got)
     }
 }
 
@@ -227,10 +228,19 @@ fn parse_answer(code: u16, body: &[u8], now: Instant) -> Result<Token, String> {
             })
     };
     if !(200..300).contains(&code) {
-        // The server's own error code and description (RFC 6749 §5.2) say why.
-        let why = match (text("error"), text("error_description")) {
-            (Some(e), Some(d)) => format!(": {e} ({d})"),
-            (Some(e), None) => format!(": {e}"),
+        // The server's error code (RFC 6749 §5.2) says why; only the registered codes are kept,
+        // and never its description: the token server is not trusted, and some echo what they
+        // were sent (the client secret) into it, which would land in webhook.attempts.
+        const CODES: [&str; 6] = [
+            "invalid_request",
+            "invalid_client",
+            "invalid_grant",
+            "unauthorized_client",
+            "unsupported_grant_type",
+            "invalid_scope",
+        ];
+        let why = match text("error") {
+            Some(e) if CODES.contains(&e.as_str()) => format!(": {e}"),
             _ => String::new(),
         };
         return Err(format!("OAuth2 token request failed: HTTP {code}{why}"));
@@ -263,6 +273,7 @@ fn parse_answer(code: u16, body: &[u8], now: Instant) -> Result<Token, String> {
     let usable = lifetime.saturating_sub(REFRESH_MARGIN).max(lifetime / 2);
     Ok(Token {
         value: value.to_string(),
+        fetched_at: now,
         refresh_at: now + usable,
     })
 }
@@ -296,7 +307,12 @@ mod tests {
             (
                 401,
                 &br#"{"error":"invalid_client","error_description":"bad secret"}"#[..],
-                "OAuth2 token request failed: HTTP 401: invalid_client (bad secret)",
+                "OAuth2 token request failed: HTTP 401: invalid_client",
+            ),
+            (
+                400,
+                &br#"{"error":"client s3cret rejected"}"#[..],
+                "OAuth2 token request failed: HTTP 400",
             ),
             (503, b"down", "OAuth2 token request failed: HTTP 503"),
             (

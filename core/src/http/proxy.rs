@@ -32,6 +32,8 @@ pub enum ProxyError {
     Extra,
     #[error("proxy URL must not contain control characters or spaces")]
     Control,
+    #[error("proxy URL is too long (at most 2048 bytes)")]
+    TooLong,
     #[error("webhook.proxy must not hold a password (Postgres writes a changed setting's value to the server log): put it in the file webhook.proxy_password_file names")]
     PasswordInSetting,
     #[error("webhook.proxy_password_file: {0}")]
@@ -57,6 +59,9 @@ impl std::fmt::Debug for ProxyUrl {
 impl ProxyUrl {
     pub fn parse(text: &str) -> Result<ProxyUrl, ProxyError> {
         let text = text.trim();
+        if text.len() > 2048 {
+            return Err(ProxyError::TooLong);
+        }
         if text.chars().any(|c| c.is_control() || c == ' ') {
             return Err(ProxyError::Control);
         }
@@ -81,10 +86,20 @@ impl ProxyUrl {
         {
             return Err(ProxyError::Extra);
         }
+        // What reqwest's proxy matcher parses it with: a URL it cannot read would be no proxy
+        // at all (the request sent directly), never an error.
+        if text.parse::<http::Uri>().is_err() {
+            return Err(ProxyError::Unparsable);
+        }
         Ok(ProxyUrl {
             url: text.to_string(),
             host,
         })
+    }
+
+    /// The proxy's address, when its URL names one rather than a host name.
+    pub fn literal_ip(&self) -> Option<std::net::IpAddr> {
+        self.host.parse().ok()
     }
 
     /// Whether the URL carries a password.
@@ -101,6 +116,11 @@ impl ProxyUrl {
         // Url adds a "/" path; a proxy URL has none.
         if text.ends_with('/') && !self.url.ends_with('/') {
             text.pop();
+        }
+        if text.len() > 2048 || text.parse::<http::Uri>().is_err() {
+            return Err(ProxyError::PasswordFile(
+                "the password makes the proxy URL too long or unreadable".into(),
+            ));
         }
         Ok(ProxyUrl {
             url: text,
@@ -151,6 +171,10 @@ mod tests {
             ("not a url s3cret", ProxyError::Control),
             ("s3cret", ProxyError::Unparsable),
             ("http://h:99999", ProxyError::Unparsable),
+            (
+                &format!("http://u:{}@h:1", "s3cret".repeat(400)),
+                ProxyError::TooLong,
+            ),
         ] {
             let got = ProxyUrl::parse(bad).unwrap_err();
             assert_eq!(got, err, "{bad}");

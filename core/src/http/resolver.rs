@@ -28,15 +28,23 @@ impl GuardedResolver {
         }
     }
 
-    /// Resolves `host` and fails, with the guard's reason, unless one of its addresses is allowed.
-    pub(super) async fn check_host(&self, host: &str) -> Result<(), String> {
-        use reqwest::dns::Resolve;
-        let name: reqwest::dns::Name = host
-            .parse()
-            .map_err(|_| format!("could not resolve {host}: not a host name"))?;
-        match self.resolve(name).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
+    /// Resolves `host` and fails, with the guard's reason, if any of its addresses is refused:
+    /// for a target a proxy connects to, which picks among them itself.
+    pub(super) async fn check_every_address(&self, host: &str) -> Result<(), String> {
+        let addrs = self
+            .resolver
+            .lookup_ip(host)
+            .await
+            .map_err(|e| format!("could not resolve {host}: {e}"))?;
+        let mut any = false;
+        for ip in addrs.iter() {
+            self.policy.check(ip)?;
+            any = true;
+        }
+        if any {
+            Ok(())
+        } else {
+            Err(format!("host {host} has no address"))
         }
     }
 

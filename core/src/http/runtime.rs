@@ -23,9 +23,9 @@ use super::{Finished, HttpConfig, Job, ProxyChoice, ProxyUrl};
 /// built again as needed (requests under way keep theirs).
 const MAX_OTHER_CLIENTS: usize = 1024;
 
-/// What a client is built with beyond the configuration: a client certificate (its digest) and
-/// a forward proxy (its URL).
-type ClientKey = (Option<[u8; 32]>, Option<Arc<ProxyUrl>>);
+/// What a client is built with beyond the configuration: a client certificate (its digest), a
+/// forward proxy (its URL), and whether that proxy is webhook.proxy (exempt from the guard).
+type ClientKey = (Option<[u8; 32]>, Option<Arc<ProxyUrl>>, bool);
 
 pub struct HttpRuntime {
     runtime: tokio::runtime::Runtime,
@@ -120,7 +120,7 @@ impl HttpRuntime {
 
     /// Starts one attempt; its result arrives through `take_finished`.
     pub fn submit(&self, job: Job) {
-        let (client, proxied) = match self.client_for(&job) {
+        let (client, proxied, own_proxy) = match self.client_for(&job) {
             Ok(found) => found,
             Err(why) => {
                 return self.push_finished(Finished {
@@ -141,7 +141,15 @@ impl HttpRuntime {
         let tokens = self.tokens.clone();
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
         self.runtime.spawn(async move {
-            let done = attempt(&client, &config, guard.as_deref(), &tokens, job).await;
+            let done = attempt(
+                &client,
+                &config,
+                guard.as_deref(),
+                own_proxy.as_deref(),
+                &tokens,
+                job,
+            )
+            .await;
             shared
                 .finished
                 .lock()
@@ -153,34 +161,44 @@ impl HttpRuntime {
     }
 
     /// The client for a job (the shared one, or the one built for its client certificate and
-    /// proxy), and whether it goes through a proxy; or why it cannot be sent.
-    fn client_for(&self, job: &Job) -> Result<(reqwest::Client, bool), String> {
-        let proxy = match &job.proxy {
+    /// proxy), whether it goes through a proxy, and the endpoint's own proxy if it has one; or
+    /// why it cannot be sent.
+    fn client_for(
+        &self,
+        job: &Job,
+    ) -> Result<(reqwest::Client, bool, Option<Arc<ProxyUrl>>), String> {
+        let (proxy, trusted) = match &job.proxy {
             ProxyChoice::Default => match &self.config.proxy {
-                Ok(p) => p.clone(),
+                Ok(p) => (p.clone(), true),
                 Err(e) => return Err(format!("webhook.proxy is not usable: {e}")),
             },
-            ProxyChoice::Direct => None,
-            ProxyChoice::Via(p) => Some(p.clone()),
+            ProxyChoice::Direct => (None, false),
+            ProxyChoice::Via(p) => (Some(p.clone()), false),
         };
         let proxied = proxy.is_some();
+        let own = proxy.clone().filter(|_| !trusted);
         let default = matches!(job.proxy, ProxyChoice::Default) && job.identity.is_none();
         if default {
             if let Some(client) = &self.client {
-                return Ok((client.clone(), proxied));
+                return Ok((client.clone(), proxied, own));
             }
         }
-        let key: ClientKey = (job.identity.as_ref().map(|i| i.fingerprint), proxy);
+        let key: ClientKey = (job.identity.as_ref().map(|i| i.fingerprint), proxy, trusted);
         let mut clients = self.other_clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(client) = clients.get(&key) {
-            return Ok((client.clone(), proxied));
+            return Ok((client.clone(), proxied, own));
         }
-        let client = build_client(&self.config, job.identity.as_deref(), key.1.as_deref())?;
+        let client = build_client(
+            &self.config,
+            job.identity.as_deref(),
+            key.1.as_deref(),
+            trusted,
+        )?;
         if clients.len() >= MAX_OTHER_CLIENTS {
             clients.clear();
         }
         clients.insert(key, client.clone());
-        Ok((client, proxied))
+        Ok((client, proxied, own))
     }
 
     /// Queues a result that needed no request (the attempt was refused before sending).
@@ -229,7 +247,7 @@ impl HttpRuntime {
 /// requests then fail with the reason, `client_for`).
 fn default_client(config: &HttpConfig) -> Result<Option<reqwest::Client>, String> {
     match &config.proxy {
-        Ok(proxy) => build_client(config, None, proxy.as_deref()).map(Some),
+        Ok(proxy) => build_client(config, None, proxy.as_deref(), true).map(Some),
         Err(_) => Ok(None),
     }
 }
