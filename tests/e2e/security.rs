@@ -130,10 +130,15 @@ fn an_application_role_fires_webhooks_without_any_right_on_webhook() {
         .unwrap();
 
     let mut app = pg.client_as("app", "app");
+    // The application's trace context needs no right either: a setting any role may SET.
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    app.batch_execute(&format!("SET webhook.traceparent = '{TRACE}'"))
+        .unwrap();
     app.execute("INSERT INTO users (email) VALUES ('ada@example.com')", &[])
         .unwrap();
     let req = rx.wait_for(1, PATIENCE).remove(0);
     verify_with_standardwebhooks(&secret, &req).unwrap();
+    assert_eq!(req.header("traceparent"), Some(TRACE));
 
     for sql in [
         "SELECT secret FROM webhook.endpoints",
