@@ -796,6 +796,8 @@ DECLARE
     event_id bigint;
     size bigint;
     limit_bytes integer := webhook._max_payload_bytes();
+    route integer[];
+    disabled integer[];
 BEGIN
     IF event_type IS NULL OR event_type = '' OR octet_length(event_type) > 255 THEN
         RAISE EXCEPTION 'event_type must be between 1 and 255 bytes long' USING ERRCODE = 'invalid_parameter_value';
@@ -818,18 +820,19 @@ BEGIN
     -- The transaction's xid is taken before the event's id is drawn, as a row change's is: the
     -- router's watermark counts on it (src/worker/route.rs).
     PERFORM pg_current_xact_id();
+    -- The endpoints it goes to, enabled and not, from one look at webhook.endpoints: with two,
+    -- an endpoint enabled in between would be in neither (its delivery never made).
+    SELECT array_agg(e.id ORDER BY e.id) FILTER (WHERE e.enabled),
+           array_agg(e.id ORDER BY e.id) FILTER (WHERE NOT e.enabled)
+      INTO route, disabled
+      FROM webhook.endpoints e
+     WHERE CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END;
     INSERT INTO webhook._events (type, payload, size, traceparent, route)
-    VALUES (event_type, payload, size, webhook._traceparent(),
-            NULLIF(ARRAY(SELECT e.id FROM webhook.endpoints e
-                          WHERE e.enabled
-                            AND CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END
-                          ORDER BY e.id), '{}'))
+    VALUES (event_type, payload, size, webhook._traceparent(), route)
     RETURNING id INTO event_id;
     INSERT INTO webhook._deliveries (id, event_id, endpoint_id, status, next_attempt_at, last_error)
-    SELECT event_id * 1048576 + e.id, event_id, e.id, 'cancelled', NULL, 'endpoint disabled'
-      FROM webhook.endpoints e
-     WHERE NOT e.enabled
-       AND CASE WHEN endpoint IS NOT NULL THEN e.id = ep.id ELSE webhook._type_matches(event_type, e.event_types) END;
+    SELECT event_id * 1048576 + d.id, event_id, d.id, 'cancelled', NULL, 'endpoint disabled'
+      FROM unnest(disabled) AS d(id);
     PERFORM webhook._wake();
     RETURN event_id;
 END
