@@ -214,7 +214,9 @@ BEGIN
             PERFORM webhook._check_client_identity(cert, cert_key);
         END IF;
     END IF;
-    -- reset oauth drops the credentials (and the scope); a part given alone replaces its part.
+    -- reset oauth drops the credentials (and the scope); a part given alone replaces its part,
+    -- and the credentials are checked again (only then: a change of another setting must not
+    -- fail on a token URL that webhook.https_only, turned on since, would now refuse).
     IF 'oauth' = ANY (reset) THEN
         token_url := NULL;
         client_id := NULL;
@@ -225,8 +227,12 @@ BEGIN
         client_id := COALESCE(alter_endpoint.oauth_client_id, cur.oauth_client_id);
         client_secret := COALESCE(alter_endpoint.oauth_client_secret, cur.oauth_client_secret);
         scope := CASE WHEN 'oauth_scope' = ANY (reset) THEN NULL ELSE COALESCE(alter_endpoint.oauth_scope, cur.oauth_scope) END;
-        PERFORM webhook._check_oauth(token_url, client_id, client_secret, scope);
-        token_url := webhook._check_url(token_url);
+        IF alter_endpoint.oauth_token_url IS NOT NULL OR alter_endpoint.oauth_client_id IS NOT NULL
+           OR alter_endpoint.oauth_client_secret IS NOT NULL OR alter_endpoint.oauth_scope IS NOT NULL
+           OR 'oauth_scope' = ANY (reset) THEN
+            PERFORM webhook._check_oauth(token_url, client_id, client_secret, scope);
+            token_url := webhook._check_url(token_url);
+        END IF;
     END IF;
     UPDATE webhook.endpoints e SET
         url            = COALESCE(webhook._check_url(alter_endpoint.url), e.url),

@@ -1,9 +1,12 @@
 //! What signs, authenticates and routes an endpoint's requests beyond its HMAC secret and URL,
-//! kept decoded in memory: forward proxies, by their text; ed25519 signing keys (decoding one costs a scalar multiplication, too much for every
-//! request), by their text; and client certificates (mutual TLS), checked once per version of
-//! their endpoint's row and read again (IDENTITIES) only when a claim sees that row changed.
+//! kept checked in memory: ed25519 signing keys (decoding one costs a scalar multiplication,
+//! too much for every request), forward proxies and OAuth2 credentials, each by its columns'
+//! text; and client certificates (mutual TLS), checked once per version of their endpoint's row
+//! and read again (IDENTITIES) only when a claim sees that row changed.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 
 use super::queries as sql;
@@ -13,9 +16,8 @@ use crate::http::{
 use crate::pg::spi::SpiError;
 use crate::signing::{SigningKey, SigningKeyError};
 
-/// Most decoded signing keys (and proxies) kept; past it they are all dropped and decoded again
-/// as needed.
-const MAX_SIGNING_KEYS: usize = 4096;
+/// Most values kept in each of the maps below.
+const MAX_KEPT: usize = 4096;
 
 #[derive(Default)]
 pub(super) struct Credentials {
@@ -30,48 +32,46 @@ pub(super) struct Credentials {
 
 type OAuthColumns = (String, String, String, Option<String>);
 
+/// The value kept for `key`, made by `make` the first time (every value is dropped once the map
+/// holds MAX_KEPT, and made again as needed).
+fn kept<Q, V>(map: &mut HashMap<Q::Owned, V>, key: &Q, make: impl FnOnce(&Q) -> V) -> V
+where
+    Q: ToOwned + Hash + Eq + ?Sized,
+    Q::Owned: Hash + Eq + Borrow<Q>,
+    V: Clone,
+{
+    if let Some(found) = map.get(key) {
+        return found.clone();
+    }
+    if map.len() >= MAX_KEPT {
+        map.clear();
+    }
+    let made = make(key);
+    map.insert(key.to_owned(), made.clone());
+    made
+}
+
 impl Credentials {
     /// The decoded key of a `whsk_…` text.
     pub(super) fn signing_key(&mut self, text: &str) -> Result<Arc<SigningKey>, SigningKeyError> {
-        if let Some(found) = self.signing_keys.get(text) {
-            return found.clone();
-        }
-        if self.signing_keys.len() >= MAX_SIGNING_KEYS {
-            self.signing_keys.clear();
-        }
-        let decoded = SigningKey::decode(text).map(Arc::new);
-        self.signing_keys.insert(text.to_string(), decoded.clone());
-        decoded
+        kept(&mut self.signing_keys, text, |t| {
+            SigningKey::decode(t).map(Arc::new)
+        })
     }
 
-    /// What an endpoint's `proxy` column says (checked once per text).
+    /// What an endpoint's `proxy` column says.
     pub(super) fn proxy(&mut self, column: Option<&str>) -> Result<ProxyChoice, ProxyError> {
-        let Some(text) = column else {
-            return Ok(ProxyChoice::Default);
-        };
-        if let Some(found) = self.proxies.get(text) {
-            return found.clone();
+        match column {
+            None => Ok(ProxyChoice::Default),
+            Some(text) => kept(&mut self.proxies, text, |t| ProxyUrl::choice(Some(t))),
         }
-        if self.proxies.len() >= MAX_SIGNING_KEYS {
-            self.proxies.clear();
-        }
-        let choice = ProxyUrl::choice(Some(text));
-        self.proxies.insert(text.to_string(), choice.clone());
-        choice
     }
 
-    /// An endpoint's OAuth2 client credentials, checked (once per value).
+    /// An endpoint's OAuth2 client credentials, checked.
     pub(super) fn oauth(&mut self, columns: &OAuthColumns) -> Result<Arc<OAuthClient>, OAuthError> {
-        if let Some(found) = self.oauth.get(columns) {
-            return found.clone();
-        }
-        if self.oauth.len() >= MAX_SIGNING_KEYS {
-            self.oauth.clear();
-        }
-        let (url, id, secret, scope) = columns;
-        let checked = OAuthClient::new(url, id, secret, scope.as_deref());
-        self.oauth.insert(columns.clone(), checked.clone());
-        checked
+        kept(&mut self.oauth, columns, |(url, id, secret, scope)| {
+            OAuthClient::new(url, id, secret, scope.as_deref())
+        })
     }
 
     /// Reads the certificates of the claimed endpoints (id, row version when it has one) whose

@@ -49,8 +49,11 @@ impl Session {
             return;
         }
         let split = self.split;
-        let counted = transaction(|| {
-            Ok(sql::BACKLOGS.rows(
+        let backlogs = &mut self.backlogs;
+        // One transaction: the bounded counts, then, for the endpoints that crossed the
+        // threshold, the exact count the payload says (the check counts up to threshold + 1).
+        let events = transaction(|| {
+            let counts = sql::BACKLOGS.rows(
                 &[
                     (threshold + 1).into(),
                     split.parts.into(),
@@ -62,43 +65,24 @@ impl Session {
                         row.get::<i64>(2)?.unwrap_or_default(),
                     ))
                 },
-            )?)
+            )?;
+            let mut crossed = backlogs.observe(&counts, threshold);
+            for (id, e) in &mut crossed {
+                if let OpsEvent::Backlog { pending, .. } = e {
+                    *pending = sql::BACKLOG_OF
+                        .one::<i64>(&[(*id).into()])?
+                        .unwrap_or(*pending);
+                }
+            }
+            Ok(crossed)
         });
-        let counts = match counted {
-            Ok(c) => c,
+        match events {
+            Ok(events) => self.ops_events(events),
             Err(e) => {
                 if e.worth_saying() {
                     warning!("webhook_ext worker: counting the backlogs failed: {e}");
                 }
-                return;
             }
-        };
-        let crossed = self.backlogs.observe(&counts, threshold);
-        if crossed.is_empty() {
-            return;
-        }
-        // The payload says how many exactly (the check counted only up to the threshold + 1).
-        let events = transaction(|| {
-            let mut out = Vec::new();
-            for (id, e) in crossed {
-                let pending = sql::BACKLOG_OF
-                    .one::<i64>(&[id.into()])?
-                    .unwrap_or_default();
-                out.push((
-                    id,
-                    match e {
-                        OpsEvent::Backlog { threshold, .. } => {
-                            OpsEvent::Backlog { pending, threshold }
-                        }
-                        other => other,
-                    },
-                ));
-            }
-            Ok(out)
-        });
-        match events {
-            Ok(events) => self.ops_events(events),
-            Err(e) => warning!("webhook_ext worker: counting a backlog failed: {e}"),
         }
     }
 }

@@ -79,7 +79,6 @@ impl Session {
         // Changes go to copies, written back only once the transaction has committed.
         let mut health: HashMap<i32, Health> = unsaved(&self.health).into_iter().collect();
         let mut disable: Vec<(i32, String)> = Vec::new();
-        let mut last_errors: HashMap<i32, Option<String>> = HashMap::new();
         let threshold = self.settings.breaker_threshold;
         let now = SystemTime::now();
         let (mut delivered, mut failed) = (0u64, 0u64);
@@ -111,7 +110,6 @@ impl Session {
             if let Some(reason) = j.disable {
                 disable.push((t.endpoint_id, reason));
             }
-            last_errors.insert(t.endpoint_id, f.error.clone());
             let (status, delay, error) = (j.status, j.delay.as_millis() as i64, j.error);
             rows.push(f, t.endpoint_id, status, delay, error);
         }
@@ -119,12 +117,22 @@ impl Session {
         disable.dedup_by_key(|(id, _)| *id);
         // Operational events, sent once this batch is written: the breaker opened or closed,
         // an endpoint disabled.
+        let closed = Health::default();
         let mut ops: Vec<(i32, OpsEvent)> = health
             .iter()
             .filter_map(|(id, h)| {
-                let before = self.health.get(id).cloned().unwrap_or_default();
-                let error = last_errors.get(id).cloned().flatten();
-                ops::breaker_change(&before, h, threshold, error.as_deref()).map(|e| (*id, e))
+                let before = self.health.get(id).unwrap_or(&closed);
+                if before.is_open(threshold) == h.is_open(threshold) {
+                    return None;
+                }
+                // The endpoint's last error in this batch: looked up only for an event.
+                let error = batch.iter().rev().find_map(|f| {
+                    let t = self.in_flight.get(f.delivery_id)?;
+                    (t.endpoint_id == *id)
+                        .then_some(f.error.as_deref())
+                        .flatten()
+                });
+                ops::breaker_change(before, h, threshold, error).map(|e| (*id, e))
             })
             .collect();
         ops.extend(disable.iter().map(|(id, reason)| {

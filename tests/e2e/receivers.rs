@@ -106,6 +106,16 @@ fn ed25519_signatures_verify_with_the_public_key_any_schema_user_may_read() {
         let err = error_of(&mut reader, sql);
         assert!(err.contains("permission denied"), "{sql}: {err}");
     }
+    // The function the view calls is PUBLIC's: what is not a key gives NULL, no error (that a
+    // long one is refused by its length before decoding is signing.rs's unit test).
+    let none: Option<String> = reader
+        .query_one(
+            "SELECT webhook._public_key('whsk_' || repeat('A', 5000))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(none, None);
     // Without USAGE on the schema, not even the public keys.
     db.batch_execute("CREATE ROLE stranger LOGIN").unwrap();
     let err = error_of(
@@ -908,6 +918,25 @@ fn oauth2_client_credentials_fetch_cache_refresh_and_fail_clearly() {
         err.starts_with("OAuth2 token request failed: connection failed"),
         "{err}"
     );
+
+    // With webhook.https_only turned on since, the stored http token URL would be refused if
+    // given now; a change of another setting does not check it again (nor fail on it).
+    let https_only = |db: &mut postgres::Client, on: bool| {
+        db.batch_execute(&format!("ALTER SYSTEM SET webhook.https_only = {on}"))
+            .unwrap();
+        db.batch_execute("SELECT pg_reload_conf()").unwrap();
+        wait_until(PATIENCE, "the reload", || {
+            let now: String = db.query_one("SHOW webhook.https_only", &[]).unwrap().get(0);
+            (now == if on { "on" } else { "off" }).then_some(())
+        });
+    };
+    https_only(&mut db, true);
+    db.execute(
+        "SELECT webhook.alter_endpoint('api', max_attempts => 3)",
+        &[],
+    )
+    .unwrap();
+    https_only(&mut db, false);
 
     // Checked when given: all three parts or none, the token URL as an endpoint URL.
     for (sql, expected) in [

@@ -91,15 +91,16 @@ async fn bearer(
     oauth: &OAuthClient,
     stale: Option<&str>,
 ) -> Result<(String, Instant), (Outcome, Option<String>, Option<String>)> {
-    if let Err(why) = check_target(config, proxy_guard, &oauth.token_url).await {
-        return Err((
-            Outcome::Refused,
-            None,
-            Some(format!("OAuth2 token request refused: {why}")),
-        ));
-    }
+    // The token URL is checked when a token is fetched, not for every use of a cached one.
     tokens
-        .token(oauth, stale, || oauth::fetch(client, oauth, describe))
+        .token(oauth, stale, || async {
+            check_target(config, proxy_guard, &oauth.token_url)
+                .await
+                .map_err(|why| {
+                    TokenFailure::Refused(format!("OAuth2 token request refused: {why}"))
+                })?;
+            oauth::fetch(client, oauth).await
+        })
         .await
         .map_err(|f| match f {
             TokenFailure::Refused(why) => (Outcome::Refused, None, Some(why)),
@@ -216,7 +217,7 @@ async fn exchange(
 }
 
 /// Reads at most `limit` bytes of the body; a longer body is cut and the connection dropped.
-async fn read_capped(
+pub(super) async fn read_capped(
     mut response: reqwest::Response,
     limit: usize,
 ) -> (Option<String>, Option<String>) {
@@ -273,7 +274,7 @@ fn find_source<'a, T: std::error::Error + 'static>(
 }
 
 /// The error and its causes in one line, without the URL (it may carry a token).
-fn describe(e: &reqwest::Error) -> String {
+pub(super) fn describe(e: &reqwest::Error) -> String {
     let kind = if e.is_connect() {
         "connection failed"
     } else if e.is_timeout() {

@@ -124,11 +124,11 @@ pub(super) struct Token {
     refresh_at: Instant,
 }
 
-/// The tokens in use, one slot per credentials; a slot's lock makes one fetch at a time (the
-/// requests that need it meanwhile wait for that fetch rather than each making their own).
 /// One credentials' token, and the lock a fetch of it holds.
 type Slot = Arc<tokio::sync::Mutex<Option<Token>>>;
 
+/// The tokens in use, one slot per credentials; a slot's lock makes one fetch at a time (the
+/// requests that need it meanwhile wait for that fetch rather than each making their own).
 #[derive(Default)]
 pub(super) struct TokenCache {
     slots: Mutex<HashMap<[u8; 32], Slot>>,
@@ -179,16 +179,17 @@ impl TokenCache {
 }
 
 /// Fetches a token with `client` (whose resolver is the SSRF guard; the caller has checked the
-/// token URL as it checks a webhook's).
+/// token URL as it checks a webhook's). The answer is read as a webhook's is, up to
+/// MAX_TOKEN_RESPONSE bytes (a longer one is cut, so it does not parse).
 pub(super) async fn fetch(
     client: &reqwest::Client,
     oauth: &OAuthClient,
-    describe: fn(&reqwest::Error) -> String,
 ) -> Result<Token, TokenFailure> {
+    use super::exchange::{describe, read_capped, refusal};
     let response = match oauth.request(client).send().await {
         Ok(r) => r,
         Err(e) => {
-            if let Some(refused) = super::exchange::refusal(&e) {
+            if let Some(refused) = refusal(&e) {
                 return Err(TokenFailure::Refused(format!(
                     "OAuth2 token request refused: {refused}"
                 )));
@@ -200,17 +201,9 @@ pub(super) async fn fetch(
         }
     };
     let code = response.status().as_u16();
-    let mut body = Vec::new();
-    let mut response = response;
-    while let Ok(Some(chunk)) = response.chunk().await {
-        body.extend_from_slice(&chunk);
-        if body.len() > MAX_TOKEN_RESPONSE {
-            return Err(TokenFailure::Failed(format!(
-                "OAuth2 token request failed: HTTP {code}, an answer longer than {MAX_TOKEN_RESPONSE} bytes"
-            )));
-        }
-    }
-    parse_answer(code, &body, Instant::now()).map_err(TokenFailure::Failed)
+    let (body, _) = read_capped(response, MAX_TOKEN_RESPONSE).await;
+    parse_answer(code, body.unwrap_or_default().as_bytes(), Instant::now())
+        .map_err(TokenFailure::Failed)
 }
 
 /// Reads a token endpoint's answer (RFC 6749 §5.1, §5.2).

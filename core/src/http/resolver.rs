@@ -31,21 +31,11 @@ impl GuardedResolver {
     /// Resolves `host` and fails, with the guard's reason, if any of its addresses is refused:
     /// for a target a proxy connects to, which picks among them itself.
     pub(super) async fn check_every_address(&self, host: &str) -> Result<(), String> {
-        let addrs = self
-            .resolver
-            .lookup_ip(host)
-            .await
-            .map_err(|e| format!("could not resolve {host}: {e}"))?;
-        let mut any = false;
-        for ip in addrs.iter() {
-            self.policy.check(ip)?;
-            any = true;
+        let addrs = lookup(&self.resolver, host).await?;
+        if addrs.is_empty() {
+            return Err(format!("host {host} has no address"));
         }
-        if any {
-            Ok(())
-        } else {
-            Err(format!("host {host} has no address"))
-        }
+        addrs.iter().try_for_each(|ip| self.policy.check(*ip))
     }
 
     pub(super) fn exempt(mut self, host: Option<String>) -> GuardedResolver {
@@ -119,6 +109,18 @@ impl std::fmt::Display for Refused {
 }
 impl std::error::Error for Refused {}
 
+/// The addresses of `host`, or why the lookup failed.
+async fn lookup(
+    resolver: &hickory_resolver::TokioAsyncResolver,
+    host: &str,
+) -> Result<Vec<std::net::IpAddr>, String> {
+    resolver
+        .lookup_ip(host)
+        .await
+        .map(|found| found.iter().collect())
+        .map_err(|e| format!("could not resolve {host}: {e}"))
+}
+
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = self.policy.clone();
@@ -129,28 +131,21 @@ impl reqwest::dns::Resolve for GuardedResolver {
             .as_deref()
             .is_some_and(|e| e.eq_ignore_ascii_case(&host));
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = resolver
-                .lookup_ip(host.as_str())
+            let addrs = lookup(&resolver, &host)
                 .await
-                .map_err(|e| Box::new(Refused(format!("could not resolve {host}: {e}"))))?
-                .iter()
-                .map(|ip| SocketAddr::new(ip, 0))
-                .collect();
+                .map_err(|e| Box::new(Refused(e)))?;
             let mut refusal = None;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
-                .filter(|a| {
-                    match policy
-                        .check(a.ip())
-                        .or_else(|e| if exempt { Ok(()) } else { Err(e) })
-                    {
-                        Ok(()) => true,
-                        Err(why) => {
-                            refusal.get_or_insert(why);
-                            false
-                        }
+                .filter(|ip| match policy.check(*ip) {
+                    Ok(()) => true,
+                    Err(_) if exempt => true,
+                    Err(why) => {
+                        refusal.get_or_insert(why);
+                        false
                     }
                 })
+                .map(|ip| SocketAddr::new(ip, 0))
                 .collect();
             if allowed.is_empty() {
                 let why = refusal.unwrap_or_else(|| format!("host {host} has no address"));

@@ -176,6 +176,9 @@ impl HttpRuntime {
             ProxyChoice::Via(p) => (Some(p.clone()), false),
         };
         let proxied = proxy.is_some();
+        // Without a proxy there is nothing to trust: one key (one client) for both ways of
+        // having none.
+        let trusted = trusted && proxied;
         let own = proxy.clone().filter(|_| !trusted);
         let default = matches!(job.proxy, ProxyChoice::Default) && job.identity.is_none();
         if default {
